@@ -1,0 +1,19 @@
+//! Bounds shared by every component. Each is a ceiling on something a peer
+//! or a client controls, so that no input can make a node allocate or wait
+//! without limit.
+
+/// The most bytes one wire frame may carry, after the length prefix.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// The most bytes a chat message from a client may have.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// The most tokens one request may ask to generate.
+pub const MAX_TOKENS_PER_REQUEST: u32 = 32_768;
+
+/// The most single-use grant ids a node remembers; older ones have expired
+/// long before this fills under any sane grant lifetime.
+pub const MAX_REMEMBERED_GRANTS: usize = 100_000;
+
+/// The most credentials whose rate and budget a node tracks at once.
+pub const MAX_TRACKED_CREDENTIALS: usize = 100_000;

@@ -1,0 +1,318 @@
+//! MCDA scoring and the final pick.
+//!
+//! Every node computes the same ranking from the same view: scores are pure
+//! functions of the candidates, ties break by node id, and the final pick
+//! among the best few is keyed on the request id (two choices drawn by a
+//! hash of it, the less loaded wins), so load spreads when views are stale
+//! and a replayed request picks the same node.
+
+use crate::ids::{NodeId, RequestId};
+use serde::{Deserialize, Serialize};
+
+/// Criterion weights; they need not sum to 1 (they are normalised), but each
+/// must be finite and non-negative and at least one positive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub free_memory: f64,
+    pub free_slots: f64,
+    pub rtt: f64,
+    pub tokens_per_s: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            free_memory: 0.4,
+            free_slots: 0.3,
+            rtt: 0.2,
+            tokens_per_s: 0.1,
+        }
+    }
+}
+
+impl Weights {
+    pub fn check(&self) -> Result<(), String> {
+        let all = [
+            ("free_memory", self.free_memory),
+            ("free_slots", self.free_slots),
+            ("rtt", self.rtt),
+            ("tokens_per_s", self.tokens_per_s),
+        ];
+        for (name, w) in all {
+            if !w.is_finite() || w < 0.0 {
+                return Err(format!(
+                    "scoring weight {name} must be a non-negative number, got {w}"
+                ));
+            }
+        }
+        if all.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
+            return Err("at least one scoring weight must be above 0".into());
+        }
+        Ok(())
+    }
+
+    fn normalised(&self) -> [f64; 4] {
+        let s = self.free_memory + self.free_slots + self.rtt + self.tokens_per_s;
+        if s <= 0.0 || !s.is_finite() {
+            return [0.25; 4];
+        }
+        [
+            self.free_memory / s,
+            self.free_slots / s,
+            self.rtt / s,
+            self.tokens_per_s / s,
+        ]
+    }
+}
+
+/// One node as the scorer sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub node: NodeId,
+    pub mem_free_bytes: u64,
+    pub slots_free: u32,
+    pub slots_total: u32,
+    /// Round-trip time; 0 for this node itself, `None` when unmeasured.
+    pub rtt_ms: Option<f64>,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub node: NodeId,
+    pub score: f64,
+    pub slots_free: u32,
+}
+
+/// RTTs below this count as equal; loopback and LAN differences that small
+/// say nothing about which node answers sooner.
+const RTT_FLOOR_MS: f64 = 1.0;
+/// RTT assumed for a peer not yet measured: pessimistic but not excluding.
+const RTT_UNKNOWN_MS: f64 = 250.0;
+
+fn finite_or_zero(x: f64) -> f64 {
+    if x.is_finite() && x > 0.0 { x } else { 0.0 }
+}
+
+/// Scores candidates in [0, 1] and sorts them best first (ties by node id).
+/// Memory and decode rate are relative to the best candidate; slots are the
+/// free fraction; RTT is the best RTT over this one's.
+pub fn rank(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
+    let [wm, ws, wr, wt] = w.normalised();
+    let max_mem = cands.iter().map(|c| c.mem_free_bytes).max().unwrap_or(0);
+    let max_tps = cands
+        .iter()
+        .map(|c| finite_or_zero(c.tokens_per_s))
+        .fold(0.0, f64::max);
+    let rtt_of = |c: &Candidate| {
+        c.rtt_ms
+            .map(finite_or_zero)
+            .unwrap_or(RTT_UNKNOWN_MS)
+            .max(RTT_FLOOR_MS)
+    };
+    let min_rtt = cands.iter().map(rtt_of).fold(f64::INFINITY, f64::min);
+    let mut out: Vec<Scored> = cands
+        .iter()
+        .map(|c| {
+            let mem = if max_mem == 0 {
+                0.0
+            } else {
+                c.mem_free_bytes as f64 / max_mem as f64
+            };
+            let slots = if c.slots_total == 0 {
+                0.0
+            } else {
+                f64::from(c.slots_free.min(c.slots_total)) / f64::from(c.slots_total)
+            };
+            let rtt = min_rtt / rtt_of(c);
+            let tps = if max_tps == 0.0 {
+                0.0
+            } else {
+                finite_or_zero(c.tokens_per_s) / max_tps
+            };
+            Scored {
+                node: c.node,
+                score: wm * mem + ws * slots + wr * rtt + wt * tps,
+                slots_free: c.slots_free,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.node.cmp(&b.node)));
+    out
+}
+
+/// splitmix64: a fixed, well-mixed hash so every node draws the same pair.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Picks among the best `top_k` of a ranking: two distinct candidates drawn
+/// by a hash of the request id, and of those the one with more free slots
+/// (then the higher score). `None` only when the ranking is empty.
+pub fn pick(ranked: &[Scored], request: RequestId, top_k: usize) -> Option<Scored> {
+    let k = top_k.max(1).min(ranked.len());
+    match k {
+        0 => None,
+        1 => ranked.first().copied(),
+        _ => {
+            let h = mix(request.0 as u64 ^ mix((request.0 >> 64) as u64));
+            let i = (h % k as u64) as usize;
+            let j_off = 1 + (mix(h) % (k as u64 - 1)) as usize;
+            let j = (i + j_off) % k;
+            let (a, b) = (ranked[i], ranked[j]);
+            let a_first = (a.slots_free, a.score.to_bits()) >= (b.slots_free, b.score.to_bits())
+                && !(a.slots_free == b.slots_free && b.score > a.score);
+            Some(if a_first { a } else { b })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(n: u8, mem: u64, free: u32, rtt: f64, tps: f64) -> Candidate {
+        Candidate {
+            node: NodeId([n; 32]),
+            mem_free_bytes: mem,
+            slots_free: free,
+            slots_total: 4,
+            rtt_ms: Some(rtt),
+            tokens_per_s: tps,
+        }
+    }
+
+    #[test]
+    fn default_weights_follow_the_design() {
+        let w = Weights::default();
+        for (got, want) in w.normalised().into_iter().zip([0.4, 0.3, 0.2, 0.1]) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        assert!(w.check().is_ok());
+        assert!(
+            Weights {
+                rtt: -1.0,
+                ..w.clone()
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Weights {
+                free_memory: 0.0,
+                free_slots: 0.0,
+                rtt: 0.0,
+                tokens_per_s: 0.0
+            }
+            .check()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_dominant_node_scores_one() {
+        let r = rank(
+            &[cand(1, 100, 4, 1.0, 50.0), cand(2, 50, 2, 2.0, 25.0)],
+            &Weights::default(),
+        );
+        assert_eq!(r[0].node, NodeId([1; 32]));
+        assert!((r[0].score - 1.0).abs() < 1e-12);
+        // 0.4*0.5 + 0.3*0.5 + 0.2*0.5 + 0.1*0.5
+        assert!((r[1].score - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weights_change_the_winner() {
+        let big_mem = cand(1, 100, 0, 1.0, 10.0);
+        let free_slots = cand(2, 10, 4, 1.0, 10.0);
+        let mem_heavy = Weights {
+            free_memory: 1.0,
+            free_slots: 0.0,
+            rtt: 0.0,
+            tokens_per_s: 0.0,
+        };
+        let slot_heavy = Weights {
+            free_memory: 0.0,
+            free_slots: 1.0,
+            rtt: 0.0,
+            tokens_per_s: 0.0,
+        };
+        let c = [big_mem, free_slots];
+        assert_eq!(rank(&c, &mem_heavy)[0].node, NodeId([1; 32]));
+        assert_eq!(rank(&c, &slot_heavy)[0].node, NodeId([2; 32]));
+    }
+
+    #[test]
+    fn ranking_is_order_independent_and_ties_break_by_id() {
+        let a = cand(3, 10, 1, 1.0, 1.0);
+        let b = cand(1, 10, 1, 1.0, 1.0);
+        let c = cand(2, 10, 1, 1.0, 1.0);
+        let r1 = rank(&[a.clone(), b.clone(), c.clone()], &Weights::default());
+        let r2 = rank(&[c, a, b], &Weights::default());
+        assert_eq!(r1, r2);
+        assert_eq!(r1[0].node, NodeId([1; 32]));
+    }
+
+    #[test]
+    fn hostile_figures_do_not_poison_scores() {
+        let mut weird = cand(1, 0, 9, f64::NAN, f64::INFINITY);
+        weird.slots_total = 0;
+        let r = rank(&[weird, cand(2, 5, 1, 3.0, 5.0)], &Weights::default());
+        assert!(r.iter().all(|s| s.score.is_finite()));
+        assert_eq!(r[0].node, NodeId([2; 32]));
+    }
+
+    #[test]
+    fn pick_is_deterministic_and_spreads_load() {
+        let ranked: Vec<Scored> = (0..4u8)
+            .map(|n| Scored {
+                node: NodeId([n; 32]),
+                score: 1.0 - f64::from(n) * 0.01,
+                slots_free: 4,
+            })
+            .collect();
+        let mut counts = [0u32; 4];
+        for id in 0..10_000u128 {
+            let p = pick(&ranked, RequestId(id), 3).expect("non-empty");
+            assert_eq!(Some(p), pick(&ranked, RequestId(id), 3), "replay picks the same");
+            counts[p.node.0[0] as usize] += 1;
+        }
+        // With equal slots the better score of the pair wins: node 0 wins
+        // whenever drawn, node 1 against node 2, node 2 never; node 3 is
+        // outside the top 3.
+        assert_eq!(counts[3], 0);
+        assert_eq!(counts[2], 0);
+        assert!(counts[0] > 5_000 && counts[1] > 2_500, "{counts:?}");
+    }
+
+    #[test]
+    fn pick_prefers_the_less_loaded_of_the_pair() {
+        let ranked = vec![
+            Scored {
+                node: NodeId([0; 32]),
+                score: 0.9,
+                slots_free: 0,
+            },
+            Scored {
+                node: NodeId([1; 32]),
+                score: 0.8,
+                slots_free: 3,
+            },
+        ];
+        for id in 0..100u128 {
+            assert_eq!(
+                pick(&ranked, RequestId(id), 2).map(|s| s.node),
+                Some(NodeId([1; 32]))
+            );
+        }
+        assert_eq!(pick(&[], RequestId(1), 2), None);
+        assert_eq!(
+            pick(&ranked, RequestId(1), 1).map(|s| s.node),
+            Some(NodeId([0; 32]))
+        );
+    }
+}

@@ -1,0 +1,373 @@
+//! Wire messages and their encoding.
+//!
+//! Every frame is a protocol version (bincode varint `u16`) followed by the
+//! bincode 2 encoding of the message, decoded under [`MAX_FRAME_BYTES`] so a
+//! peer cannot make us allocate more than that. Decoding rejects unknown
+//! versions, trailing bytes and malformed data with a [`WireError`]; it never
+//! panics. Framing (the length prefix) is the network shell's job.
+
+use crate::UnixMs;
+use crate::auth::{Credential, Grant};
+use crate::ids::{ConversationId, NodeId, RequestId};
+use crate::limits::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_TOKENS_PER_REQUEST};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME_BYTES>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {0} bytes is over the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("peer speaks protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    UnsupportedVersion(u16),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame has {0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+}
+
+/// Encodes a message with the protocol version in front.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
+    let mut out = bincode::serde::encode_to_vec(PROTOCOL_VERSION, config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let body = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    out.extend_from_slice(&body);
+    if out.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Decodes a versioned message; see the module docs for what is refused.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let (version, used): (u16, usize) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| WireError::Malformed(format!("no version: {e}")))?;
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion(version));
+    }
+    decode_unversioned(&bytes[used..])
+}
+
+/// Bincode without the version prefix, for documents that carry their own
+/// prefix (credential text) or are signed.
+pub fn encode_unversioned<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Our documents are far below the limit and have no failing serializers.
+    bincode::serde::encode_to_vec(msg, config()).unwrap_or_default()
+}
+
+pub fn decode_unversioned<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    let (msg, used): (T, usize) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| match e {
+            bincode::error::DecodeError::LimitExceeded => WireError::TooLarge(bytes.len()),
+            other => WireError::Malformed(other.to_string()),
+        })?;
+    if used != bytes.len() {
+        return Err(WireError::TrailingBytes(bytes.len() - used));
+    }
+    Ok(msg)
+}
+
+/// How to sample. Temperature 0 means greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: u32,
+    /// Keep generating past end-of-generation tokens (benchmarks only).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        GenParams {
+            temperature: 0.7,
+            top_p: 0.95,
+            seed: 0,
+            max_tokens: 256,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenParams {
+    /// Checks ranges; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || !(0.0..=5.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be between 0 and 5, got {}",
+                self.temperature
+            ));
+        }
+        if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
+            return Err(format!(
+                "top_p must be above 0 and at most 1, got {}",
+                self.top_p
+            ));
+        }
+        if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_PER_REQUEST {
+            return Err(format!(
+                "max_tokens must be between 1 and {MAX_TOKENS_PER_REQUEST}, got {}",
+                self.max_tokens
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A chat turn sent by a client to any node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub credential: Credential,
+    /// Model wanted; `None` lets the mesh choose the model it serves.
+    pub model: Option<String>,
+    /// Conversation to continue and record into; `None` for a one-off.
+    pub conversation: Option<ConversationId>,
+    pub message: String,
+    pub params: GenParams,
+    /// Ask the node to send back the assembled prompt (for debugging).
+    pub show_prompt: bool,
+}
+
+impl ChatRequest {
+    pub fn check(&self) -> Result<(), String> {
+        if self.message.is_empty() {
+            return Err("message is empty".into());
+        }
+        if self.message.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "message of {} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+                self.message.len()
+            ));
+        }
+        if let Some(m) = &self.model
+            && (m.is_empty() || m.len() > 256)
+        {
+            return Err("model name must have 1 to 256 bytes".into());
+        }
+        self.params.check()
+    }
+}
+
+/// Frames a client sends on a chat stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    Chat(ChatRequest),
+    /// Stop generating; the node answers with `Done { stop: Cancelled }`.
+    Cancel,
+}
+
+/// Frames a node sends on a chat stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    Accepted(Accepted),
+    Token { index: u32, text: String },
+    Done(DoneInfo),
+    Error(ErrorFrame),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub request: RequestId,
+    /// The node that generates the answer.
+    pub served_by: NodeId,
+    pub model: String,
+    /// Earlier turns of the conversation included in the prompt.
+    pub history_turns: u32,
+    /// The grant the entry node minted for this request.
+    pub grant: Grant,
+    /// The assembled prompt, when the client asked for it.
+    pub prompt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    EndOfGeneration,
+    MaxTokens,
+    Cancelled,
+    ContextFull,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoneInfo {
+    pub stop: StopReason,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    /// Time from the engine taking the job to its first token.
+    pub first_token_ms: f64,
+    /// Decode rate over the tokens after the first.
+    pub decode_tokens_per_s: f64,
+    pub finished_at_ms: UnixMs,
+}
+
+/// A closed class of failures a client can act on, with a message for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    BudgetExhausted,
+    ModelUnavailable,
+    NoCapacity,
+    FrameTooLarge,
+    UnsupportedVersion,
+    Timeout,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<WireError> for ErrorFrame {
+    fn from(e: WireError) -> Self {
+        let code = match e {
+            WireError::TooLarge(_) => ErrorCode::FrameTooLarge,
+            WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            WireError::Malformed(_) | WireError::TrailingBytes(_) => ErrorCode::BadRequest,
+        };
+        ErrorFrame {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Authority, CredentialBody, Keypair, ModelPattern};
+
+    fn request() -> ChatRequest {
+        let auth = Authority::new(Keypair::from_secret([1; 32]));
+        ChatRequest {
+            credential: auth.issue_credential(CredentialBody {
+                id: [0; 16],
+                holder: Keypair::from_secret([2; 32]).public(),
+                models: ModelPattern("*".into()),
+                token_budget: 10,
+                rate_per_min: 0,
+                not_before_ms: 0,
+                expires_at_ms: 1,
+            }),
+            model: None,
+            conversation: Some(ConversationId::parse("c1").expect("valid")),
+            message: "hi".into(),
+            params: GenParams::default(),
+            show_prompt: false,
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let f = ClientFrame::Chat(request());
+        let bytes = encode(&f).expect("encodes");
+        assert_eq!(decode::<ClientFrame>(&bytes), Ok(f));
+        let t = ServerFrame::Token {
+            index: 3,
+            text: "é".into(),
+        };
+        assert_eq!(decode::<ServerFrame>(&encode(&t).expect("encodes")), Ok(t));
+    }
+
+    #[test]
+    fn bad_frames_are_refused_with_a_reason() {
+        let good = encode(&ClientFrame::Cancel).expect("encodes");
+        let mut v2 = bincode::serde::encode_to_vec(2u16, config()).expect("encodes");
+        v2.extend_from_slice(&good[1..]);
+        assert_eq!(
+            decode::<ClientFrame>(&v2),
+            Err(WireError::UnsupportedVersion(2))
+        );
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(
+            decode::<ClientFrame>(&trailing),
+            Err(WireError::TrailingBytes(1))
+        );
+        assert!(matches!(
+            decode::<ClientFrame>(&[]),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<ClientFrame>(&[1, 200]),
+            Err(WireError::Malformed(_))
+        ));
+        let big = vec![0u8; MAX_FRAME_BYTES + 1];
+        assert!(matches!(
+            decode::<ClientFrame>(&big),
+            Err(WireError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn claimed_lengths_beyond_the_limit_do_not_allocate() {
+        // Version 1, variant 0 (Chat), then a credential whose first field
+        // claims a huge vector length.
+        let mut bytes = vec![1u8, 0];
+        bytes.extend_from_slice(&[0xfc, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(decode::<ClientFrame>(&bytes).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A small deterministic xorshift stream of garbage frames.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..2000usize {
+            let mut buf = Vec::with_capacity(len % 300);
+            for _ in 0..(len % 300) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                buf.push(x as u8);
+            }
+            let _ = decode::<ClientFrame>(&buf);
+            let _ = decode::<ServerFrame>(&buf);
+        }
+        // Mutations of a valid frame.
+        let good = encode(&ClientFrame::Chat(request())).expect("encodes");
+        for i in 0..good.len() {
+            for flip in [1u8, 0x80, 0xff] {
+                let mut m = good.clone();
+                m[i] ^= flip;
+                let _ = decode::<ClientFrame>(&m);
+            }
+        }
+    }
+
+    #[test]
+    fn params_are_checked_by_field() {
+        let mut p = GenParams::default();
+        assert!(p.check().is_ok());
+        p.temperature = f32::NAN;
+        assert!(p.check().unwrap_err().contains("temperature"));
+        p = GenParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(p.check().unwrap_err().contains("top_p"));
+        p = GenParams {
+            max_tokens: 0,
+            ..Default::default()
+        };
+        assert!(p.check().unwrap_err().contains("max_tokens"));
+    }
+}
