@@ -1,1 +1,153 @@
-//! placeholder
+//! zavod-engine: text generation behind one small interface.
+//!
+//! [`Engine`] is what a model worker drives: submit a prepared prompt, get a
+//! bounded stream of [`EngineEvent`]s back. Two implementations:
+//! - [`llama::LlamaEngine`]: llama.cpp (llama-cpp-2) on its own OS thread,
+//!   many sequences in one context (continuous batching), fed by a bounded
+//!   queue; the blocking FFI never runs on an async runtime thread.
+//! - [`cost::CostModelEngine`]: a timing model with no weights, for the
+//!   simulator and for tests of routing and supervision. It is never used
+//!   where a real answer is expected.
+//!
+//! Invariants: every submitted job ends with exactly one terminal event
+//! ([`EngineEvent::Done`] or [`EngineEvent::Failed`]) unless its receiver was
+//! dropped (which cancels it); a slow receiver never stalls other jobs (its
+//! job is failed instead); queues are bounded.
+
+pub mod cost;
+pub mod llama;
+mod utf8;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc;
+use zavod_proto::RequestId;
+use zavod_proto::capacity::{ModelOffer, WorkerLoad};
+use zavod_proto::prompt::Turn;
+use zavod_proto::wire::{DoneInfo, GenParams};
+
+/// Tokens buffered per job before a receiver counts as too slow.
+pub const JOB_EVENT_BUFFER: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: String, reason: String },
+    #[error("llama.cpp could not load model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("could not create an inference context: {0}")]
+    Context(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the engine queue is full ({0} jobs waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("bad engine configuration: {0}")]
+    Config(String),
+}
+
+/// A prompt ready to run: already formatted with the chat template.
+#[derive(Debug)]
+pub struct Job {
+    pub id: RequestId,
+    pub prompt: String,
+    pub params: GenParams,
+    pub events: mpsc::Sender<EngineEvent>,
+    pub cancel: CancelFlag,
+}
+
+/// Set to stop a job early; the engine ends it with `StopReason::Cancelled`.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// Emitted once, when the prompt has been tokenized.
+    Started { prompt_tokens: u32 },
+    Token { index: u32, text: String },
+    Done(DoneInfo),
+    Failed(String),
+}
+
+/// Static facts about the loaded model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub quant: String,
+    pub path: String,
+    pub size_bytes: u64,
+    /// Context tokens available to each sequence.
+    pub context_tokens_per_seq: u32,
+    pub slots: u32,
+}
+
+impl ModelInfo {
+    pub fn offer(&self) -> ModelOffer {
+        ModelOffer {
+            name: self.name.clone(),
+            quant: self.quant.clone(),
+            context_tokens: self.context_tokens_per_seq,
+        }
+    }
+}
+
+/// A text generator. Implementations are cheap handles; the work happens on
+/// threads they own.
+pub trait Engine: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+    /// Queues a job; fails at once when the queue is full or the engine died.
+    fn submit(&self, job: Job) -> Result<(), EngineError>;
+    /// Current slots, queue and decode rate.
+    fn load(&self) -> WorkerLoad;
+    /// Model tokens in `text` (for context budgeting).
+    fn count_tokens(&self, text: &str) -> u32;
+    /// Formats turns with the model's chat template, ready for generation.
+    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError>;
+    /// Whether the engine's thread is still running.
+    fn is_alive(&self) -> bool;
+}
+
+/// The name a model is known by in the mesh: its file name without `.gguf`.
+pub fn model_name_from_path(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Guesses the quantization from a GGUF file name (e.g. `..._q4_k_m.gguf`).
+pub fn quant_from_name(name: &str) -> String {
+    const KNOWN: [&str; 14] = [
+        "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "Q3_K_L",
+        "Q3_K_M", "Q2_K", "IQ2_M", "F16", "BF16",
+    ];
+    let upper = name.to_ascii_uppercase();
+    KNOWN
+        .iter()
+        .find(|q| upper.contains(*q))
+        .map_or_else(|| "unknown".into(), |q| (*q).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_quants_come_from_the_file_name() {
+        let p = std::path::Path::new("/m/gemma-3-270m-q4_k_m.gguf");
+        assert_eq!(model_name_from_path(p), "gemma-3-270m-q4_k_m");
+        assert_eq!(quant_from_name("gemma-3-270m-q4_k_m"), "Q4_K_M");
+        assert_eq!(quant_from_name("x-iq2_m"), "IQ2_M");
+        assert_eq!(quant_from_name("plain"), "unknown");
+    }
+}
