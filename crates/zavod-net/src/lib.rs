@@ -1,1 +1,492 @@
-//! placeholder
+//! zavod-net: the libp2p shell.
+//!
+//! Shape: [`new`] returns a [`Client`] (a cheap handle that sends commands
+//! over a bounded channel and gets replies on oneshots), a receiver of
+//! [`Event`]s, and an [`EventLoop`] that owns the swarm and must be spawned.
+//! Streams for chats are opened and accepted through libp2p-stream's
+//! `Control`, outside the event loop, and framed by [`frames::FrameStream`]:
+//! a length prefix and a bincode body under a hard size limit.
+//!
+//! Every wait on the network has a timeout; every channel is bounded.
+
+pub mod addr;
+pub mod frames;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use zavod_proto::NodeId;
+
+pub use addr::parse_peer_addr;
+pub use frames::FrameStream;
+pub use libp2p;
+
+/// The chat stream protocol: one request, then a stream of answer frames.
+pub const CHAT_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/chat/1");
+const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";
+/// Commands waiting for the event loop.
+const COMMAND_BUFFER: usize = 64;
+/// Events waiting for the node.
+const EVENT_BUFFER: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network setup: {0}")]
+    Setup(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("cannot reach {addr}: {reason}")]
+    Dial { addr: String, reason: String },
+    #[error("timed out after {ms} ms while {what}")]
+    Timeout { what: String, ms: u64 },
+    #[error("cannot open a chat stream to {peer}: {reason}")]
+    OpenStream { peer: String, reason: String },
+    #[error("malformed address {input:?}: {reason}")]
+    BadAddress { input: String, reason: String },
+    #[error("the network event loop has stopped")]
+    Stopped,
+    #[error("peer sent a frame over the {limit}-byte limit")]
+    FrameTooLarge { limit: usize },
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] zavod_proto::wire::WireError),
+}
+
+/// Timeouts and limits of the network shell.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub dial_timeout_ms: u64,
+    pub idle_connection_timeout_ms: u64,
+    pub max_frame_bytes: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            dial_timeout_ms: 10_000,
+            idle_connection_timeout_ms: 60_000,
+            max_frame_bytes: zavod_proto::limits::MAX_FRAME_BYTES,
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// What the event loop tells the node.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Connected { peer: PeerId, addr: Multiaddr },
+    Disconnected { peer: PeerId },
+    Rtt { peer: PeerId, rtt: Duration },
+}
+
+#[derive(Debug)]
+enum Command {
+    Listen {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<Multiaddr, NetError>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// Handle to the network; clone freely.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    local_peer_id: PeerId,
+    cfg: NetConfig,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.local_peer_id)
+    }
+}
+
+/// Builds a libp2p identity from a zavod key's 32 secret bytes.
+pub fn identity_from_secret(secret: [u8; 32]) -> Result<libp2p::identity::Keypair, NetError> {
+    libp2p::identity::Keypair::ed25519_from_bytes(secret)
+        .map_err(|e| NetError::Setup(format!("bad node key: {e}")))
+}
+
+/// The zavod node id behind an ed25519 peer id; `None` for other key types.
+pub fn node_id_of(peer: &PeerId) -> Option<NodeId> {
+    let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    // ed25519 peer ids inline the public key (identity multihash, code 0).
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    let ed = pk.try_into_ed25519().ok()?;
+    Some(NodeId(ed.to_bytes()))
+}
+
+/// The peer id of a zavod node id.
+pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
+    Some(PeerId::from_public_key(&ed.into()))
+}
+
+/// Creates the swarm. Spawn `EventLoop::run` and keep the event receiver
+/// drained.
+pub fn new(
+    identity: libp2p::identity::Keypair,
+    cfg: NetConfig,
+) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
+    let idle = Duration::from_millis(cfg.idle_connection_timeout_ms);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_dns()
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_behaviour(|key| Behaviour {
+            identify: identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    let local_peer_id = *swarm.local_peer_id();
+    let control = swarm.behaviour().stream.new_control();
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_BUFFER);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_BUFFER);
+    Ok((
+        Client {
+            commands: cmd_tx,
+            control,
+            local_peer_id,
+            cfg,
+        },
+        ev_rx,
+        EventLoop {
+            swarm,
+            commands: cmd_rx,
+            events: ev_tx,
+            pending_listen: HashMap::new(),
+            pending_dial: HashMap::new(),
+        },
+    ))
+}
+
+impl Client {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn ask<T>(
+        &self,
+        what: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        timeout_ms: u64,
+    ) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(NetError::Stopped),
+            Err(_) => Err(NetError::Timeout {
+                what: what.into(),
+                ms: timeout_ms,
+            }),
+        }
+    }
+
+    /// Starts listening; returns the first concrete address.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<Multiaddr, NetError> {
+        let what = format!("starting to listen on {addr}");
+        self.ask(&what, |reply| Command::Listen { addr, reply }, 10_000)
+            .await?
+    }
+
+    /// Dials an address (with or without `/p2p/…`) and returns the peer id
+    /// once the connection is up.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        let what = format!("connecting to {addr}");
+        let ms = self.cfg.dial_timeout_ms;
+        self.ask(&what, |reply| Command::Dial { addr, reply }, ms)
+            .await?
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.ask("listing addresses", |reply| Command::ListenAddrs { reply }, 5_000)
+            .await
+    }
+
+    /// Opens a chat stream to a connected (or dialable) peer.
+    pub async fn open_chat(&self, peer: PeerId) -> Result<FrameStream, NetError> {
+        let mut control = self.control.clone();
+        let ms = self.cfg.dial_timeout_ms;
+        let opened = tokio::time::timeout(
+            Duration::from_millis(ms),
+            control.open_stream(peer, CHAT_PROTOCOL),
+        )
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: format!("opening a chat stream to {peer}"),
+            ms,
+        })?;
+        let stream = opened.map_err(|e| NetError::OpenStream {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(FrameStream::new(stream, self.cfg.max_frame_bytes))
+    }
+
+    /// Starts accepting chat streams. Call once, before announcing the node.
+    pub fn accept_chats(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.control
+            .clone()
+            .accept(CHAT_PROTOCOL)
+            .map_err(|_| NetError::Setup("chat protocol registered twice".into()))
+    }
+
+    pub fn max_frame_bytes(&self) -> usize {
+        self.cfg.max_frame_bytes
+    }
+}
+
+/// Owns the swarm; run it on a task.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    pending_listen: HashMap<libp2p::core::transport::ListenerId, oneshot::Sender<Result<Multiaddr, NetError>>>,
+    pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>,
+}
+
+impl EventLoop {
+    /// Runs until every [`Client`] is dropped.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.commands.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn emit(&self, ev: Event) {
+        // The node drains events; if it falls behind, dropping an RTT sample
+        // or a notice is better than stalling the swarm.
+        if self.events.try_send(ev).is_err() {
+            tracing::debug!("network event dropped: receiver full or gone");
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Listen { addr, reply } => match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.pending_listen.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NetError::Listen {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    }));
+                }
+            },
+            Command::Dial { addr, reply } => {
+                let opts = match addr::split_peer(&addr) {
+                    (base, Some(peer)) => DialOpts::peer_id(peer).addresses(vec![base]).build(),
+                    (base, None) => DialOpts::unknown_peer_id().address(base).build(),
+                };
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dial.insert(id, (addr, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+        }
+        // Replies whose asker timed out are dropped here, keeping the maps bounded.
+        self.pending_dial.retain(|_, (_, r)| !r.is_closed());
+        self.pending_listen.retain(|_, r| !r.is_closed());
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::debug!(%address, "listening");
+                if let Some(reply) = self.pending_listen.remove(&listener_id) {
+                    let _ = reply.send(Ok(address));
+                }
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                if let Some(reply) = self.pending_listen.remove(&listener_id) {
+                    let _ = reply.send(Err(NetError::Listen {
+                        addr: "listener".into(),
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending_dial.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                let addr = match endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address,
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+                };
+                self.emit(Event::Connected {
+                    peer: peer_id,
+                    addr,
+                });
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some((addr, reply)) = self.pending_dial.remove(&connection_id) {
+                    let _ = reply.send(Err(NetError::Dial {
+                        addr: addr.to_string(),
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.emit(Event::Disconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => self.emit(Event::Rtt { peer, rtt }),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_and_peer_ids_map_both_ways() {
+        let kp = identity_from_secret([3; 32]).expect("key");
+        let peer = kp.public().to_peer_id();
+        let node = node_id_of(&peer).expect("ed25519");
+        let zk = zavod_proto::auth::Keypair::from_secret([3; 32]);
+        assert_eq!(node, zk.public());
+        assert_eq!(peer_id_of(&node), Some(peer));
+    }
+
+    #[tokio::test]
+    async fn two_swarms_exchange_frames_and_refuse_oversized_ones() {
+        use zavod_proto::wire::{ErrorCode, ErrorFrame, ServerFrame};
+        let (server, _ev, el) = new(
+            identity_from_secret([1; 32]).expect("key"),
+            NetConfig {
+                max_frame_bytes: 4096,
+                ..Default::default()
+            },
+        )
+        .expect("swarm");
+        tokio::spawn(el.run());
+        let mut incoming = server.accept_chats().expect("accept");
+        let addr = server
+            .listen("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .await
+            .expect("listen");
+        tokio::spawn(async move {
+            while let Some((_peer, stream)) = incoming.next().await {
+                let mut s = FrameStream::new(stream, 4096);
+                let reply = match s.recv::<ServerFrame>(Duration::from_secs(5)).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => continue,
+                    Err(e) => ServerFrame::Error(ErrorFrame {
+                        code: ErrorCode::FrameTooLarge,
+                        message: e.to_string(),
+                    }),
+                };
+                let _ = s.send(&reply).await;
+            }
+        });
+
+        let (client, _ev2, el2) = new(identity_from_secret([2; 32]).expect("key"), NetConfig::default())
+            .expect("swarm");
+        tokio::spawn(el2.run());
+        let peer = client.dial(addr).await.expect("dial");
+        let mut s = client.open_chat(peer).await.expect("open");
+        let hello = ServerFrame::Token {
+            index: 0,
+            text: "hi".into(),
+        };
+        s.send(&hello).await.expect("send");
+        let echoed: ServerFrame = s.recv(Duration::from_secs(5)).await.expect("recv").expect("frame");
+        assert_eq!(echoed, hello);
+
+        let mut s = client.open_chat(peer).await.expect("open");
+        let big = ServerFrame::Token {
+            index: 0,
+            text: "x".repeat(10_000),
+        };
+        s.send(&big).await.expect("send");
+        match s.recv::<ServerFrame>(Duration::from_secs(5)).await {
+            Ok(Some(ServerFrame::Error(e))) => assert!(e.message.contains("4096"), "{e:?}"),
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+        // The server keeps serving after the bad frame.
+        let mut s = client.open_chat(peer).await.expect("open again");
+        s.send(&hello).await.expect("send");
+        let again: ServerFrame = s.recv(Duration::from_secs(5)).await.expect("recv").expect("frame");
+        assert_eq!(again, hello);
+    }
+}
