@@ -4,6 +4,7 @@
 //! reading it, so a peer cannot make us buffer more than `max_frame_bytes`.
 
 use crate::NetError;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
 use std::time::Duration;
@@ -52,25 +53,102 @@ impl FrameStream {
                 what: "waiting for the next frame".into(),
                 ms: timeout.as_millis() as u64,
             })?;
-        match next {
-            None => Ok(None),
-            Some(Ok(bytes)) => Ok(Some(zavod_proto::wire::decode(&bytes)?)),
-            Some(Err(e)) => {
-                let too_big = e
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
-                if too_big {
-                    Err(NetError::FrameTooLarge { limit: self.limit })
-                } else {
-                    Err(NetError::Io(e))
-                }
-            }
-        }
+        decode_next(next, self.limit)
+    }
+
+    /// Splits into a writer and a reader that can be used concurrently.
+    pub fn split(self) -> (FrameWriter, FrameReader) {
+        let limit = self.limit;
+        let (sink, stream) = self.inner.split();
+        (
+            FrameWriter { sink, limit },
+            FrameReader {
+                stream,
+                limit,
+            },
+        )
     }
 
     /// Flushes and closes our side.
     pub async fn close(&mut self) -> Result<(), NetError> {
         SinkExt::<bytes::Bytes>::close(&mut self.inner).await?;
         Ok(())
+    }
+}
+
+type Inner = Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>;
+
+/// The sending half of a [`FrameStream`].
+pub struct FrameWriter {
+    sink: SplitSink<Inner, bytes::Bytes>,
+    limit: usize,
+}
+
+impl std::fmt::Debug for FrameWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameWriter")
+    }
+}
+
+impl FrameWriter {
+    /// Sends one frame, giving up after `timeout` (a client that stops
+    /// reading must not hold a task forever).
+    pub async fn send<T: Serialize>(&mut self, msg: &T, timeout: Duration) -> Result<(), NetError> {
+        let bytes = zavod_proto::wire::encode(msg)?;
+        if bytes.len() > self.limit {
+            return Err(NetError::FrameTooLarge { limit: self.limit });
+        }
+        tokio::time::timeout(timeout, self.sink.send(bytes::Bytes::from(bytes)))
+            .await
+            .map_err(|_| NetError::Timeout {
+                what: "writing a frame".into(),
+                ms: timeout.as_millis() as u64,
+            })??;
+        Ok(())
+    }
+
+    pub async fn close(&mut self) -> Result<(), NetError> {
+        self.sink.close().await?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a [`FrameStream`].
+pub struct FrameReader {
+    stream: SplitStream<Inner>,
+    limit: usize,
+}
+
+impl std::fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameReader")
+    }
+}
+
+impl FrameReader {
+    /// The next frame, `Ok(None)` on a clean end of stream. No timeout: the
+    /// caller selects this against its own deadlines.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
+        decode_next(self.stream.next().await, self.limit)
+    }
+}
+
+fn decode_next<T: DeserializeOwned>(
+    next: Option<Result<bytes::BytesMut, std::io::Error>>,
+    limit: usize,
+) -> Result<Option<T>, NetError> {
+    match next {
+        None => Ok(None),
+        Some(Ok(bytes)) => Ok(Some(zavod_proto::wire::decode(&bytes)?)),
+        Some(Err(e)) => {
+            let too_big = e
+                .get_ref()
+                .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
+            if too_big {
+                Err(NetError::FrameTooLarge { limit })
+            } else {
+                Err(NetError::Io(e))
+            }
+        }
     }
 }

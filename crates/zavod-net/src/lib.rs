@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use zavod_proto::NodeId;
 
 pub use addr::parse_peer_addr;
-pub use frames::FrameStream;
+pub use frames::{FrameReader, FrameStream, FrameWriter};
 pub use libp2p;
 
 /// The chat stream protocol: one request, then a stream of answer frames.

@@ -1,0 +1,124 @@
+//! MemoryKeeper: each conversation's turns in the store (sled), and prompt
+//! assembly: the newest turns that fit the context budget
+//! (zavod_proto::prompt::assemble), formatted with the model's template.
+
+use super::{NodeShared, error_frame};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::Arc;
+use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble};
+use zavod_proto::wire::{ErrorCode, ErrorFrame};
+use zavod_store::ConvKey;
+
+pub struct MemoryKeeper;
+
+/// A prompt ready for the engine.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    pub text: String,
+    pub history_turns: u32,
+    pub estimated_tokens: u32,
+    pub user_turn: Turn,
+}
+
+pub enum MemoryMsg {
+    Assemble {
+        key: Option<ConvKey>,
+        message: String,
+        answer_tokens: u32,
+        reply: RpcReplyPort<Result<PreparedPrompt, ErrorFrame>>,
+    },
+    /// Appends turns; replies once they are durable.
+    Record {
+        key: ConvKey,
+        turns: Vec<Turn>,
+        reply: Option<RpcReplyPort<Result<(), String>>>,
+    },
+}
+
+impl ractor::Message for MemoryMsg {}
+
+impl Actor for MemoryKeeper {
+    type Msg = MemoryMsg;
+    type State = Arc<NodeShared>;
+    type Arguments = Arc<NodeShared>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        shared: Arc<NodeShared>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(shared)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        shared: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MemoryMsg::Assemble {
+                key,
+                message,
+                answer_tokens,
+                reply,
+            } => {
+                let _ = reply.send(prepare(shared, key.as_ref(), message, answer_tokens));
+            }
+            MemoryMsg::Record { key, turns, reply } => {
+                let r = shared
+                    .store
+                    .append(&key, &turns)
+                    .map_err(|e| e.to_string());
+                if let Err(e) = &r {
+                    tracing::error!(conversation = %key.conversation, error = %e, "could not record turns");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn prepare(
+    shared: &NodeShared,
+    key: Option<&ConvKey>,
+    message: String,
+    answer_tokens: u32,
+) -> Result<PreparedPrompt, ErrorFrame> {
+    let model = shared.model.as_ref().ok_or_else(|| {
+        error_frame(
+            ErrorCode::ModelUnavailable,
+            "this node serves no model (start it with --model)",
+        )
+    })?;
+    let history = match key {
+        Some(k) => shared
+            .store
+            .recent(k, shared.config.memory.max_history_turns)
+            .map_err(|e| error_frame(ErrorCode::Internal, format!("memory: {e}")))?,
+        None => Vec::new(),
+    };
+    let user_turn = Turn {
+        role: Role::User,
+        tokens: model.count_tokens(&message),
+        text: message,
+    };
+    let budget = PromptBudget {
+        context_tokens: model.offer().context_tokens,
+        per_turn_overhead_tokens: shared.config.memory.per_turn_overhead_tokens,
+    };
+    let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
+        .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    let text = model
+        .format_chat(&assembled.turns)
+        .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    Ok(PreparedPrompt {
+        text,
+        history_turns: assembled.history_turns,
+        estimated_tokens: assembled.tokens,
+        user_turn,
+    })
+}

@@ -1,0 +1,76 @@
+//! The node's actors and the directory through which they find each other.
+//!
+//! A restarted child gets a new `ActorRef`; the supervisor publishes it in
+//! the [`Directory`], and everyone looks refs up there at call time, so no
+//! one holds a ref to a dead actor for long.
+
+pub mod breaker;
+pub mod gpu_monitor;
+pub mod memory_keeper;
+pub mod model_worker;
+pub mod router;
+pub mod supervisor;
+
+use crate::backend::ModelBackend;
+use crate::config::NodeConfig;
+use crate::datadir::NodeIdentity;
+use ractor::ActorRef;
+use std::sync::{Arc, RwLock};
+use zavod_proto::wire::{ErrorCode, ErrorFrame};
+use zavod_store::ConversationStore;
+
+#[derive(Default, Clone)]
+pub struct Refs {
+    pub router: Option<ActorRef<router::RouterMsg>>,
+    pub worker: Option<ActorRef<model_worker::WorkerMsg>>,
+    pub memory: Option<ActorRef<memory_keeper::MemoryMsg>>,
+    pub breaker: Option<ActorRef<breaker::BreakerMsg>>,
+    pub monitor: Option<ActorRef<gpu_monitor::MonitorMsg>>,
+}
+
+#[derive(Default)]
+pub struct Directory {
+    refs: RwLock<Refs>,
+}
+
+impl Directory {
+    pub fn get(&self) -> Refs {
+        // A poisoned lock only means a writer panicked mid-update of plain
+        // Option fields; the data is still coherent enough to read.
+        match self.refs.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Refs)) {
+        match self.refs.write() {
+            Ok(mut r) => f(&mut r),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+}
+
+/// Everything the actors share, fixed for the node's life.
+pub struct NodeShared {
+    pub config: NodeConfig,
+    pub identity: NodeIdentity,
+    pub directory: Directory,
+    pub model: Option<Arc<dyn ModelBackend>>,
+    pub store: Arc<dyn ConversationStore>,
+}
+
+pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+    ErrorFrame {
+        code,
+        message: message.into(),
+    }
+}
+
+/// An actor we needed is between restarts.
+pub fn unavailable(what: &str) -> ErrorFrame {
+    error_frame(
+        ErrorCode::NoCapacity,
+        format!("{what} is restarting; try again in a moment"),
+    )
+}

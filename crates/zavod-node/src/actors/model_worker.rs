@@ -1,0 +1,177 @@
+//! ModelWorker: owns the engine. It checks each request's grant (issuer is
+//! a member, signature, expiry, bound to this node, this client, this model
+//! and this prompt, single use), then queues the job; tokens flow from the
+//! engine thread straight to the serving task through the job's bounded
+//! channel, never through this actor's mailbox.
+//!
+//! If the engine thread dies the worker fails on purpose, so the supervisor
+//! replaces it with a fresh engine over the same loaded weights.
+
+use super::router::RouterMsg;
+use super::{NodeShared, error_frame};
+use crate::backend::ModelBackend;
+use crate::clock::now_ms;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use zavod_engine::llama::job_channel;
+use zavod_engine::{CancelFlag, Engine, EngineError, EngineEvent, Job};
+use zavod_proto::NodeId;
+use zavod_proto::auth::{AuthError, Grant, GrantCheck, ReplayGuard};
+use zavod_proto::capacity::WorkerLoad;
+use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
+
+/// How often the worker checks its engine and reports load.
+const TICK: Duration = Duration::from_millis(500);
+
+pub struct ModelWorker;
+
+/// A running job as the serving task sees it.
+pub struct JobStream {
+    pub events: mpsc::Receiver<EngineEvent>,
+    pub cancel: CancelFlag,
+}
+
+pub enum WorkerMsg {
+    Run {
+        grant: Grant,
+        client: NodeId,
+        prompt: String,
+        params: GenParams,
+        reply: RpcReplyPort<Result<JobStream, ErrorFrame>>,
+    },
+    Load(RpcReplyPort<WorkerLoad>),
+    Tick,
+}
+
+impl ractor::Message for WorkerMsg {}
+
+pub struct WorkerState {
+    shared: Arc<NodeShared>,
+    engine: Box<dyn Engine>,
+    replay: ReplayGuard,
+    members: BTreeSet<NodeId>,
+}
+
+fn grant_error(e: AuthError) -> ErrorFrame {
+    let code = match e {
+        AuthError::Replayed(_) | AuthError::WrongTarget { .. } | AuthError::GrantMismatch(_) => {
+            ErrorCode::Forbidden
+        }
+        _ => ErrorCode::Unauthorized,
+    };
+    error_frame(code, format!("grant refused: {e}"))
+}
+
+impl Actor for ModelWorker {
+    type Msg = WorkerMsg;
+    type State = WorkerState;
+    type Arguments = Arc<NodeShared>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        shared: Arc<NodeShared>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let model: Arc<dyn ModelBackend> = shared
+            .model
+            .clone()
+            .ok_or("model worker started on a node without a model")?;
+        let engine = tokio::task::spawn_blocking(move || model.start_engine()).await??;
+        // Members whose grants this worker honours. A single node trusts
+        // itself when it holds a valid membership certificate.
+        let mut members = BTreeSet::new();
+        if let Some(m) = &shared.identity.membership
+            && m.verify(&shared.identity.authorities, now_ms()).is_ok()
+        {
+            members.insert(m.body.member);
+        }
+        myself.send_interval(TICK, || WorkerMsg::Tick);
+        tracing::info!(model = %engine.info().name, slots = engine.info().slots, "model worker ready");
+        Ok(WorkerState {
+            shared,
+            engine,
+            replay: ReplayGuard::default(),
+            members,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Run {
+                grant,
+                client,
+                prompt,
+                params,
+                reply,
+            } => {
+                let r = run(st, grant, client, prompt, params);
+                let dead = matches!(&r, Err(e) if e.code == ErrorCode::Internal);
+                let _ = reply.send(r);
+                if dead {
+                    return Err("engine stopped".into());
+                }
+            }
+            WorkerMsg::Load(reply) => {
+                let _ = reply.send(st.engine.load());
+            }
+            WorkerMsg::Tick => {
+                if !st.engine.is_alive() {
+                    return Err("engine thread died".into());
+                }
+                if let Some(r) = st.shared.directory.get().router {
+                    let _ = r.cast(RouterMsg::WorkerLoad(st.engine.load()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run(
+    st: &mut WorkerState,
+    grant: Grant,
+    client: NodeId,
+    prompt: String,
+    params: GenParams,
+) -> Result<JobStream, ErrorFrame> {
+    let now = now_ms();
+    let this = st.shared.identity.id();
+    let model = st.engine.info().name.clone();
+    let check = GrantCheck {
+        this_node: &this,
+        client: &client,
+        model: &model,
+        prompt: &prompt,
+        max_tokens: params.max_tokens,
+    };
+    let members = &st.members;
+    let body = grant
+        .verify(|n| members.contains(n), &check, now)
+        .map_err(grant_error)?;
+    st.replay.admit(body, now).map_err(grant_error)?;
+    let (tx, rx) = job_channel();
+    let cancel = CancelFlag::default();
+    let job = Job {
+        id: body.request,
+        prompt,
+        params,
+        events: tx,
+        cancel: cancel.clone(),
+    };
+    match st.engine.submit(job) {
+        Ok(()) => Ok(JobStream { events: rx, cancel }),
+        Err(EngineError::QueueFull(n)) => Err(error_frame(
+            ErrorCode::NoCapacity,
+            format!("this node is at capacity ({n} requests waiting)"),
+        )),
+        Err(e) => Err(error_frame(ErrorCode::Internal, format!("engine: {e}"))),
+    }
+}

@@ -1,0 +1,80 @@
+//! What a node needs from its model, whatever runs it: token counting and
+//! chat formatting (used by MemoryKeeper) and a way to start a fresh engine
+//! (used by ModelWorker, again after every restart). The model's weights are
+//! loaded once and shared across engine restarts.
+
+use std::sync::Arc;
+use zavod_engine::cost::{CostEngineConfig, CostModelEngine};
+use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
+use zavod_engine::{Engine, EngineError, model_name_from_path, quant_from_name};
+use zavod_proto::capacity::ModelOffer;
+use zavod_proto::prompt::Turn;
+
+pub trait ModelBackend: Send + Sync {
+    fn offer(&self) -> ModelOffer;
+    fn count_tokens(&self, text: &str) -> u32;
+    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError>;
+    fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError>;
+}
+
+/// llama.cpp with a model loaded once.
+pub struct LlamaBackendHandle {
+    pub model: Arc<LoadedModel>,
+    pub cfg: LlamaConfig,
+}
+
+impl ModelBackend for LlamaBackendHandle {
+    fn offer(&self) -> ModelOffer {
+        let name = model_name_from_path(&self.cfg.path);
+        ModelOffer {
+            quant: quant_from_name(&name),
+            name,
+            context_tokens: self.cfg.context_tokens_per_seq,
+        }
+    }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        self.model.count_tokens(text)
+    }
+
+    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+        self.model.format_chat(turns)
+    }
+
+    fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
+        Ok(Box::new(LlamaEngine::start(
+            Arc::clone(&self.model),
+            &self.cfg,
+        )?))
+    }
+}
+
+/// The cost-model engine, for tests of supervision and routing only.
+pub struct CostBackend {
+    pub cfg: CostEngineConfig,
+}
+
+impl ModelBackend for CostBackend {
+    fn offer(&self) -> ModelOffer {
+        ModelOffer {
+            name: self.cfg.name.clone(),
+            quant: "none".into(),
+            context_tokens: 4096,
+        }
+    }
+
+    fn count_tokens(&self, text: &str) -> u32 {
+        u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
+    }
+
+    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+        Ok(turns
+            .iter()
+            .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
+            .collect())
+    }
+
+    fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
+        Ok(Box::new(CostModelEngine::start(self.cfg.clone())?))
+    }
+}

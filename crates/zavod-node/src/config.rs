@@ -1,0 +1,387 @@
+//! Node configuration: typed, with defaults, read from a mesh-config TOML
+//! profile, then overridden by `ZAVOD_*` environment variables and command
+//! line flags (the binary maps both onto [`Overrides`]). Unknown keys are
+//! errors that name the key, so a typo never silently does nothing.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use zavod_proto::breaker::BreakerConfig;
+use zavod_proto::score::Weights;
+
+/// The default profile, `mesh-config/local.toml`, built in so a bare
+/// `zavod node` behaves as that file says.
+pub const LOCAL_PROFILE: &str = include_str!("../../../mesh-config/local.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub model: ModelSection,
+    pub memory: MemorySection,
+    pub generation: GenerationSection,
+    pub scoring: ScoringSection,
+    pub breaker: BreakerConfig,
+    pub limits: LimitsSection,
+    pub monitor: MonitorSection,
+    pub supervisor: SupervisorSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Where keys, credentials and memory live; empty means the user's data
+    /// directory (`ZAVOD_DATA_DIR` and `--data-dir` override).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            listen: vec!["/ip4/127.0.0.1/tcp/7070".into()],
+            data_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// GGUF file to serve; none makes this node an entry and router only.
+    pub path: Option<PathBuf>,
+    pub gpu_layers: u32,
+    /// Requests generated at once (continuous batching).
+    pub slots: u32,
+    /// Context tokens per request.
+    pub context_tokens: u32,
+    /// CPU threads; 0 = all available cores.
+    pub threads: u32,
+    pub batch_tokens: u32,
+    /// Requests that may wait for a free slot.
+    pub queue_capacity: usize,
+    /// A llama.cpp built-in template name, for models without their own.
+    pub chat_template: Option<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: None,
+            gpu_layers: 0,
+            slots: 4,
+            context_tokens: 4096,
+            threads: 0,
+            batch_tokens: 512,
+            queue_capacity: 64,
+            chat_template: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// Most stored turns considered when assembling a prompt.
+    pub max_history_turns: usize,
+    /// Template tokens counted around each turn.
+    pub per_turn_overhead_tokens: u32,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        MemorySection {
+            max_history_turns: 64,
+            per_turn_overhead_tokens: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationSection {
+    pub default_max_tokens: u32,
+}
+
+impl Default for GenerationSection {
+    fn default() -> Self {
+        GenerationSection {
+            default_max_tokens: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringSection {
+    pub weights: Weights,
+    /// The final pick is made among this many best candidates.
+    pub top_k: usize,
+}
+
+impl Default for ScoringSection {
+    fn default() -> Self {
+        ScoringSection {
+            weights: Weights::default(),
+            top_k: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_frame_bytes: usize,
+    /// How long a new chat stream may take to send its request.
+    pub request_timeout_ms: u64,
+    /// How long one frame write may block on a slow client.
+    pub write_timeout_ms: u64,
+    /// Chat streams served at once; more are refused with NoCapacity.
+    pub max_concurrent_streams: usize,
+    /// Lifetime of per-request grants.
+    pub grant_ttl_ms: u64,
+    pub dial_timeout_ms: u64,
+    pub idle_connection_timeout_ms: u64,
+    /// A running request with no token for this long is failed.
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_frame_bytes: zavod_proto::limits::MAX_FRAME_BYTES,
+            request_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
+            max_concurrent_streams: 256,
+            grant_ttl_ms: 30_000,
+            dial_timeout_ms: 10_000,
+            idle_connection_timeout_ms: 60_000,
+            stall_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSection {
+    pub sample_interval_ms: u64,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        MonitorSection {
+            sample_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorSection {
+    pub restart_backoff_initial_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    /// A child that ran this long before failing restarts with the initial backoff.
+    pub restart_reset_after_ms: u64,
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        SupervisorSection {
+            restart_backoff_initial_ms: 100,
+            restart_backoff_max_ms: 10_000,
+            restart_reset_after_ms: 30_000,
+        }
+    }
+}
+
+/// Values from the environment and the command line; `None` keeps the
+/// profile's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<Vec<String>>,
+    pub data_dir: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    pub gpu_layers: Option<u32>,
+    pub slots: Option<u32>,
+    pub context_tokens: Option<u32>,
+    pub threads: Option<u32>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node: NodeSection::default(),
+            model: ModelSection::default(),
+            memory: MemorySection::default(),
+            generation: GenerationSection::default(),
+            scoring: ScoringSection::default(),
+            breaker: BreakerConfig::default(),
+            limits: LimitsSection::default(),
+            monitor: MonitorSection::default(),
+            supervisor: SupervisorSection::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            source_name: source_name.into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// The profile at `path`, or the built-in local profile.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Self::from_toml(&text, &p.display().to_string())
+            }
+            None => Self::from_toml(LOCAL_PROFILE, "mesh-config/local.toml (built in)"),
+        }
+    }
+
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.node.listen = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.node.data_dir = Some(v);
+        }
+        if let Some(v) = o.model {
+            self.model.path = Some(v);
+        }
+        if let Some(v) = o.gpu_layers {
+            self.model.gpu_layers = v;
+        }
+        if let Some(v) = o.slots {
+            self.model.slots = v;
+        }
+        if let Some(v) = o.context_tokens {
+            self.model.context_tokens = v;
+        }
+        if let Some(v) = o.threads {
+            self.model.threads = v;
+        }
+    }
+
+    /// Checks values that types cannot; errors name the key.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.node.listen.is_empty() {
+            return bad("node.listen must name at least one address".into());
+        }
+        self.scoring
+            .weights
+            .check()
+            .map_err(|e| ConfigError::Invalid(format!("scoring.weights: {e}")))?;
+        if self.scoring.top_k == 0 {
+            return bad("scoring.top_k must be at least 1".into());
+        }
+        if self.model.slots == 0 || self.model.slots > 256 {
+            return bad(format!("model.slots must be 1 to 256, got {}", self.model.slots));
+        }
+        if self.model.context_tokens < 64 {
+            return bad(format!(
+                "model.context_tokens must be at least 64, got {}",
+                self.model.context_tokens
+            ));
+        }
+        if self.limits.max_frame_bytes < 1024
+            || self.limits.max_frame_bytes > zavod_proto::limits::MAX_FRAME_BYTES
+        {
+            return bad(format!(
+                "limits.max_frame_bytes must be 1024 to {}, got {}",
+                zavod_proto::limits::MAX_FRAME_BYTES,
+                self.limits.max_frame_bytes
+            ));
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            return bad("limits.max_concurrent_streams must be at least 1".into());
+        }
+        if self.monitor.sample_interval_ms < 50 {
+            return bad("monitor.sample_interval_ms must be at least 50".into());
+        }
+        if self.generation.default_max_tokens == 0
+            || self.generation.default_max_tokens > zavod_proto::limits::MAX_TOKENS_PER_REQUEST
+        {
+            return bad("generation.default_max_tokens is out of range".into());
+        }
+        Ok(())
+    }
+
+    /// The data directory: configured, else `<user data dir>/zavod`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.node.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("zavod")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_profile_parses_and_checks() {
+        let c = NodeConfig::load(None).expect("local profile");
+        c.check().expect("valid");
+        assert_eq!(c.scoring.weights, Weights::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = NodeConfig::from_toml("[model]\nslotz = 3\n", "x.toml").expect_err("unknown");
+        let m = e.to_string();
+        assert!(m.contains("slotz") && m.contains("x.toml"), "{m}");
+        let e = NodeConfig::from_toml("[nodes]\n", "x.toml").expect_err("unknown section");
+        assert!(e.to_string().contains("nodes"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = NodeConfig::default();
+        c.scoring.weights.rtt = -1.0;
+        assert!(c.check().expect_err("bad").to_string().contains("rtt"));
+        let e = NodeConfig::from_toml("[model]\nslots = \"four\"\n", "x.toml").expect_err("type");
+        assert!(e.to_string().contains("slots"), "{e}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let mut c = NodeConfig::default();
+        c.apply(Overrides {
+            slots: Some(2),
+            model: Some("m.gguf".into()),
+            ..Default::default()
+        });
+        assert_eq!(c.model.slots, 2);
+        assert_eq!(c.model.path, Some(PathBuf::from("m.gguf")));
+    }
+}

@@ -1,0 +1,354 @@
+//! The data directory: keys, trust and credentials on disk.
+//!
+//! Layout (all small text files, secrets mode 0600):
+//! - `node.key`         this node's ed25519 secret (hex)
+//! - `authorities`      trusted mesh authority public keys (hex, one a line)
+//! - `authority.key`    the mesh authority's secret, only where it was created
+//! - `membership.cert`  this node's membership, signed by the authority
+//! - `client.key`, `client.cred`  the local user's key and capability credential
+//! - `memory/`          the conversation database
+//!
+//! The first start with an empty directory creates a local authority, signs
+//! the node's membership and issues the local user a credential, so a chat
+//! on the same machine works with no further step.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use zavod_proto::NodeId;
+use zavod_proto::UnixMs;
+use zavod_proto::auth::{
+    Authority, Credential, CredentialBody, Keypair, Membership, MembershipBody, ModelPattern,
+};
+
+const NODE_KEY: &str = "node.key";
+const AUTHORITY_KEY: &str = "authority.key";
+const AUTHORITIES: &str = "authorities";
+const MEMBERSHIP: &str = "membership.cert";
+pub const CLIENT_KEY: &str = "client.key";
+pub const CLIENT_CRED: &str = "client.cred";
+
+const DAY_MS: u64 = 86_400_000;
+/// A local membership lasts ten years; a local user's credential one year.
+const LOCAL_MEMBERSHIP_MS: u64 = 3_650 * DAY_MS;
+const LOCAL_CREDENTIAL_MS: u64 = 365 * DAY_MS;
+/// A local user's budget: effectively unlimited on their own machine.
+const LOCAL_TOKEN_BUDGET: u64 = 1_000_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("data directory {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("no client credential in {dir}: start `zavod node` with this data directory once, or pass --credential")]
+    NoCredential { dir: String },
+    #[error("cannot draw random bytes from the OS: {0}")]
+    Random(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+pub fn random_secret() -> Result<[u8; 32], DataDirError> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| DataDirError::Random(e.to_string()))?;
+    Ok(b)
+}
+
+pub fn random_u128() -> Result<u128, DataDirError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| DataDirError::Random(e.to_string()))?;
+    Ok(u128::from_le_bytes(b))
+}
+
+/// Writes a file atomically (temp file, then rename), private if `secret`.
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn read_key(path: &Path) -> Result<Option<Keypair>, DataDirError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let corrupt = |reason: &str| DataDirError::Corrupt {
+                path: path.display().to_string(),
+                reason: reason.into(),
+            };
+            let bytes = hex::decode(text.trim()).map_err(|_| corrupt("expected 64 hex digits"))?;
+            let secret: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| corrupt("expected 64 hex digits"))?;
+            Ok(Some(Keypair::from_secret(secret)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+fn load_or_create_key(path: &Path, created: &mut bool) -> Result<Keypair, DataDirError> {
+    if let Some(k) = read_key(path)? {
+        return Ok(k);
+    }
+    let k = Keypair::from_secret(random_secret()?);
+    write_file(path, &format!("{}\n", hex::encode(k.secret_bytes())), true)?;
+    *created = true;
+    Ok(k)
+}
+
+/// What the first start created, for the node to tell its user.
+#[derive(Debug, Default, Clone)]
+pub struct InitReport {
+    pub created_node_key: bool,
+    pub created_authority: bool,
+    pub created_client_credential: Option<PathBuf>,
+}
+
+/// A node's view of its data directory.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub dir: PathBuf,
+    pub key: Keypair,
+    pub authorities: BTreeSet<NodeId>,
+    pub authority: Option<Authority>,
+    pub membership: Option<Membership>,
+}
+
+impl NodeIdentity {
+    /// Opens (creating on first use) the node's data directory.
+    pub fn open(dir: &Path, now_ms: UnixMs) -> Result<(Self, InitReport), DataDirError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut report = InitReport::default();
+        let key = load_or_create_key(&dir.join(NODE_KEY), &mut report.created_node_key)?;
+
+        let auth_path = dir.join(AUTHORITIES);
+        let mut authorities = read_authorities(&auth_path)?;
+        let mut authority = read_key(&dir.join(AUTHORITY_KEY))?.map(Authority::new);
+        if authorities.is_empty() && authority.is_none() {
+            // A fresh node with no mesh: found a local one.
+            let a = Authority::new(Keypair::from_secret(random_secret()?));
+            write_file(
+                &dir.join(AUTHORITY_KEY),
+                &format!("{}\n", hex::encode(a.key().secret_bytes())),
+                true,
+            )?;
+            report.created_authority = true;
+            authority = Some(a);
+        }
+        if let Some(a) = &authority
+            && authorities.insert(a.id())
+        {
+            write_authorities(&auth_path, &authorities)?;
+        }
+
+        let mem_path = dir.join(MEMBERSHIP);
+        let mut membership = read_membership(&mem_path)?
+            .filter(|m| m.body.member == key.public() && m.verify(&authorities, now_ms).is_ok());
+        if membership.is_none()
+            && let Some(a) = &authority
+        {
+            let m = a.certify_member(MembershipBody {
+                member: key.public(),
+                issued_at_ms: now_ms,
+                expires_at_ms: now_ms + LOCAL_MEMBERSHIP_MS,
+            });
+            write_file(
+                &mem_path,
+                &format!("{}\n", hex::encode(zavod_proto::wire::encode_unversioned(&m))),
+                false,
+            )?;
+            membership = Some(m);
+        }
+
+        if let Some(a) = &authority {
+            let cred_path = dir.join(CLIENT_CRED);
+            let has_cred = std::fs::metadata(&cred_path).is_ok();
+            if !has_cred {
+                let mut created = false;
+                let client = load_or_create_key(&dir.join(CLIENT_KEY), &mut created)?;
+                let cred = a.issue_credential(CredentialBody {
+                    id: random_u128()?.to_le_bytes(),
+                    holder: client.public(),
+                    models: ModelPattern("*".into()),
+                    token_budget: LOCAL_TOKEN_BUDGET,
+                    rate_per_min: 0,
+                    not_before_ms: now_ms.saturating_sub(60_000),
+                    expires_at_ms: now_ms + LOCAL_CREDENTIAL_MS,
+                });
+                write_file(&cred_path, &format!("{}\n", cred.to_text()), true)?;
+                report.created_client_credential = Some(cred_path);
+            }
+        }
+
+        Ok((
+            NodeIdentity {
+                dir: dir.to_path_buf(),
+                key,
+                authorities,
+                authority,
+                membership,
+            },
+            report,
+        ))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.key.public()
+    }
+}
+
+fn read_authorities(path: &Path) -> Result<BTreeSet<NodeId>, DataDirError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            NodeId::from_hex(l).map_err(|e| DataDirError::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("line {l:?}: {e}"),
+            })
+        })
+        .collect()
+}
+
+fn write_authorities(path: &Path, a: &BTreeSet<NodeId>) -> Result<(), DataDirError> {
+    let mut s = String::from("# Trusted mesh authorities (ed25519 public keys)\n");
+    for id in a {
+        s.push_str(&id.to_hex());
+        s.push('\n');
+    }
+    write_file(path, &s, false)
+}
+
+fn read_membership(path: &Path) -> Result<Option<Membership>, DataDirError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let corrupt = |reason: String| DataDirError::Corrupt {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = hex::decode(text.trim()).map_err(|e| corrupt(e.to_string()))?;
+    zavod_proto::wire::decode_unversioned(&bytes)
+        .map(Some)
+        .map_err(|e| corrupt(e.to_string()))
+}
+
+/// A client's key and credential, as `zavod chat` finds them.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub key: Keypair,
+    pub credential: Credential,
+}
+
+impl ClientIdentity {
+    /// Loads the client key from `dir` (creating one if missing) and the
+    /// credential from `credential` (a file path or the credential text) or
+    /// else from `dir/client.cred`.
+    pub fn load(dir: &Path, credential: Option<&str>) -> Result<Self, DataDirError> {
+        let cred_text = match credential {
+            Some(c) if c.trim_start().starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX) => {
+                c.to_string()
+            }
+            Some(path) => std::fs::read_to_string(path).map_err(io_err(Path::new(path)))?,
+            None => {
+                let p = dir.join(CLIENT_CRED);
+                match std::fs::read_to_string(&p) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(DataDirError::NoCredential {
+                            dir: dir.display().to_string(),
+                        });
+                    }
+                    Err(e) => return Err(io_err(&p)(e)),
+                }
+            }
+        };
+        let credential =
+            Credential::from_text(&cred_text).map_err(|e| DataDirError::Corrupt {
+                path: credential.unwrap_or("client.cred").to_string(),
+                reason: e.to_string(),
+            })?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut created = false;
+        let key = load_or_create_key(&dir.join(CLIENT_KEY), &mut created)?;
+        Ok(ClientIdentity { key, credential })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_start_creates_a_local_mesh_and_a_usable_credential() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (id, rep) = NodeIdentity::open(d.path(), 1_000_000).expect("open");
+        assert!(rep.created_node_key && rep.created_authority);
+        assert!(rep.created_client_credential.is_some());
+        let m = id.membership.clone().expect("membership");
+        assert!(m.verify(&id.authorities, 1_000_001).is_ok());
+
+        let client = ClientIdentity::load(d.path(), None).expect("client");
+        let body = client
+            .credential
+            .verify(&id.authorities, &client.key.public(), "any-model", 1_000_001)
+            .expect("credential verifies");
+        assert_eq!(body.models.0, "*");
+
+        // A second start keeps everything.
+        let (again, rep2) = NodeIdentity::open(d.path(), 2_000_000).expect("reopen");
+        assert!(!rep2.created_node_key && !rep2.created_authority);
+        assert!(rep2.created_client_credential.is_none());
+        assert_eq!(again.id(), id.id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.path().join(NODE_KEY))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "secrets are private");
+        }
+    }
+
+    #[test]
+    fn corrupt_files_and_missing_credentials_are_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join(NODE_KEY), "nothex").expect("write");
+        let e = NodeIdentity::open(d.path(), 0).expect_err("corrupt");
+        assert!(e.to_string().contains("node.key"), "{e}");
+
+        let empty = tempfile::tempdir().expect("tempdir");
+        let e = ClientIdentity::load(empty.path(), None).expect_err("none");
+        assert!(e.to_string().contains("--credential"), "{e}");
+        let e = ClientIdentity::load(empty.path(), Some("zavod-cred-1.garbage")).expect_err("bad");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+}
