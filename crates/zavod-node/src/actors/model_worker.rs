@@ -113,9 +113,9 @@ impl Actor for ModelWorker {
                 reply,
             } => {
                 let r = run(st, grant, client, prompt, params);
-                let dead = matches!(&r, Err(e) if e.code == ErrorCode::Internal);
                 let _ = reply.send(r);
-                if dead {
+                if !st.engine.is_alive() {
+                    // Fail on purpose: the supervisor builds a fresh engine.
                     return Err("engine stopped".into());
                 }
             }
@@ -172,6 +172,7 @@ fn run(
             ErrorCode::NoCapacity,
             format!("this node is at capacity ({n} requests waiting)"),
         )),
+        Err(EngineError::Stopped) => Err(super::unavailable("the model worker")),
         Err(e) => Err(error_frame(ErrorCode::Internal, format!("engine: {e}"))),
     }
 }

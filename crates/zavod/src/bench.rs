@@ -1,0 +1,328 @@
+//! `zavod bench`: decode rate and first-token time through a node (a real
+//! `zavod node` process, chatted with over loopback) against llama.cpp
+//! driven directly in this process, same model, same thread count, same
+//! formatted prompt, greedy, a fixed number of tokens. Runs alternate
+//! between the two paths so machine noise hits both alike; medians are
+//! reported with their ratio. Also the resident memory of an idle node
+//! before any model loads.
+
+use crate::cli::BenchArgs;
+use anyhow::{Context, Result, bail};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::sampling::LlamaSampler;
+use std::io::{BufRead, BufReader};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use zavod_engine::llama::{LlamaConfig, LoadedModel, shared_backend, tokenize_prompt};
+use zavod_node::client::{Ask, ChatClient};
+use zavod_node::datadir::ClientIdentity;
+use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::wire::GenParams;
+
+/// Context of the node's single slot and of the direct context alike.
+const CONTEXT_TOKENS: u32 = 4096;
+const BATCH_TOKENS: u32 = 512;
+
+/// A `zavod node` child process, killed on drop.
+struct NodeProc {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProc {
+    fn start(exe: &Path, data_dir: &Path, extra: &[String]) -> Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("node")
+            .arg("--listen")
+            .arg("/ip4/127.0.0.1/tcp/0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("ZAVOD_CONFIG")
+            .env_remove("ZAVOD_MODEL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().context("starting zavod node")?;
+        let stdout = child.stdout.take().context("node stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut addr = None;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if addr.is_none()
+                    && let Some(a) = line.strip_prefix("listening on ")
+                {
+                    addr = Some(a.to_string());
+                }
+                if line.starts_with("ready:") {
+                    let _ = tx.send(addr.take());
+                }
+            }
+        });
+        let mut proc = NodeProc {
+            child,
+            addr: String::new(),
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Some(a)) => proc.addr = a,
+            _ => bail!("zavod node did not become ready within 120 s"),
+        }
+        Ok(proc)
+    }
+
+    fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .context("reading the node's /proc status")?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc status")?;
+        Ok(kb * 1024)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first_token_ms: f64,
+    decode_tok_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Greedy generation of `tokens` tokens with llama-cpp-2 and nothing else.
+fn direct_run(
+    loaded: &LoadedModel,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    prompt: &str,
+    tokens: u32,
+) -> Result<Run> {
+    ctx.clear_kv_cache();
+    let vocab = loaded.model().vocab();
+    let t0 = Instant::now();
+    let toks = tokenize_prompt(loaded, prompt);
+    let mut batch = LlamaBatch::new(BATCH_TOKENS as usize, 1);
+    for (c, chunk) in toks.chunks(BATCH_TOKENS as usize).enumerate() {
+        batch.clear();
+        for (i, t) in chunk.iter().enumerate() {
+            let pos = c * BATCH_TOKENS as usize + i;
+            batch.add(*t, pos as i32, &[0], pos + 1 == toks.len())?;
+        }
+        ctx.decode(&mut batch)?;
+    }
+    let mut sampler = LlamaSampler::greedy();
+    let mut pos = toks.len() as i32;
+    let mut first = None;
+    let mut last;
+    let mut n = 0;
+    loop {
+        let tok = sampler.sample(ctx, batch.n_tokens() - 1);
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = now;
+        n += 1;
+        let _eog = vocab.is_eog(tok);
+        let _piece = vocab.token_to_piece(tok, false, None);
+        if n == tokens {
+            break;
+        }
+        batch.clear();
+        batch.add(tok, pos, &[0], true)?;
+        pos += 1;
+        ctx.decode(&mut batch)?;
+    }
+    let first = first.unwrap_or(last);
+    Ok(Run {
+        first_token_ms: (first - t0).as_secs_f64() * 1e3,
+        decode_tok_s: f64::from(n - 1) / (last - first).as_secs_f64().max(1e-9),
+    })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.tokens < 2 || args.runs == 0 {
+        eprintln!("error: --tokens must be at least 2 and --runs at least 1");
+        std::process::exit(2);
+    }
+    zavod_engine::llama::check_model_file(&args.model)?;
+    let exe = std::env::current_exe().context("finding the zavod binary")?;
+    let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    } else {
+        args.threads
+    };
+
+    let idle_rss = {
+        let idle = NodeProc::start(&exe, &tmp.path().join("idle"), &[])?;
+        std::thread::sleep(Duration::from_millis(300));
+        idle.rss_bytes()?
+    };
+
+    let node_dir = tmp.path().join("node");
+    let node = NodeProc::start(
+        &exe,
+        &node_dir,
+        &[
+            "--model".into(),
+            args.model.display().to_string(),
+            "--threads".into(),
+            threads.to_string(),
+            "--slots".into(),
+            "1".into(),
+            "--context-tokens".into(),
+            CONTEXT_TOKENS.to_string(),
+        ],
+    )?;
+    let loaded_rss = node.rss_bytes()?;
+
+    let cfg = LlamaConfig {
+        path: args.model.clone(),
+        gpu_layers: 0,
+        slots: 1,
+        context_tokens_per_seq: CONTEXT_TOKENS,
+        threads,
+        batch_tokens: BATCH_TOKENS,
+        queue_capacity: 1,
+        chat_template: None,
+    };
+    let loaded = LoadedModel::load(&cfg, |_| {})?;
+    let prompt = loaded.format_chat(&[Turn {
+        role: Role::User,
+        text: args.prompt.clone(),
+        tokens: 0,
+    }])?;
+    let t = threads as i32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(CONTEXT_TOKENS))
+        .with_n_batch(BATCH_TOKENS)
+        .with_n_ubatch(BATCH_TOKENS)
+        .with_n_seq_max(1)
+        .with_n_threads(t)
+        .with_n_threads_batch(t);
+    let mut ctx = loaded.model().new_context(shared_backend()?, params)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(ChatClient::connect(
+        ClientIdentity::load(&node_dir, None)?,
+        node.addr.parse()?,
+        Default::default(),
+    ))?;
+    let node_run = || -> Result<Run> {
+        let o = rt.block_on(client.chat(
+            Ask {
+                message: args.prompt.clone(),
+                params: GenParams {
+                    temperature: 0.0,
+                    max_tokens: args.tokens,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            |_| {},
+            std::future::pending(),
+        ))?;
+        if o.tokens != args.tokens {
+            bail!("node generated {} tokens, asked for {}", o.tokens, args.tokens);
+        }
+        Ok(Run {
+            first_token_ms: o.first_token.as_secs_f64() * 1e3,
+            decode_tok_s: o.decode_tokens_per_s(),
+        })
+    };
+
+    // Warm-up: caches, page faults, connection set-up.
+    node_run()?;
+    direct_run(&loaded, &mut ctx, &prompt, args.tokens)?;
+    let mut node_runs = Vec::new();
+    let mut direct_runs = Vec::new();
+    for i in 0..args.runs {
+        // Alternate which path goes first so drift hits both.
+        if i % 2 == 0 {
+            node_runs.push(node_run()?);
+            direct_runs.push(direct_run(&loaded, &mut ctx, &prompt, args.tokens)?);
+        } else {
+            direct_runs.push(direct_run(&loaded, &mut ctx, &prompt, args.tokens)?);
+            node_runs.push(node_run()?);
+        }
+    }
+    let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+    let node_tps = med(&node_runs, |r| r.decode_tok_s);
+    let direct_tps = med(&direct_runs, |r| r.decode_tok_s);
+    let node_ttft = med(&node_runs, |r| r.first_token_ms);
+    let direct_ttft = med(&direct_runs, |r| r.first_token_ms);
+    // Per-run pairs give a second, noise-robust view of the ratio.
+    let pair_ratio = median(
+        node_runs
+            .iter()
+            .zip(&direct_runs)
+            .map(|(n, d)| n.decode_tok_s / d.decode_tok_s)
+            .collect(),
+    );
+    let name = zavod_engine::model_name_from_path(&args.model);
+    if args.json {
+        let j = serde_json::json!({
+            "model": name,
+            "threads": threads,
+            "tokens": args.tokens,
+            "runs": args.runs,
+            "prompt_tokens": tokenize_prompt(&loaded, &prompt).len(),
+            "direct": {"decode_tok_s": direct_tps, "first_token_ms": direct_ttft},
+            "node": {"decode_tok_s": node_tps, "first_token_ms": node_ttft},
+            "decode_ratio": node_tps / direct_tps,
+            "decode_ratio_paired_median": pair_ratio,
+            "first_token_overhead_ms": node_ttft - direct_ttft,
+            "idle_node_rss_bytes": idle_rss,
+            "loaded_node_rss_bytes": loaded_rss,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "zavod bench: {name}, {threads} threads, {} prompt tokens, {} generated tokens x {} runs (interleaved; medians)",
+            tokenize_prompt(&loaded, &prompt).len(),
+            args.tokens,
+            args.runs
+        );
+        println!("{:<28}{:>16}{:>18}", "", "decode tok/s", "first token ms");
+        println!("{:<28}{:>16.1}{:>18.1}", "llama.cpp in-process", direct_tps, direct_ttft);
+        println!("{:<28}{:>16.1}{:>18.1}", "through zavod node (TCP)", node_tps, node_ttft);
+        println!(
+            "{:<28}{:>16.3}{:>+18.1}",
+            "node / direct",
+            node_tps / direct_tps,
+            node_ttft - direct_ttft
+        );
+        println!("paired per-run decode ratio (median): {pair_ratio:.3}");
+        println!(
+            "node resident memory: {:.1} MiB idle before loading a model, {:.1} MiB with the model loaded",
+            idle_rss as f64 / 1048576.0,
+            loaded_rss as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `zavod chat`: one answer with --prompt, or an interactive session with
+//! line editing and history, the conversation kept across turns.
+
+use crate::cli::ChatArgs;
+use anyhow::{Context, Result, bail};
+use rustyline::error::ReadlineError;
+use std::io::Write;
+use zavod_node::client::{Ask, ChatClient, ChatEvent, ChatOutcome};
+use zavod_node::config::default_data_dir;
+use zavod_node::datadir::{ClientIdentity, random_u128};
+use zavod_proto::ids::ConversationId;
+use zavod_proto::wire::GenParams;
+
+fn new_conversation() -> Result<ConversationId> {
+    let id = format!("c-{:012x}", random_u128()? & 0xffff_ffff_ffff);
+    Ok(ConversationId::parse(&id)?)
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
+    let params = GenParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        ignore_eos: false,
+    };
+    if let Err(m) = params.check() {
+        // Out-of-range flag values are command-line misuse.
+        eprintln!("error: {m}");
+        std::process::exit(2);
+    }
+    let conversation = match &args.conversation {
+        Some(c) => Some(ConversationId::parse(c).context("--conversation")?),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = rt
+        .block_on(ChatClient::connect(identity, args.peer.clone(), Default::default()))
+        .with_context(|| format!("connecting to {}", args.peer))?;
+
+    if let Some(prompt) = &args.prompt {
+        let ask = Ask {
+            message: prompt.clone(),
+            model: args.model.clone(),
+            conversation,
+            params,
+            show_prompt: args.show_prompt,
+        };
+        let outcome = rt.block_on(turn(&client, ask, &args))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out)?;
+        out.flush()?;
+        if args.verbose {
+            report(&outcome);
+        }
+        return Ok(());
+    }
+    interactive(&rt, &client, &args, params, conversation, &dir)
+}
+
+/// Streams one answer to stdout as it arrives.
+async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutcome> {
+    let mut write_err: Option<std::io::Error> = None;
+    let show_prompt = args.show_prompt;
+    let verbose = args.verbose;
+    let cancel = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let outcome = client
+        .chat(
+            ask,
+            |ev| match ev {
+                ChatEvent::Accepted(a) => {
+                    if verbose {
+                        let peer = zavod_net::peer_id_of(&a.served_by)
+                            .map_or_else(|| a.served_by.to_hex(), |p| p.to_string());
+                        eprintln!("[served by {peer}, model {}, {} earlier turns in context]", a.model, a.history_turns);
+                    }
+                    if show_prompt && let Some(p) = &a.prompt {
+                        eprintln!("--- prompt ---\n{p}\n--- end of prompt ---");
+                    }
+                }
+                ChatEvent::Token { text, .. } => {
+                    if write_err.is_none() {
+                        let mut out = std::io::stdout().lock();
+                        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                            write_err = Some(e);
+                        }
+                    }
+                }
+            },
+            cancel,
+        )
+        .await?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    Ok(outcome)
+}
+
+fn report(o: &ChatOutcome) {
+    let peer = zavod_net::peer_id_of(&o.accepted.served_by)
+        .map_or_else(|| o.accepted.served_by.to_hex(), |p| p.to_string());
+    eprintln!(
+        "[served by {peer}: {} prompt tokens, {} generated ({:?}); first token after {:.0} ms, {:.1} tok/s]",
+        o.done.prompt_tokens,
+        o.tokens,
+        o.done.stop,
+        o.first_token.as_secs_f64() * 1e3,
+        o.decode_tokens_per_s()
+    );
+}
+
+fn interactive(
+    rt: &tokio::runtime::Runtime,
+    client: &ChatClient,
+    args: &ChatArgs,
+    params: GenParams,
+    conversation: Option<ConversationId>,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let history = dir.join("chat_history.txt");
+    let _ = editor.load_history(&history);
+    let mut conversation = match conversation {
+        Some(c) => c,
+        None => new_conversation()?,
+    };
+    eprintln!(
+        "connected to {} — conversation {conversation}. /new starts over, /quit leaves; Ctrl-C stops an answer.",
+        client.peer()
+    );
+    loop {
+        let line = match editor.readline("you> ") {
+            Ok(l) => l,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => bail!("reading input: {e}"),
+        };
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(text);
+        match text {
+            "/quit" | "/exit" => break,
+            "/new" => {
+                conversation = new_conversation()?;
+                eprintln!("(new conversation {conversation})");
+                continue;
+            }
+            "/help" => {
+                eprintln!("/new — start a new conversation; /quit — leave; anything else is sent to the model");
+                continue;
+            }
+            _ => {}
+        }
+        let ask = Ask {
+            message: text.to_string(),
+            model: args.model.clone(),
+            conversation: Some(conversation.clone()),
+            params: params.clone(),
+            show_prompt: args.show_prompt,
+        };
+        match rt.block_on(turn(client, ask, args)) {
+            Ok(outcome) => {
+                println!();
+                if args.verbose {
+                    report(&outcome);
+                }
+            }
+            Err(e) => eprintln!("\nerror: {e:#}"),
+        }
+    }
+    let _ = editor.save_history(&history);
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Command-line flags. Every flag of `node` may also come from a `ZAVOD_*`
+//! environment variable; flags beat the environment, which beats the
+//! config file, which beats the built-in defaults.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use libp2p::Multiaddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "zavod", version, about = "A peer-to-peer LLM inference mesh", long_about = None)]
+pub struct Cli {
+    /// Log format on stderr; filter with RUST_LOG (e.g. RUST_LOG=zavod_node=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ZAVOD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: serve a model (with --model) and route chats.
+    Node(NodeArgs),
+    /// Chat with the mesh through any node (interactive, or one answer with --prompt).
+    Chat(ChatArgs),
+    /// Measure decode speed and first-token time through a node against llama.cpp in-process.
+    Bench(BenchArgs),
+}
+
+fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    s.parse::<Multiaddr>()
+        .map_err(|e| format!("{e}; expected a multiaddr like /ip4/0.0.0.0/tcp/7070"))
+}
+
+fn parse_peer(s: &str) -> Result<Multiaddr, String> {
+    zavod_net::parse_peer_addr(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Config profile (TOML); without it the built-in mesh-config/local.toml applies.
+    #[arg(long, env = "ZAVOD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// GGUF model to serve. Without one the node only routes.
+    #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/7070.
+    #[arg(long, env = "ZAVOD_LISTEN", value_name = "MULTIADDR", value_parser = parse_multiaddr, value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// Where keys, credentials and conversation memory live [default: the user's data dir + /zavod].
+    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// CPU threads for inference (0 = all cores).
+    #[arg(long, env = "ZAVOD_THREADS", value_name = "N")]
+    pub threads: Option<u32>,
+    /// Requests generated at once (continuous batching).
+    #[arg(long, env = "ZAVOD_SLOTS", value_name = "N")]
+    pub slots: Option<u32>,
+    /// Context tokens per request.
+    #[arg(long, env = "ZAVOD_CONTEXT_TOKENS", value_name = "N")]
+    pub context_tokens: Option<u32>,
+    /// Model layers to offload to the GPU (needs a build with --features cuda).
+    #[arg(long, env = "ZAVOD_GPU_LAYERS", value_name = "N")]
+    pub gpu_layers: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The node to talk to: a multiaddr, with or without /p2p/PEER_ID, or host:port.
+    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
+    pub peer: Multiaddr,
+    /// Data directory holding this user's key and credential.
+    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Credential to present: a file, or the credential text itself [default: DIR/client.cred].
+    #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
+    pub credential: Option<String>,
+    /// Ask once, print the answer on stdout and exit (for scripts).
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// Sampling temperature; 0 is greedy (same text every time).
+    #[arg(long, default_value_t = 0.7, value_name = "T")]
+    pub temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    pub top_p: f32,
+    /// Most tokens to generate per answer.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_tokens: u32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Conversation to continue (its memory is kept by the node); default: a new one.
+    #[arg(long, value_name = "ID")]
+    pub conversation: Option<String>,
+    /// Model to ask for [default: what the node serves].
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Print on stderr which peer served the answer and how fast.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Print on stderr the prompt the node assembled (history and template).
+    #[arg(long)]
+    pub show_prompt: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// GGUF model to measure.
+    #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH", default_value = "models/gemma-3-270m-q4_k_m.gguf")]
+    pub model: PathBuf,
+    /// CPU threads, the same for the node and for llama.cpp direct (0 = all cores).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: u32,
+    /// Tokens generated per run.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub tokens: u32,
+    /// Measured runs of each path (interleaved), after one warm-up each.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub runs: u32,
+    /// Prompt sent as one chat turn.
+    #[arg(long, default_value = "Write a short story about a lighthouse keeper.", value_name = "TEXT")]
+    pub prompt: String,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

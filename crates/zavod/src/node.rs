@@ -1,0 +1,121 @@
+//! `zavod node`.
+
+use crate::cli::NodeArgs;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::time::Instant;
+use zavod_node::node::{llama_config, load_llama};
+use zavod_node::{Node, NodeConfig, Overrides, StartOptions};
+
+pub fn run(args: NodeArgs) -> Result<()> {
+    let mut config = NodeConfig::load(args.config.as_deref())?;
+    config.apply(Overrides {
+        listen: (!args.listen.is_empty()).then(|| args.listen.iter().map(ToString::to_string).collect()),
+        data_dir: args.data_dir,
+        model: args.model,
+        gpu_layers: args.gpu_layers,
+        slots: args.slots,
+        context_tokens: args.context_tokens,
+        threads: args.threads,
+    });
+    config.check()?;
+
+    let (identity, report) = Node::open_identity(&config)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "zavod node {}", env!("CARGO_PKG_VERSION"))?;
+    writeln!(out, "data dir: {}", identity.dir.display())?;
+    if report.created_authority {
+        writeln!(out, "created a local mesh authority {}", identity.authorities.iter().next().map(|a| a.short()).unwrap_or_default())?;
+    }
+    if let Some(p) = &report.created_client_credential {
+        writeln!(out, "wrote a chat credential for this machine's user: {}", p.display())?;
+    }
+    let peer_id = zavod_net::peer_id_of(&identity.id()).context("node key is not ed25519")?;
+    writeln!(out, "peer id: {peer_id}")?;
+    out.flush()?;
+    drop(out);
+
+    let model = match llama_config(&config) {
+        Some(lcfg) => {
+            let name = zavod_engine::model_name_from_path(&lcfg.path);
+            let bar = ProgressBar::new(100).with_message(format!("loading {name}"));
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            let t0 = Instant::now();
+            let b = bar.clone();
+            let loaded = load_llama(&lcfg, move |p| b.set_position((p * 100.0) as u64));
+            bar.finish_and_clear();
+            let loaded = loaded?;
+            let offer = loaded.offer();
+            println!(
+                "model {} ({}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
+                offer.name,
+                offer.quant,
+                t0.elapsed().as_secs_f64(),
+                lcfg.slots,
+                lcfg.context_tokens_per_seq,
+                lcfg.effective_threads(),
+                if lcfg.gpu_layers > 0 {
+                    format!(", {} layers on the GPU", lcfg.gpu_layers)
+                } else {
+                    String::new()
+                }
+            );
+            Some(loaded)
+        }
+        None => {
+            println!("no model given: this node only routes (pass --model PATH to serve one)");
+            None
+        }
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let node = Node::start(StartOptions {
+            config,
+            identity,
+            model,
+        })
+        .await?;
+        let addrs = node.listen_addrs().await?;
+        for a in &addrs {
+            println!("listening on {a}");
+        }
+        let first = addrs.first().map(ToString::to_string).unwrap_or_default();
+        println!("ready: chat with `zavod chat --peer {first}`");
+        std::io::stdout().flush()?;
+        wait_for_shutdown_signal().await;
+        println!("shutting down");
+        node.shutdown().await?;
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
