@@ -1,1 +1,185 @@
-//! placeholder
+//! Helpers for the multi-process tests: find the built `zavod` binary and
+//! the development model, start nodes as child processes on loopback and
+//! wait for them to be ready, run `zavod chat`.
+//!
+//! Build first: `cargo build --release -p zavod` (scripts/test.sh does).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a node may take to load the model and listen.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The `zavod` binary of the same profile as this test.
+pub fn zavod_bin() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>/zavod
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let bin = dir.join("zavod");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release -p zavod` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The development model, fetched by scripts/setup.sh.
+pub fn model_path() -> PathBuf {
+    let p = workspace_root().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+/// A `zavod` command with a clean environment of our variables.
+pub fn zavod() -> Command {
+    let mut c = Command::new(zavod_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("ZAVOD_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn,llama-cpp-2=error");
+    c
+}
+
+/// A running `zavod node`; killed on drop.
+pub struct NodeProc {
+    child: Child,
+    pub data_dir: PathBuf,
+    /// First listen address, with /p2p/PEER_ID.
+    pub addr: String,
+    pub peer_id: String,
+    pub stdout: Vec<String>,
+}
+
+impl NodeProc {
+    /// Starts a node on an ephemeral loopback port, waits for "ready".
+    pub fn start(data_dir: &Path, extra: &[&str]) -> NodeProc {
+        let mut child = zavod()
+            .arg("node")
+            .arg("--listen")
+            .arg("/ip4/127.0.0.1/tcp/0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn zavod node");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let ready = line.starts_with("ready:");
+                    lines.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("node did not become ready; stdout so far: {lines:#?}");
+                }
+            }
+        }
+        let addr = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("listening on "))
+            .expect("a listening line")
+            .to_string();
+        let peer_id = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("peer id: "))
+            .expect("a peer id line")
+            .to_string();
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        NodeProc {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            addr,
+            peer_id,
+            stdout: lines,
+        }
+    }
+
+    /// Asks the node to stop (SIGTERM) and waits for it to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `zavod chat` against `addr` and returns its output.
+pub fn chat(data_dir: &Path, addr: &str, args: &[&str]) -> Output {
+    zavod()
+        .arg("chat")
+        .arg("--peer")
+        .arg(addr)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run zavod chat")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

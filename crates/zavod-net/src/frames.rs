@@ -42,6 +42,13 @@ impl FrameStream {
         Ok(())
     }
 
+    /// Sends arbitrary bytes as one frame, unchecked: for tests that play a
+    /// hostile peer.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {
+        SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes::Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
     /// The next frame; `Ok(None)` when the peer closed the stream cleanly.
     pub async fn recv<T: DeserializeOwned>(
         &mut self,
@@ -104,6 +111,13 @@ impl FrameWriter {
                 what: "writing a frame".into(),
                 ms: timeout.as_millis() as u64,
             })??;
+        Ok(())
+    }
+
+    /// Sends arbitrary bytes as one frame, unchecked: for tests that play a
+    /// hostile peer.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.sink.send(bytes::Bytes::from(bytes)).await?;
         Ok(())
     }
 

@@ -244,6 +244,16 @@ impl Client {
 
     /// Opens a chat stream to a connected (or dialable) peer.
     pub async fn open_chat(&self, peer: PeerId) -> Result<FrameStream, NetError> {
+        self.open_chat_with_limit(peer, self.cfg.max_frame_bytes).await
+    }
+
+    /// Like [`Client::open_chat`] with another frame limit for this stream
+    /// (tests use a larger one to send oversized frames).
+    pub async fn open_chat_with_limit(
+        &self,
+        peer: PeerId,
+        max_frame_bytes: usize,
+    ) -> Result<FrameStream, NetError> {
         let mut control = self.control.clone();
         let ms = self.cfg.dial_timeout_ms;
         let opened = tokio::time::timeout(
@@ -259,7 +269,7 @@ impl Client {
             peer: peer.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(FrameStream::new(stream, self.cfg.max_frame_bytes))
+        Ok(FrameStream::new(stream, max_frame_bytes))
     }
 
     /// Starts accepting chat streams. Call once, before announcing the node.

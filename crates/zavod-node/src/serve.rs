@@ -37,48 +37,49 @@ pub async fn serve_stream(
 ) {
     let limits = &shared.config.limits;
     let write_timeout = Duration::from_millis(limits.write_timeout_ms);
-    let mut frames = FrameStream::new(stream, limits.max_frame_bytes);
+    let (mut writer, mut reader) = FrameStream::new(stream, limits.max_frame_bytes).split();
     let Ok(_permit) = permits.try_acquire() else {
-        let _ = frames
-            .send(&ServerFrame::Error(error_frame(
-                ErrorCode::NoCapacity,
-                "this node is serving as many streams as it allows; try another node or later",
-            )))
+        let _ = writer
+            .send(
+                &ServerFrame::Error(error_frame(
+                    ErrorCode::NoCapacity,
+                    "this node is serving as many streams as it allows; try another node or later",
+                )),
+                write_timeout,
+            )
             .await;
         return;
     };
-    let first = frames
-        .recv::<ClientFrame>(Duration::from_millis(limits.request_timeout_ms))
-        .await;
-    let request = match first {
-        Ok(Some(ClientFrame::Chat(r))) => r,
-        Ok(Some(ClientFrame::Cancel)) => {
-            let _ = frames
-                .send(&ServerFrame::Error(error_frame(
-                    ErrorCode::BadRequest,
-                    "a chat stream must start with a chat request",
-                )))
-                .await;
-            return;
-        }
-        Ok(None) => return,
-        Err(e) => {
-            tracing::info!(%peer, error = %e, "refused a chat stream");
-            let _ = frames.send(&ServerFrame::Error(net_error_frame(e))).await;
-            let _ = frames.close().await;
+    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
+    let first = match tokio::time::timeout(request_timeout, reader.recv::<ClientFrame>()).await {
+        Ok(r) => r,
+        Err(_) => Err(NetError::Timeout {
+            what: "waiting for the chat request".into(),
+            ms: limits.request_timeout_ms,
+        }),
+    };
+    let refusal = match (first, node_id_of(&peer)) {
+        (Ok(Some(ClientFrame::Chat(r))), Some(client)) => Ok((r, client)),
+        (Ok(Some(ClientFrame::Chat(_))), None) => Err(error_frame(
+            ErrorCode::Unauthorized,
+            "clients must use an ed25519 key",
+        )),
+        (Ok(Some(ClientFrame::Cancel)), _) => Err(error_frame(
+            ErrorCode::BadRequest,
+            "a chat stream must start with a chat request",
+        )),
+        (Ok(None), _) => return,
+        (Err(e), _) => Err(net_error_frame(e)),
+    };
+    let (request, client) = match refusal {
+        Ok(v) => v,
+        Err(frame) => {
+            tracing::info!(%peer, message = %frame.message, "refused a chat stream");
+            let _ = writer.send(&ServerFrame::Error(frame), write_timeout).await;
+            let _ = writer.close().await;
             return;
         }
     };
-    let Some(client) = node_id_of(&peer) else {
-        let _ = frames
-            .send(&ServerFrame::Error(error_frame(
-                ErrorCode::Unauthorized,
-                "clients must use an ed25519 key",
-            )))
-            .await;
-        return;
-    };
-    let (mut writer, mut reader) = frames.split();
     let result = run_chat(&shared, client, request, &mut writer, &mut reader, write_timeout).await;
     if let Err(frame) = result {
         tracing::info!(%peer, code = ?frame.code, message = %frame.message, "chat refused or failed");

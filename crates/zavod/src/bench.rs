@@ -119,7 +119,9 @@ fn direct_run(
     prompt: &str,
     tokens: u32,
 ) -> Result<Run> {
-    ctx.clear_kv_cache();
+    // Drop the previous run's sequence the way the engine does; a full
+    // clear_kv_cache() would also zero the buffers and slow this path.
+    ctx.clear_kv_cache_seq(Some(0), None, None)?;
     let vocab = loaded.model().vocab();
     let t0 = Instant::now();
     let toks = tokenize_prompt(loaded, prompt);

@@ -17,8 +17,6 @@ fn new_conversation() -> Result<ConversationId> {
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
     let params = GenParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -31,6 +29,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         eprintln!("error: {m}");
         std::process::exit(2);
     }
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
     let conversation = match &args.conversation {
         Some(c) => Some(ConversationId::parse(c).context("--conversation")?),
         None => None,

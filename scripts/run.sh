@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to a conversation: set up, build, start a
+# node with the development model on loopback, and open an interactive chat
+# with it. The node stops when the chat ends (/quit or Ctrl-D).
+#
+# Environment: ZAVOD_DATA_DIR (default: the user's data dir), ZAVOD_PORT
+# (default 7070), ZAVOD_MODEL (default models/gemma-3-270m-q4_k_m.gguf).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/setup.sh
+echo "run: building zavod (release; the first build compiles llama.cpp and takes several minutes)" >&2
+cargo build --release --locked -p zavod
+
+port="${ZAVOD_PORT:-7070}"
+model="${ZAVOD_MODEL:-$root/models/gemma-3-270m-q4_k_m.gguf}"
+log="$(mktemp -t zavod-node.XXXXXX.log)"
+./target/release/zavod node --model "$model" --listen "/ip4/127.0.0.1/tcp/$port" >"$log" 2>&1 &
+node_pid=$!
+trap 'kill "$node_pid" 2>/dev/null; wait "$node_pid" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 600); do
+  if grep -q '^ready:' "$log"; then break; fi
+  if ! kill -0 "$node_pid" 2>/dev/null; then
+    echo "run: the node exited; its output:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+grep -q '^ready:' "$log" || { echo "run: the node did not get ready; see $log" >&2; exit 1; }
+grep -E '^(peer id|model|listening on)' "$log" >&2
+echo "run: node log in $log" >&2
+
+./target/release/zavod chat --peer "127.0.0.1:$port" "$@"

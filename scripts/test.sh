@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs every test: unit tests, protocol tests,
+# the llama.cpp engine against the real model, and the multi-process
+# end-to-end tests that start the real `zavod` binary on loopback.
+# Everything builds once, in the release profile, so the binaries the
+# end-to-end tests start are the ones already built.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/setup.sh
+
+echo "test: building (release)" >&2
+cargo build --release --workspace --all-targets --locked
+
+echo "test: running tests" >&2
+cargo test --release --workspace --locked

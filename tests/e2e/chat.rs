@@ -1,0 +1,62 @@
+use zavod_tests::{NodeProc, chat, model_path, stderr, stdout};
+
+#[test]
+fn chat_streams_text_and_temperature_zero_repeats_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
+    assert!(node.stdout.iter().any(|l| l.starts_with("model gemma-3-270m-q4_k_m")), "{:#?}", node.stdout);
+
+    let args = [
+        "--prompt",
+        "Write one sentence about the sea.",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        "--verbose",
+    ];
+    let a = chat(dir.path(), &node.addr, &args);
+    assert!(a.status.success(), "chat failed: {}", stderr(&a));
+    let text = stdout(&a);
+    assert!(text.trim().len() > 5, "answer: {text:?}");
+    // --verbose names the peer that generated the answer.
+    assert!(
+        stderr(&a).contains(&format!("served by {}", node.peer_id)),
+        "{}",
+        stderr(&a)
+    );
+
+    let b = chat(dir.path(), &node.addr, &args);
+    assert!(b.status.success(), "chat failed: {}", stderr(&b));
+    assert_eq!(text, stdout(&b), "temperature 0 must give the same text twice");
+
+    // host:port and a multiaddr without /p2p/ work as --peer too.
+    let port = node.addr.split("/tcp/").nth(1).and_then(|r| r.split('/').next()).expect("port");
+    let c = chat(dir.path(), &format!("127.0.0.1:{port}"), &args);
+    assert_eq!(stdout(&c), text, "{}", stderr(&c));
+    let d = chat(dir.path(), &format!("/ip4/127.0.0.1/tcp/{port}"), &args);
+    assert_eq!(stdout(&d), text, "{}", stderr(&d));
+}
+
+#[test]
+fn seeded_sampling_repeats_and_max_tokens_bounds_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
+    let args = [
+        "--prompt", "Tell me a story.", "--temperature", "0.9", "--seed", "42", "--max-tokens", "8", "-v",
+    ];
+    let a = chat(dir.path(), &node.addr, &args);
+    let b = chat(dir.path(), &node.addr, &args);
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+    let e = stderr(&a);
+    let generated: u32 = e
+        .split(" generated")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no generated count in {e}"));
+    assert!(generated <= 8, "{e}");
+}
