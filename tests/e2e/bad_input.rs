@@ -14,7 +14,10 @@ fn node_fails(args: &[&str]) -> (Option<i32>, String) {
         .args(args)
         .output()
         .expect("run");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -50,10 +53,16 @@ fn bad_models_configs_and_addresses_get_clear_errors() {
     // Command-line misuse exits 2.
     let (code, e) = node_fails(&["--listen", "/ip4/nonsense"]);
     assert_eq!(code, Some(2), "{e}");
-    let out = zavod().args(["chat", "--peer", "not an address", "--prompt", "x"]).output().expect("run");
+    let out = zavod()
+        .args(["chat", "--peer", "not an address", "--prompt", "x"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected a multiaddr"));
-    let out = zavod().args(["chat", "--temperature", "9", "--prompt", "x"]).output().expect("run");
+    let out = zavod()
+        .args(["chat", "--temperature", "9", "--prompt", "x"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let out = zavod().arg("--no-such-flag").output().expect("run");
     assert_eq!(out.status.code(), Some(2));
@@ -87,10 +96,18 @@ fn malformed_and_oversized_frames_do_not_hurt_the_node() {
 
         // Garbage bytes.
         let mut s = net.open_chat(peer).await.expect("open");
-        s.send_raw(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).await.expect("send");
+        s.send_raw(vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
+            .await
+            .expect("send");
         match s.recv::<ServerFrame>(t).await {
             Ok(Some(ServerFrame::Error(e))) => {
-                assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::UnsupportedVersion), "{e:?}");
+                assert!(
+                    matches!(
+                        e.code,
+                        ErrorCode::BadRequest | ErrorCode::UnsupportedVersion
+                    ),
+                    "{e:?}"
+                );
                 assert!(!e.message.is_empty());
             }
             other => panic!("expected an error frame, got {other:?}"),
@@ -101,7 +118,9 @@ fn malformed_and_oversized_frames_do_not_hurt_the_node() {
         let s = net.open_chat_with_limit(peer, 4 << 20).await.expect("open");
         let (mut w, mut r) = s.split();
         let writer = tokio::spawn(async move { w.send_raw(vec![7u8; 2 << 20]).await });
-        let answer = tokio::time::timeout(t, r.recv::<ServerFrame>()).await.expect("answer in time");
+        let answer = tokio::time::timeout(t, r.recv::<ServerFrame>())
+            .await
+            .expect("answer in time");
         writer.abort();
         match answer {
             Ok(Some(ServerFrame::Error(e))) => {
@@ -118,6 +137,10 @@ fn malformed_and_oversized_frames_do_not_hurt_the_node() {
     });
     // The node stays up and keeps serving.
     assert!(node.is_running());
-    let ok = chat(dir.path(), &node.addr, &["--prompt", "Hi", "--max-tokens", "3"]);
+    let ok = chat(
+        dir.path(),
+        &node.addr,
+        &["--prompt", "Hi", "--max-tokens", "3"],
+    );
     assert!(ok.status.success(), "{}", stderr(&ok));
 }

@@ -5,7 +5,13 @@ fn chat_streams_text_and_temperature_zero_repeats_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = model_path();
     let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
-    assert!(node.stdout.iter().any(|l| l.starts_with("model gemma-3-270m-q4_k_m")), "{:#?}", node.stdout);
+    assert!(
+        node.stdout
+            .iter()
+            .any(|l| l.starts_with("model gemma-3-270m-q4_k_m")),
+        "{:#?}",
+        node.stdout
+    );
 
     let args = [
         "--prompt",
@@ -29,10 +35,19 @@ fn chat_streams_text_and_temperature_zero_repeats_itself() {
 
     let b = chat(dir.path(), &node.addr, &args);
     assert!(b.status.success(), "chat failed: {}", stderr(&b));
-    assert_eq!(text, stdout(&b), "temperature 0 must give the same text twice");
+    assert_eq!(
+        text,
+        stdout(&b),
+        "temperature 0 must give the same text twice"
+    );
 
     // host:port and a multiaddr without /p2p/ work as --peer too.
-    let port = node.addr.split("/tcp/").nth(1).and_then(|r| r.split('/').next()).expect("port");
+    let port = node
+        .addr
+        .split("/tcp/")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("port");
     let c = chat(dir.path(), &format!("127.0.0.1:{port}"), &args);
     assert_eq!(stdout(&c), text, "{}", stderr(&c));
     let d = chat(dir.path(), &format!("/ip4/127.0.0.1/tcp/{port}"), &args);
@@ -45,7 +60,15 @@ fn seeded_sampling_repeats_and_max_tokens_bounds_the_answer() {
     let model = model_path();
     let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
     let args = [
-        "--prompt", "Tell me a story.", "--temperature", "0.9", "--seed", "42", "--max-tokens", "8", "-v",
+        "--prompt",
+        "Tell me a story.",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "42",
+        "--max-tokens",
+        "8",
+        "-v",
     ];
     let a = chat(dir.path(), &node.addr, &args);
     let b = chat(dir.path(), &node.addr, &args);

@@ -11,7 +11,16 @@ fn conversation_memory_survives_a_node_restart() {
     let a = chat(
         dir.path(),
         &node.addr,
-        &["--conversation", "restart-test", "--prompt", first_turn, "--temperature", "0", "--max-tokens", "16"],
+        &[
+            "--conversation",
+            "restart-test",
+            "--prompt",
+            first_turn,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+        ],
     );
     assert!(a.status.success(), "{}", stderr(&a));
     let first_answer = zavod_tests::stdout(&a);
@@ -22,8 +31,16 @@ fn conversation_memory_survives_a_node_restart() {
         dir.path(),
         &node.addr,
         &[
-            "--conversation", "restart-test", "--prompt", "What is my name?", "--temperature", "0",
-            "--max-tokens", "16", "--show-prompt", "--verbose",
+            "--conversation",
+            "restart-test",
+            "--prompt",
+            "What is my name?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--show-prompt",
+            "--verbose",
         ],
     );
     assert!(b.status.success(), "{}", stderr(&b));
@@ -33,10 +50,16 @@ fn conversation_memory_survives_a_node_restart() {
         .nth(1)
         .and_then(|p| p.split("--- end of prompt ---").next())
         .unwrap_or_else(|| panic!("no prompt shown: {e}"));
-    assert!(prompt.contains(first_turn), "first turn missing from the assembled prompt: {prompt}");
+    assert!(
+        prompt.contains(first_turn),
+        "first turn missing from the assembled prompt: {prompt}"
+    );
     let answer = first_answer.trim();
     if !answer.is_empty() {
-        assert!(prompt.contains(answer), "first answer missing from the prompt: {prompt}");
+        assert!(
+            prompt.contains(answer),
+            "first answer missing from the prompt: {prompt}"
+        );
     }
     assert!(prompt.contains("What is my name?"), "{prompt}");
     assert!(e.contains("2 earlier turns in context"), "{e}");
@@ -45,7 +68,15 @@ fn conversation_memory_survives_a_node_restart() {
     let c = chat(
         dir.path(),
         &node.addr,
-        &["--conversation", "other", "--prompt", "Hi", "--max-tokens", "4", "--show-prompt"],
+        &[
+            "--conversation",
+            "other",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "4",
+            "--show-prompt",
+        ],
     );
     assert!(c.status.success());
     assert!(!stderr(&c).contains("Zorblax"));

@@ -136,7 +136,9 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
     {
         return;
     }
-    std::thread::sleep(Duration::from_secs_f64(model.prefill_ms(prompt_tokens) / 1e3));
+    std::thread::sleep(Duration::from_secs_f64(
+        model.prefill_ms(prompt_tokens) / 1e3,
+    ));
     let interval = Duration::from_secs_f64(model.token_interval_ms(1) / 1e3);
     let mut h = mix(job.params.seed ^ u64::from(prompt_tokens));
     let mut first = None;
@@ -167,7 +169,9 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
     }
     let first_token_ms = first.map_or(0.0, |f| (f - start).as_secs_f64() * 1e3);
     let rate = if generated > 1 {
-        first.map_or(0.0, |f| f64::from(generated - 1) / f.elapsed().as_secs_f64())
+        first.map_or(0.0, |f| {
+            f64::from(generated - 1) / f.elapsed().as_secs_f64()
+        })
     } else {
         0.0
     };

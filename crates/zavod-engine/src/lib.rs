@@ -74,8 +74,13 @@ impl CancelFlag {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// Emitted once, when the prompt has been tokenized.
-    Started { prompt_tokens: u32 },
-    Token { index: u32, text: String },
+    Started {
+        prompt_tokens: u32,
+    },
+    Token {
+        index: u32,
+        text: String,
+    },
     Done(DoneInfo),
     Failed(String),
 }

@@ -74,7 +74,11 @@ impl LlamaConfig {
         if self.queue_capacity == 0 {
             return bad("queue_capacity must be at least 1".into());
         }
-        if self.slots.checked_mul(self.context_tokens_per_seq).is_none() {
+        if self
+            .slots
+            .checked_mul(self.context_tokens_per_seq)
+            .is_none()
+        {
             return bad("slots × context_tokens is too large".into());
         }
         Ok(())
@@ -255,7 +259,10 @@ fn choose_template(model: &LlamaModel, configured: Option<&str>) -> Result<Templ
         && let Ok(t) = LlamaChatTemplate::new(name)
         && let Some(t) = probe(t)
     {
-        tracing::info!(template = name, "model has no chat template; using llama.cpp's built-in one for its architecture");
+        tracing::info!(
+            template = name,
+            "model has no chat template; using llama.cpp's built-in one for its architecture"
+        );
         return Ok(t);
     }
     tracing::info!("model has no chat template; using the plain one");
@@ -542,7 +549,14 @@ fn run(
                     cfg: &cfg,
                     busy_after: active.len(),
                 };
-                finish(&mut ctx, &mut free, s, StopReason::Cancelled, &mut rate_ewma, books);
+                finish(
+                    &mut ctx,
+                    &mut free,
+                    s,
+                    StopReason::Cancelled,
+                    &mut rate_ewma,
+                    books,
+                );
             } else {
                 i += 1;
             }
@@ -592,7 +606,10 @@ fn run(
         if let Err(e) = decoded {
             tracing::error!(error = %e, "decode failed; failing the running requests");
             for s in active.drain(..) {
-                let _ = send(&s.events, EngineEvent::Failed(format!("decode failed: {e}")));
+                let _ = send(
+                    &s.events,
+                    EngineEvent::Failed(format!("decode failed: {e}")),
+                );
                 let _ = ctx.clear_kv_cache_seq(Some(s.seq_id as u32), None, None);
                 free.push(s.seq_id);
             }

@@ -137,8 +137,16 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     let s2 = run(&e, "Once upon a time", sampled.clone());
     assert_eq!(s1.text, s2.text, "same seed, same text");
 
-    let prompts = ["One two three", "The sky is", "Rust is a language", "Water boils at"];
-    let serial: Vec<String> = prompts.iter().map(|p| run(&e, p, greedy(16)).text).collect();
+    let prompts = [
+        "One two three",
+        "The sky is",
+        "Rust is a language",
+        "Water boils at",
+    ];
+    let serial: Vec<String> = prompts
+        .iter()
+        .map(|p| run(&e, p, greedy(16)).text)
+        .collect();
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {

@@ -31,7 +31,9 @@ pub fn parse_peer_addr(input: &str) -> Result<Multiaddr, NetError> {
     } else {
         s.rsplit_once(':').ok_or_else(|| bad("missing :port"))?
     };
-    let port: u16 = port.parse().map_err(|_| bad("port is not a number from 0 to 65535"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("port is not a number from 0 to 65535"))?;
     if host.is_empty() {
         return Err(bad("missing host"));
     }
@@ -78,10 +80,13 @@ mod tests {
             "/ip6/::1/tcp/7070"
         );
         assert_eq!(
-            parse_peer_addr("node-a.tail1234.ts.net:7070").expect("ok").to_string(),
+            parse_peer_addr("node-a.tail1234.ts.net:7070")
+                .expect("ok")
+                .to_string(),
             "/dns/node-a.tail1234.ts.net/tcp/7070"
         );
-        let with_peer = "/ip4/10.0.0.2/tcp/7070/p2p/12D3KooWGjMCwJhLnDQ6Gz5qNsNoVhH6dAeZgXUKdjEVDdR4Gr6Y";
+        let with_peer =
+            "/ip4/10.0.0.2/tcp/7070/p2p/12D3KooWGjMCwJhLnDQ6Gz5qNsNoVhH6dAeZgXUKdjEVDdR4Gr6Y";
         let a = parse_peer_addr(with_peer).expect("ok");
         let (base, peer) = split_peer(&a);
         assert_eq!(base.to_string(), "/ip4/10.0.0.2/tcp/7070");
@@ -90,7 +95,15 @@ mod tests {
 
     #[test]
     fn refused_forms_say_why() {
-        for bad in ["", "localhost", "1.2.3.4:99999", "/ip4/1.2.3.4", "/ip4/999.1.1.1/tcp/1", ":80", "a b:80"] {
+        for bad in [
+            "",
+            "localhost",
+            "1.2.3.4:99999",
+            "/ip4/1.2.3.4",
+            "/ip4/999.1.1.1/tcp/1",
+            ":80",
+            "a b:80",
+        ] {
             let e = parse_peer_addr(bad).expect_err(bad).to_string();
             assert!(e.contains("expected a multiaddr"), "{bad}: {e}");
         }

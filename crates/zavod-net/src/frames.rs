@@ -67,13 +67,7 @@ impl FrameStream {
     pub fn split(self) -> (FrameWriter, FrameReader) {
         let limit = self.limit;
         let (sink, stream) = self.inner.split();
-        (
-            FrameWriter { sink, limit },
-            FrameReader {
-                stream,
-                limit,
-            },
-        )
+        (FrameWriter { sink, limit }, FrameReader { stream, limit })
     }
 
     /// Flushes and closes our side.

@@ -238,13 +238,18 @@ impl Client {
     }
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
-        self.ask("listing addresses", |reply| Command::ListenAddrs { reply }, 5_000)
-            .await
+        self.ask(
+            "listing addresses",
+            |reply| Command::ListenAddrs { reply },
+            5_000,
+        )
+        .await
     }
 
     /// Opens a chat stream to a connected (or dialable) peer.
     pub async fn open_chat(&self, peer: PeerId) -> Result<FrameStream, NetError> {
-        self.open_chat_with_limit(peer, self.cfg.max_frame_bytes).await
+        self.open_chat_with_limit(peer, self.cfg.max_frame_bytes)
+            .await
     }
 
     /// Like [`Client::open_chat`] with another frame limit for this stream
@@ -290,7 +295,8 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
-    pending_listen: HashMap<libp2p::core::transport::ListenerId, oneshot::Sender<Result<Multiaddr, NetError>>>,
+    pending_listen:
+        HashMap<libp2p::core::transport::ListenerId, oneshot::Sender<Result<Multiaddr, NetError>>>,
     pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>,
 }
 
@@ -407,13 +413,9 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
-            } => {
-                if num_established == 0 {
-                    self.emit(Event::Disconnected { peer: peer_id });
-                }
-            }
+            } => self.emit(Event::Disconnected { peer: peer_id }),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
@@ -470,8 +472,11 @@ mod tests {
             }
         });
 
-        let (client, _ev2, el2) = new(identity_from_secret([2; 32]).expect("key"), NetConfig::default())
-            .expect("swarm");
+        let (client, _ev2, el2) = new(
+            identity_from_secret([2; 32]).expect("key"),
+            NetConfig::default(),
+        )
+        .expect("swarm");
         tokio::spawn(el2.run());
         let peer = client.dial(addr).await.expect("dial");
         let mut s = client.open_chat(peer).await.expect("open");
@@ -480,7 +485,11 @@ mod tests {
             text: "hi".into(),
         };
         s.send(&hello).await.expect("send");
-        let echoed: ServerFrame = s.recv(Duration::from_secs(5)).await.expect("recv").expect("frame");
+        let echoed: ServerFrame = s
+            .recv(Duration::from_secs(5))
+            .await
+            .expect("recv")
+            .expect("frame");
         assert_eq!(echoed, hello);
 
         let mut s = client.open_chat(peer).await.expect("open");
@@ -496,7 +505,11 @@ mod tests {
         // The server keeps serving after the bad frame.
         let mut s = client.open_chat(peer).await.expect("open again");
         s.send(&hello).await.expect("send");
-        let again: ServerFrame = s.recv(Duration::from_secs(5)).await.expect("recv").expect("frame");
+        let again: ServerFrame = s
+            .recv(Duration::from_secs(5))
+            .await
+            .expect("recv")
+            .expect("frame");
         assert_eq!(again, hello);
     }
 }

@@ -88,9 +88,14 @@ pub struct Ask {
 
 impl ChatClient {
     /// Starts a client swarm with the identity's key and connects to `addr`.
-    pub async fn connect(identity: ClientIdentity, addr: Multiaddr, cfg: NetConfig) -> Result<Self, ChatError> {
+    pub async fn connect(
+        identity: ClientIdentity,
+        addr: Multiaddr,
+        cfg: NetConfig,
+    ) -> Result<Self, ChatError> {
         let secret = identity.key.secret_bytes();
-        let (net, mut events, event_loop) = zavod_net::new(zavod_net::identity_from_secret(secret)?, cfg)?;
+        let (net, mut events, event_loop) =
+            zavod_net::new(zavod_net::identity_from_secret(secret)?, cfg)?;
         tokio::spawn(event_loop.run());
         // Drain network events; a client needs none of them.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
@@ -126,7 +131,8 @@ impl ChatClient {
         };
         let (mut w, mut r) = stream_split(stream);
         let sent_at = Instant::now();
-        w.send(&ClientFrame::Chat(request), self.frame_timeout).await?;
+        w.send(&ClientFrame::Chat(Box::new(request)), self.frame_timeout)
+            .await?;
         let mut accepted: Option<Accepted> = None;
         let mut text = String::new();
         let mut first: Option<Instant> = None;
@@ -148,11 +154,13 @@ impl ChatClient {
                 None => return Err(ChatError::Truncated),
                 Some(ServerFrame::Accepted(a)) => {
                     on_event(ChatEvent::Accepted(&a));
-                    accepted = Some(a);
+                    accepted = Some(*a);
                 }
                 Some(ServerFrame::Token { index, text: t }) => {
                     if index != next_index {
-                        return Err(ChatError::Protocol(format!("token {index} arrived, expected {next_index}")));
+                        return Err(ChatError::Protocol(format!(
+                            "token {index} arrived, expected {next_index}"
+                        )));
                     }
                     next_index += 1;
                     let now = Instant::now();
@@ -162,7 +170,9 @@ impl ChatClient {
                     text.push_str(&t);
                 }
                 Some(ServerFrame::Done(done)) => {
-                    let accepted = accepted.ok_or_else(|| ChatError::Protocol("answer finished before it was accepted".into()))?;
+                    let accepted = accepted.ok_or_else(|| {
+                        ChatError::Protocol("answer finished before it was accepted".into())
+                    })?;
                     let first = first.unwrap_or(last);
                     return Ok(ChatOutcome {
                         accepted,

@@ -29,7 +29,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     pub node: NodeSection,
@@ -224,22 +224,6 @@ pub struct Overrides {
     pub threads: Option<u32>,
 }
 
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            node: NodeSection::default(),
-            model: ModelSection::default(),
-            memory: MemorySection::default(),
-            generation: GenerationSection::default(),
-            scoring: ScoringSection::default(),
-            breaker: BreakerConfig::default(),
-            limits: LimitsSection::default(),
-            monitor: MonitorSection::default(),
-            supervisor: SupervisorSection::default(),
-        }
-    }
-}
-
 impl NodeConfig {
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
         let cfg: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -301,7 +285,10 @@ impl NodeConfig {
             return bad("scoring.top_k must be at least 1".into());
         }
         if self.model.slots == 0 || self.model.slots > 256 {
-            return bad(format!("model.slots must be 1 to 256, got {}", self.model.slots));
+            return bad(format!(
+                "model.slots must be 1 to 256, got {}",
+                self.model.slots
+            ));
         }
         if self.model.context_tokens < 64 {
             return bad(format!(

@@ -45,7 +45,9 @@ pub enum DataDirError {
     },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: String, reason: String },
-    #[error("no client credential in {dir}: start `zavod node` with this data directory once, or pass --credential")]
+    #[error(
+        "no client credential in {dir}: start `zavod node` with this data directory once, or pass --credential"
+    )]
     NoCredential { dir: String },
     #[error("cannot draw random bytes from the OS: {0}")]
     Random(String),
@@ -174,7 +176,10 @@ impl NodeIdentity {
             });
             write_file(
                 &mem_path,
-                &format!("{}\n", hex::encode(zavod_proto::wire::encode_unversioned(&m))),
+                &format!(
+                    "{}\n",
+                    hex::encode(zavod_proto::wire::encode_unversioned(&m))
+                ),
                 false,
             )?;
             membership = Some(m);
@@ -273,7 +278,10 @@ impl ClientIdentity {
     /// else from `dir/client.cred`.
     pub fn load(dir: &Path, credential: Option<&str>) -> Result<Self, DataDirError> {
         let cred_text = match credential {
-            Some(c) if c.trim_start().starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX) => {
+            Some(c)
+                if c.trim_start()
+                    .starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX) =>
+            {
                 c.to_string()
             }
             Some(path) => std::fs::read_to_string(path).map_err(io_err(Path::new(path)))?,
@@ -290,11 +298,10 @@ impl ClientIdentity {
                 }
             }
         };
-        let credential =
-            Credential::from_text(&cred_text).map_err(|e| DataDirError::Corrupt {
-                path: credential.unwrap_or("client.cred").to_string(),
-                reason: e.to_string(),
-            })?;
+        let credential = Credential::from_text(&cred_text).map_err(|e| DataDirError::Corrupt {
+            path: credential.unwrap_or("client.cred").to_string(),
+            reason: e.to_string(),
+        })?;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut created = false;
         let key = load_or_create_key(&dir.join(CLIENT_KEY), &mut created)?;
@@ -318,7 +325,12 @@ mod tests {
         let client = ClientIdentity::load(d.path(), None).expect("client");
         let body = client
             .credential
-            .verify(&id.authorities, &client.key.public(), "any-model", 1_000_001)
+            .verify(
+                &id.authorities,
+                &client.key.public(),
+                "any-model",
+                1_000_001,
+            )
             .expect("credential verifies");
         assert_eq!(body.models.0, "*");
 

@@ -86,7 +86,10 @@ impl Node {
     /// Opens the data directory named by the config, creating a local mesh
     /// on first use.
     pub fn open_identity(config: &NodeConfig) -> Result<(NodeIdentity, InitReport), NodeError> {
-        Ok(NodeIdentity::open(&config.data_dir(), crate::clock::now_ms())?)
+        Ok(NodeIdentity::open(
+            &config.data_dir(),
+            crate::clock::now_ms(),
+        )?)
     }
 
     pub async fn start(opts: StartOptions) -> Result<Node, NodeError> {
@@ -101,10 +104,11 @@ impl Node {
             .listen
             .iter()
             .map(|a| {
-                a.parse().map_err(|e: libp2p::multiaddr::Error| NodeError::ListenAddr {
-                    addr: a.clone(),
-                    reason: e.to_string(),
-                })
+                a.parse()
+                    .map_err(|e: libp2p::multiaddr::Error| NodeError::ListenAddr {
+                        addr: a.clone(),
+                        reason: e.to_string(),
+                    })
             })
             .collect::<Result<_, _>>()?;
         let store = Arc::new(SledStore::open(&identity.dir.join("memory"))?);

@@ -59,7 +59,7 @@ pub async fn serve_stream(
         }),
     };
     let refusal = match (first, node_id_of(&peer)) {
-        (Ok(Some(ClientFrame::Chat(r))), Some(client)) => Ok((r, client)),
+        (Ok(Some(ClientFrame::Chat(r))), Some(client)) => Ok((*r, client)),
         (Ok(Some(ClientFrame::Chat(_))), None) => Err(error_frame(
             ErrorCode::Unauthorized,
             "clients must use an ed25519 key",
@@ -80,7 +80,15 @@ pub async fn serve_stream(
             return;
         }
     };
-    let result = run_chat(&shared, client, request, &mut writer, &mut reader, write_timeout).await;
+    let result = run_chat(
+        &shared,
+        client,
+        request,
+        &mut writer,
+        &mut reader,
+        write_timeout,
+    )
+    .await;
     if let Err(frame) = result {
         tracing::info!(%peer, code = ?frame.code, message = %frame.message, "chat refused or failed");
         let _ = writer.send(&ServerFrame::Error(frame), write_timeout).await;
@@ -200,12 +208,14 @@ async fn run_chat(
     })
     .await??;
 
-    let job: JobStream = match call(dir.get().worker, "the model worker", |reply| WorkerMsg::Run {
-        grant: placement.grant.clone(),
-        client,
-        prompt: prepared.text.clone(),
-        params,
-        reply,
+    let job: JobStream = match call(dir.get().worker, "the model worker", |reply| {
+        WorkerMsg::Run {
+            grant: Box::new(placement.grant.clone()),
+            client,
+            prompt: prepared.text.clone(),
+            params,
+            reply,
+        }
     })
     .await
     {
@@ -218,14 +228,14 @@ async fn run_chat(
         }
     };
 
-    let accepted = ServerFrame::Accepted(Accepted {
+    let accepted = ServerFrame::Accepted(Box::new(Accepted {
         request: placement.grant.body.request,
         served_by: placement.target,
         model: admission.model.clone(),
         history_turns: prepared.history_turns,
         grant: placement.grant.clone(),
         prompt: show_prompt.then(|| prepared.text.clone()),
-    });
+    }));
     let JobStream { mut events, cancel } = job;
     if let Err(e) = writer.send(&accepted, write_timeout).await {
         cancel.cancel();

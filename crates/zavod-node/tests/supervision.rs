@@ -26,7 +26,10 @@ impl Engine for PanickyEngine {
         self.0.info()
     }
     fn submit(&self, job: Job) -> Result<(), EngineError> {
-        assert!(!job.prompt.contains("panic-in-worker"), "injected worker panic");
+        assert!(
+            !job.prompt.contains("panic-in-worker"),
+            "injected worker panic"
+        );
         self.0.submit(job)
     }
     fn load(&self) -> WorkerLoad {
@@ -60,7 +63,9 @@ impl ModelBackend for Backend {
         Ok(turns.iter().map(|t| format!("{}\n", t.text)).collect())
     }
     fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
-        Ok(Box::new(PanickyEngine(CostModelEngine::start(self.0.clone())?)))
+        Ok(Box::new(PanickyEngine(CostModelEngine::start(
+            self.0.clone(),
+        )?)))
     }
 }
 
@@ -88,9 +93,10 @@ async fn ask_until_served(client: &ChatClient, message: &str) -> String {
     for _ in 0..100 {
         match ask(client, message).await {
             Ok(text) => return text,
-            Err(ChatError::Refused { code: ErrorCode::NoCapacity, .. }) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
+            Err(ChatError::Refused {
+                code: ErrorCode::NoCapacity,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
@@ -134,15 +140,31 @@ async fn a_panicking_model_worker_is_restarted_and_the_node_keeps_serving() {
     assert!(!before.is_empty());
 
     // 1. The worker panics inside its handler.
-    let err = ask(&client, "please panic-in-worker now").await.expect_err("fails");
+    let err = ask(&client, "please panic-in-worker now")
+        .await
+        .expect_err("fails");
     assert!(matches!(err, ChatError::Refused { .. }), "{err}");
     let after = ask_until_served(&client, "hello there").await;
-    assert_eq!(after, before, "same prompt, same deterministic answer after restart");
+    assert_eq!(
+        after, before,
+        "same prompt, same deterministic answer after restart"
+    );
     assert!(node.restarts().await[&Child::ModelWorker] >= 1);
 
     // 2. The engine thread dies under the worker mid-request.
-    let err = ask(&client, "kill-engine-thread please").await.expect_err("fails");
-    assert!(matches!(err, ChatError::Refused { code: ErrorCode::Internal, .. }), "{err}");
+    let err = ask(&client, "kill-engine-thread please")
+        .await
+        .expect_err("fails");
+    assert!(
+        matches!(
+            err,
+            ChatError::Refused {
+                code: ErrorCode::Internal,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let again = ask_until_served(&client, "hello there").await;
     assert_eq!(again, before);
     assert!(node.restarts().await[&Child::ModelWorker] >= 2);

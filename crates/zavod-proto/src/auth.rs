@@ -14,7 +14,7 @@ use crate::ids::{NodeId, RequestId};
 use crate::limits::{MAX_REMEMBERED_GRANTS, MAX_TRACKED_CREDENTIALS};
 use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,7 +61,9 @@ pub enum AuthError {
     GrantMismatch(&'static str),
     #[error("credential token budget is spent ({used} of {budget} tokens used)")]
     BudgetExhausted { used: u64, budget: u64 },
-    #[error("credential rate limit of {rate_per_min} requests per minute reached; retry in {retry_after_ms} ms")]
+    #[error(
+        "credential rate limit of {rate_per_min} requests per minute reached; retry in {retry_after_ms} ms"
+    )]
     RateLimited {
         rate_per_min: u32,
         retry_after_ms: u64,
@@ -95,10 +97,7 @@ impl Keypair {
         NodeId(self.0.verifying_key().to_bytes())
     }
 
-    fn sign_doc<T: Serialize>(&self, domain: &[u8], body: &T) -> Signed<T>
-    where
-        T: Clone,
-    {
+    fn sign_doc<T: Serialize + Clone>(&self, domain: &[u8], body: &T) -> Signed<T> {
         let msg = signing_bytes(domain, body);
         let sig = self.0.sign(&msg);
         Signed {
@@ -302,8 +301,7 @@ impl Credential {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(b64)
             .map_err(|e| AuthError::MalformedText(format!("bad base64: {e}")))?;
-        crate::wire::decode_unversioned(&bytes)
-            .map_err(|e| AuthError::MalformedText(e.to_string()))
+        crate::wire::decode_unversioned(&bytes).map_err(|e| AuthError::MalformedText(e.to_string()))
     }
 }
 
@@ -562,14 +560,6 @@ impl UsageLedger {
             }
         }
     }
-}
-
-/// Decodes any signed document from bytes, size-bounded.
-pub fn decode_signed<T: DeserializeOwned>(bytes: &[u8]) -> Result<Signed<T>, AuthError>
-where
-    T: Serialize,
-{
-    crate::wire::decode_unversioned(bytes).map_err(|e| AuthError::MalformedText(e.to_string()))
 }
 
 #[cfg(test)]

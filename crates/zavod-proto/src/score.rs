@@ -278,7 +278,11 @@ mod tests {
         let mut counts = [0u32; 4];
         for id in 0..10_000u128 {
             let p = pick(&ranked, RequestId(id), 3).expect("non-empty");
-            assert_eq!(Some(p), pick(&ranked, RequestId(id), 3), "replay picks the same");
+            assert_eq!(
+                Some(p),
+                pick(&ranked, RequestId(id), 3),
+                "replay picks the same"
+            );
             counts[p.node.0[0] as usize] += 1;
         }
         // With equal slots the better score of the pair wins: node 0 wins

@@ -167,7 +167,7 @@ impl ChatRequest {
 /// Frames a client sends on a chat stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientFrame {
-    Chat(ChatRequest),
+    Chat(Box<ChatRequest>),
     /// Stop generating; the node answers with `Done { stop: Cancelled }`.
     Cancel,
 }
@@ -175,7 +175,7 @@ pub enum ClientFrame {
 /// Frames a node sends on a chat stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
     Token { index: u32, text: String },
     Done(DoneInfo),
     Error(ErrorFrame),
@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let f = ClientFrame::Chat(request());
+        let f = ClientFrame::Chat(Box::new(request()));
         let bytes = encode(&f).expect("encodes");
         assert_eq!(decode::<ClientFrame>(&bytes), Ok(f));
         let t = ServerFrame::Token {
@@ -343,7 +343,7 @@ mod tests {
             let _ = decode::<ServerFrame>(&buf);
         }
         // Mutations of a valid frame.
-        let good = encode(&ClientFrame::Chat(request())).expect("encodes");
+        let good = encode(&ClientFrame::Chat(Box::new(request()))).expect("encodes");
         for i in 0..good.len() {
             for flip in [1u8, 0x80, 0xff] {
                 let mut m = good.clone();

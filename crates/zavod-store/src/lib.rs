@@ -211,7 +211,11 @@ mod tests {
 
     fn turn(i: usize) -> Turn {
         Turn {
-            role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+            role: if i.is_multiple_of(2) {
+                Role::User
+            } else {
+                Role::Assistant
+            },
             text: format!("turn {i}"),
             tokens: i as u32,
         }
@@ -224,15 +228,24 @@ mod tests {
         assert!(s.is_empty(&a).expect("len"));
         s.append(&a, &[turn(0), turn(1)]).expect("append");
         s.append(&a, &[turn(2)]).expect("append");
-        assert_eq!(s.recent(&a, 10).expect("read"), vec![turn(0), turn(1), turn(2)]);
+        assert_eq!(
+            s.recent(&a, 10).expect("read"),
+            vec![turn(0), turn(1), turn(2)]
+        );
         assert_eq!(s.recent(&a, 2).expect("read"), vec![turn(1), turn(2)]);
-        assert!(s.recent(&b, 10).expect("read").is_empty(), "owners are apart");
+        assert!(
+            s.recent(&b, 10).expect("read").is_empty(),
+            "owners are apart"
+        );
         s.clear(&a).expect("clear");
         assert_eq!(s.len(&a).expect("len"), 0);
         let many: Vec<Turn> = (0..MAX_TURNS_PER_CONVERSATION + 5).map(turn).collect();
         s.append(&a, &many).expect("append");
         assert_eq!(s.len(&a).expect("len"), MAX_TURNS_PER_CONVERSATION);
-        assert_eq!(s.recent(&a, 1).expect("read"), vec![turn(MAX_TURNS_PER_CONVERSATION + 4)]);
+        assert_eq!(
+            s.recent(&a, 1).expect("read"),
+            vec![turn(MAX_TURNS_PER_CONVERSATION + 4)]
+        );
         assert_eq!(s.recent(&a, usize::MAX).expect("read")[0], turn(5));
     }
 
@@ -247,10 +260,14 @@ mod tests {
         {
             let s = SledStore::open(dir.path()).expect("open");
             suite(&s);
-            s.append(&key(3, "kept"), &[turn(0), turn(1)]).expect("append");
+            s.append(&key(3, "kept"), &[turn(0), turn(1)])
+                .expect("append");
         }
         let s = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(s.recent(&key(3, "kept"), 10).expect("read"), vec![turn(0), turn(1)]);
+        assert_eq!(
+            s.recent(&key(3, "kept"), 10).expect("read"),
+            vec![turn(0), turn(1)]
+        );
     }
 
     #[test]

@@ -250,7 +250,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             std::future::pending(),
         ))?;
         if o.tokens != args.tokens {
-            bail!("node generated {} tokens, asked for {}", o.tokens, args.tokens);
+            bail!(
+                "node generated {} tokens, asked for {}",
+                o.tokens,
+                args.tokens
+            );
         }
         Ok(Run {
             first_token_ms: o.first_token.as_secs_f64() * 1e3,
@@ -311,8 +315,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.runs
         );
         println!("{:<28}{:>16}{:>18}", "", "decode tok/s", "first token ms");
-        println!("{:<28}{:>16.1}{:>18.1}", "llama.cpp in-process", direct_tps, direct_ttft);
-        println!("{:<28}{:>16.1}{:>18.1}", "through zavod node (TCP)", node_tps, node_ttft);
+        println!(
+            "{:<28}{:>16.1}{:>18.1}",
+            "llama.cpp in-process", direct_tps, direct_ttft
+        );
+        println!(
+            "{:<28}{:>16.1}{:>18.1}",
+            "through zavod node (TCP)", node_tps, node_ttft
+        );
         println!(
             "{:<28}{:>16.3}{:>+18.1}",
             "node / direct",

@@ -40,7 +40,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let client = rt
-        .block_on(ChatClient::connect(identity, args.peer.clone(), Default::default()))
+        .block_on(ChatClient::connect(
+            identity,
+            args.peer.clone(),
+            Default::default(),
+        ))
         .with_context(|| format!("connecting to {}", args.peer))?;
 
     if let Some(prompt) = &args.prompt {
@@ -79,7 +83,10 @@ async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutc
                     if verbose {
                         let peer = zavod_net::peer_id_of(&a.served_by)
                             .map_or_else(|| a.served_by.to_hex(), |p| p.to_string());
-                        eprintln!("[served by {peer}, model {}, {} earlier turns in context]", a.model, a.history_turns);
+                        eprintln!(
+                            "[served by {peer}, model {}, {} earlier turns in context]",
+                            a.model, a.history_turns
+                        );
                     }
                     if show_prompt && let Some(p) = &a.prompt {
                         eprintln!("--- prompt ---\n{p}\n--- end of prompt ---");
@@ -155,7 +162,9 @@ fn interactive(
                 continue;
             }
             "/help" => {
-                eprintln!("/new — start a new conversation; /quit — leave; anything else is sent to the model");
+                eprintln!(
+                    "/new — start a new conversation; /quit — leave; anything else is sent to the model"
+                );
                 continue;
             }
             _ => {}

@@ -112,7 +112,12 @@ pub struct ChatArgs {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// GGUF model to measure.
-    #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH", default_value = "models/gemma-3-270m-q4_k_m.gguf")]
+    #[arg(
+        long,
+        env = "ZAVOD_MODEL",
+        value_name = "PATH",
+        default_value = "models/gemma-3-270m-q4_k_m.gguf"
+    )]
     pub model: PathBuf,
     /// CPU threads, the same for the node and for llama.cpp direct (0 = all cores).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -124,7 +129,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub runs: u32,
     /// Prompt sent as one chat turn.
-    #[arg(long, default_value = "Write a short story about a lighthouse keeper.", value_name = "TEXT")]
+    #[arg(
+        long,
+        default_value = "Write a short story about a lighthouse keeper.",
+        value_name = "TEXT"
+    )]
     pub prompt: String,
     /// Print the results as JSON.
     #[arg(long)]

@@ -11,7 +11,8 @@ use zavod_node::{Node, NodeConfig, Overrides, StartOptions};
 pub fn run(args: NodeArgs) -> Result<()> {
     let mut config = NodeConfig::load(args.config.as_deref())?;
     config.apply(Overrides {
-        listen: (!args.listen.is_empty()).then(|| args.listen.iter().map(ToString::to_string).collect()),
+        listen: (!args.listen.is_empty())
+            .then(|| args.listen.iter().map(ToString::to_string).collect()),
         data_dir: args.data_dir,
         model: args.model,
         gpu_layers: args.gpu_layers,
@@ -26,10 +27,23 @@ pub fn run(args: NodeArgs) -> Result<()> {
     writeln!(out, "zavod node {}", env!("CARGO_PKG_VERSION"))?;
     writeln!(out, "data dir: {}", identity.dir.display())?;
     if report.created_authority {
-        writeln!(out, "created a local mesh authority {}", identity.authorities.iter().next().map(|a| a.short()).unwrap_or_default())?;
+        writeln!(
+            out,
+            "created a local mesh authority {}",
+            identity
+                .authorities
+                .iter()
+                .next()
+                .map(|a| a.short())
+                .unwrap_or_default()
+        )?;
     }
     if let Some(p) = &report.created_client_credential {
-        writeln!(out, "wrote a chat credential for this machine's user: {}", p.display())?;
+        writeln!(
+            out,
+            "wrote a chat credential for this machine's user: {}",
+            p.display()
+        )?;
     }
     let peer_id = zavod_net::peer_id_of(&identity.id()).context("node key is not ed25519")?;
     writeln!(out, "peer id: {peer_id}")?;

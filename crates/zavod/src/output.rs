@@ -7,7 +7,8 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_FILTER: &str = "warn,llama-cpp-2=error,zavod=info,zavod_node=info,zavod_net=info,zavod_engine=info,zavod_store=info";
 
 pub fn init_logging(format: &LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -66,10 +66,7 @@ impl Actor for MemoryKeeper {
                 let _ = reply.send(prepare(shared, key.as_ref(), message, answer_tokens));
             }
             MemoryMsg::Record { key, turns, reply } => {
-                let r = shared
-                    .store
-                    .append(&key, &turns)
-                    .map_err(|e| e.to_string());
+                let r = shared.store.append(&key, &turns).map_err(|e| e.to_string());
                 if let Err(e) = &r {
                     tracing::error!(conversation = %key.conversation, error = %e, "could not record turns");
                 }

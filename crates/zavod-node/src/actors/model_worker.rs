@@ -36,7 +36,7 @@ pub struct JobStream {
 
 pub enum WorkerMsg {
     Run {
-        grant: Grant,
+        grant: Box<Grant>,
         client: NodeId,
         prompt: String,
         params: GenParams,
@@ -137,7 +137,7 @@ impl Actor for ModelWorker {
 
 fn run(
     st: &mut WorkerState,
-    grant: Grant,
+    grant: Box<Grant>,
     client: NodeId,
     prompt: String,
     params: GenParams,

@@ -190,7 +190,8 @@ impl RouterState {
             .into_iter()
             .filter(|c| open.contains(&c.node))
             .collect();
-        let request = RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
+        let request =
+            RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
         let ranked = rank(&candidates, &self.shared.config.scoring.weights);
         let chosen = pick(&ranked, request, self.shared.config.scoring.top_k).ok_or_else(|| {
             error_frame(

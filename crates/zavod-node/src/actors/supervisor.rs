@@ -5,12 +5,12 @@
 //! engine keeps crashing stays up, serving errors and retrying, instead of
 //! disappearing from the mesh.
 
+use super::NodeShared;
 use super::breaker::Breaker;
 use super::gpu_monitor::GpuMonitor;
 use super::memory_keeper::MemoryKeeper;
 use super::model_worker::ModelWorker;
 use super::router::Router;
-use super::NodeShared;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -123,7 +123,11 @@ impl SupervisorState {
         let delay = b.next;
         b.next = (b.next * 2).min(max);
         b.restarts += 1;
-        tracing::warn!(child = child.name(), delay_ms = delay.as_millis() as u64, "restarting after backoff");
+        tracing::warn!(
+            child = child.name(),
+            delay_ms = delay.as_millis() as u64,
+            "restarting after backoff"
+        );
         myself.send_after(delay, move || SupervisorMsg::Restart(child));
     }
 }
@@ -143,7 +147,12 @@ impl Actor for NodeSupervisor {
             children: BTreeMap::new(),
             backoff: BTreeMap::new(),
         };
-        let mut kids = vec![Child::Breaker, Child::MemoryKeeper, Child::Router, Child::GpuMonitor];
+        let mut kids = vec![
+            Child::Breaker,
+            Child::MemoryKeeper,
+            Child::Router,
+            Child::GpuMonitor,
+        ];
         if st.shared.model.is_some() {
             kids.push(Child::ModelWorker);
         }
@@ -155,7 +164,9 @@ impl Actor for NodeSupervisor {
             st.backoff.insert(
                 child,
                 Backoff {
-                    next: Duration::from_millis(st.shared.config.supervisor.restart_backoff_initial_ms),
+                    next: Duration::from_millis(
+                        st.shared.config.supervisor.restart_backoff_initial_ms,
+                    ),
                     started: Instant::now(),
                     restarts: 0,
                 },
