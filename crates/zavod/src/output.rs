@@ -9,8 +9,10 @@ const DEFAULT_FILTER: &str = "warn,llama-cpp-2=error,zavod=info,zavod_node=info,
 pub fn init_logging(format: &LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
