@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 const DOMAIN_CREDENTIAL: &[u8] = b"zavod/credential/v1\0";
 const DOMAIN_MEMBERSHIP: &[u8] = b"zavod/membership/v1\0";
 const DOMAIN_GRANT: &[u8] = b"zavod/grant/v1\0";
+const DOMAIN_CAPACITY: &[u8] = b"zavod/capacity/v1\0";
 
 /// Prefix of a credential's one-line text form.
 pub const CREDENTIAL_TEXT_PREFIX: &str = "zavod-cred-1.";
@@ -357,6 +358,24 @@ pub type Grant = Signed<GrantBody>;
 /// The sha256 a grant binds a prompt with.
 pub fn prompt_hash(prompt: &str) -> [u8; 32] {
     Sha256::digest(prompt.as_bytes()).into()
+}
+
+/// A capacity report signed by the node it describes.
+pub type SignedReport = Signed<crate::capacity::CapacityReport>;
+
+pub fn sign_report(key: &Keypair, report: crate::capacity::CapacityReport) -> SignedReport {
+    key.sign_doc(DOMAIN_CAPACITY, &report)
+}
+
+impl SignedReport {
+    /// Checks the signature and that the signer is the node described.
+    pub fn verify(&self) -> Result<&crate::capacity::CapacityReport, AuthError> {
+        self.verify_signature(DOMAIN_CAPACITY)?;
+        if self.body.node != self.signer {
+            return Err(AuthError::GrantMismatch("report signer"));
+        }
+        Ok(&self.body)
+    }
 }
 
 /// Mints grants with a node's key.

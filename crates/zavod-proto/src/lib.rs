@@ -18,6 +18,7 @@ pub mod ids;
 pub mod limits;
 pub mod prompt;
 pub mod score;
+pub mod view;
 pub mod wire;
 
 pub use ids::{ConversationId, NodeId, RequestId};

@@ -1,0 +1,499 @@
+//! The mesh as one node sees it: the latest capacity report of every
+//! member, its liveness and its measured RTT.
+//!
+//! Input is [`Announcement`]s (a report signed by the node it describes,
+//! with that node's membership certificate) and `now`. An announcement is
+//! accepted only from a member of this mesh whose certificate and report
+//! signatures verify; a report older than the one held (by sequence number)
+//! is ignored, so duplicated and reordered gossip is harmless. A member not
+//! heard from for `suspect_after_ms` is suspect, for `gone_after_ms` gone;
+//! only alive members are routing candidates. Gone members are forgotten
+//! after `forget_after_ms`, and the view holds at most `max_members`, so
+//! memory is bounded whatever peers send.
+
+use crate::UnixMs;
+use crate::auth::{AuthError, Membership, SignedReport};
+use crate::capacity::CapacityReport;
+use crate::ids::NodeId;
+use crate::score::Candidate;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a node gossips about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub report: SignedReport,
+    pub membership: Membership,
+    /// Where the node can be dialled (multiaddrs as text).
+    pub addrs: Vec<String>,
+}
+
+/// Most addresses kept per announcement.
+pub const MAX_ADDRS: usize = 16;
+/// Longest address kept.
+pub const MAX_ADDR_BYTES: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewConfig {
+    pub suspect_after_ms: u64,
+    pub gone_after_ms: u64,
+    pub forget_after_ms: u64,
+    pub max_members: usize,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig {
+            suspect_after_ms: 3_000,
+            gone_after_ms: 8_000,
+            forget_after_ms: 300_000,
+            max_members: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Liveness {
+    Alive,
+    Suspect,
+    Gone,
+}
+
+impl Liveness {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Suspect => "suspect",
+            Liveness::Gone => "gone",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub report: CapacityReport,
+    pub addrs: Vec<String>,
+    pub heard_at_ms: UnixMs,
+    pub membership_expires_ms: UnixMs,
+    pub rtt_ms: Option<f64>,
+}
+
+impl Member {
+    pub fn liveness(&self, cfg: &ViewConfig, now_ms: UnixMs) -> Liveness {
+        let silent = now_ms.saturating_sub(self.heard_at_ms);
+        if silent >= cfg.gone_after_ms || now_ms >= self.membership_expires_ms {
+            Liveness::Gone
+        } else if silent >= cfg.suspect_after_ms {
+            Liveness::Suspect
+        } else {
+            Liveness::Alive
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    #[error("not a member: {0}")]
+    NotMember(AuthError),
+    #[error("bad report: {0}")]
+    BadReport(AuthError),
+    #[error("membership certificate is for another node")]
+    CertificateMismatch,
+    #[error("the view is full")]
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A member not in the view before.
+    New,
+    Updated,
+    /// Older than or equal to what is held; ignored.
+    Stale,
+}
+
+/// Counts of what the view refused, for metrics and status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub non_member: u64,
+    pub bad_report: u64,
+    pub stale: u64,
+    pub full: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeshView {
+    pub config: ViewConfig,
+    authorities: BTreeSet<NodeId>,
+    members: BTreeMap<NodeId, Member>,
+    pub dropped: Dropped,
+}
+
+impl MeshView {
+    pub fn new(authorities: BTreeSet<NodeId>, config: ViewConfig) -> Self {
+        MeshView {
+            config,
+            authorities,
+            members: BTreeMap::new(),
+            dropped: Dropped::default(),
+        }
+    }
+
+    pub fn authorities(&self) -> &BTreeSet<NodeId> {
+        &self.authorities
+    }
+
+    /// Whether `node` holds a membership this view has verified and not
+    /// seen expire.
+    pub fn is_member(&self, node: &NodeId, now_ms: UnixMs) -> bool {
+        self.members
+            .get(node)
+            .is_some_and(|m| now_ms < m.membership_expires_ms)
+    }
+
+    /// Takes in an announcement from gossip (or this node's own).
+    pub fn on_announcement(
+        &mut self,
+        a: &Announcement,
+        now_ms: UnixMs,
+    ) -> Result<Accepted, ViewError> {
+        let r = self.check(a, now_ms);
+        match &r {
+            Err(ViewError::NotMember(_) | ViewError::CertificateMismatch) => {
+                self.dropped.non_member += 1
+            }
+            Err(ViewError::BadReport(_)) => self.dropped.bad_report += 1,
+            Err(ViewError::Full) => self.dropped.full += 1,
+            Ok(Accepted::Stale) => self.dropped.stale += 1,
+            Ok(_) => {}
+        }
+        r
+    }
+
+    fn check(&mut self, a: &Announcement, now_ms: UnixMs) -> Result<Accepted, ViewError> {
+        let cert = a
+            .membership
+            .verify(&self.authorities, now_ms)
+            .map_err(ViewError::NotMember)?;
+        let report = a.report.verify().map_err(ViewError::BadReport)?;
+        if cert.member != report.node {
+            return Err(ViewError::CertificateMismatch);
+        }
+        let addrs: Vec<String> = a
+            .addrs
+            .iter()
+            .filter(|s| s.len() <= MAX_ADDR_BYTES)
+            .take(MAX_ADDRS)
+            .cloned()
+            .collect();
+        let member = Member {
+            report: report.clone(),
+            addrs,
+            heard_at_ms: now_ms,
+            membership_expires_ms: cert.expires_at_ms,
+            rtt_ms: None,
+        };
+        match self.members.get_mut(&report.node) {
+            Some(m) if m.report.seq >= report.seq => Ok(Accepted::Stale),
+            Some(m) => {
+                let rtt = m.rtt_ms;
+                *m = member;
+                m.rtt_ms = rtt;
+                Ok(Accepted::Updated)
+            }
+            None => {
+                if self.members.len() >= self.config.max_members {
+                    self.forget(now_ms);
+                    if self.members.len() >= self.config.max_members {
+                        return Err(ViewError::Full);
+                    }
+                }
+                self.members.insert(report.node, member);
+                Ok(Accepted::New)
+            }
+        }
+    }
+
+    pub fn on_rtt(&mut self, node: &NodeId, rtt_ms: f64) {
+        if let Some(m) = self.members.get_mut(node)
+            && rtt_ms.is_finite()
+            && rtt_ms >= 0.0
+        {
+            m.rtt_ms = Some(match m.rtt_ms {
+                Some(old) => 0.8 * old + 0.2 * rtt_ms,
+                None => rtt_ms,
+            });
+        }
+    }
+
+    /// Drops members gone for longer than `forget_after_ms`.
+    pub fn forget(&mut self, now_ms: UnixMs) {
+        let horizon = self.config.gone_after_ms + self.config.forget_after_ms;
+        self.members
+            .retain(|_, m| now_ms.saturating_sub(m.heard_at_ms) < horizon);
+    }
+
+    pub fn liveness(&self, node: &NodeId, now_ms: UnixMs) -> Option<Liveness> {
+        self.members
+            .get(node)
+            .map(|m| m.liveness(&self.config, now_ms))
+    }
+
+    pub fn get(&self, node: &NodeId) -> Option<&Member> {
+        self.members.get(node)
+    }
+
+    /// Every member in node-id order.
+    pub fn members(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
+        self.members.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Alive members that serve `model`, as scoring candidates. `me` gets
+    /// an RTT of 0.
+    pub fn candidates(&self, model: &str, me: &NodeId, now_ms: UnixMs) -> Vec<Candidate> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.liveness(&self.config, now_ms) == Liveness::Alive)
+            .filter(|(_, m)| m.report.serves(model))
+            .map(|(id, m)| Candidate {
+                node: *id,
+                mem_free_bytes: m.report.mem_free_bytes,
+                slots_free: m.report.slots_free,
+                slots_total: m.report.slots_total,
+                rtt_ms: if id == me { Some(0.0) } else { m.rtt_ms },
+                tokens_per_s: f64::from(m.report.tokens_per_s),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Authority, Keypair, MembershipBody, sign_report};
+    use crate::capacity::ModelOffer;
+
+    struct Fixture {
+        authority: Authority,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                authority: Authority::new(Keypair::from_secret([200; 32])),
+            }
+        }
+
+        fn view(&self) -> MeshView {
+            MeshView::new(
+                [self.authority.id()].into_iter().collect(),
+                ViewConfig::default(),
+            )
+        }
+
+        fn announce(&self, key: &Keypair, seq: u64, model: Option<&str>) -> Announcement {
+            let membership = self.authority.certify_member(MembershipBody {
+                member: key.public(),
+                issued_at_ms: 0,
+                expires_at_ms: 1_000_000,
+            });
+            let report = CapacityReport {
+                node: key.public(),
+                seq,
+                at_ms: 0,
+                on_gpu: false,
+                mem_free_bytes: 1 << 30,
+                mem_total_bytes: 2 << 30,
+                slots_free: 4,
+                slots_total: 4,
+                queue_depth: 0,
+                tokens_per_s: 50.0,
+                models: model
+                    .map(|m| {
+                        vec![ModelOffer {
+                            name: m.into(),
+                            quant: "Q4_K_M".into(),
+                            context_tokens: 4096,
+                        }]
+                    })
+                    .unwrap_or_default(),
+            };
+            Announcement {
+                report: sign_report(key, report),
+                membership,
+                addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            }
+        }
+    }
+
+    fn key(n: u8) -> Keypair {
+        Keypair::from_secret([n; 32])
+    }
+
+    #[test]
+    fn members_are_admitted_and_outsiders_dropped() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(1), 1, Some("m")), 10),
+            Ok(Accepted::New)
+        );
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(1), 2, Some("m")), 11),
+            Ok(Accepted::Updated)
+        );
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(1), 2, Some("m")), 12),
+            Ok(Accepted::Stale)
+        );
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(1), 1, Some("m")), 13),
+            Ok(Accepted::Stale)
+        );
+
+        // Certified by another authority.
+        let other = Fixture {
+            authority: Authority::new(Keypair::from_secret([201; 32])),
+        };
+        assert!(matches!(
+            v.on_announcement(&other.announce(&key(2), 1, Some("m")), 10),
+            Err(ViewError::NotMember(_))
+        ));
+        // A member's certificate wrapped around another node's report.
+        let mut stolen = f.announce(&key(3), 1, Some("m"));
+        stolen.membership = f.announce(&key(1), 1, None).membership;
+        assert_eq!(
+            v.on_announcement(&stolen, 10),
+            Err(ViewError::CertificateMismatch)
+        );
+        // A forged report: figures changed after signing.
+        let mut forged = f.announce(&key(1), 9, Some("m"));
+        forged.report.body.slots_free = 999;
+        assert!(matches!(
+            v.on_announcement(&forged, 10),
+            Err(ViewError::BadReport(_))
+        ));
+        assert_eq!(v.len(), 1);
+        assert_eq!(v.dropped.non_member, 2);
+        assert_eq!(v.dropped.bad_report, 1);
+        assert_eq!(v.dropped.stale, 2);
+    }
+
+    #[test]
+    fn silence_makes_a_member_suspect_then_gone_then_forgotten() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let a = key(1);
+        v.on_announcement(&f.announce(&a, 1, Some("m")), 1_000)
+            .expect("member");
+        let id = a.public();
+        assert_eq!(v.liveness(&id, 3_999), Some(Liveness::Alive));
+        assert_eq!(v.candidates("m", &key(9).public(), 3_999).len(), 1);
+        assert_eq!(v.liveness(&id, 4_000), Some(Liveness::Suspect));
+        assert!(v.candidates("m", &key(9).public(), 4_000).is_empty());
+        assert_eq!(v.liveness(&id, 9_000), Some(Liveness::Gone));
+        // A fresh report revives it.
+        v.on_announcement(&f.announce(&a, 2, Some("m")), 9_500)
+            .expect("member");
+        assert_eq!(v.liveness(&id, 9_600), Some(Liveness::Alive));
+        v.forget(9_500 + 8_000 + 300_000);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn candidates_serve_the_model_and_carry_rtt() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let (a, b) = (key(1), key(2));
+        v.on_announcement(&f.announce(&a, 1, Some("m")), 0)
+            .expect("a");
+        v.on_announcement(&f.announce(&b, 1, None), 0).expect("b");
+        v.on_rtt(&a.public(), 4.0);
+        let c = v.candidates("m", &b.public(), 1);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].rtt_ms, Some(4.0));
+        assert!(v.candidates("other", &b.public(), 1).is_empty());
+        v.on_rtt(&a.public(), f64::NAN);
+        assert_eq!(v.get(&a.public()).and_then(|m| m.rtt_ms), Some(4.0));
+    }
+
+    #[test]
+    fn the_view_is_bounded() {
+        let f = Fixture::new();
+        let mut v = MeshView::new(
+            [f.authority.id()].into_iter().collect(),
+            ViewConfig {
+                max_members: 3,
+                ..Default::default()
+            },
+        );
+        for n in 1..=3 {
+            v.on_announcement(&f.announce(&key(n), 1, None), 0)
+                .expect("fits");
+        }
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(4), 1, None), 1),
+            Err(ViewError::Full)
+        );
+        // Once the old ones are long gone, room is made.
+        let later = 8_000 + 300_000 + 1;
+        assert_eq!(
+            v.on_announcement(&f.announce(&key(4), 1, None), later),
+            Ok(Accepted::New)
+        );
+        assert_eq!(v.len(), 1);
+    }
+
+    /// Three views exchanging announcements over a lossy, reordering
+    /// "network" converge on the same membership and figures.
+    #[test]
+    fn views_converge_under_loss_and_reordering() {
+        let f = Fixture::new();
+        let keys: Vec<Keypair> = (1..=3).map(key).collect();
+        let mut views: Vec<MeshView> = (0..3).map(|_| f.view()).collect();
+        let mut rng: u64 = 0x1234_5678;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut in_flight: Vec<(usize, Announcement, u64)> = Vec::new();
+        for round in 0..50u64 {
+            let now = round * 500;
+            for (i, k) in keys.iter().enumerate() {
+                let a = f.announce(k, round + 1, Some("m"));
+                for to in 0..3 {
+                    // 30% loss, random delay up to 3 rounds.
+                    if to != i && next() % 10 < 3 {
+                        continue;
+                    }
+                    in_flight.push((to, a.clone(), now + (next() % 1_500)));
+                }
+            }
+            in_flight.sort_by_key(|(_, _, t)| *t);
+            let (due, later): (Vec<_>, Vec<_>) =
+                in_flight.drain(..).partition(|(_, _, t)| *t <= now);
+            in_flight = later;
+            for (to, a, t) in due {
+                let _ = views[to].on_announcement(&a, t);
+            }
+        }
+        let end = 50 * 500;
+        for v in &views {
+            assert_eq!(v.len(), 3);
+            for k in &keys {
+                assert_eq!(v.liveness(&k.public(), end), Some(Liveness::Alive));
+            }
+        }
+    }
+}
