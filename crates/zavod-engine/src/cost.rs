@@ -185,6 +185,7 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
         first_token_ms,
         decode_tokens_per_s: rate,
         finished_at_ms: 0,
+        receipt: None,
     }));
 }
 

@@ -771,6 +771,7 @@ fn finish(
             first_token_ms,
             decode_tokens_per_s,
             finished_at_ms: unix_ms(),
+            receipt: None,
         }),
     );
 }

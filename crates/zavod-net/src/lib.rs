@@ -7,6 +7,11 @@
 //! `Control`, outside the event loop, and framed by [`frames::FrameStream`]:
 //! a length prefix and a bincode body under a hard size limit.
 //!
+//! Discovery: bootstrap addresses are dialled, identify tells Kademlia the
+//! addresses peers listen on, Kademlia spreads them, and mDNS (when enabled)
+//! finds peers on the LAN. Capacity announcements travel on one gossipsub
+//! topic; messages are signed by their author and limited in size.
+//!
 //! Every wait on the network has a timeout; every channel is bounded.
 
 pub mod addr;
@@ -14,9 +19,13 @@ pub mod frames;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, tcp,
+    yamux,
+};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -28,7 +37,20 @@ pub use libp2p;
 
 /// The chat stream protocol: one request, then a stream of answer frames.
 pub const CHAT_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/chat/1");
+/// Stream protocol for joining a mesh with an invite.
+pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/join/1");
+/// Stream protocol for asking a node about the mesh.
+pub const STATUS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/status/1");
+/// Stream protocol for running a granted request on its target node.
+pub const RUN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/run/1");
 const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/kad/1");
+/// The gossipsub topic of capacity announcements.
+pub const CAPACITY_TOPIC: &str = "zavod/capacity/1";
+/// Largest gossip message accepted or sent.
+pub const MAX_GOSSIP_BYTES: usize = 16 * 1024;
+/// How often Kademlia refreshes its routing table.
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
 /// Commands waiting for the event loop.
 const COMMAND_BUFFER: usize = 64;
 /// Events waiting for the node.
@@ -64,6 +86,10 @@ pub struct NetConfig {
     pub dial_timeout_ms: u64,
     pub idle_connection_timeout_ms: u64,
     pub max_frame_bytes: usize,
+    /// Find peers on the local network by mDNS.
+    pub mdns: bool,
+    /// Take part in capacity gossip (clients do not).
+    pub gossip: bool,
 }
 
 impl Default for NetConfig {
@@ -72,6 +98,8 @@ impl Default for NetConfig {
             dial_timeout_ms: 10_000,
             idle_connection_timeout_ms: 60_000,
             max_frame_bytes: zavod_proto::limits::MAX_FRAME_BYTES,
+            mdns: false,
+            gossip: false,
         }
     }
 }
@@ -81,14 +109,30 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+    gossipsub: Toggle<gossipsub::Behaviour>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// What the event loop tells the node.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Connected { peer: PeerId, addr: Multiaddr },
-    Disconnected { peer: PeerId },
-    Rtt { peer: PeerId, rtt: Duration },
+    Connected {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
+    Rtt {
+        peer: PeerId,
+        rtt: Duration,
+    },
+    /// A capacity announcement from `author` (signed by it at the gossip layer).
+    Gossip {
+        author: Option<PeerId>,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -103,6 +147,17 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    /// Dial if not connected; no reply (used for peers learnt from gossip).
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Publish {
+        data: Vec<u8>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
     },
 }
 
@@ -152,6 +207,7 @@ pub fn new(
     cfg: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
     let idle = Duration::from_millis(cfg.idle_connection_timeout_ms);
+    let (gossip_on, mdns_on) = (cfg.gossip, cfg.mdns);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_tcp(
@@ -160,16 +216,56 @@ pub fn new(
             yamux::Config::default,
         )
         .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_quic()
         .with_dns()
         .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_behaviour(|key| Behaviour {
-            identify: identify::Behaviour::new(identify::Config::new(
-                IDENTIFY_PROTOCOL.into(),
-                key.public(),
-            )),
-            ping: ping::Behaviour::new(ping::Config::new()),
-            stream: libp2p_stream::Behaviour::new(),
-        })
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let peer = key.public().to_peer_id();
+                let kad = gossip_on.then(|| {
+                    let mut k = kad::Behaviour::with_config(
+                        peer,
+                        kad::store::MemoryStore::new(peer),
+                        kad::Config::new(KAD_PROTOCOL),
+                    );
+                    // Answer queries even before an external address is known
+                    // (loopback and private meshes).
+                    k.set_mode(Some(kad::Mode::Server));
+                    k
+                });
+                let gossipsub = if gossip_on {
+                    let config = gossipsub::ConfigBuilder::default()
+                        .heartbeat_interval(Duration::from_millis(700))
+                        .validation_mode(gossipsub::ValidationMode::Strict)
+                        .max_transmit_size(MAX_GOSSIP_BYTES)
+                        .build()?;
+                    let mut g = gossipsub::Behaviour::new(
+                        gossipsub::MessageAuthenticity::Signed(key.clone()),
+                        config,
+                    )?;
+                    g.subscribe(&gossipsub::IdentTopic::new(CAPACITY_TOPIC))?;
+                    Some(g)
+                } else {
+                    None
+                };
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        IDENTIFY_PROTOCOL.into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    stream: libp2p_stream::Behaviour::new(),
+                    kad: kad.into(),
+                    gossipsub: gossipsub.into(),
+                    mdns: mdns.into(),
+                })
+            },
+        )
         .map_err(|e| NetError::Setup(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build();
@@ -194,6 +290,9 @@ pub fn new(
         },
     ))
 }
+
+/// Most connections the node opens by itself to peers learnt from gossip.
+const MAX_AUTO_CONNECTIONS: usize = 64;
 
 impl Client {
     pub fn local_peer_id(&self) -> PeerId {
@@ -244,6 +343,63 @@ impl Client {
             5_000,
         )
         .await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        self.ask(
+            "listing peers",
+            |reply| Command::ConnectedPeers { reply },
+            5_000,
+        )
+        .await
+    }
+
+    /// Publishes a capacity announcement (dropped if the loop is busy).
+    pub fn publish(&self, data: Vec<u8>) {
+        if self.commands.try_send(Command::Publish { data }).is_err() {
+            tracing::debug!("gossip publish dropped: network busy");
+        }
+    }
+
+    /// Connects to a peer if not connected yet (best effort, no reply).
+    pub fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.commands.try_send(Command::Connect { peer, addrs });
+    }
+
+    /// Opens a stream of `protocol` to `peer` (dialling it if needed).
+    pub async fn open(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<FrameStream, NetError> {
+        let mut control = self.control.clone();
+        let ms = self.cfg.dial_timeout_ms;
+        let stream = tokio::time::timeout(
+            Duration::from_millis(ms),
+            control.open_stream(peer, protocol.clone()),
+        )
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: format!("opening {protocol} to {peer}"),
+            ms,
+        })?
+        .map_err(|e| NetError::OpenStream {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(FrameStream::new(stream, self.cfg.max_frame_bytes))
+    }
+
+    /// Accepts inbound streams of `protocol`. Call once per protocol,
+    /// before the node is announced.
+    pub fn accept(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.control
+            .clone()
+            .accept(protocol.clone())
+            .map_err(|_| NetError::Setup(format!("{protocol} registered twice")))
     }
 
     /// Opens a chat stream to a connected (or dialable) peer.
@@ -303,6 +459,7 @@ pub struct EventLoop {
 impl EventLoop {
     /// Runs until every [`Client`] is dropped.
     pub async fn run(mut self) {
+        let mut kad_refresh = tokio::time::interval(KAD_BOOTSTRAP_EVERY);
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
@@ -310,7 +467,18 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
+                _ = kad_refresh.tick() => {
+                    if let Some(k) = self.swarm.behaviour_mut().kad.as_mut() {
+                        let _ = k.bootstrap();
+                    }
+                }
             }
+        }
+    }
+
+    fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
+        if let Some(k) = self.swarm.behaviour_mut().kad.as_mut() {
+            k.add_address(&peer, addr);
         }
     }
 
@@ -355,6 +523,32 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Connect { peer, addrs } => {
+                let connected = self.swarm.connected_peers().count();
+                if peer != *self.swarm.local_peer_id()
+                    && !self.swarm.is_connected(&peer)
+                    && connected < MAX_AUTO_CONNECTIONS
+                {
+                    for a in &addrs {
+                        self.learn(peer, a.clone());
+                    }
+                    let _ = self
+                        .swarm
+                        .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+                }
+            }
+            Command::Publish { data } => {
+                if let Some(g) = self.swarm.behaviour_mut().gossipsub.as_mut() {
+                    let topic = gossipsub::IdentTopic::new(CAPACITY_TOPIC);
+                    if let Err(e) = g.publish(topic, data) {
+                        // NoPeersSubscribedToTopic is normal for a lone node.
+                        tracing::trace!(error = %e, "gossip publish");
+                    }
+                }
             }
         }
         // Replies whose asker timed out are dropped here, keeping the maps bounded.
@@ -421,6 +615,36 @@ impl EventLoop {
                 result: Ok(rtt),
                 ..
             })) => self.emit(Event::Rtt { peer, rtt }),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for a in info
+                    .listen_addrs
+                    .into_iter()
+                    .take(zavod_proto::view::MAX_ADDRS)
+                {
+                    self.learn(peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => self.emit(Event::Gossip {
+                author: message.source,
+                data: message.data,
+            }),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.learn(peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -22,6 +22,14 @@ const DOMAIN_CREDENTIAL: &[u8] = b"zavod/credential/v1\0";
 const DOMAIN_MEMBERSHIP: &[u8] = b"zavod/membership/v1\0";
 const DOMAIN_GRANT: &[u8] = b"zavod/grant/v1\0";
 const DOMAIN_CAPACITY: &[u8] = b"zavod/capacity/v1\0";
+const DOMAIN_JOIN: &[u8] = b"zavod/join/v1\0";
+const DOMAIN_RECEIPT: &[u8] = b"zavod/receipt/v1\0";
+
+/// Prefix of an invite's one-line text form.
+pub const JOIN_TEXT_PREFIX: &str = "zavod-join-1.";
+/// Prefix of a capability token: a credential together with its holder's
+/// secret key, so one line of text is all a client needs.
+pub const CAP_TEXT_PREFIX: &str = "zavod-cap-1.";
 
 /// Prefix of a credential's one-line text form.
 pub const CREDENTIAL_TEXT_PREFIX: &str = "zavod-cred-1.";
@@ -378,6 +386,132 @@ impl SignedReport {
     }
 }
 
+/// An invite to a mesh, signed by its authority: where to connect and the
+/// right to have a membership certificate signed there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTicketBody {
+    pub id: [u8; 16],
+    pub expires_at_ms: UnixMs,
+    /// Multiaddrs of nodes that can sign memberships.
+    pub bootstrap: Vec<String>,
+    /// How long memberships signed for this ticket last.
+    pub membership_ttl_ms: u64,
+}
+
+pub type JoinTicket = Signed<JoinTicketBody>;
+
+impl Authority {
+    pub fn invite(&self, body: JoinTicketBody) -> JoinTicket {
+        self.key.sign_doc(DOMAIN_JOIN, &body)
+    }
+}
+
+impl JoinTicket {
+    /// Checks the ticket's own signature and expiry. Whether its signer is
+    /// trusted is for the caller: the joining node trusts the mesh named by
+    /// the invite it was given; the signing node checks its own authority.
+    pub fn verify(&self, now_ms: UnixMs) -> Result<&JoinTicketBody, AuthError> {
+        self.verify_signature(DOMAIN_JOIN)?;
+        check_window("invite", 0, self.body.expires_at_ms, now_ms)?;
+        Ok(&self.body)
+    }
+
+    pub fn to_text(&self) -> String {
+        text_encode(JOIN_TEXT_PREFIX, self)
+    }
+
+    pub fn from_text(text: &str) -> Result<Self, AuthError> {
+        text_decode(JOIN_TEXT_PREFIX, text)
+    }
+}
+
+fn text_encode<T: Serialize>(prefix: &str, v: &T) -> String {
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::wire::encode_unversioned(v))
+    )
+}
+
+fn text_decode<T: serde::de::DeserializeOwned>(prefix: &str, text: &str) -> Result<T, AuthError> {
+    let text = text.trim();
+    if text.len() > MAX_CREDENTIAL_TEXT_BYTES {
+        return Err(AuthError::MalformedText(format!(
+            "longer than {MAX_CREDENTIAL_TEXT_BYTES} bytes"
+        )));
+    }
+    let b64 = text
+        .strip_prefix(prefix)
+        .ok_or_else(|| AuthError::MalformedText(format!("does not start with {prefix:?}")))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(b64)
+        .map_err(|e| AuthError::MalformedText(format!("bad base64: {e}")))?;
+    crate::wire::decode_unversioned(&bytes).map_err(|e| AuthError::MalformedText(e.to_string()))
+}
+
+/// A credential with its holder's secret key, as one line of text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityToken {
+    pub secret: [u8; 32],
+    pub credential: Credential,
+}
+
+impl CapabilityToken {
+    pub fn to_text(&self) -> String {
+        text_encode(CAP_TEXT_PREFIX, self)
+    }
+
+    /// Parses and checks that the key is the credential's holder.
+    pub fn from_text(text: &str) -> Result<Self, AuthError> {
+        let t: CapabilityToken = text_decode(CAP_TEXT_PREFIX, text)?;
+        if Keypair::from_secret(t.secret).public() != t.credential.body.holder {
+            return Err(AuthError::MalformedText(
+                "the key in the token is not the credential's holder".into(),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// What the serving node signs when a request ends: how many tokens it
+/// generated and a hash of the text, so the entry node can record the turn
+/// and charge the credential on the serving node's word, not the client's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptBody {
+    pub request: RequestId,
+    pub client: NodeId,
+    pub generated_tokens: u32,
+    pub answer_hash: [u8; 32],
+}
+
+pub type Receipt = Signed<ReceiptBody>;
+
+pub fn sign_receipt(key: &Keypair, body: ReceiptBody) -> Receipt {
+    key.sign_doc(DOMAIN_RECEIPT, &body)
+}
+
+impl Receipt {
+    /// Checks the signature, that `target` signed it, and that it is for
+    /// `request` and `answer`.
+    pub fn verify(
+        &self,
+        target: &NodeId,
+        request: RequestId,
+        answer: &str,
+    ) -> Result<&ReceiptBody, AuthError> {
+        self.verify_signature(DOMAIN_RECEIPT)?;
+        if self.signer != *target {
+            return Err(AuthError::GrantMismatch("receipt signer"));
+        }
+        if self.body.request != request {
+            return Err(AuthError::GrantMismatch("receipt request"));
+        }
+        if self.body.answer_hash != prompt_hash(answer) {
+            return Err(AuthError::GrantMismatch("receipt answer"));
+        }
+        Ok(&self.body)
+    }
+}
+
 /// Mints grants with a node's key.
 pub fn mint_grant(entry_key: &Keypair, body: GrantBody) -> Grant {
     entry_key.sign_doc(DOMAIN_GRANT, &body)
@@ -687,6 +821,54 @@ mod tests {
             cred.verify_signature(DOMAIN_GRANT),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn invites_tokens_and_receipts() {
+        let auth = Authority::new(key(1));
+        let t = auth.invite(JoinTicketBody {
+            id: [1; 16],
+            expires_at_ms: 100,
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/7070".into()],
+            membership_ttl_ms: 1_000,
+        });
+        let back = JoinTicket::from_text(&t.to_text()).expect("parses");
+        assert_eq!(back.verify(50).map(|b| b.membership_ttl_ms), Ok(1_000));
+        assert_eq!(back.signer, auth.id());
+        assert!(matches!(back.verify(100), Err(AuthError::Expired { .. })));
+        let mut forged = back.clone();
+        forged.body.expires_at_ms = u64::MAX;
+        assert_eq!(forged.verify(50), Err(AuthError::BadSignature));
+
+        let client = key(2);
+        let token = CapabilityToken {
+            secret: client.secret_bytes(),
+            credential: auth.issue_credential(cred_body(client.public())),
+        };
+        assert_eq!(
+            CapabilityToken::from_text(&token.to_text()),
+            Ok(token.clone())
+        );
+        let wrong = CapabilityToken {
+            secret: key(3).secret_bytes(),
+            ..token
+        };
+        assert!(CapabilityToken::from_text(&wrong.to_text()).is_err());
+
+        let target = key(4);
+        let r = sign_receipt(
+            &target,
+            ReceiptBody {
+                request: RequestId(5),
+                client: client.public(),
+                generated_tokens: 7,
+                answer_hash: prompt_hash("hi"),
+            },
+        );
+        assert!(r.verify(&target.public(), RequestId(5), "hi").is_ok());
+        assert!(r.verify(&target.public(), RequestId(5), "ho").is_err());
+        assert!(r.verify(&key(5).public(), RequestId(5), "hi").is_err());
+        assert!(r.verify(&target.public(), RequestId(6), "hi").is_err());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! panics. Framing (the length prefix) is the network shell's job.
 
 use crate::UnixMs;
-use crate::auth::{Credential, Grant};
+use crate::auth::{Credential, Grant, JoinTicket, Membership, Receipt};
+use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
 use crate::limits::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_TOKENS_PER_REQUEST};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -170,13 +171,101 @@ pub enum ClientFrame {
     Chat(Box<ChatRequest>),
     /// Stop generating; the node answers with `Done { stop: Cancelled }`.
     Cancel,
+    /// After a redirect: the answer as the target streamed it, with the
+    /// target's signed receipt, so the entry can record the turn and
+    /// charge the credential.
+    Finished {
+        answer: String,
+        receipt: Box<Receipt>,
+    },
+    /// After a redirect: the target could not be reached; the entry should
+    /// relay the answer itself.
+    Relay {
+        reason: String,
+    },
+}
+
+/// What a client sends on a run stream to the target named by a redirect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub grant: Grant,
+    /// The entry node's membership, so the target can check the grant's
+    /// issuer even before gossip has introduced them.
+    pub issuer_membership: Membership,
+    pub prompt: String,
+    pub params: GenParams,
+}
+
+/// Tells the client to fetch the answer from another node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    pub target: NodeId,
+    pub addrs: Vec<String>,
+    pub run: RunRequest,
+}
+
+/// First frame on a join stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub ticket: JoinTicket,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JoinReply {
+    Welcome {
+        membership: Membership,
+        authorities: Vec<NodeId>,
+    },
+    Refused(ErrorFrame),
+}
+
+/// First frame on a status stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    pub credential: Credential,
+}
+
+/// One node in a status reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRow {
+    pub node: NodeId,
+    pub is_self: bool,
+    pub addrs: Vec<String>,
+    pub models: Vec<ModelOffer>,
+    pub on_gpu: bool,
+    pub mem_free_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub slots_free: u32,
+    pub slots_total: u32,
+    pub queue_depth: u32,
+    pub tokens_per_s: f32,
+    pub liveness: String,
+    pub breaker: String,
+    pub rtt_ms: Option<f64>,
+    pub score: f64,
+    pub heard_ms_ago: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StatusReply {
+    Mesh {
+        entry: NodeId,
+        rows: Vec<StatusRow>,
+        dropped_non_member: u64,
+    },
+    Refused(ErrorFrame),
 }
 
 /// Frames a node sends on a chat stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
     Accepted(Box<Accepted>),
-    Token { index: u32, text: String },
+    /// The answer comes from another node: open a run stream there.
+    Redirect(Box<Redirect>),
+    Token {
+        index: u32,
+        text: String,
+    },
     Done(DoneInfo),
     Error(ErrorFrame),
 }
@@ -213,6 +302,8 @@ pub struct DoneInfo {
     /// Decode rate over the tokens after the first.
     pub decode_tokens_per_s: f64,
     pub finished_at_ms: UnixMs,
+    /// Signed by the node that generated the answer.
+    pub receipt: Option<Receipt>,
 }
 
 /// A closed class of failures a client can act on, with a message for people.
