@@ -258,7 +258,9 @@ pub fn new(
                         IDENTIFY_PROTOCOL.into(),
                         key.public(),
                     )),
-                    ping: ping::Behaviour::new(ping::Config::new()),
+                    ping: ping::Behaviour::new(
+                        ping::Config::new().with_interval(Duration::from_secs(5)),
+                    ),
                     stream: libp2p_stream::Behaviour::new(),
                     kad: kad.into(),
                     gossipsub: gossipsub.into(),

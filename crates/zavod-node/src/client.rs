@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::{
-    Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame,
+    Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
+    ServerFrame,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,72 @@ impl ChatClient {
         self.peer
     }
 
+    /// The underlying network handle (tests use it to play other roles).
+    pub fn net(&self) -> &zavod_net::Client {
+        &self.net
+    }
+
+    pub fn identity(&self) -> &ClientIdentity {
+        &self.identity
+    }
+
+    /// Fetches a redirected answer from its target: dial, present the
+    /// grant, stream. Tokens go to `on_event` as they arrive.
+    async fn run_remote(
+        &self,
+        r: &Redirect,
+        on_event: &mut impl FnMut(ChatEvent<'_>),
+        progress: &mut Progress,
+    ) -> Result<DoneInfo, ChatError> {
+        let peer = zavod_net::peer_id_of(&r.target)
+            .ok_or_else(|| ChatError::Protocol("redirect names an invalid node".into()))?;
+        let mut reached = false;
+        let mut why = String::from("the redirect has no address");
+        for a in &r.addrs {
+            match a.parse::<Multiaddr>() {
+                Ok(addr) => match self.net.dial(addr).await {
+                    Ok(p) if p == peer => {
+                        reached = true;
+                        break;
+                    }
+                    Ok(p) => why = format!("{a} answered as {p}"),
+                    Err(e) => why = e.to_string(),
+                },
+                Err(e) => why = format!("{a}: {e}"),
+            }
+        }
+        if !reached {
+            return Err(ChatError::Net(NetError::Dial {
+                addr: r.addrs.join(", "),
+                reason: why,
+            }));
+        }
+        let stream = self.net.open(peer, zavod_net::RUN_PROTOCOL).await?;
+        let (mut w, mut rd) = stream.split();
+        w.send(&r.run, self.frame_timeout).await?;
+        loop {
+            let frame = tokio::time::timeout(self.frame_timeout, rd.recv::<ServerFrame>())
+                .await
+                .map_err(|_| NetError::Timeout {
+                    what: "waiting for the target's answer".into(),
+                    ms: self.frame_timeout.as_millis() as u64,
+                })??;
+            match frame {
+                Some(ServerFrame::Token { index, text }) => {
+                    progress.token(index, &text, on_event)?
+                }
+                Some(ServerFrame::Done(d)) => return Ok(d),
+                Some(ServerFrame::Error(e)) => return Err(e.into()),
+                Some(_) => {
+                    return Err(ChatError::Protocol(
+                        "unexpected frame from the target".into(),
+                    ));
+                }
+                None => return Err(ChatError::Truncated),
+            }
+        }
+    }
+
     /// Sends one turn and streams the answer to `on_event`. `cancel`, when
     /// it resolves, asks the node to stop.
     pub async fn chat(
@@ -134,10 +201,12 @@ impl ChatClient {
         w.send(&ClientFrame::Chat(Box::new(request)), self.frame_timeout)
             .await?;
         let mut accepted: Option<Accepted> = None;
-        let mut text = String::new();
-        let mut first: Option<Instant> = None;
-        let mut last = sent_at;
-        let mut next_index = 0u32;
+        let mut progress = Progress {
+            text: String::new(),
+            first: None,
+            last: sent_at,
+            next_index: 0,
+        };
         tokio::pin!(cancel);
         let mut cancelled = false;
         loop {
@@ -156,36 +225,99 @@ impl ChatClient {
                     on_event(ChatEvent::Accepted(&a));
                     accepted = Some(*a);
                 }
-                Some(ServerFrame::Token { index, text: t }) => {
-                    if index != next_index {
-                        return Err(ChatError::Protocol(format!(
-                            "token {index} arrived, expected {next_index}"
-                        )));
+                Some(ServerFrame::Redirect(redirect)) => {
+                    match self
+                        .run_remote(&redirect, &mut on_event, &mut progress)
+                        .await
+                    {
+                        Ok(done) => {
+                            let receipt = done.receipt.clone().ok_or_else(|| {
+                                ChatError::Protocol("the target sent no receipt".into())
+                            })?;
+                            w.send(
+                                &ClientFrame::Finished {
+                                    answer: progress.text.clone(),
+                                    receipt: Box::new(receipt),
+                                },
+                                self.frame_timeout,
+                            )
+                            .await?;
+                            // The entry closes the stream once the turn is recorded.
+                            let _ =
+                                tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>())
+                                    .await;
+                            return progress.outcome(accepted, done, sent_at);
+                        }
+                        Err(e) if progress.next_index == 0 => {
+                            // Not reachable from here: ask the entry to relay.
+                            w.send(
+                                &ClientFrame::Relay {
+                                    reason: e.to_string(),
+                                },
+                                self.frame_timeout,
+                            )
+                            .await?;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    next_index += 1;
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = now;
-                    on_event(ChatEvent::Token { index, text: &t });
-                    text.push_str(&t);
                 }
-                Some(ServerFrame::Done(done)) => {
-                    let accepted = accepted.ok_or_else(|| {
-                        ChatError::Protocol("answer finished before it was accepted".into())
-                    })?;
-                    let first = first.unwrap_or(last);
-                    return Ok(ChatOutcome {
-                        accepted,
-                        text,
-                        tokens: next_index,
-                        first_token: first - sent_at,
-                        decode: last - first,
-                        done,
-                    });
+                Some(ServerFrame::Token { index, text: t }) => {
+                    progress.token(index, &t, &mut on_event)?
                 }
+                Some(ServerFrame::Done(done)) => return progress.outcome(accepted, done, sent_at),
                 Some(ServerFrame::Error(e)) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// The answer as it accumulates, from the entry or from a target.
+struct Progress {
+    text: String,
+    first: Option<Instant>,
+    last: Instant,
+    next_index: u32,
+}
+
+impl Progress {
+    fn token(
+        &mut self,
+        index: u32,
+        text: &str,
+        on_event: &mut impl FnMut(ChatEvent<'_>),
+    ) -> Result<(), ChatError> {
+        if index != self.next_index {
+            return Err(ChatError::Protocol(format!(
+                "token {index} arrived, expected {}",
+                self.next_index
+            )));
+        }
+        self.next_index += 1;
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = now;
+        on_event(ChatEvent::Token { index, text });
+        self.text.push_str(text);
+        Ok(())
+    }
+
+    fn outcome(
+        &self,
+        accepted: Option<Accepted>,
+        done: DoneInfo,
+        sent_at: Instant,
+    ) -> Result<ChatOutcome, ChatError> {
+        let accepted = accepted
+            .ok_or_else(|| ChatError::Protocol("answer finished before it was accepted".into()))?;
+        let first = self.first.unwrap_or(self.last);
+        Ok(ChatOutcome {
+            accepted,
+            text: self.text.clone(),
+            tokens: self.next_index,
+            first_token: first - sent_at,
+            decode: self.last - first,
+            done,
+        })
     }
 }
 

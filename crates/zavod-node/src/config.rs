@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use zavod_proto::breaker::BreakerConfig;
 use zavod_proto::score::Weights;
+use zavod_proto::view::ViewConfig;
 
 /// The default profile, `mesh-config/local.toml`, built in so a bare
 /// `zavod node` behaves as that file says.
@@ -41,6 +42,26 @@ pub struct NodeConfig {
     pub limits: LimitsSection,
     pub monitor: MonitorSection,
     pub supervisor: SupervisorSection,
+    pub gossip: GossipSection,
+    pub view: ViewConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipSection {
+    /// How often this node checks whether to announce itself.
+    pub interval_ms: u64,
+    /// Announce at least this often even when nothing changed.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for GossipSection {
+    fn default() -> Self {
+        GossipSection {
+            interval_ms: 1_000,
+            heartbeat_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +72,10 @@ pub struct NodeSection {
     /// Where keys, credentials and memory live; empty means the user's data
     /// directory (`ZAVOD_DATA_DIR` and `--data-dir` override).
     pub data_dir: Option<PathBuf>,
+    /// Nodes to join the mesh through (multiaddrs, with /p2p/PEER_ID).
+    pub bootstrap: Vec<String>,
+    /// Find peers on the local network by mDNS.
+    pub mdns: bool,
 }
 
 impl Default for NodeSection {
@@ -58,6 +83,8 @@ impl Default for NodeSection {
         NodeSection {
             listen: vec!["/ip4/127.0.0.1/tcp/7070".into()],
             data_dir: None,
+            bootstrap: Vec::new(),
+            mdns: false,
         }
     }
 }
@@ -216,6 +243,8 @@ impl Default for SupervisorSection {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<Vec<String>>,
+    /// Added to the profile's bootstrap list.
+    pub bootstrap: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub model: Option<PathBuf>,
     pub gpu_layers: Option<u32>,
@@ -251,6 +280,7 @@ impl NodeConfig {
         if let Some(v) = o.listen {
             self.node.listen = v;
         }
+        self.node.bootstrap.extend(o.bootstrap);
         if let Some(v) = o.data_dir {
             self.node.data_dir = Some(v);
         }
@@ -307,6 +337,22 @@ impl NodeConfig {
         }
         if self.limits.max_concurrent_streams == 0 {
             return bad("limits.max_concurrent_streams must be at least 1".into());
+        }
+        if self.gossip.interval_ms < 50 || self.gossip.heartbeat_ms < self.gossip.interval_ms {
+            return bad(
+                "gossip.interval_ms must be at least 50 and gossip.heartbeat_ms at least that"
+                    .into(),
+            );
+        }
+        if self.view.suspect_after_ms <= self.gossip.heartbeat_ms
+            || self.view.gone_after_ms < self.view.suspect_after_ms
+        {
+            return bad("view.suspect_after_ms must exceed gossip.heartbeat_ms, and view.gone_after_ms must be at least view.suspect_after_ms".into());
+        }
+        for b in &self.node.bootstrap {
+            if b.parse::<libp2p::Multiaddr>().is_err() {
+                return bad(format!("node.bootstrap: {b:?} is not a multiaddr"));
+            }
         }
         if self.monitor.sample_interval_ms < 50 {
             return bad("monitor.sample_interval_ms must be at least 50".into());

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use zavod_proto::NodeId;
 use zavod_proto::UnixMs;
 use zavod_proto::auth::{
-    Authority, Credential, CredentialBody, Keypair, Membership, MembershipBody, ModelPattern,
+    Authority, CAP_TEXT_PREFIX, CapabilityToken, Credential, CredentialBody, JoinTicket,
+    JoinTicketBody, Keypair, Membership, MembershipBody, ModelPattern,
 };
 
 const NODE_KEY: &str = "node.key";
@@ -27,8 +28,12 @@ const AUTHORITIES: &str = "authorities";
 const MEMBERSHIP: &str = "membership.cert";
 pub const CLIENT_KEY: &str = "client.key";
 pub const CLIENT_CRED: &str = "client.cred";
+/// The running node's dialable addresses, written when it is ready.
+pub const LISTEN_ADDRS: &str = "listen_addrs";
 
 const DAY_MS: u64 = 86_400_000;
+/// Clock difference between machines tolerated by certificates issued here.
+const CLOCK_SKEW_MS: u64 = 5 * 60_000;
 /// A local membership lasts ten years; a local user's credential one year.
 const LOCAL_MEMBERSHIP_MS: u64 = 3_650 * DAY_MS;
 const LOCAL_CREDENTIAL_MS: u64 = 365 * DAY_MS;
@@ -51,6 +56,8 @@ pub enum DataDirError {
     NoCredential { dir: String },
     #[error("cannot draw random bytes from the OS: {0}")]
     Random(String),
+    #[error("{0}")]
+    Mesh(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -73,7 +80,7 @@ pub fn random_u128() -> Result<u128, DataDirError> {
 }
 
 /// Writes a file atomically (temp file, then rename), private if `secret`.
-fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), DataDirError> {
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), DataDirError> {
     let tmp = path.with_extension("tmp");
     {
         let mut opts = std::fs::OpenOptions::new();
@@ -137,8 +144,134 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// Opens (creating on first use) the node's data directory.
+    /// Opens (creating on first use) the node's data directory; a directory
+    /// that belongs to no mesh founds a local one.
     pub fn open(dir: &Path, now_ms: UnixMs) -> Result<(Self, InitReport), DataDirError> {
+        Self::open_with(dir, now_ms, true)
+    }
+
+    /// Opens the data directory of a node about to join a mesh: no local
+    /// mesh is founded.
+    pub fn open_for_join(dir: &Path, now_ms: UnixMs) -> Result<(Self, InitReport), DataDirError> {
+        Self::open_with(dir, now_ms, false)
+    }
+
+    /// Whether this directory founded its own mesh (holds an authority key).
+    pub fn is_authority(&self) -> bool {
+        self.authority.is_some()
+    }
+
+    /// Stores a membership obtained by joining, and trusts its authorities.
+    pub fn save_membership(
+        &mut self,
+        membership: Membership,
+        authorities: &[NodeId],
+    ) -> Result<(), DataDirError> {
+        self.authorities.extend(authorities.iter().copied());
+        write_authorities(&self.dir.join(AUTHORITIES), &self.authorities)?;
+        write_file(
+            &self.dir.join(MEMBERSHIP),
+            &format!(
+                "{}\n",
+                hex::encode(zavod_proto::wire::encode_unversioned(&membership))
+            ),
+            false,
+        )?;
+        self.membership = Some(membership);
+        Ok(())
+    }
+
+    /// Signs an invite to this mesh (needs the authority key).
+    pub fn invite(
+        &self,
+        now_ms: UnixMs,
+        ttl_ms: u64,
+        bootstrap: Vec<String>,
+    ) -> Result<JoinTicket, DataDirError> {
+        let a = self.authority.as_ref().ok_or_else(|| {
+            DataDirError::Mesh(format!(
+                "{} holds no mesh authority key: invites are made where the mesh was created (zavod mesh init)",
+                self.dir.display()
+            ))
+        })?;
+        Ok(a.invite(JoinTicketBody {
+            id: random_u128()?.to_le_bytes(),
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+            bootstrap,
+            membership_ttl_ms: LOCAL_MEMBERSHIP_MS,
+        }))
+    }
+
+    /// Signs a membership for a node that presents a valid invite of this
+    /// mesh; `None` when this node holds no authority key.
+    pub fn admit(
+        &self,
+        ticket: &JoinTicket,
+        member: NodeId,
+        now_ms: UnixMs,
+    ) -> Result<Membership, String> {
+        let a = self.authority.as_ref().ok_or(
+            "this node cannot sign memberships; join through the node that made the invite",
+        )?;
+        let body = ticket
+            .verify(now_ms)
+            .map_err(|e| format!("invite refused: {e}"))?;
+        if ticket.signer != a.id() {
+            return Err("invite refused: it is for another mesh".into());
+        }
+        Ok(a.certify_member(MembershipBody {
+            member,
+            // Backdated so that machines whose clocks run a little behind
+            // this one accept it at once.
+            issued_at_ms: now_ms.saturating_sub(CLOCK_SKEW_MS),
+            expires_at_ms: now_ms.saturating_add(body.membership_ttl_ms),
+        }))
+    }
+
+    /// Issues a client credential. Without `holder`, a fresh key is made
+    /// and returned inside a capability token (one line of text).
+    pub fn issue_capability(
+        &self,
+        now_ms: UnixMs,
+        models: &str,
+        token_budget: u64,
+        ttl_ms: u64,
+        rate_per_min: u32,
+        holder: Option<NodeId>,
+    ) -> Result<String, DataDirError> {
+        let a = self.authority.as_ref().ok_or_else(|| {
+            DataDirError::Mesh(format!(
+                "{} holds no mesh authority key: credentials are issued where the mesh was created",
+                self.dir.display()
+            ))
+        })?;
+        let (secret, holder) = match holder {
+            Some(h) => (None, h),
+            None => {
+                let k = Keypair::from_secret(random_secret()?);
+                (Some(k.secret_bytes()), k.public())
+            }
+        };
+        let credential = a.issue_credential(CredentialBody {
+            id: random_u128()?.to_le_bytes(),
+            holder,
+            models: ModelPattern(models.into()),
+            token_budget,
+            rate_per_min,
+            not_before_ms: now_ms.saturating_sub(60_000),
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+        });
+        Ok(match secret {
+            Some(secret) => CapabilityToken { secret, credential }.to_text(),
+            None => credential.to_text(),
+        })
+    }
+
+    fn open_with(
+        dir: &Path,
+        now_ms: UnixMs,
+        found: bool,
+    ) -> Result<(Self, InitReport), DataDirError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut report = InitReport::default();
         let key = load_or_create_key(&dir.join(NODE_KEY), &mut report.created_node_key)?;
@@ -146,7 +279,7 @@ impl NodeIdentity {
         let auth_path = dir.join(AUTHORITIES);
         let mut authorities = read_authorities(&auth_path)?;
         let mut authority = read_key(&dir.join(AUTHORITY_KEY))?.map(Authority::new);
-        if authorities.is_empty() && authority.is_none() {
+        if found && authorities.is_empty() && authority.is_none() {
             // A fresh node with no mesh: found a local one.
             let a = Authority::new(Keypair::from_secret(random_secret()?));
             write_file(
@@ -171,7 +304,7 @@ impl NodeIdentity {
         {
             let m = a.certify_member(MembershipBody {
                 member: key.public(),
-                issued_at_ms: now_ms,
+                issued_at_ms: now_ms.saturating_sub(CLOCK_SKEW_MS),
                 expires_at_ms: now_ms + LOCAL_MEMBERSHIP_MS,
             });
             write_file(
@@ -280,7 +413,8 @@ impl ClientIdentity {
         let cred_text = match credential {
             Some(c)
                 if c.trim_start()
-                    .starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX) =>
+                    .starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX)
+                    || c.trim_start().starts_with(CAP_TEXT_PREFIX) =>
             {
                 c.to_string()
             }
@@ -298,8 +432,21 @@ impl ClientIdentity {
                 }
             }
         };
+        let source = credential.unwrap_or("client.cred").to_string();
+        if cred_text.trim_start().starts_with(CAP_TEXT_PREFIX) {
+            // A capability token carries its own key.
+            let token =
+                CapabilityToken::from_text(&cred_text).map_err(|e| DataDirError::Corrupt {
+                    path: source,
+                    reason: e.to_string(),
+                })?;
+            return Ok(ClientIdentity {
+                key: Keypair::from_secret(token.secret),
+                credential: token.credential,
+            });
+        }
         let credential = Credential::from_text(&cred_text).map_err(|e| DataDirError::Corrupt {
-            path: credential.unwrap_or("client.cred").to_string(),
+            path: source,
             reason: e.to_string(),
         })?;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;

@@ -2,12 +2,13 @@
 //! the model, start the supervisor and its actors, then the network, and
 //! accept chat streams (at most `limits.max_concurrent_streams` at once).
 
+use crate::actors::router::RouterMsg;
 use crate::actors::supervisor::{Child, NodeSupervisor, SupervisorMsg};
 use crate::actors::{Directory, NodeShared};
 use crate::backend::{LlamaBackendHandle, ModelBackend};
 use crate::config::{ConfigError, NodeConfig};
 use crate::datadir::{DataDirError, InitReport, NodeIdentity};
-use crate::serve::serve_stream;
+use crate::serve::{Kind, serve_stream};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use ractor::{Actor, ActorRef};
@@ -17,6 +18,7 @@ use tokio::sync::Semaphore;
 use zavod_engine::EngineError;
 use zavod_engine::llama::{LlamaConfig, LoadedModel};
 use zavod_net::{NetConfig, NetError};
+use zavod_proto::view::Announcement;
 use zavod_store::{SledStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,8 @@ pub enum NodeError {
     ListenAddr { addr: String, reason: String },
     #[error("the node's actors could not start: {0}")]
     Actors(String),
+    #[error("joining the mesh failed: {0}")]
+    Join(String),
 }
 
 /// What to start a node with.
@@ -43,6 +47,101 @@ pub struct StartOptions {
     pub identity: NodeIdentity,
     /// The model; `None` runs an entry/router-only node.
     pub model: Option<Arc<dyn ModelBackend>>,
+}
+
+/// Dials a bootstrap address until it answers, backing off to 30 s.
+async fn dial_until_connected(net: zavod_net::Client, addr: Multiaddr) {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match net.dial(addr.clone()).await {
+            Ok(peer) => {
+                tracing::info!(%peer, %addr, "connected to bootstrap node");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, retry_ms = wait.as_millis() as u64, "bootstrap node unreachable");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Joins a mesh with an invite: dials its bootstrap nodes until one signs
+/// this node's membership, and stores it in the data directory.
+pub async fn join_mesh(
+    identity: &mut NodeIdentity,
+    ticket: &zavod_proto::auth::JoinTicket,
+    limits: &crate::config::LimitsSection,
+) -> Result<(), NodeError> {
+    use zavod_proto::wire::{JoinReply, JoinRequest};
+    let now = crate::clock::now_ms();
+    let body = ticket
+        .verify(now)
+        .map_err(|e| NodeError::Join(format!("the invite is not valid: {e}")))?;
+    let (net, mut events, event_loop) = zavod_net::new(
+        zavod_net::identity_from_secret(identity.key.secret_bytes())?,
+        NetConfig {
+            dial_timeout_ms: limits.dial_timeout_ms,
+            ..Default::default()
+        },
+    )?;
+    let el = tokio::spawn(event_loop.run());
+    let drain = tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let mut last = String::from("the invite names no bootstrap node");
+    let timeout = std::time::Duration::from_millis(limits.request_timeout_ms);
+    for a in &body.bootstrap {
+        let attempt = async {
+            let addr: Multiaddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+            let peer = net.dial(addr).await.map_err(|e| e.to_string())?;
+            let stream = net
+                .open(peer, zavod_net::JOIN_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut w, mut r) = stream.split();
+            w.send(
+                &JoinRequest {
+                    ticket: ticket.clone(),
+                },
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(timeout, r.recv::<JoinReply>()).await {
+                Ok(Ok(Some(reply))) => Ok(reply),
+                Ok(Ok(None)) => Err("the node closed the stream".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer in time".to_string()),
+            }
+        };
+        match attempt.await {
+            Ok(JoinReply::Welcome {
+                membership,
+                authorities,
+            }) => {
+                let trusted: std::collections::BTreeSet<_> = authorities.iter().copied().collect();
+                if !trusted.contains(&ticket.signer) {
+                    last = format!("{a}: answered for another mesh");
+                    continue;
+                }
+                if membership.body.member != identity.id()
+                    || membership.verify(&trusted, crate::clock::now_ms()).is_err()
+                {
+                    last = format!("{a}: sent a membership that does not verify");
+                    continue;
+                }
+                identity.save_membership(membership, &authorities)?;
+                el.abort();
+                drain.abort();
+                return Ok(());
+            }
+            Ok(JoinReply::Refused(e)) => last = format!("{a}: {}", e.message),
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    el.abort();
+    drain.abort();
+    Err(NodeError::Join(last))
 }
 
 /// The llama.cpp settings a config asks for.
@@ -99,64 +198,133 @@ impl Node {
             model,
         } = opts;
         config.check()?;
+        let parse = |a: &String| {
+            a.parse::<Multiaddr>().map_err(|e| NodeError::ListenAddr {
+                addr: a.clone(),
+                reason: e.to_string(),
+            })
+        };
         let listen: Vec<Multiaddr> = config
             .node
             .listen
             .iter()
-            .map(|a| {
-                a.parse()
-                    .map_err(|e: libp2p::multiaddr::Error| NodeError::ListenAddr {
-                        addr: a.clone(),
-                        reason: e.to_string(),
-                    })
-            })
+            .map(parse)
+            .collect::<Result<_, _>>()?;
+        let bootstrap: Vec<Multiaddr> = config
+            .node
+            .bootstrap
+            .iter()
+            .map(parse)
             .collect::<Result<_, _>>()?;
         let store = Arc::new(SledStore::open(&identity.dir.join("memory"))?);
-        let secret = identity.key.secret_bytes();
         let limits = config.limits.clone();
+
+        let (net, mut events, event_loop) = zavod_net::new(
+            zavod_net::identity_from_secret(identity.key.secret_bytes())?,
+            NetConfig {
+                dial_timeout_ms: limits.dial_timeout_ms,
+                idle_connection_timeout_ms: limits.idle_connection_timeout_ms,
+                max_frame_bytes: limits.max_frame_bytes,
+                mdns: config.node.mdns,
+                gossip: true,
+            },
+        )?;
+        let peer_id = net.local_peer_id();
+        let mut tasks = vec![tokio::spawn(event_loop.run())];
         let shared = Arc::new(NodeShared {
             config,
             identity,
             directory: Directory::default(),
             model,
             store: store.clone(),
+            net: net.clone(),
+            listen_addrs: Default::default(),
         });
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))
             .await
             .map_err(|e| NodeError::Actors(e.to_string()))?;
 
-        let (net, mut events, event_loop) = zavod_net::new(
-            zavod_net::identity_from_secret(secret)?,
-            NetConfig {
-                dial_timeout_ms: limits.dial_timeout_ms,
-                idle_connection_timeout_ms: limits.idle_connection_timeout_ms,
-                max_frame_bytes: limits.max_frame_bytes,
-            },
-        )?;
-        let peer_id = net.local_peer_id();
-        let mut tasks = vec![tokio::spawn(event_loop.run())];
+        // Gossip and RTT go to whichever Router is current.
+        let ev_shared = Arc::clone(&shared);
         tasks.push(tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
-                tracing::debug!(?ev, "network");
+                let Some(router) = ev_shared.directory.get().router else {
+                    continue;
+                };
+                match ev {
+                    zavod_net::Event::Gossip { data, .. } => {
+                        match zavod_proto::wire::decode::<Announcement>(&data) {
+                            Ok(a) => {
+                                let _ = router.cast(RouterMsg::Announce(Box::new(a)));
+                            }
+                            Err(e) => tracing::debug!(error = %e, "undecodable gossip dropped"),
+                        }
+                    }
+                    zavod_net::Event::Rtt { peer, rtt } => {
+                        if let Some(node) = zavod_net::node_id_of(&peer) {
+                            let _ = router.cast(RouterMsg::Rtt {
+                                node,
+                                rtt_ms: rtt.as_secs_f64() * 1e3,
+                            });
+                        }
+                    }
+                    other => tracing::debug!(?other, "network"),
+                }
             }
         }));
+
         // Accept before listening, so no early stream meets an unknown protocol.
-        let mut incoming = net.accept_chats()?;
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_streams));
-        let serve_shared = Arc::clone(&shared);
-        tasks.push(tokio::spawn(async move {
-            while let Some((peer, stream)) = incoming.next().await {
-                tokio::spawn(serve_stream(
-                    Arc::clone(&serve_shared),
-                    Arc::clone(&permits),
-                    peer,
-                    stream,
-                ));
-            }
-        }));
+        for (protocol, kind) in [
+            (zavod_net::CHAT_PROTOCOL, Kind::Chat),
+            (zavod_net::RUN_PROTOCOL, Kind::Run),
+            (zavod_net::JOIN_PROTOCOL, Kind::Join),
+            (zavod_net::STATUS_PROTOCOL, Kind::Status),
+        ] {
+            let mut incoming = net.accept(protocol)?;
+            let s = Arc::clone(&shared);
+            let p = Arc::clone(&permits);
+            tasks.push(tokio::spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    tokio::spawn(serve_stream(
+                        Arc::clone(&s),
+                        Arc::clone(&p),
+                        kind,
+                        peer,
+                        stream,
+                    ));
+                }
+            }));
+        }
         for addr in listen {
             net.listen(addr).await?;
+        }
+        let addrs: Vec<String> = net
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| {
+                a.with(libp2p::multiaddr::Protocol::P2p(peer_id))
+                    .to_string()
+            })
+            .collect();
+        match shared.listen_addrs.write() {
+            Ok(mut l) => *l = addrs.clone(),
+            Err(p) => *p.into_inner() = addrs.clone(),
+        }
+        // For `zavod mesh invite` on this machine.
+        let _ = crate::datadir::write_file(
+            &shared.identity.dir.join(crate::datadir::LISTEN_ADDRS),
+            &(addrs.join("\n") + "\n"),
+            false,
+        );
+        if let Some(router) = shared.directory.get().router {
+            let _ = router.cast(RouterMsg::GossipTick);
+        }
+        for addr in bootstrap {
+            let net = net.clone();
+            tasks.push(tokio::spawn(dial_until_connected(net, addr)));
         }
         Ok(Node {
             shared,

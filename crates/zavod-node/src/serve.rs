@@ -1,99 +1,107 @@
-//! Serving one chat stream: read the request, then ask the Router to admit
-//! it, the MemoryKeeper to assemble the prompt, the Router to place it and
-//! mint a grant, and the ModelWorker to run it; stream the tokens back; on
-//! completion record the turn (durably, before `Done` goes out), settle the
-//! credential's reservation and tell the Breaker how it went.
+//! Serving streams from the network.
 //!
-//! Every wait has a deadline; a client that sends junk, stalls or leaves
+//! - chat (entry): read the request; the Router admits it, the MemoryKeeper
+//!   assembles the prompt, the Router places it and mints a grant. If this
+//!   node is the target, the ModelWorker runs it and tokens stream back
+//!   here. Otherwise the client is redirected to the target with the grant
+//!   and the prompt; it comes back with the answer and the target's signed
+//!   receipt, or asks this node to relay when it cannot reach the target.
+//!   Either way the turn is recorded (durably, before the client is told it
+//!   is done), the credential's reservation is settled and the Breaker
+//!   learns how the target did.
+//! - run (target): check the grant (in the ModelWorker), generate, stream,
+//!   and sign a receipt for the entry node.
+//! - join: sign a membership for a node presenting this mesh's invite.
+//! - status: the mesh as this node sees it.
+//!
+//! Every wait has a deadline; a peer that sends junk, stalls or leaves
 //! only ever ends its own stream.
 
 use crate::actors::breaker::BreakerMsg;
 use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt};
 use crate::actors::model_worker::{JobStream, WorkerMsg};
-use crate::actors::router::{Admission, Placement, RouterMsg, hash_prompt};
+use crate::actors::router::{Admission, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame, unavailable};
+use crate::clock::now_ms;
 use libp2p::PeerId;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use zavod_engine::EngineEvent;
-use zavod_net::{FrameStream, FrameWriter, NetError, node_id_of};
+use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, RUN_PROTOCOL, node_id_of};
 use zavod_proto::NodeId;
+use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::breaker::Outcome;
-use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::prompt::{Role, Turn, turns_hash};
 use zavod_proto::wire::{
-    Accepted, ChatRequest, ClientFrame, ErrorCode, ErrorFrame, ServerFrame, StopReason,
+    Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, JoinReply,
+    JoinRequest, Redirect, RunRequest, ServerFrame, StatusReply, StatusRequest, StopReason,
 };
 
 /// Deadline for a reply from a local actor.
 const ACTOR_CALL_MS: u64 = 10_000;
+/// Most targets tried when relaying one request.
+const RELAY_ATTEMPTS: usize = 3;
 
-/// Serves one inbound chat stream to completion.
+/// Which stream protocol a stream came in on.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Chat,
+    Run,
+    Join,
+    Status,
+}
+
+/// Serves one inbound stream to completion.
 pub async fn serve_stream(
     shared: Arc<NodeShared>,
     permits: Arc<Semaphore>,
+    kind: Kind,
     peer: PeerId,
     stream: libp2p::Stream,
 ) {
     let limits = &shared.config.limits;
-    let write_timeout = Duration::from_millis(limits.write_timeout_ms);
+    let wt = Duration::from_millis(limits.write_timeout_ms);
     let (mut writer, mut reader) = FrameStream::new(stream, limits.max_frame_bytes).split();
     let Ok(_permit) = permits.try_acquire() else {
-        let _ = writer
-            .send(
-                &ServerFrame::Error(error_frame(
-                    ErrorCode::NoCapacity,
-                    "this node is serving as many streams as it allows; try another node or later",
-                )),
-                write_timeout,
-            )
-            .await;
+        let busy = error_frame(
+            ErrorCode::NoCapacity,
+            "this node is serving as many streams as it allows; try another node or later",
+        );
+        let _ = match kind {
+            Kind::Join => writer.send(&JoinReply::Refused(busy), wt).await,
+            Kind::Status => writer.send(&StatusReply::Refused(busy), wt).await,
+            Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(busy), wt).await,
+        };
         return;
     };
-    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
-    let first = match tokio::time::timeout(request_timeout, reader.recv::<ClientFrame>()).await {
-        Ok(r) => r,
-        Err(_) => Err(NetError::Timeout {
-            what: "waiting for the chat request".into(),
-            ms: limits.request_timeout_ms,
-        }),
+    let Some(remote) = node_id_of(&peer) else {
+        let e = error_frame(ErrorCode::Unauthorized, "peers must use an ed25519 key");
+        let _ = writer.send(&ServerFrame::Error(e), wt).await;
+        return;
     };
-    let refusal = match (first, node_id_of(&peer)) {
-        (Ok(Some(ClientFrame::Chat(r))), Some(client)) => Ok((*r, client)),
-        (Ok(Some(ClientFrame::Chat(_))), None) => Err(error_frame(
-            ErrorCode::Unauthorized,
-            "clients must use an ed25519 key",
-        )),
-        (Ok(Some(ClientFrame::Cancel)), _) => Err(error_frame(
-            ErrorCode::BadRequest,
-            "a chat stream must start with a chat request",
-        )),
-        (Ok(None), _) => return,
-        (Err(e), _) => Err(net_error_frame(e)),
-    };
-    let (request, client) = match refusal {
-        Ok(v) => v,
-        Err(frame) => {
-            tracing::info!(%peer, message = %frame.message, "refused a chat stream");
-            let _ = writer.send(&ServerFrame::Error(frame), write_timeout).await;
-            let _ = writer.close().await;
-            return;
-        }
-    };
-    let result = run_chat(
-        &shared,
-        client,
-        request,
-        &mut writer,
-        &mut reader,
-        write_timeout,
-    )
-    .await;
-    if let Err(frame) = result {
-        tracing::info!(%peer, code = ?frame.code, message = %frame.message, "chat refused or failed");
-        let _ = writer.send(&ServerFrame::Error(frame), write_timeout).await;
+    let first = Duration::from_millis(limits.request_timeout_ms);
+    match kind {
+        Kind::Chat => serve_chat(&shared, remote, &mut writer, &mut reader, first).await,
+        Kind::Run => serve_run(&shared, remote, &mut writer, &mut reader, first).await,
+        Kind::Join => serve_join(&shared, remote, &mut writer, &mut reader, first).await,
+        Kind::Status => serve_status(&shared, remote, &mut writer, &mut reader, first).await,
     }
     let _ = writer.close().await;
+}
+
+async fn first_frame<T: serde::de::DeserializeOwned>(
+    reader: &mut FrameReader,
+    timeout: Duration,
+) -> Result<Option<T>, ErrorFrame> {
+    match tokio::time::timeout(timeout, reader.recv::<T>()).await {
+        Ok(Ok(f)) => Ok(f),
+        Ok(Err(e)) => Err(net_error_frame(e)),
+        Err(_) => Err(error_frame(
+            ErrorCode::Timeout,
+            format!("no request within {} ms", timeout.as_millis()),
+        )),
+    }
 }
 
 fn net_error_frame(e: NetError) -> ErrorFrame {
@@ -128,33 +136,23 @@ where
     }
 }
 
-/// A reservation that is settled exactly once, whatever path the request takes.
+/// A reservation that is settled exactly once, whatever path the request
+/// takes; unless told what was used, the whole reservation is charged.
 struct Reservation<'a> {
     shared: &'a NodeShared,
     admission: &'a Admission,
-    used: u32,
-    settled: bool,
-}
-
-impl Reservation<'_> {
-    fn settle(&mut self) {
-        if self.settled {
-            return;
-        }
-        self.settled = true;
-        if let Some(r) = self.shared.directory.get().router {
-            let _ = r.cast(RouterMsg::Settle {
-                credential_id: self.admission.credential_id,
-                reserved: self.admission.max_tokens,
-                used: self.used,
-            });
-        }
-    }
+    used: Option<u32>,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.settle();
+        if let Some(r) = self.shared.directory.get().router {
+            let _ = r.cast(RouterMsg::Settle {
+                credential_id: self.admission.credential_id,
+                reserved: self.admission.max_tokens,
+                used: self.used.unwrap_or(self.admission.max_tokens),
+            });
+        }
     }
 }
 
@@ -164,86 +162,23 @@ fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
     }
 }
 
-async fn run_chat(
-    shared: &Arc<NodeShared>,
-    client: NodeId,
-    request: ChatRequest,
+/// What a finished generation produced.
+struct Streamed {
+    answer: String,
+    done: DoneInfo,
+}
+
+/// Streams a local job's tokens to `writer` until it ends. A `Cancel` from
+/// the reader (or a reset stream) cancels the job.
+async fn stream_job(
+    shared: &NodeShared,
+    job: JobStream,
     writer: &mut FrameWriter,
-    reader: &mut zavod_net::FrameReader,
-    write_timeout: Duration,
-) -> Result<(), ErrorFrame> {
-    let show_prompt = request.show_prompt;
-    let mut params = request.params.clone();
-    let message = request.message.clone();
-    let dir = &shared.directory;
-
-    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
-        client,
-        request: Box::new(request),
-        reply,
-    })
-    .await??;
-    let mut reservation = Reservation {
-        shared,
-        admission: &admission,
-        used: 0,
-        settled: false,
-    };
-    params.max_tokens = admission.max_tokens;
-
-    let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
-        key: admission.conversation.clone(),
-        message,
-        answer_tokens: admission.max_tokens,
-        reply,
-    })
-    .await??;
-
-    let placement: Placement = call(dir.get().router, "the router", |reply| RouterMsg::Place {
-        client,
-        model: admission.model.clone(),
-        prompt_hash: hash_prompt(&prepared.text),
-        max_tokens: admission.max_tokens,
-        reply,
-    })
-    .await??;
-
-    let job: JobStream = match call(dir.get().worker, "the model worker", |reply| {
-        WorkerMsg::Run {
-            grant: Box::new(placement.grant.clone()),
-            client,
-            prompt: prepared.text.clone(),
-            params,
-            reply,
-        }
-    })
-    .await
-    {
-        Ok(Ok(j)) => j,
-        Ok(Err(e)) | Err(e) => {
-            if matches!(e.code, ErrorCode::Internal | ErrorCode::Timeout) {
-                record_outcome(shared, placement.target, Outcome::Failure);
-            }
-            return Err(e);
-        }
-    };
-
-    let accepted = ServerFrame::Accepted(Box::new(Accepted {
-        request: placement.grant.body.request,
-        served_by: placement.target,
-        model: admission.model.clone(),
-        history_turns: prepared.history_turns,
-        grant: placement.grant.clone(),
-        prompt: show_prompt.then(|| prepared.text.clone()),
-    }));
-    let JobStream { mut events, cancel } = job;
-    if let Err(e) = writer.send(&accepted, write_timeout).await {
-        cancel.cancel();
-        tracing::debug!(error = %e, "client left before the answer");
-        return Ok(());
-    }
-
+    reader: &mut FrameReader,
+) -> Result<Option<Streamed>, ErrorFrame> {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
+    let JobStream { mut events, cancel } = job;
     let mut answer = String::new();
     let mut client_reading = true;
     loop {
@@ -252,53 +187,25 @@ async fn run_chat(
                 let ev = match ev {
                     Ok(Some(ev)) => ev,
                     Ok(None) => {
-                        record_outcome(shared, placement.target, Outcome::Failure);
                         return Err(error_frame(ErrorCode::Internal, "the model worker stopped mid-answer"));
                     }
                     Err(_) => {
                         cancel.cancel();
-                        record_outcome(shared, placement.target, Outcome::Failure);
                         return Err(error_frame(ErrorCode::Timeout, format!("no token for {} ms", stall.as_millis())));
                     }
                 };
                 match ev {
                     EngineEvent::Started { .. } => {}
                     EngineEvent::Token { index, text } => {
-                        reservation.used = index + 1;
                         answer.push_str(&text);
-                        if writer.send(&ServerFrame::Token { index, text }, write_timeout).await.is_err() {
+                        if writer.send(&ServerFrame::Token { index, text }, wt).await.is_err() {
+                            // The client left; nothing more to deliver.
                             cancel.cancel();
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
-                    EngineEvent::Done(done) => {
-                        reservation.used = done.generated_tokens;
-                        record_outcome(shared, placement.target, Outcome::Success);
-                        if done.stop != StopReason::Cancelled
-                            && let Some(key) = admission.conversation.clone()
-                        {
-                            let turns = vec![
-                                prepared.user_turn.clone(),
-                                Turn { role: Role::Assistant, text: answer.clone(), tokens: done.generated_tokens },
-                            ];
-                            let recorded = call(dir.get().memory, "memory", |reply| MemoryMsg::Record {
-                                key,
-                                turns,
-                                reply: Some(reply),
-                            })
-                            .await;
-                            if let Err(e) | Ok(Err(e)) = recorded.map(|r| r.map_err(|m| error_frame(ErrorCode::Internal, m))) {
-                                tracing::error!(message = %e.message, "turn not recorded");
-                            }
-                        }
-                        reservation.settle();
-                        let _ = writer.send(&ServerFrame::Done(done), write_timeout).await;
-                        return Ok(());
-                    }
-                    EngineEvent::Failed(msg) => {
-                        record_outcome(shared, placement.target, Outcome::Failure);
-                        return Err(error_frame(ErrorCode::Internal, msg));
-                    }
+                    EngineEvent::Done(done) => return Ok(Some(Streamed { answer, done })),
+                    EngineEvent::Failed(msg) => return Err(error_frame(ErrorCode::Internal, msg)),
                 }
             }
             frame = reader.recv::<ClientFrame>(), if client_reading => {
@@ -313,4 +220,589 @@ async fn run_chat(
             }
         }
     }
+}
+
+async fn record_turn(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    answer: &str,
+    generated: u32,
+) {
+    let Some(key) = admission.conversation.clone() else {
+        return;
+    };
+    let turns = vec![
+        prepared.user_turn.clone(),
+        Turn {
+            role: Role::Assistant,
+            text: answer.to_string(),
+            tokens: generated,
+        },
+    ];
+    let recorded = call(shared.directory.get().memory, "memory", |reply| {
+        MemoryMsg::Record {
+            key,
+            turns,
+            reply: Some(reply),
+        }
+    })
+    .await;
+    match recorded {
+        Ok(Ok(())) => {}
+        Ok(Err(m)) => tracing::error!(message = %m, "turn not recorded"),
+        Err(e) => tracing::error!(message = %e.message, "turn not recorded"),
+    }
+}
+
+async fn serve_chat(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    first: Duration,
+) {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let request = match first_frame::<ClientFrame>(reader, first).await {
+        Ok(Some(ClientFrame::Chat(r))) => *r,
+        Ok(None) => return,
+        Ok(Some(_)) => {
+            let e = error_frame(
+                ErrorCode::BadRequest,
+                "a chat stream must start with a chat request",
+            );
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+        Err(e) => {
+            tracing::info!(client = %client.short(), message = %e.message, "refused a chat stream");
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+    };
+    if let Err(frame) = run_chat(shared, client, request, writer, reader).await {
+        tracing::info!(client = %client.short(), code = ?frame.code, message = %frame.message, "chat refused or failed");
+        let _ = writer.send(&ServerFrame::Error(frame), wt).await;
+    }
+}
+
+async fn run_chat(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    request: ChatRequest,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+) -> Result<(), ErrorFrame> {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let show_prompt = request.show_prompt;
+    let mut params = request.params.clone();
+    let message = request.message.clone();
+    let dir = &shared.directory;
+    let me = shared.identity.id();
+
+    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
+        client,
+        request: Box::new(request),
+        reply,
+    })
+    .await??;
+    let mut reservation = Reservation {
+        shared,
+        admission: &admission,
+        used: None,
+    };
+    params.max_tokens = admission.max_tokens;
+
+    let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
+        key: admission.conversation.clone(),
+        message,
+        answer_tokens: admission.max_tokens,
+        context_tokens: admission.context_tokens,
+        reply,
+    })
+    .await??;
+
+    let placement = place(shared, client, &admission, &prepared, Vec::new()).await?;
+    let accepted = |p: &Placement| {
+        ServerFrame::Accepted(Box::new(Accepted {
+            request: p.grant.body.request,
+            served_by: p.target,
+            model: admission.model.clone(),
+            history_turns: prepared.history_turns,
+            grant: p.grant.clone(),
+            prompt: show_prompt.then(|| prepared.display.clone()),
+        }))
+    };
+
+    if placement.target == me {
+        let job = run_local(shared, &placement, None, client, &prepared.turns, &params).await?;
+        if writer.send(&accepted(&placement), wt).await.is_err() {
+            job.cancel.cancel();
+            return Ok(());
+        }
+        return finish_local(
+            shared,
+            &admission,
+            &prepared,
+            &placement,
+            job,
+            writer,
+            reader,
+            &mut reservation,
+        )
+        .await;
+    }
+
+    // Another node generates: send the client there.
+    let membership = shared.identity.membership.clone().ok_or_else(|| {
+        error_frame(
+            ErrorCode::Internal,
+            "this node has no membership to vouch for its grants",
+        )
+    })?;
+    let redirect = ServerFrame::Redirect(Box::new(Redirect {
+        target: placement.target,
+        addrs: placement.addrs.clone(),
+        run: RunRequest {
+            grant: placement.grant.clone(),
+            issuer_membership: membership,
+            turns: prepared.turns.clone(),
+            params: params.clone(),
+        },
+    }));
+    if writer.send(&accepted(&placement), wt).await.is_err()
+        || writer.send(&redirect, wt).await.is_err()
+    {
+        return Ok(());
+    }
+    // The answer may take as long as generating every allowed token.
+    let wait = Duration::from_millis(shared.config.limits.stall_timeout_ms)
+        + Duration::from_millis(u64::from(admission.max_tokens) * 1_000);
+    let back = tokio::time::timeout(wait, reader.recv::<ClientFrame>()).await;
+    match back {
+        Ok(Ok(Some(ClientFrame::Finished { answer, receipt }))) => {
+            match receipt.verify(&placement.target, placement.grant.body.request, &answer) {
+                Ok(body) => {
+                    record_outcome(shared, placement.target, Outcome::Success);
+                    reservation.used = Some(body.generated_tokens.min(admission.max_tokens));
+                    record_turn(
+                        shared,
+                        &admission,
+                        &prepared,
+                        &answer,
+                        body.generated_tokens,
+                    )
+                    .await;
+                    // Closing the stream tells the client the turn is recorded.
+                    Ok(())
+                }
+                Err(e) => Err(error_frame(
+                    ErrorCode::BadRequest,
+                    format!("the receipt does not match the answer: {e}"),
+                )),
+            }
+        }
+        Ok(Ok(Some(ClientFrame::Relay { reason }))) => {
+            tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
+            relay(
+                shared,
+                &admission,
+                &prepared,
+                placement,
+                &params,
+                writer,
+                reader,
+                &mut reservation,
+            )
+            .await
+        }
+        // Cancelled, gone or silent: the reservation is charged in full,
+        // since only the target knows what it generated.
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => Ok(()),
+    }
+}
+
+/// Places a request (excluding nodes that already failed it).
+async fn place(
+    shared: &NodeShared,
+    client: NodeId,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    exclude: Vec<NodeId>,
+) -> Result<Placement, ErrorFrame> {
+    call(shared.directory.get().router, "the router", |reply| {
+        RouterMsg::Place {
+            client,
+            model: admission.model.clone(),
+            prompt_hash: turns_hash(&prepared.turns),
+            max_tokens: admission.max_tokens,
+            exclude,
+            reply,
+        }
+    })
+    .await?
+}
+
+async fn run_local(
+    shared: &NodeShared,
+    placement: &Placement,
+    issuer_membership: Option<zavod_proto::auth::Membership>,
+    client: NodeId,
+    turns: &[Turn],
+    params: &GenParams,
+) -> Result<JobStream, ErrorFrame> {
+    let r = call(shared.directory.get().worker, "the model worker", |reply| {
+        WorkerMsg::Run {
+            grant: Box::new(placement.grant.clone()),
+            issuer_membership: issuer_membership.map(Box::new),
+            client,
+            turns: turns.to_vec(),
+            params: params.clone(),
+            reply,
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(j)) => Ok(j),
+        Ok(Err(e)) | Err(e) => {
+            if matches!(e.code, ErrorCode::Internal | ErrorCode::Timeout) {
+                record_outcome(shared, placement.target, Outcome::Failure);
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish_local(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    placement: &Placement,
+    job: JobStream,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    reservation: &mut Reservation<'_>,
+) -> Result<(), ErrorFrame> {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    match stream_job(shared, job, writer, reader).await {
+        Ok(Some(Streamed { answer, done })) => {
+            record_outcome(shared, placement.target, Outcome::Success);
+            reservation.used = Some(done.generated_tokens);
+            if done.stop != StopReason::Cancelled {
+                record_turn(shared, admission, prepared, &answer, done.generated_tokens).await;
+            }
+            let _ = writer.send(&ServerFrame::Done(done), wt).await;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            record_outcome(shared, placement.target, Outcome::Failure);
+            Err(e)
+        }
+    }
+}
+
+/// Fetches the answer on the client's behalf, trying up to
+/// [`RELAY_ATTEMPTS`] targets while none has produced a token yet.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    shared: &Arc<NodeShared>,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    first: Placement,
+    params: &GenParams,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    reservation: &mut Reservation<'_>,
+) -> Result<(), ErrorFrame> {
+    let me = shared.identity.id();
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let mut failed: Vec<NodeId> = Vec::new();
+    let mut target = first.target;
+    let mut last_err = error_frame(ErrorCode::NoCapacity, "no node could serve the request");
+    for _ in 0..RELAY_ATTEMPTS {
+        // A fresh grant bound to this node, which now acts as the client.
+        let placement = if failed.is_empty() && target == first.target {
+            match place(shared, me, admission, prepared, vec![]).await {
+                Ok(p) if p.target == target || p.target == me => p,
+                Ok(p) => p,
+                Err(e) => return Err(e),
+            }
+        } else {
+            match place(shared, me, admission, prepared, failed.clone()).await {
+                Ok(p) => p,
+                Err(_) => return Err(last_err),
+            }
+        };
+        target = placement.target;
+        if target == me {
+            let job = run_local(shared, &placement, None, me, &prepared.turns, params).await?;
+            return finish_local(
+                shared,
+                admission,
+                prepared,
+                &placement,
+                job,
+                writer,
+                reader,
+                reservation,
+            )
+            .await;
+        }
+        match fetch_remote(shared, &placement, &prepared.turns, params, writer).await {
+            Ok(Fetched::Done {
+                answer,
+                done,
+                receipt_tokens,
+            }) => {
+                record_outcome(shared, target, Outcome::Success);
+                reservation.used = Some(receipt_tokens);
+                if done.stop != StopReason::Cancelled {
+                    record_turn(shared, admission, prepared, &answer, receipt_tokens).await;
+                }
+                let _ = writer.send(&ServerFrame::Done(done), wt).await;
+                return Ok(());
+            }
+            Ok(Fetched::ClientGone) => return Ok(()),
+            Err((e, tokens_sent)) => {
+                record_outcome(shared, target, Outcome::Failure);
+                tracing::warn!(target = %target.short(), error = %e.message, "relay attempt failed");
+                if tokens_sent > 0 {
+                    // Resuming mid-answer on another node is not done here.
+                    return Err(e);
+                }
+                failed.push(target);
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}
+
+enum Fetched {
+    Done {
+        answer: String,
+        done: DoneInfo,
+        receipt_tokens: u32,
+    },
+    ClientGone,
+}
+
+/// Runs a granted request on a remote target and forwards its tokens.
+async fn fetch_remote(
+    shared: &NodeShared,
+    placement: &Placement,
+    turns: &[Turn],
+    params: &GenParams,
+    writer: &mut FrameWriter,
+) -> Result<Fetched, (ErrorFrame, u32)> {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
+    let fail = |code, m: String| (error_frame(code, m), 0u32);
+    let peer = zavod_net::peer_id_of(&placement.target)
+        .ok_or_else(|| fail(ErrorCode::Internal, "target has no peer id".into()))?;
+    let addrs: Vec<libp2p::Multiaddr> = placement
+        .addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .map(|a| zavod_net::addr::split_peer(&a).0)
+        .collect();
+    shared.net.connect(peer, addrs);
+    let membership = shared
+        .identity
+        .membership
+        .clone()
+        .ok_or_else(|| fail(ErrorCode::Internal, "no membership".into()))?;
+    let stream = shared.net.open(peer, RUN_PROTOCOL).await.map_err(|e| {
+        fail(
+            ErrorCode::NoCapacity,
+            format!("cannot reach the target: {e}"),
+        )
+    })?;
+    let (mut tw, mut tr) = stream.split();
+    tw.send(
+        &RunRequest {
+            grant: placement.grant.clone(),
+            issuer_membership: membership,
+            turns: turns.to_vec(),
+            params: params.clone(),
+        },
+        wt,
+    )
+    .await
+    .map_err(|e| fail(ErrorCode::NoCapacity, format!("target: {e}")))?;
+    let mut answer = String::new();
+    let mut sent = 0u32;
+    loop {
+        let frame = tokio::time::timeout(stall, tr.recv::<ServerFrame>()).await;
+        match frame {
+            Ok(Ok(Some(ServerFrame::Token { index, text }))) => {
+                answer.push_str(&text);
+                if writer
+                    .send(&ServerFrame::Token { index, text }, wt)
+                    .await
+                    .is_err()
+                {
+                    return Ok(Fetched::ClientGone);
+                }
+                sent += 1;
+            }
+            Ok(Ok(Some(ServerFrame::Done(done)))) => {
+                let receipt_tokens = match &done.receipt {
+                    Some(r) => r
+                        .verify(&placement.target, placement.grant.body.request, &answer)
+                        .map(|b| b.generated_tokens)
+                        .map_err(|e| {
+                            (
+                                error_frame(ErrorCode::Internal, format!("target receipt: {e}")),
+                                sent,
+                            )
+                        })?,
+                    None => {
+                        return Err((
+                            error_frame(ErrorCode::Internal, "target sent no receipt"),
+                            sent,
+                        ));
+                    }
+                };
+                return Ok(Fetched::Done {
+                    answer,
+                    done,
+                    receipt_tokens,
+                });
+            }
+            Ok(Ok(Some(ServerFrame::Error(e)))) => return Err((e, sent)),
+            Ok(Ok(Some(_))) => {
+                return Err((
+                    error_frame(ErrorCode::Internal, "target broke the protocol"),
+                    sent,
+                ));
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                return Err((
+                    error_frame(ErrorCode::Internal, "the target dropped the stream"),
+                    sent,
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    error_frame(
+                        ErrorCode::Timeout,
+                        format!("target silent for {} ms", stall.as_millis()),
+                    ),
+                    sent,
+                ));
+            }
+        }
+    }
+}
+
+async fn serve_run(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    first: Duration,
+) {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let req = match first_frame::<RunRequest>(reader, first).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+    };
+    let request = req.grant.body.request;
+    let placement = Placement {
+        target: shared.identity.id(),
+        addrs: Vec::new(),
+        grant: req.grant,
+        score: 0.0,
+    };
+    let job = match run_local(
+        shared,
+        &placement,
+        Some(req.issuer_membership),
+        client,
+        &req.turns,
+        &req.params,
+    )
+    .await
+    {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::info!(client = %client.short(), message = %e.message, "run refused");
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+    };
+    match stream_job(shared, job, writer, reader).await {
+        Ok(Some(Streamed { answer, mut done })) => {
+            done.receipt = Some(sign_receipt(
+                &shared.identity.key,
+                ReceiptBody {
+                    request,
+                    client,
+                    generated_tokens: done.generated_tokens,
+                    answer_hash: prompt_hash(&answer),
+                },
+            ));
+            let _ = writer.send(&ServerFrame::Done(done), wt).await;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+        }
+    }
+}
+
+async fn serve_join(
+    shared: &Arc<NodeShared>,
+    joiner: NodeId,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    first: Duration,
+) {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let reply = match first_frame::<JoinRequest>(reader, first).await {
+        Ok(Some(req)) => match shared.identity.admit(&req.ticket, joiner, now_ms()) {
+            Ok(membership) => {
+                tracing::info!(node = %joiner.short(), "signed a membership for a joining node");
+                JoinReply::Welcome {
+                    membership,
+                    authorities: shared.identity.authorities.iter().copied().collect(),
+                }
+            }
+            Err(m) => JoinReply::Refused(error_frame(ErrorCode::Forbidden, m)),
+        },
+        Ok(None) => return,
+        Err(e) => JoinReply::Refused(e),
+    };
+    let _ = writer.send(&reply, wt).await;
+}
+
+async fn serve_status(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    first: Duration,
+) {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let reply = match first_frame::<StatusRequest>(reader, first).await {
+        Ok(Some(req)) => call(shared.directory.get().router, "the router", |reply| {
+            RouterMsg::Status {
+                client,
+                credential: Box::new(req.credential),
+                reply,
+            }
+        })
+        .await
+        .unwrap_or_else(StatusReply::Refused),
+        Ok(None) => return,
+        Err(e) => StatusReply::Refused(e),
+    };
+    let _ = writer.send(&reply, wt).await;
 }

@@ -264,6 +264,24 @@ impl Credential {
         model: &str,
         now_ms: UnixMs,
     ) -> Result<&CredentialBody, AuthError> {
+        let b = self.verify_holder(authorities, presenter, now_ms)?;
+        if !b.models.matches(model) {
+            return Err(AuthError::ModelNotAllowed {
+                pattern: b.models.0.clone(),
+                model: model.to_owned(),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Everything [`Credential::verify`] checks except the model scope (for
+    /// requests that name no model, such as status).
+    pub fn verify_holder(
+        &self,
+        authorities: &BTreeSet<NodeId>,
+        presenter: &NodeId,
+        now_ms: UnixMs,
+    ) -> Result<&CredentialBody, AuthError> {
         self.verify_signature(DOMAIN_CREDENTIAL)?;
         if !authorities.contains(&self.signer) {
             return Err(AuthError::UntrustedIssuer {
@@ -277,12 +295,6 @@ impl Credential {
             return Err(AuthError::WrongHolder {
                 holder: b.holder.short(),
                 presenter: presenter.short(),
-            });
-        }
-        if !b.models.matches(model) {
-            return Err(AuthError::ModelNotAllowed {
-                pattern: b.models.0.clone(),
-                model: model.to_owned(),
             });
         }
         Ok(b)
@@ -363,9 +375,13 @@ pub struct GrantBody {
 
 pub type Grant = Signed<GrantBody>;
 
-/// The sha256 a grant binds a prompt with.
+/// The sha256 of a text (answers in receipts).
 pub fn prompt_hash(prompt: &str) -> [u8; 32] {
-    Sha256::digest(prompt.as_bytes()).into()
+    prompt_hash_bytes(prompt.as_bytes())
+}
+
+pub fn prompt_hash_bytes(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// A capacity report signed by the node it describes.
@@ -523,7 +539,8 @@ pub struct GrantCheck<'a> {
     pub this_node: &'a NodeId,
     pub client: &'a NodeId,
     pub model: &'a str,
-    pub prompt: &'a str,
+    /// Hash of the prompt the request carries.
+    pub prompt_hash: [u8; 32],
     pub max_tokens: u32,
 }
 
@@ -556,7 +573,7 @@ impl Grant {
         if b.model != check.model {
             return Err(AuthError::GrantMismatch("model"));
         }
-        if b.prompt_hash != prompt_hash(check.prompt) {
+        if b.prompt_hash != check.prompt_hash {
             return Err(AuthError::GrantMismatch("prompt"));
         }
         if check.max_tokens > b.max_tokens {
@@ -911,7 +928,7 @@ mod tests {
             this_node: &target,
             client: &client,
             model: "gemma",
-            prompt: "hello",
+            prompt_hash: prompt_hash("hello"),
             max_tokens: 64,
         };
         assert!(grant.verify(member, &ok, 1_000).is_ok());
@@ -942,7 +959,7 @@ mod tests {
             grant.verify(
                 member,
                 &GrantCheck {
-                    prompt: "bye",
+                    prompt_hash: prompt_hash("bye"),
                     ..ok.clone()
                 },
                 1_000

@@ -31,6 +31,19 @@ pub struct Turn {
     pub tokens: u32,
 }
 
+/// The hash a grant binds a prompt's turns with: sha256 of their canonical
+/// encoding, so the node that formats them for its model can check them.
+pub fn turns_hash(turns: &[Turn]) -> [u8; 32] {
+    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&turns))
+}
+
+/// Token count for a text when no tokenizer is at hand: one token per three
+/// bytes, rounded up. Real tokenizers average three to four bytes per token
+/// on prose, so this over-counts and budgets stay safe.
+pub fn estimate_tokens(text: &str) -> u32 {
+    u32::try_from(text.len().div_ceil(3)).unwrap_or(u32::MAX)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptBudget {

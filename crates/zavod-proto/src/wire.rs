@@ -192,7 +192,9 @@ pub struct RunRequest {
     /// The entry node's membership, so the target can check the grant's
     /// issuer even before gossip has introduced them.
     pub issuer_membership: Membership,
-    pub prompt: String,
+    /// The conversation turns to answer; the target formats them with its
+    /// model's chat template. The grant binds their hash.
+    pub turns: Vec<crate::prompt::Turn>,
     pub params: GenParams,
 }
 

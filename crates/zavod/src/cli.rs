@@ -28,8 +28,87 @@ pub enum Command {
     Node(NodeArgs),
     /// Chat with the mesh through any node (interactive, or one answer with --prompt).
     Chat(ChatArgs),
+    /// Show the mesh as a node sees it: members, models, load, breakers, scores.
+    Status(StatusArgs),
+    /// Create a mesh, or invite nodes into it.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
+    /// Issue client credentials.
+    #[command(subcommand)]
+    Cap(CapCommand),
     /// Measure decode speed and first-token time through a node against llama.cpp in-process.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Create a mesh authority in the data directory (and this node's membership
+    /// and a credential for the local user).
+    Init {
+        #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a one-line invite for a new node: `zavod node --join TOKEN`.
+    Invite {
+        #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// How long the invite can be used (e.g. 1h, 7d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+        ttl: std::time::Duration,
+        /// Address of a node that can sign memberships (repeatable)
+        /// [default: the addresses the node on this data directory listens on].
+        #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+        bootstrap: Vec<Multiaddr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CapCommand {
+    /// Issue a credential: printed as one line (a capability token holding a
+    /// fresh client key) unless --out is given.
+    Issue {
+        #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Models allowed; `*` matches any run of characters (e.g. "gemma-*").
+        #[arg(long, default_value = "*", value_name = "PATTERN")]
+        models: String,
+        /// Tokens the credential may have generated over its life.
+        #[arg(long, value_name = "N")]
+        max_tokens: u64,
+        /// How long the credential is valid (e.g. 30d, 12h).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        ttl: std::time::Duration,
+        /// Requests per minute (0 = no limit).
+        #[arg(long, default_value_t = 0, value_name = "PER_MIN")]
+        rate: u32,
+        /// Bind the credential to an existing client key (64 hex digits)
+        /// instead of making a new one.
+        #[arg(long, value_name = "PUBKEY")]
+        holder: Option<String>,
+        /// Write the credential to this file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node to ask: a multiaddr, with or without /p2p/PEER_ID, or host:port.
+    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
+    pub peer: Multiaddr,
+    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Credential to present: a file, or the credential text itself.
+    #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
+    pub credential: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; expected a duration like 90s, 30m, 24h or 7d"))
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -67,6 +146,13 @@ pub struct NodeArgs {
     /// Model layers to offload to the GPU (needs a build with --features cuda).
     #[arg(long, env = "ZAVOD_GPU_LAYERS", value_name = "N")]
     pub gpu_layers: Option<u32>,
+    /// A node of the mesh to connect through (repeatable), with /p2p/PEER_ID.
+    #[arg(long, env = "ZAVOD_BOOTSTRAP", value_name = "MULTIADDR", value_parser = parse_multiaddr, value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Join a mesh with an invite from `zavod mesh invite` (first start only;
+    /// later starts remember the membership).
+    #[arg(long, env = "ZAVOD_JOIN", value_name = "TOKEN")]
+    pub join: Option<String>,
 }
 
 #[derive(Debug, Args)]

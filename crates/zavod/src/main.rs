@@ -7,8 +7,10 @@
 mod bench;
 mod chat;
 mod cli;
+mod mesh;
 mod node;
 mod output;
+mod status;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -20,6 +22,9 @@ fn main() -> ExitCode {
         cli::Command::Node(args) => node::run(args),
         cli::Command::Chat(args) => chat::run(args),
         cli::Command::Bench(args) => bench::run(args),
+        cli::Command::Status(args) => status::run(args),
+        cli::Command::Mesh(cmd) => mesh::run_mesh(cmd),
+        cli::Command::Cap(cmd) => mesh::run_cap(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

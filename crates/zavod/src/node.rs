@@ -13,6 +13,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
     config.apply(Overrides {
         listen: (!args.listen.is_empty())
             .then(|| args.listen.iter().map(ToString::to_string).collect()),
+        bootstrap: args.bootstrap.iter().map(ToString::to_string).collect(),
         data_dir: args.data_dir,
         model: args.model,
         gpu_layers: args.gpu_layers,
@@ -20,9 +21,54 @@ pub fn run(args: NodeArgs) -> Result<()> {
         context_tokens: args.context_tokens,
         threads: args.threads,
     });
+    let ticket = match &args.join {
+        Some(t) => Some(
+            zavod_proto::auth::JoinTicket::from_text(t)
+                .map_err(|e| anyhow::anyhow!("--join: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(t) = &ticket {
+        config
+            .node
+            .bootstrap
+            .extend(t.body.bootstrap.iter().cloned());
+    }
     config.check()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
 
-    let (identity, report) = Node::open_identity(&config)?;
+    let (identity, report) = match &ticket {
+        None => Node::open_identity(&config)?,
+        Some(t) => {
+            let now = zavod_node::clock::now_ms();
+            let (mut identity, report) =
+                zavod_node::datadir::NodeIdentity::open_for_join(&config.data_dir(), now)?;
+            let member_of_it = identity.authorities.contains(&t.signer)
+                && identity
+                    .membership
+                    .as_ref()
+                    .is_some_and(|m| m.verify(&identity.authorities, now).is_ok());
+            if identity.is_authority() && !identity.authorities.contains(&t.signer) {
+                anyhow::bail!(
+                    "{} already holds its own mesh; use a fresh --data-dir to join another",
+                    identity.dir.display()
+                );
+            }
+            if !member_of_it {
+                println!("joining the mesh of authority {} ...", t.signer.short());
+                rt.block_on(zavod_node::node::join_mesh(
+                    &mut identity,
+                    t,
+                    &config.limits,
+                ))?;
+                println!("joined: membership signed by {}", t.signer.short());
+            }
+            (identity, report)
+        }
+    };
     let mut out = std::io::stdout().lock();
     writeln!(out, "zavod node {}", env!("CARGO_PKG_VERSION"))?;
     writeln!(out, "data dir: {}", identity.dir.display())?;
@@ -87,10 +133,6 @@ pub fn run(args: NodeArgs) -> Result<()> {
         }
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     rt.block_on(async move {
         let node = Node::start(StartOptions {
             config,

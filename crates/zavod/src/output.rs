@@ -4,7 +4,7 @@ use crate::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Default filter: our crates at info, dependencies (llama.cpp included) at warn.
-const DEFAULT_FILTER: &str = "warn,llama-cpp-2=error,zavod=info,zavod_node=info,zavod_net=info,zavod_engine=info,zavod_store=info";
+const DEFAULT_FILTER: &str = "warn,llama-cpp-2=error,libp2p_kad=error,zavod=info,zavod_node=info,zavod_net=info,zavod_engine=info,zavod_store=info";
 
 pub fn init_logging(format: &LogFormat) {
     let filter =

@@ -1,23 +1,29 @@
 //! MemoryKeeper: each conversation's turns in the store (sled), and prompt
 //! assembly: the newest turns that fit the context budget
-//! (zavod_proto::prompt::assemble), formatted with the model's template.
+//! (zavod_proto::prompt::assemble). Tokens are counted with this node's
+//! model when it has one, else estimated on the safe side; the node that
+//! generates formats the turns with its model's chat template.
 
 use super::{NodeShared, error_frame};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
-use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble};
+use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble, estimate_tokens};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConvKey;
 
 pub struct MemoryKeeper;
 
-/// A prompt ready for the engine.
+/// A prompt ready to be granted and run.
 #[derive(Debug, Clone)]
 pub struct PreparedPrompt {
-    pub text: String,
+    /// History that fits, oldest first, then the new message.
+    pub turns: Vec<Turn>,
     pub history_turns: u32,
     pub estimated_tokens: u32,
     pub user_turn: Turn,
+    /// The prompt as the model will see it, when this node has the model;
+    /// otherwise the turns one per line.
+    pub display: String,
 }
 
 pub enum MemoryMsg {
@@ -25,6 +31,8 @@ pub enum MemoryMsg {
         key: Option<ConvKey>,
         message: String,
         answer_tokens: u32,
+        /// Context of the model that will answer.
+        context_tokens: u32,
         reply: RpcReplyPort<Result<PreparedPrompt, ErrorFrame>>,
     },
     /// Appends turns; replies once they are durable.
@@ -61,9 +69,16 @@ impl Actor for MemoryKeeper {
                 key,
                 message,
                 answer_tokens,
+                context_tokens,
                 reply,
             } => {
-                let _ = reply.send(prepare(shared, key.as_ref(), message, answer_tokens));
+                let _ = reply.send(prepare(
+                    shared,
+                    key.as_ref(),
+                    message,
+                    answer_tokens,
+                    context_tokens,
+                ));
             }
             MemoryMsg::Record { key, turns, reply } => {
                 let r = shared.store.append(&key, &turns).map_err(|e| e.to_string());
@@ -84,13 +99,9 @@ fn prepare(
     key: Option<&ConvKey>,
     message: String,
     answer_tokens: u32,
+    context_tokens: u32,
 ) -> Result<PreparedPrompt, ErrorFrame> {
-    let model = shared.model.as_ref().ok_or_else(|| {
-        error_frame(
-            ErrorCode::ModelUnavailable,
-            "this node serves no model (start it with --model)",
-        )
-    })?;
+    let model = shared.model.as_ref();
     let history = match key {
         Some(k) => shared
             .store
@@ -100,22 +111,30 @@ fn prepare(
     };
     let user_turn = Turn {
         role: Role::User,
-        tokens: model.count_tokens(&message),
+        tokens: model.map_or_else(|| estimate_tokens(&message), |m| m.count_tokens(&message)),
         text: message,
     };
     let budget = PromptBudget {
-        context_tokens: model.offer().context_tokens,
+        context_tokens,
         per_turn_overhead_tokens: shared.config.memory.per_turn_overhead_tokens,
     };
     let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
-    let text = model
-        .format_chat(&assembled.turns)
-        .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    let display = match model {
+        Some(m) => m
+            .format_chat(&assembled.turns)
+            .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?,
+        None => assembled
+            .turns
+            .iter()
+            .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
+            .collect(),
+    };
     Ok(PreparedPrompt {
-        text,
+        turns: assembled.turns,
         history_turns: assembled.history_turns,
         estimated_tokens: assembled.tokens,
         user_turn,
+        display,
     })
 }

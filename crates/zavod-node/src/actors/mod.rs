@@ -58,6 +58,18 @@ pub struct NodeShared {
     pub directory: Directory,
     pub model: Option<Arc<dyn ModelBackend>>,
     pub store: Arc<dyn ConversationStore>,
+    pub net: zavod_net::Client,
+    /// This node's dialable addresses (with /p2p/), once it listens.
+    pub listen_addrs: RwLock<Vec<String>>,
+}
+
+impl NodeShared {
+    pub fn listen_addrs(&self) -> Vec<String> {
+        match self.listen_addrs.read() {
+            Ok(a) => a.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
 }
 
 pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {

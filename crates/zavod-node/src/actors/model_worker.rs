@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 use zavod_engine::llama::job_channel;
 use zavod_engine::{CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::NodeId;
-use zavod_proto::auth::{AuthError, Grant, GrantCheck, ReplayGuard};
+use zavod_proto::auth::{AuthError, Grant, GrantCheck, Membership, ReplayGuard};
 use zavod_proto::capacity::WorkerLoad;
+use zavod_proto::prompt::{Turn, turns_hash};
 use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
 
 /// How often the worker checks its engine and reports load.
@@ -37,8 +38,10 @@ pub struct JobStream {
 pub enum WorkerMsg {
     Run {
         grant: Box<Grant>,
+        /// The issuer's membership, when the grant came from another node.
+        issuer_membership: Option<Box<Membership>>,
         client: NodeId,
-        prompt: String,
+        turns: Vec<Turn>,
         params: GenParams,
         reply: RpcReplyPort<Result<JobStream, ErrorFrame>>,
     },
@@ -107,12 +110,20 @@ impl Actor for ModelWorker {
         match msg {
             WorkerMsg::Run {
                 grant,
+                issuer_membership,
                 client,
-                prompt,
+                turns,
                 params,
                 reply,
             } => {
-                let r = run(st, grant, client, prompt, params);
+                let r = run(
+                    st,
+                    grant,
+                    issuer_membership.as_deref(),
+                    client,
+                    turns,
+                    params,
+                );
                 let _ = reply.send(r);
                 if !st.engine.is_alive() {
                     // Fail on purpose: the supervisor builds a fresh engine.
@@ -138,8 +149,9 @@ impl Actor for ModelWorker {
 fn run(
     st: &mut WorkerState,
     grant: Box<Grant>,
+    issuer_membership: Option<&Membership>,
     client: NodeId,
-    prompt: String,
+    turns: Vec<Turn>,
     params: GenParams,
 ) -> Result<JobStream, ErrorFrame> {
     let now = now_ms();
@@ -149,14 +161,27 @@ fn run(
         this_node: &this,
         client: &client,
         model: &model,
-        prompt: &prompt,
+        prompt_hash: turns_hash(&turns),
         max_tokens: params.max_tokens,
     };
     let members = &st.members;
-    let body = grant
-        .verify(|n| members.contains(n), &check, now)
-        .map_err(grant_error)?;
+    let authorities = &st.shared.identity.authorities;
+    // A grant's issuer must be a member: this node, or the node whose
+    // membership certificate came with the request and verifies here.
+    let is_member = |n: &NodeId| {
+        members.contains(n)
+            || issuer_membership
+                .is_some_and(|m| m.body.member == *n && m.verify(authorities, now).is_ok())
+    };
+    let body = grant.verify(is_member, &check, now).map_err(grant_error)?;
     st.replay.admit(body, now).map_err(grant_error)?;
+    params
+        .check()
+        .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
+    let prompt = st
+        .engine
+        .format_chat(&turns)
+        .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
     let (tx, rx) = job_channel();
     let cancel = CancelFlag::default();
     let job = Job {

@@ -1,9 +1,8 @@
 //! Router: admits requests (credential, scope, rate and budget through
-//! zavod_proto::auth), keeps the capacity view, places requests by MCDA
-//! rank and the request-id keyed pick (zavod_proto::score) among members
-//! whose breaker allows it, and mints the per-request grant.
-//!
-//! With one node the view holds only this node; the mesh adds peers.
+//! zavod_proto::auth), keeps the mesh view (zavod_proto::view) fed by
+//! gossip, announces this node, places requests by MCDA rank and the
+//! request-id keyed pick (zavod_proto::score) among alive members whose
+//! breaker allows it, and mints the per-request grant.
 
 use super::breaker::BreakerMsg;
 use super::{NodeShared, error_frame, unavailable};
@@ -12,15 +11,22 @@ use crate::datadir::random_u128;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
 use std::time::Duration;
-use zavod_proto::auth::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, prompt_hash};
+use zavod_proto::auth::{
+    AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, prompt_hash, sign_report,
+};
+use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CapacityReport, Resources, WorkerLoad};
 use zavod_proto::score::{Candidate, pick, rank};
-use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame};
+use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
+use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, StatusReply, StatusRow};
 use zavod_proto::{NodeId, RequestId};
 use zavod_store::ConvKey;
 
 /// How long the Router waits for the Breaker.
-const BREAKER_TIMEOUT: Duration = Duration::from_secs(2);
+const BREAKER_TIMEOUT_MS: u64 = 2_000;
+/// Free memory is compared in steps of this size when deciding whether
+/// figures moved (RAM readings jitter by kilobytes every second).
+const MEM_STEP_BYTES: u64 = 64 << 20;
 
 pub struct Router;
 
@@ -32,12 +38,15 @@ pub struct Admission {
     pub max_tokens: u32,
     pub credential_id: [u8; 16],
     pub conversation: Option<ConvKey>,
+    /// Context of the model, per request, as its servers announce it.
+    pub context_tokens: u32,
 }
 
 /// Where a request runs, and its permission to.
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub target: NodeId,
+    pub addrs: Vec<String>,
     pub grant: Grant,
     pub score: f64,
 }
@@ -49,10 +58,14 @@ pub enum RouterMsg {
         reply: RpcReplyPort<Result<Admission, ErrorFrame>>,
     },
     Place {
+        /// The key the grant is bound to (the client, or this node when it
+        /// relays).
         client: NodeId,
         model: String,
         prompt_hash: [u8; 32],
         max_tokens: u32,
+        /// Nodes not to place on (they just failed this request).
+        exclude: Vec<NodeId>,
         reply: RpcReplyPort<Result<Placement, ErrorFrame>>,
     },
     /// Returns unused reserved tokens when a request ends.
@@ -63,7 +76,21 @@ pub enum RouterMsg {
     },
     Resources(Resources),
     WorkerLoad(WorkerLoad),
-    SelfReport(RpcReplyPort<CapacityReport>),
+    Announce(Box<Announcement>),
+    Rtt {
+        node: NodeId,
+        rtt_ms: f64,
+    },
+    GossipTick,
+    Status {
+        client: NodeId,
+        credential: Box<Credential>,
+        reply: RpcReplyPort<StatusReply>,
+    },
+    IsMember {
+        node: NodeId,
+        reply: RpcReplyPort<bool>,
+    },
 }
 
 impl ractor::Message for RouterMsg {}
@@ -74,6 +101,33 @@ pub struct RouterState {
     resources: Resources,
     load: WorkerLoad,
     seq: u64,
+    view: MeshView,
+    /// Figures and time of the last announcement sent.
+    last_announced: Option<(Figures, u64)>,
+}
+
+/// The parts of a report whose change is worth announcing.
+#[derive(Debug, Clone, PartialEq)]
+struct Figures {
+    mem_step: u64,
+    slots_free: u32,
+    slots_total: u32,
+    queue_depth: u32,
+    tokens_per_s_tenths: i64,
+    models: Vec<String>,
+}
+
+impl Figures {
+    fn of(r: &CapacityReport) -> Self {
+        Figures {
+            mem_step: r.mem_free_bytes / MEM_STEP_BYTES,
+            slots_free: r.slots_free,
+            slots_total: r.slots_total,
+            queue_depth: r.queue_depth,
+            tokens_per_s_tenths: (r.tokens_per_s * 10.0) as i64,
+            models: r.models.iter().map(|m| m.name.clone()).collect(),
+        }
+    }
 }
 
 fn auth_error(e: AuthError) -> ErrorFrame {
@@ -87,6 +141,10 @@ fn auth_error(e: AuthError) -> ErrorFrame {
 }
 
 impl RouterState {
+    fn me(&self) -> NodeId {
+        self.shared.identity.id()
+    }
+
     fn self_report(&mut self) -> CapacityReport {
         self.seq += 1;
         let models = self
@@ -96,7 +154,7 @@ impl RouterState {
             .map(|m| vec![m.offer()])
             .unwrap_or_default();
         CapacityReport::build(
-            self.shared.identity.id(),
+            self.me(),
             self.seq,
             now_ms(),
             &self.resources,
@@ -105,39 +163,101 @@ impl RouterState {
         )
     }
 
+    /// Announces this node when its figures moved or the heartbeat is due.
+    fn gossip_tick(&mut self) {
+        let now = now_ms();
+        self.view.forget(now);
+        let Some(membership) = self.shared.identity.membership.clone() else {
+            return;
+        };
+        let report = self.self_report();
+        let figures = Figures::of(&report);
+        let heartbeat = self.shared.config.gossip.heartbeat_ms;
+        let due = match &self.last_announced {
+            None => true,
+            Some((f, at)) => *f != figures || now.saturating_sub(*at) >= heartbeat,
+        };
+        if !due {
+            return;
+        }
+        let a = Announcement {
+            report: sign_report(&self.shared.identity.key, report),
+            membership,
+            addrs: self.shared.listen_addrs(),
+        };
+        if let Err(e) = self.view.on_announcement(&a, now) {
+            tracing::warn!(error = %e, "this node's own announcement was refused");
+        }
+        match zavod_proto::wire::encode(&a) {
+            Ok(bytes) => self.shared.net.publish(bytes),
+            Err(e) => tracing::warn!(error = %e, "cannot encode announcement"),
+        }
+        self.last_announced = Some((figures, now));
+    }
+
+    fn on_announce(&mut self, a: &Announcement) {
+        let now = now_ms();
+        let node = a.report.body.node;
+        if node == self.me() {
+            return;
+        }
+        match self.view.on_announcement(a, now) {
+            Ok(Accepted::New) => {
+                tracing::info!(peer = %node.short(), models = ?a.report.body.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "member joined the view");
+                self.connect_to(node);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(peer = %node.short(), error = %e, "announcement dropped"),
+        }
+    }
+
+    /// Dials a member we heard of, for RTT and direct gossip.
+    fn connect_to(&self, node: NodeId) {
+        let Some(peer) = zavod_net::peer_id_of(&node) else {
+            return;
+        };
+        let addrs = self
+            .view
+            .get(&node)
+            .map(|m| {
+                m.addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+                    .map(|a| zavod_net::addr::split_peer(&a).0)
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.shared.net.connect(peer, addrs);
+    }
+
+    fn serves(&self, model: &str, now: u64) -> bool {
+        !self.view.candidates(model, &self.me(), now).is_empty()
+    }
+
     fn admit(&mut self, client: NodeId, req: ChatRequest) -> Result<Admission, ErrorFrame> {
         req.check()
             .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
         let now = now_ms();
         let model = match req.model {
             Some(m) => m,
-            None => self
-                .shared
-                .model
-                .as_ref()
-                .map(|m| m.offer().name)
-                .ok_or_else(|| {
-                    error_frame(
-                        ErrorCode::ModelUnavailable,
-                        "no model is served here; name one with --model",
-                    )
-                })?,
+            None => self.default_model(now).ok_or_else(|| {
+                error_frame(
+                    ErrorCode::ModelUnavailable,
+                    "no node in the mesh serves a model yet",
+                )
+            })?,
         };
         let cred = req
             .credential
             .verify(&self.shared.identity.authorities, &client, &model, now)
             .map_err(auth_error)?;
-        let serves = self
-            .shared
-            .model
-            .as_ref()
-            .is_some_and(|m| m.offer().name == model);
-        if !serves {
+        if !self.serves(&model, now) {
             return Err(error_frame(
                 ErrorCode::ModelUnavailable,
-                format!("no node serves model {model:?}"),
+                format!("no node in the mesh serves model {model:?}"),
             ));
         }
+        let context_tokens = self.context_tokens(&model, now);
         let max_tokens = self
             .ledger
             .admit(cred, req.params.max_tokens, now)
@@ -145,6 +265,7 @@ impl RouterState {
         Ok(Admission {
             model,
             max_tokens,
+            context_tokens,
             credential_id: cred.id,
             conversation: req.conversation.map(|c| ConvKey {
                 owner: client,
@@ -153,25 +274,62 @@ impl RouterState {
         })
     }
 
+    /// The smallest context any alive server of `model` offers, so the
+    /// prompt fits wherever it is placed.
+    fn context_tokens(&self, model: &str, now: u64) -> u32 {
+        self.view
+            .members()
+            .filter(|(_, m)| m.liveness(&self.view.config, now) == Liveness::Alive)
+            .flat_map(|(_, m)| m.report.models.iter())
+            .filter(|o| o.name == model)
+            .map(|o| o.context_tokens)
+            .min()
+            .unwrap_or(self.shared.config.model.context_tokens)
+    }
+
+    /// This node's model, else the model most alive members serve.
+    fn default_model(&self, now: u64) -> Option<String> {
+        if let Some(m) = &self.shared.model {
+            return Some(m.offer().name);
+        }
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for (_, m) in self.view.members() {
+            if m.liveness(&self.view.config, now) == Liveness::Alive {
+                for o in &m.report.models {
+                    *counts.entry(o.name.as_str()).or_default() += 1;
+                }
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(name, n)| (*n, std::cmp::Reverse(*name)))
+            .map(|(name, _)| name.to_string())
+    }
+
+    fn candidates(&self, model: &str, now: u64) -> Vec<Candidate> {
+        let me = self.me();
+        let mut c = self.view.candidates(model, &me, now);
+        // This node's own figures are fresher than its last announcement.
+        for cand in c.iter_mut().filter(|c| c.node == me) {
+            cand.slots_free = self.load.slots_total.saturating_sub(self.load.slots_busy);
+            cand.slots_total = self.load.slots_total;
+        }
+        c
+    }
+
     async fn place(
         &mut self,
         client: NodeId,
         model: String,
         hash: [u8; 32],
         max_tokens: u32,
+        exclude: Vec<NodeId>,
     ) -> Result<Placement, ErrorFrame> {
-        let me = self.self_report();
-        let candidates: Vec<Candidate> = [me]
-            .iter()
-            .filter(|r| r.serves(&model))
-            .map(|r| Candidate {
-                node: r.node,
-                mem_free_bytes: r.mem_free_bytes,
-                slots_free: r.slots_free,
-                slots_total: r.slots_total,
-                rtt_ms: Some(0.0),
-                tokens_per_s: f64::from(r.tokens_per_s),
-            })
+        let now = now_ms();
+        let candidates: Vec<Candidate> = self
+            .candidates(&model, now)
+            .into_iter()
+            .filter(|c| !exclude.contains(&c.node))
             .collect();
         let breaker = self
             .shared
@@ -183,7 +341,7 @@ impl RouterState {
         let open = ractor::call_t!(
             breaker,
             |reply| BreakerMsg::Filter { nodes, reply },
-            BREAKER_TIMEOUT.as_millis() as u64
+            BREAKER_TIMEOUT_MS
         )
         .map_err(|_| unavailable("the breaker"))?;
         let candidates: Vec<Candidate> = candidates
@@ -193,12 +351,23 @@ impl RouterState {
         let request =
             RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
         let ranked = rank(&candidates, &self.shared.config.scoring.weights);
-        let chosen = pick(&ranked, request, self.shared.config.scoring.top_k).ok_or_else(|| {
-            error_frame(
-                ErrorCode::NoCapacity,
-                format!("no node can serve {model:?} now (circuit open or none loaded)"),
-            )
-        })?;
+        let chosen =
+            pick(&ranked, request, self.shared.config.scoring.top_k).ok_or_else(|| {
+                error_frame(
+                    ErrorCode::NoCapacity,
+                    format!(
+                        "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
+                    ),
+                )
+            })?;
+        let addrs = if chosen.node == self.me() {
+            self.shared.listen_addrs()
+        } else {
+            self.view
+                .get(&chosen.node)
+                .map(|m| m.addrs.clone())
+                .unwrap_or_default()
+        };
         let grant = mint_grant(
             &self.shared.identity.key,
             GrantBody {
@@ -207,15 +376,78 @@ impl RouterState {
                 target: chosen.node,
                 model,
                 max_tokens,
-                expires_at_ms: now_ms() + self.shared.config.limits.grant_ttl_ms,
+                expires_at_ms: now + self.shared.config.limits.grant_ttl_ms,
                 prompt_hash: hash,
             },
         );
         Ok(Placement {
             target: chosen.node,
+            addrs,
             grant,
             score: chosen.score,
         })
+    }
+
+    async fn status(&mut self, client: NodeId, credential: &Credential) -> StatusReply {
+        let now = now_ms();
+        if let Err(e) = credential.verify_holder(&self.shared.identity.authorities, &client, now) {
+            return StatusReply::Refused(auth_error(e));
+        }
+        let breakers: Vec<(NodeId, BreakerState)> = match self.shared.directory.get().breaker {
+            Some(b) => {
+                ractor::call_t!(b, BreakerMsg::States, BREAKER_TIMEOUT_MS).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let me = self.me();
+        let alive: Vec<Candidate> = self
+            .view
+            .members()
+            .filter(|(_, m)| m.liveness(&self.view.config, now) == Liveness::Alive)
+            .map(|(id, m)| Candidate {
+                node: *id,
+                mem_free_bytes: m.report.mem_free_bytes,
+                slots_free: m.report.slots_free,
+                slots_total: m.report.slots_total,
+                rtt_ms: if *id == me { Some(0.0) } else { m.rtt_ms },
+                tokens_per_s: f64::from(m.report.tokens_per_s),
+            })
+            .collect();
+        let scores = rank(&alive, &self.shared.config.scoring.weights);
+        let rows = self
+            .view
+            .members()
+            .map(|(id, m)| StatusRow {
+                node: *id,
+                is_self: *id == me,
+                addrs: m.addrs.clone(),
+                models: m.report.models.clone(),
+                on_gpu: m.report.on_gpu,
+                mem_free_bytes: m.report.mem_free_bytes,
+                mem_total_bytes: m.report.mem_total_bytes,
+                slots_free: m.report.slots_free,
+                slots_total: m.report.slots_total,
+                queue_depth: m.report.queue_depth,
+                tokens_per_s: m.report.tokens_per_s,
+                liveness: m.liveness(&self.view.config, now).name().into(),
+                breaker: breakers
+                    .iter()
+                    .find(|(n, _)| n == id)
+                    .map_or("closed", |(_, s)| s.name())
+                    .into(),
+                rtt_ms: if *id == me { Some(0.0) } else { m.rtt_ms },
+                score: scores
+                    .iter()
+                    .find(|s| s.node == *id)
+                    .map_or(0.0, |s| s.score),
+                heard_ms_ago: now.saturating_sub(m.heard_at_ms),
+            })
+            .collect();
+        StatusReply::Mesh {
+            entry: me,
+            rows,
+            dropped_non_member: self.view.dropped.non_member,
+        }
     }
 }
 
@@ -231,14 +463,22 @@ impl Actor for Router {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         shared: Arc<NodeShared>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let slots = shared
             .model
             .as_ref()
             .map_or(0, |_| shared.config.model.slots);
-        Ok(RouterState {
+        let view = MeshView::new(
+            shared.identity.authorities.clone(),
+            shared.config.view.clone(),
+        );
+        myself.send_interval(
+            Duration::from_millis(shared.config.gossip.interval_ms),
+            || RouterMsg::GossipTick,
+        );
+        let mut st = RouterState {
             shared,
             ledger: UsageLedger::default(),
             resources: Resources::default(),
@@ -247,7 +487,14 @@ impl Actor for Router {
                 ..Default::default()
             },
             seq: 0,
-        })
+            view,
+            last_announced: None,
+        };
+        // Sequence numbers must grow across restarts of this actor (and of
+        // the node), or peers would ignore the new reports as stale.
+        st.seq = now_ms();
+        st.gossip_tick();
+        Ok(st)
     }
 
     async fn handle(
@@ -269,9 +516,13 @@ impl Actor for Router {
                 model,
                 prompt_hash,
                 max_tokens,
+                exclude,
                 reply,
             } => {
-                let _ = reply.send(st.place(client, model, prompt_hash, max_tokens).await);
+                let _ = reply.send(
+                    st.place(client, model, prompt_hash, max_tokens, exclude)
+                        .await,
+                );
             }
             RouterMsg::Settle {
                 credential_id,
@@ -280,8 +531,18 @@ impl Actor for Router {
             } => st.ledger.settle(&credential_id, reserved, used),
             RouterMsg::Resources(r) => st.resources = r,
             RouterMsg::WorkerLoad(l) => st.load = l,
-            RouterMsg::SelfReport(reply) => {
-                let _ = reply.send(st.self_report());
+            RouterMsg::Announce(a) => st.on_announce(&a),
+            RouterMsg::Rtt { node, rtt_ms } => st.view.on_rtt(&node, rtt_ms),
+            RouterMsg::GossipTick => st.gossip_tick(),
+            RouterMsg::Status {
+                client,
+                credential,
+                reply,
+            } => {
+                let _ = reply.send(st.status(client, &credential).await);
+            }
+            RouterMsg::IsMember { node, reply } => {
+                let _ = reply.send(st.view.is_member(&node, now_ms()));
             }
         }
         Ok(())

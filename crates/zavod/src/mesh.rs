@@ -1,0 +1,113 @@
+//! `zavod mesh init`, `zavod mesh invite`, `zavod cap issue`: offline
+//! commands on a data directory that holds a mesh authority.
+
+use crate::cli::{CapCommand, MeshCommand};
+use anyhow::{Context, Result, bail};
+use zavod_node::clock::now_ms;
+use zavod_node::config::default_data_dir;
+use zavod_node::datadir::{LISTEN_ADDRS, NodeIdentity, write_file};
+use zavod_proto::NodeId;
+
+pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
+    match cmd {
+        MeshCommand::Init { data_dir } => {
+            let dir = data_dir.unwrap_or_else(default_data_dir);
+            if std::fs::metadata(dir.join("authorities")).is_ok() {
+                let (id, _) = NodeIdentity::open_for_join(&dir, now_ms())?;
+                let names: Vec<String> = id.authorities.iter().map(NodeId::short).collect();
+                bail!(
+                    "{} already belongs to a mesh (authority {}); use another --data-dir for a new one",
+                    dir.display(),
+                    names.join(", ")
+                );
+            }
+            let (id, report) = NodeIdentity::open(&dir, now_ms())?;
+            let authority = id
+                .authorities
+                .iter()
+                .next()
+                .map(NodeId::to_hex)
+                .unwrap_or_default();
+            println!("created mesh authority {authority}");
+            println!("data dir: {}", dir.display());
+            if let Some(p) = report.created_client_credential {
+                println!("credential for this machine's user: {}", p.display());
+            }
+            println!("next: start `zavod node` here, then `zavod mesh invite` for each new node");
+            Ok(())
+        }
+        MeshCommand::Invite {
+            data_dir,
+            ttl,
+            bootstrap,
+        } => {
+            let dir = data_dir.unwrap_or_else(default_data_dir);
+            let (id, _) = NodeIdentity::open_for_join(&dir, now_ms())?;
+            let mut addrs: Vec<String> = bootstrap.iter().map(ToString::to_string).collect();
+            if addrs.is_empty() {
+                let path = dir.join(LISTEN_ADDRS);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no --bootstrap given and no {} (start `zavod node` on this data directory first)",
+                        path.display()
+                    )
+                })?;
+                addrs = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
+            if addrs.is_empty() {
+                bail!("no bootstrap address: pass --bootstrap MULTIADDR");
+            }
+            let ticket = id.invite(now_ms(), ttl.as_millis() as u64, addrs)?;
+            println!("{}", ticket.to_text());
+            Ok(())
+        }
+    }
+}
+
+pub fn run_cap(cmd: CapCommand) -> Result<()> {
+    match cmd {
+        CapCommand::Issue {
+            data_dir,
+            models,
+            max_tokens,
+            ttl,
+            rate,
+            holder,
+            out,
+        } => {
+            let dir = data_dir.unwrap_or_else(default_data_dir);
+            let (id, _) = NodeIdentity::open_for_join(&dir, now_ms())?;
+            let holder = match holder {
+                Some(h) => {
+                    Some(NodeId::from_hex(&h).map_err(|e| anyhow::anyhow!("--holder: {e}"))?)
+                }
+                None => None,
+            };
+            if max_tokens == 0 {
+                eprintln!("error: --max-tokens must be at least 1");
+                std::process::exit(2);
+            }
+            let text = id.issue_capability(
+                now_ms(),
+                &models,
+                max_tokens,
+                ttl.as_millis() as u64,
+                rate,
+                holder,
+            )?;
+            match out {
+                Some(path) => {
+                    write_file(&path, &format!("{text}\n"), true)?;
+                    eprintln!("credential written to {}", path.display());
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `zavod status`: the mesh as one node sees it, as a table or JSON.
+
+use crate::cli::StatusArgs;
+use anyhow::{Context, Result, bail};
+use std::time::Duration;
+use zavod_node::config::default_data_dir;
+use zavod_node::datadir::ClientIdentity;
+use zavod_proto::wire::{StatusReply, StatusRequest, StatusRow};
+
+fn peer_of(row: &StatusRow) -> String {
+    zavod_net::peer_id_of(&row.node).map_or_else(|| row.node.to_hex(), |p| p.to_string())
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt
+        .block_on(async {
+            let (net, mut events, el) = zavod_net::new(
+                zavod_net::identity_from_secret(identity.key.secret_bytes())?,
+                Default::default(),
+            )?;
+            tokio::spawn(el.run());
+            tokio::spawn(async move { while events.recv().await.is_some() {} });
+            let peer = net.dial(args.peer.clone()).await?;
+            let (mut w, mut r) = net.open(peer, zavod_net::STATUS_PROTOCOL).await?.split();
+            let t = Duration::from_secs(10);
+            w.send(
+                &StatusRequest {
+                    credential: identity.credential.clone(),
+                },
+                t,
+            )
+            .await?;
+            let reply = tokio::time::timeout(t, r.recv::<StatusReply>())
+                .await
+                .context("no status within 10 s")??;
+            anyhow::Ok(reply)
+        })
+        .with_context(|| format!("asking {} for status", args.peer))?;
+    let (entry, mut rows, dropped) = match reply {
+        Some(StatusReply::Mesh {
+            entry,
+            rows,
+            dropped_non_member,
+        }) => (entry, rows, dropped_non_member),
+        Some(StatusReply::Refused(e)) => bail!("the node refused: {}", e.message),
+        None => bail!("the node closed the stream without answering"),
+    };
+    rows.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.node.cmp(&b.node)));
+    if args.json {
+        let members: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "peer_id": peer_of(r),
+                    "node_key": r.node.to_hex(),
+                    "is_self": r.is_self,
+                    "addrs": r.addrs,
+                    "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "quant": m.quant, "context_tokens": m.context_tokens})).collect::<Vec<_>>(),
+                    "on_gpu": r.on_gpu,
+                    "mem_free_bytes": r.mem_free_bytes,
+                    "mem_total_bytes": r.mem_total_bytes,
+                    "slots_free": r.slots_free,
+                    "slots_total": r.slots_total,
+                    "queue_depth": r.queue_depth,
+                    "tokens_per_s": r.tokens_per_s,
+                    "state": r.liveness,
+                    "breaker": r.breaker,
+                    "rtt_ms": r.rtt_ms,
+                    "score": r.score,
+                    "heard_ms_ago": r.heard_ms_ago,
+                })
+            })
+            .collect();
+        let entry_peer = zavod_net::peer_id_of(&entry)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "entry": entry_peer,
+                "members": members,
+                "dropped_non_member_reports": dropped,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:<8} {:<26} {:>9} {:>7} {:>7} {:>8} {:<9} {:>6}  ADDRESS",
+        "PEER", "STATE", "MODELS", "FREE MEM", "JOBS", "TOK/S", "RTT", "BREAKER", "SCORE"
+    );
+    for r in &rows {
+        let models = if r.models.is_empty() {
+            "-".to_string()
+        } else {
+            r.models
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mark = if r.is_self { "*" } else { " " };
+        println!(
+            "{:<54} {:<8} {:<26} {:>9} {:>7} {:>7.1} {:>8} {:<9} {:>6.3}  {}",
+            format!("{}{mark}", peer_of(r)),
+            r.liveness,
+            models,
+            gib(r.mem_free_bytes),
+            format!(
+                "{}/{}",
+                r.slots_total - r.slots_free.min(r.slots_total),
+                r.slots_total
+            ),
+            r.tokens_per_s,
+            r.rtt_ms.map_or("-".into(), |v| format!("{v:.1}ms")),
+            r.breaker,
+            r.score,
+            r.addrs.first().map_or("-", String::as_str),
+        );
+    }
+    println!(
+        "{} members; * = the node asked; {} reports from non-members dropped",
+        rows.len(),
+        dropped
+    );
+    Ok(())
+}
