@@ -3,5 +3,7 @@
 
 mod bad_input;
 mod chat;
+mod grants;
 mod memory;
+mod mesh;
 mod trust;

@@ -183,3 +183,64 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+impl NodeProc {
+    /// Kills the node at once (SIGKILL), as a crash would.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `zavod mesh invite` for the mesh whose authority lives in `dir`.
+pub fn invite(dir: &Path) -> String {
+    let out = zavod()
+        .args(["mesh", "invite", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run zavod mesh invite");
+    assert!(out.status.success(), "invite failed: {}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// `zavod status --json` against `addr`, with the credential in `dir`.
+pub fn status_json(dir: &Path, addr: &str) -> serde_json::Value {
+    let out = zavod()
+        .args(["status", "--json", "--peer", addr, "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run zavod status");
+    assert!(out.status.success(), "status failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// The state of `peer_id` in a status reply, if listed.
+pub fn member_state(status: &serde_json::Value, peer_id: &str) -> Option<String> {
+    status["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["peer_id"] == peer_id)
+        .and_then(|m| m["state"].as_str().map(String::from))
+}
+
+/// Polls `f` every 100 ms until it holds or `timeout` passes; returns how
+/// long it took.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The peer id a `--verbose` chat says served it (the last word on it).
+pub fn served_by(o: &Output) -> Option<String> {
+    let e = stderr(o);
+    let at = e.rfind("[served by ")? + "[served by ".len();
+    let rest = &e[at..];
+    let end = rest.find([',', ':', ']'])?;
+    Some(rest[..end].to_string())
+}

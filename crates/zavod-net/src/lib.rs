@@ -506,6 +506,12 @@ impl EventLoop {
                 }
             },
             Command::Dial { addr, reply } => {
+                if let (_, Some(peer)) = addr::split_peer(&addr)
+                    && self.swarm.is_connected(&peer)
+                {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
                 let opts = match addr::split_peer(&addr) {
                     (base, Some(peer)) => DialOpts::peer_id(peer).addresses(vec![base]).build(),
                     (base, None) => DialOpts::unknown_peer_id().address(base).build(),

@@ -37,7 +37,18 @@ impl From<ErrorFrame> for ChatError {
 #[derive(Debug)]
 pub enum ChatEvent<'a> {
     Accepted(&'a Accepted),
-    Token { index: u32, text: &'a str },
+    /// The answer streams straight from the target node.
+    Direct {
+        target: PeerId,
+    },
+    /// The target was out of reach; the entry node relays the answer.
+    Relayed {
+        reason: &'a str,
+    },
+    Token {
+        index: u32,
+        text: &'a str,
+    },
 }
 
 /// A finished answer, with client-side timings.
@@ -156,6 +167,7 @@ impl ChatClient {
         let stream = self.net.open(peer, zavod_net::RUN_PROTOCOL).await?;
         let (mut w, mut rd) = stream.split();
         w.send(&r.run, self.frame_timeout).await?;
+        on_event(ChatEvent::Direct { target: peer });
         loop {
             let frame = tokio::time::timeout(self.frame_timeout, rd.recv::<ServerFrame>())
                 .await

@@ -408,7 +408,6 @@ async fn run_chat(
                 shared,
                 &admission,
                 &prepared,
-                placement,
                 &params,
                 writer,
                 reader,
@@ -510,7 +509,6 @@ async fn relay(
     shared: &Arc<NodeShared>,
     admission: &Admission,
     prepared: &PreparedPrompt,
-    first: Placement,
     params: &GenParams,
     writer: &mut FrameWriter,
     reader: &mut FrameReader,
@@ -519,23 +517,30 @@ async fn relay(
     let me = shared.identity.id();
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let mut failed: Vec<NodeId> = Vec::new();
-    let mut target = first.target;
+    let mut target;
     let mut last_err = error_frame(ErrorCode::NoCapacity, "no node could serve the request");
     for _ in 0..RELAY_ATTEMPTS {
         // A fresh grant bound to this node, which now acts as the client.
-        let placement = if failed.is_empty() && target == first.target {
-            match place(shared, me, admission, prepared, vec![]).await {
-                Ok(p) if p.target == target || p.target == me => p,
-                Ok(p) => p,
-                Err(e) => return Err(e),
-            }
-        } else {
-            match place(shared, me, admission, prepared, failed.clone()).await {
-                Ok(p) => p,
-                Err(_) => return Err(last_err),
-            }
+        // The client's unreachable target stays eligible: this node may
+        // well reach it.
+        let placement = match place(shared, me, admission, prepared, failed.clone()).await {
+            Ok(p) => p,
+            Err(e) if failed.is_empty() => return Err(e),
+            Err(_) => return Err(last_err),
         };
         target = placement.target;
+        // Tell the client which node really answers now.
+        let now_serving = ServerFrame::Accepted(Box::new(Accepted {
+            request: placement.grant.body.request,
+            served_by: target,
+            model: admission.model.clone(),
+            history_turns: prepared.history_turns,
+            grant: placement.grant.clone(),
+            prompt: None,
+        }));
+        if writer.send(&now_serving, wt).await.is_err() {
+            return Ok(());
+        }
         if target == me {
             let job = run_local(shared, &placement, None, me, &prepared.turns, params).await?;
             return finish_local(

@@ -92,6 +92,16 @@ async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutc
                         eprintln!("--- prompt ---\n{p}\n--- end of prompt ---");
                     }
                 }
+                ChatEvent::Direct { target } => {
+                    if verbose {
+                        eprintln!("[streaming directly from {target}]");
+                    }
+                }
+                ChatEvent::Relayed { reason } => {
+                    if verbose {
+                        eprintln!("[target out of reach ({reason}); the entry node relays]");
+                    }
+                }
                 ChatEvent::Token { text, .. } => {
                     if write_err.is_none() {
                         let mut out = std::io::stdout().lock();

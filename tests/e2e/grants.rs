@@ -1,0 +1,159 @@
+//! The target checks every grant: a forged, replayed, misdirected or
+//! stolen grant is refused with an error that says why.
+
+use std::time::Duration;
+use zavod_net::FrameStream;
+use zavod_node::client::ChatClient;
+use zavod_node::datadir::ClientIdentity;
+use zavod_proto::wire::{ChatRequest, ClientFrame, GenParams, Redirect, RunRequest, ServerFrame};
+use zavod_tests::{NodeProc, invite, member_state, model_path, status_json, wait_until};
+
+const T: Duration = Duration::from_secs(20);
+
+/// Sends a chat to the entry and returns the redirect it answers with.
+async fn redirect(client: &ChatClient) -> (Redirect, FrameStream) {
+    let mut s = client
+        .net()
+        .open_chat(client.peer())
+        .await
+        .expect("open chat");
+    let req = ChatRequest {
+        credential: client.identity().credential.clone(),
+        model: None,
+        conversation: None,
+        message: "Hello there".into(),
+        params: GenParams {
+            temperature: 0.0,
+            max_tokens: 4,
+            ..Default::default()
+        },
+        show_prompt: false,
+    };
+    s.send(&ClientFrame::Chat(Box::new(req)))
+        .await
+        .expect("send");
+    loop {
+        match s.recv::<ServerFrame>(T).await.expect("frame") {
+            Some(ServerFrame::Accepted(_)) => {}
+            Some(ServerFrame::Redirect(r)) => return (*r, s),
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+    }
+}
+
+/// Presents a run request to `peer_addr`; Ok(tokens) or Err(error message).
+async fn run_on(net: &zavod_net::Client, addr: &str, run: &RunRequest) -> Result<u32, String> {
+    let peer = net.dial(addr.parse().expect("addr")).await.expect("dial");
+    let mut s = net
+        .open(peer, zavod_net::RUN_PROTOCOL)
+        .await
+        .expect("open run");
+    s.send(run).await.expect("send");
+    let mut tokens = 0;
+    loop {
+        match s.recv::<ServerFrame>(T).await.expect("frame") {
+            Some(ServerFrame::Token { .. }) => tokens += 1,
+            Some(ServerFrame::Done(d)) => {
+                assert!(d.receipt.is_some(), "a finished run carries a receipt");
+                return Ok(tokens);
+            }
+            Some(ServerFrame::Error(e)) => return Err(e.message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &[]);
+    let token = invite(&d("a"));
+    let b = NodeProc::start(&d("b"), &["--join", &token, "--model", &model]);
+    let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = status_json(&d("a"), &a.addr);
+            member_state(&s, &b.peer_id).as_deref() == Some("alive")
+                && member_state(&s, &c.peer_id).as_deref() == Some("alive")
+        })
+        .is_some(),
+        "B and C never both alive in A's view"
+    );
+    let addr_of = |peer: &str| {
+        if peer == b.peer_id {
+            b.addr.clone()
+        } else {
+            c.addr.clone()
+        }
+    };
+    let other_of = |peer: &str| {
+        if peer == b.peer_id {
+            c.addr.clone()
+        } else {
+            b.addr.clone()
+        }
+    };
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = ChatClient::connect(
+            ClientIdentity::load(&d("a"), None).expect("identity"),
+            a.addr.parse().expect("addr"),
+            Default::default(),
+        )
+        .await
+        .expect("connect");
+        let net = client.net();
+        let target = |r: &Redirect| zavod_net::peer_id_of(&r.target).expect("peer").to_string();
+
+        // Used once: fine. Twice: replayed.
+        let (r, _s1) = redirect(&client).await;
+        let t = target(&r);
+        assert!(run_on(net, &addr_of(&t), &r.run).await.expect("first use") > 0);
+        let e = run_on(net, &addr_of(&t), &r.run).await.expect_err("replay");
+        assert!(e.contains("already used"), "{e}");
+
+        // Presented to the other node: misdirected.
+        let (r, _s2) = redirect(&client).await;
+        let t = target(&r);
+        let e = run_on(net, &other_of(&t), &r.run)
+            .await
+            .expect_err("misdirected");
+        assert!(e.contains("grant is for node"), "{e}");
+
+        // Budget raised after signing: forged.
+        let (mut r, _s3) = redirect(&client).await;
+        let t = target(&r);
+        r.run.grant.body.max_tokens += 1000;
+        let e = run_on(net, &addr_of(&t), &r.run).await.expect_err("forged");
+        assert!(e.contains("signature does not verify"), "{e}");
+
+        // Another prompt under the same grant.
+        let (mut r, _s4) = redirect(&client).await;
+        let t = target(&r);
+        r.run.turns[0].text = "something else entirely".into();
+        let e = run_on(net, &addr_of(&t), &r.run)
+            .await
+            .expect_err("prompt swapped");
+        assert!(e.contains("prompt differs"), "{e}");
+
+        // The grant is bound to the client's key: another key cannot use it.
+        let (r, _s5) = redirect(&client).await;
+        let t = target(&r);
+        let (thief, mut ev, el) = zavod_net::new(
+            zavod_net::identity_from_secret([77; 32]).expect("key"),
+            Default::default(),
+        )
+        .expect("swarm");
+        tokio::spawn(el.run());
+        tokio::spawn(async move { while ev.recv().await.is_some() {} });
+        let e = run_on(&thief, &addr_of(&t), &r.run)
+            .await
+            .expect_err("stolen");
+        assert!(e.contains("client differs"), "{e}");
+        // The rightful holder can still use it.
+        assert!(run_on(net, &addr_of(&t), &r.run).await.is_ok());
+    });
+}
