@@ -95,51 +95,76 @@ fn finite_or_zero(x: f64) -> f64 {
     if x.is_finite() && x > 0.0 { x } else { 0.0 }
 }
 
+/// Best first; ties by node id, so the order is total and the same on
+/// every node whatever order candidates arrive in.
+fn better(a: &Scored, b: &Scored) -> std::cmp::Ordering {
+    b.score.total_cmp(&a.score).then(a.node.cmp(&b.node))
+}
+
 /// Scores candidates in [0, 1] and sorts them best first (ties by node id).
 /// Memory and decode rate are relative to the best candidate; slots are the
 /// free fraction; RTT is the best RTT over this one's.
 pub fn rank(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
+    let mut out = score_all(cands, w);
+    out.sort_by(better);
+    out
+}
+
+/// The best `k` of [`rank`], in the same order, in linear time: what a
+/// routing decision needs, since the pick looks only at the best few.
+pub fn best(cands: &[Candidate], w: &Weights, k: usize) -> Vec<Scored> {
+    let mut out = score_all(cands, w);
+    let k = k.max(1);
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, better);
+        out.truncate(k);
+    }
+    out.sort_by(better);
+    out
+}
+
+fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
     let [wm, ws, wr, wt] = w.normalised();
-    let max_mem = cands.iter().map(|c| c.mem_free_bytes).max().unwrap_or(0);
-    let max_tps = cands
-        .iter()
-        .map(|c| finite_or_zero(c.tokens_per_s))
-        .fold(0.0, f64::max);
     let rtt_of = |c: &Candidate| {
         c.rtt_ms
             .map(finite_or_zero)
             .unwrap_or(RTT_UNKNOWN_MS)
             .max(RTT_FLOOR_MS)
     };
-    let min_rtt = cands.iter().map(rtt_of).fold(f64::INFINITY, f64::min);
-    let mut out: Vec<Scored> = cands
+    // One pass for the normalising extremes.
+    let (mut max_mem, mut max_tps, mut min_rtt) = (0u64, 0.0f64, f64::INFINITY);
+    for c in cands {
+        max_mem = max_mem.max(c.mem_free_bytes);
+        max_tps = max_tps.max(finite_or_zero(c.tokens_per_s));
+        min_rtt = min_rtt.min(rtt_of(c));
+    }
+    // Weights folded into reciprocals: a routing decision over a thousand
+    // members is dominated by per-candidate divisions otherwise.
+    let k_mem = if max_mem == 0 {
+        0.0
+    } else {
+        wm / max_mem as f64
+    };
+    let k_tps = if max_tps == 0.0 { 0.0 } else { wt / max_tps };
+    let k_rtt = wr * min_rtt;
+    cands
         .iter()
         .map(|c| {
-            let mem = if max_mem == 0 {
-                0.0
-            } else {
-                c.mem_free_bytes as f64 / max_mem as f64
-            };
             let slots = if c.slots_total == 0 {
                 0.0
             } else {
                 f64::from(c.slots_free.min(c.slots_total)) / f64::from(c.slots_total)
             };
-            let rtt = min_rtt / rtt_of(c);
-            let tps = if max_tps == 0.0 {
-                0.0
-            } else {
-                finite_or_zero(c.tokens_per_s) / max_tps
-            };
             Scored {
                 node: c.node,
-                score: wm * mem + ws * slots + wr * rtt + wt * tps,
+                score: k_mem * c.mem_free_bytes as f64
+                    + ws * slots
+                    + k_rtt / rtt_of(c)
+                    + k_tps * finite_or_zero(c.tokens_per_s),
                 slots_free: c.slots_free,
             }
         })
-        .collect();
-    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.node.cmp(&b.node)));
-    out
+        .collect()
 }
 
 /// splitmix64: a fixed, well-mixed hash so every node draws the same pair.
@@ -264,6 +289,33 @@ mod tests {
         let r = rank(&[weird, cand(2, 5, 1, 3.0, 5.0)], &Weights::default());
         assert!(r.iter().all(|s| s.score.is_finite()));
         assert_eq!(r[0].node, NodeId([2; 32]));
+    }
+
+    #[test]
+    fn best_k_is_the_head_of_the_ranking() {
+        let cands: Vec<Candidate> = (0..200u8)
+            .map(|n| {
+                cand(
+                    n,
+                    u64::from(n % 17),
+                    u32::from(n % 5),
+                    f64::from(n % 7) + 1.0,
+                    f64::from(n % 11),
+                )
+            })
+            .collect();
+        let w = Weights::default();
+        let full = rank(&cands, &w);
+        for k in [1, 2, 3, 10, 200, 500] {
+            assert_eq!(
+                best(&cands, &w, k),
+                full[..k.min(full.len())].to_vec(),
+                "k = {k}"
+            );
+        }
+        let mut rev = cands.clone();
+        rev.reverse();
+        assert_eq!(best(&rev, &w, 3), best(&cands, &w, 3));
     }
 
     #[test]

@@ -122,11 +122,70 @@ pub struct Dropped {
     pub full: u64,
 }
 
+/// What routing needs of one member serving one model, kept contiguous per
+/// model so a routing decision scans a small array instead of the view.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    node: NodeId,
+    mem_free_bytes: u64,
+    slots_free: u32,
+    slots_total: u32,
+    tokens_per_s: f64,
+    rtt_ms: Option<f64>,
+    heard_at_ms: UnixMs,
+    membership_expires_ms: UnixMs,
+}
+
+impl Row {
+    fn of(m: &Member) -> Self {
+        Row {
+            node: m.report.node,
+            mem_free_bytes: m.report.mem_free_bytes,
+            slots_free: m.report.slots_free,
+            slots_total: m.report.slots_total,
+            tokens_per_s: f64::from(m.report.tokens_per_s),
+            rtt_ms: m.rtt_ms,
+            heard_at_ms: m.heard_at_ms,
+            membership_expires_ms: m.membership_expires_ms,
+        }
+    }
+}
+
+/// Members serving one model; `pos` indexes `rows` by node.
+#[derive(Debug, Clone, Default)]
+struct Table {
+    pos: BTreeMap<NodeId, usize>,
+    rows: Vec<Row>,
+}
+
+impl Table {
+    fn upsert(&mut self, row: Row) {
+        match self.pos.get(&row.node) {
+            Some(&i) => self.rows[i] = row,
+            None => {
+                self.pos.insert(row.node, self.rows.len());
+                self.rows.push(row);
+            }
+        }
+    }
+
+    fn remove(&mut self, node: &NodeId) {
+        if let Some(i) = self.pos.remove(node) {
+            self.rows.swap_remove(i);
+            if let Some(moved) = self.rows.get(i) {
+                self.pos.insert(moved.node, i);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MeshView {
     pub config: ViewConfig,
     authorities: BTreeSet<NodeId>,
     members: BTreeMap<NodeId, Member>,
+    /// Routing tables by model name, kept in step with `members`.
+    tables: BTreeMap<String, Table>,
     pub dropped: Dropped,
 }
 
@@ -136,6 +195,7 @@ impl MeshView {
             config,
             authorities,
             members: BTreeMap::new(),
+            tables: BTreeMap::new(),
             dropped: Dropped::default(),
         }
     }
@@ -194,13 +254,21 @@ impl MeshView {
             membership_expires_ms: cert.expires_at_ms,
             rtt_ms: None,
         };
-        match self.members.get_mut(&report.node) {
-            Some(m) if m.report.seq >= report.seq => Ok(Accepted::Stale),
+        let node = report.node;
+        let outcome = match self.members.get_mut(&node) {
+            Some(m) if m.report.seq >= report.seq => return Ok(Accepted::Stale),
             Some(m) => {
                 let rtt = m.rtt_ms;
-                *m = member;
+                let old = std::mem::replace(m, member);
                 m.rtt_ms = rtt;
-                Ok(Accepted::Updated)
+                for o in &old.report.models {
+                    if !m.report.serves(&o.name)
+                        && let Some(t) = self.tables.get_mut(&o.name)
+                    {
+                        t.remove(&node);
+                    }
+                }
+                Accepted::Updated
             }
             None => {
                 if self.members.len() >= self.config.max_members {
@@ -209,8 +277,23 @@ impl MeshView {
                         return Err(ViewError::Full);
                     }
                 }
-                self.members.insert(report.node, member);
-                Ok(Accepted::New)
+                self.members.insert(node, member);
+                Accepted::New
+            }
+        };
+        self.refresh_rows(&node);
+        Ok(outcome)
+    }
+
+    /// Copies a member's routing figures into the tables of its models.
+    fn refresh_rows(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.get(node) {
+            let row = Row::of(m);
+            for o in &m.report.models {
+                self.tables
+                    .entry(o.name.clone())
+                    .or_default()
+                    .upsert(row.clone());
             }
         }
     }
@@ -224,14 +307,29 @@ impl MeshView {
                 Some(old) => 0.8 * old + 0.2 * rtt_ms,
                 None => rtt_ms,
             });
+            self.refresh_rows(node);
         }
     }
 
     /// Drops members gone for longer than `forget_after_ms`.
     pub fn forget(&mut self, now_ms: UnixMs) {
         let horizon = self.config.gone_after_ms + self.config.forget_after_ms;
-        self.members
-            .retain(|_, m| now_ms.saturating_sub(m.heard_at_ms) < horizon);
+        let stale: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now_ms.saturating_sub(m.heard_at_ms) >= horizon)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(m) = self.members.remove(&id) {
+                for o in &m.report.models {
+                    if let Some(t) = self.tables.get_mut(&o.name) {
+                        t.remove(&id);
+                    }
+                }
+            }
+        }
+        self.tables.retain(|_, t| !t.rows.is_empty());
     }
 
     pub fn liveness(&self, node: &NodeId, now_ms: UnixMs) -> Option<Liveness> {
@@ -257,22 +355,32 @@ impl MeshView {
         self.members.is_empty()
     }
 
-    /// Alive members that serve `model`, as scoring candidates. `me` gets
-    /// an RTT of 0.
+    /// Alive members that serve `model`, as scoring candidates, in no
+    /// particular order (scoring imposes its own total order). `me` gets an
+    /// RTT of 0.
     pub fn candidates(&self, model: &str, me: &NodeId, now_ms: UnixMs) -> Vec<Candidate> {
-        self.members
-            .iter()
-            .filter(|(_, m)| m.liveness(&self.config, now_ms) == Liveness::Alive)
-            .filter(|(_, m)| m.report.serves(model))
-            .map(|(id, m)| Candidate {
-                node: *id,
-                mem_free_bytes: m.report.mem_free_bytes,
-                slots_free: m.report.slots_free,
-                slots_total: m.report.slots_total,
-                rtt_ms: if id == me { Some(0.0) } else { m.rtt_ms },
-                tokens_per_s: f64::from(m.report.tokens_per_s),
-            })
-            .collect()
+        let Some(t) = self.tables.get(model) else {
+            return Vec::new();
+        };
+        let cfg = &self.config;
+        let mut out = Vec::with_capacity(t.rows.len());
+        out.extend(
+            t.rows
+                .iter()
+                .filter(|r| {
+                    let silent = now_ms.saturating_sub(r.heard_at_ms);
+                    silent < cfg.suspect_after_ms && now_ms < r.membership_expires_ms
+                })
+                .map(|r| Candidate {
+                    node: r.node,
+                    mem_free_bytes: r.mem_free_bytes,
+                    slots_free: r.slots_free,
+                    slots_total: r.slots_total,
+                    rtt_ms: if r.node == *me { Some(0.0) } else { r.rtt_ms },
+                    tokens_per_s: r.tokens_per_s,
+                }),
+        );
+        out
     }
 }
 
@@ -424,6 +532,31 @@ mod tests {
         assert!(v.candidates("other", &b.public(), 1).is_empty());
         v.on_rtt(&a.public(), f64::NAN);
         assert_eq!(v.get(&a.public()).and_then(|m| m.rtt_ms), Some(4.0));
+    }
+
+    #[test]
+    fn routing_tables_follow_model_changes_and_forgetting() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let (a, b) = (key(1), key(2));
+        v.on_announcement(&f.announce(&a, 1, Some("m")), 0)
+            .expect("a");
+        v.on_announcement(&f.announce(&b, 1, Some("m")), 0)
+            .expect("b");
+        let me = key(9).public();
+        assert_eq!(v.candidates("m", &me, 1).len(), 2);
+        // a switches to another model.
+        v.on_announcement(&f.announce(&a, 2, Some("n")), 10)
+            .expect("a");
+        let m: Vec<NodeId> = v.candidates("m", &me, 11).iter().map(|c| c.node).collect();
+        assert_eq!(m, vec![b.public()]);
+        assert_eq!(v.candidates("n", &me, 11).len(), 1);
+        // b is forgotten.
+        v.on_announcement(&f.announce(&a, 3, Some("n")), 400_000)
+            .expect("a");
+        v.forget(400_000);
+        assert!(v.candidates("m", &me, 400_000).is_empty());
+        assert_eq!(v.candidates("n", &me, 400_000).len(), 1);
     }
 
     #[test]

@@ -162,10 +162,91 @@ fn direct_run(
     })
 }
 
+/// Times one routing decision (view candidates, MCDA rank, pick) over a
+/// view of `n` synthetic members; returns (p50, p99) in microseconds.
+fn routing_decision_us(n: usize) -> (f64, f64) {
+    use zavod_proto::auth::{Authority, Keypair, MembershipBody, sign_report};
+    use zavod_proto::capacity::{CapacityReport, ModelOffer};
+    use zavod_proto::score::{Weights, best, pick};
+    use zavod_proto::view::{Announcement, MeshView, ViewConfig};
+    let authority = Authority::new(Keypair::from_secret([1; 32]));
+    let mut view = MeshView::new(
+        [authority.id()].into_iter().collect(),
+        ViewConfig {
+            max_members: n + 1,
+            ..Default::default()
+        },
+    );
+    for i in 0..n {
+        let mut secret = [0u8; 32];
+        secret[..8].copy_from_slice(&(i as u64 + 2).to_le_bytes());
+        let key = Keypair::from_secret(secret);
+        let report = CapacityReport {
+            node: key.public(),
+            seq: 1,
+            at_ms: 0,
+            on_gpu: i % 3 == 0,
+            mem_free_bytes: ((i * 7919) % 80) as u64 * (1 << 30),
+            mem_total_bytes: 80 << 30,
+            slots_free: (i % 9) as u32,
+            slots_total: 8,
+            queue_depth: 0,
+            tokens_per_s: 20.0 + (i % 50) as f32,
+            models: vec![ModelOffer {
+                name: if i % 4 == 0 {
+                    "other".into()
+                } else {
+                    "m".into()
+                },
+                quant: "Q4_K_M".into(),
+                context_tokens: 4096,
+            }],
+        };
+        let a = Announcement {
+            report: sign_report(&key, report),
+            membership: authority.certify_member(MembershipBody {
+                member: key.public(),
+                issued_at_ms: 0,
+                expires_at_ms: u64::MAX,
+            }),
+            addrs: vec![],
+        };
+        let _ = view.on_announcement(&a, 1);
+        view.on_rtt(&key.public(), 1.0 + (i % 20) as f64);
+    }
+    let me = authority.id();
+    let weights = Weights::default();
+    let mut samples = Vec::with_capacity(2000);
+    for r in 0..2000u128 {
+        let t = Instant::now();
+        let c = view.candidates("m", &me, 2);
+        let ranked = best(&c, &weights, 2);
+        let chosen = pick(&ranked, zavod_proto::RequestId(r), 2);
+        std::hint::black_box(chosen);
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.tokens < 2 || args.runs == 0 {
         eprintln!("error: --tokens must be at least 2 and --runs at least 1");
         std::process::exit(2);
+    }
+    if args.routing_only {
+        let (p50, p99) = routing_decision_us(args.routing_peers);
+        println!(
+            "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
+            args.routing_peers
+        );
+        return Ok(());
+    }
+    if args.mesh {
+        return run_mesh(args);
     }
     zavod_engine::llama::check_model_file(&args.model)?;
     let exe = std::env::current_exe().context("finding the zavod binary")?;
@@ -334,6 +415,178 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "node resident memory: {:.1} MiB idle before loading a model, {:.1} MiB with the model loaded",
             idle_rss as f64 / 1048576.0,
             loaded_rss as f64 / 1048576.0
+        );
+        let (p50, p99) = routing_decision_us(args.routing_peers);
+        println!(
+            "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
+            args.routing_peers
+        );
+    }
+    Ok(())
+}
+
+/// `zavod bench --mesh`: entry A (no model) routes to C (the model); the
+/// same chats attached to C directly, interleaved.
+fn run_mesh(args: BenchArgs) -> Result<()> {
+    zavod_engine::llama::check_model_file(&args.model)?;
+    let exe = std::env::current_exe().context("finding the zavod binary")?;
+    let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    } else {
+        args.threads
+    };
+    let a_dir = tmp.path().join("a");
+    let a = NodeProc::start(&exe, &a_dir, &[])?;
+    let invite = Command::new(&exe)
+        .args(["mesh", "invite", "--data-dir"])
+        .arg(&a_dir)
+        .output()
+        .context("zavod mesh invite")?;
+    if !invite.status.success() {
+        bail!(
+            "mesh invite failed: {}",
+            String::from_utf8_lossy(&invite.stderr)
+        );
+    }
+    let token = String::from_utf8_lossy(&invite.stdout).trim().to_string();
+    let c = NodeProc::start(
+        &exe,
+        &tmp.path().join("c"),
+        &[
+            "--join".into(),
+            token,
+            "--model".into(),
+            args.model.display().to_string(),
+            "--threads".into(),
+            threads.to_string(),
+            "--slots".into(),
+            "1".into(),
+        ],
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let via_a = rt.block_on(ChatClient::connect(
+        ClientIdentity::load(&a_dir, None)?,
+        a.addr.parse()?,
+        Default::default(),
+    ))?;
+    let at_c = rt.block_on(ChatClient::connect(
+        ClientIdentity::load(&a_dir, None)?,
+        c.addr.parse()?,
+        Default::default(),
+    ))?;
+    let one = |client: &ChatClient| -> Result<(Run, String)> {
+        let o = rt.block_on(client.chat(
+            Ask {
+                message: args.prompt.clone(),
+                params: GenParams {
+                    temperature: 0.0,
+                    max_tokens: args.tokens,
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            |_| {},
+            std::future::pending(),
+        ))?;
+        if o.tokens != args.tokens {
+            bail!("generated {} tokens, asked for {}", o.tokens, args.tokens);
+        }
+        let served = zavod_net::peer_id_of(&o.accepted.served_by)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        Ok((
+            Run {
+                first_token_ms: o.first_token.as_secs_f64() * 1e3,
+                decode_tok_s: o.decode_tokens_per_s(),
+            },
+            served,
+        ))
+    };
+    // Until C's announcement reaches A, A has nowhere to route.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match one(&via_a) {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
+            Err(e) => return Err(e.context("the entry node never routed to the model node")),
+        }
+    }
+    one(&at_c)?;
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    let c_peer = c.addr.rsplit('/').next().unwrap_or_default().to_string();
+    for i in 0..args.runs {
+        let (first, second) = if i % 2 == 0 {
+            (&via_a, &at_c)
+        } else {
+            (&at_c, &via_a)
+        };
+        let (r1, s1) = one(first)?;
+        let (r2, s2) = one(second)?;
+        for s in [&s1, &s2] {
+            if *s != c_peer {
+                bail!("a chat was served by {s}, not the model node {c_peer}");
+            }
+        }
+        if i % 2 == 0 {
+            via.push(r1);
+            direct.push(r2);
+        } else {
+            direct.push(r1);
+            via.push(r2);
+        }
+    }
+    let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+    let (via_tps, direct_tps) = (
+        med(&via, |r| r.decode_tok_s),
+        med(&direct, |r| r.decode_tok_s),
+    );
+    let (via_ttft, direct_ttft) = (
+        med(&via, |r| r.first_token_ms),
+        med(&direct, |r| r.first_token_ms),
+    );
+    let (p50, p99) = routing_decision_us(args.routing_peers);
+    if args.json {
+        let j = serde_json::json!({
+            "mode": "mesh",
+            "threads": threads,
+            "tokens": args.tokens,
+            "runs": args.runs,
+            "attached_to_model_node": {"decode_tok_s": direct_tps, "first_token_ms": direct_ttft},
+            "through_entry_node": {"decode_tok_s": via_tps, "first_token_ms": via_ttft},
+            "decode_ratio": via_tps / direct_tps,
+            "first_token_overhead_ms": via_ttft - direct_ttft,
+            "routing_peers": args.routing_peers,
+            "routing_decision_us": {"p50": p50, "p99": p99},
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "zavod bench --mesh: {} threads on the model node, {} generated tokens x {} runs (interleaved; medians)",
+            threads, args.tokens, args.runs
+        );
+        println!("{:<34}{:>16}{:>18}", "", "decode tok/s", "first token ms");
+        println!(
+            "{:<34}{:>16.1}{:>18.1}",
+            "attached to the model node", direct_tps, direct_ttft
+        );
+        println!(
+            "{:<34}{:>16.1}{:>18.1}",
+            "through an entry node (routed)", via_tps, via_ttft
+        );
+        println!(
+            "{:<34}{:>16.3}{:>+18.1}",
+            "routed / direct",
+            via_tps / direct_tps,
+            via_ttft - direct_ttft
+        );
+        println!(
+            "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
+            args.routing_peers
         );
     }
     Ok(())

@@ -224,4 +224,15 @@ pub struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Compare a chat through an entry node without the model (routed to a
+    /// second node that has it) with a chat attached to that node directly,
+    /// instead of node against llama.cpp.
+    #[arg(long)]
+    pub mesh: bool,
+    /// Members in the synthetic view used to time routing decisions.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub routing_peers: usize,
+    /// Only time routing decisions (no nodes, no model).
+    #[arg(long)]
+    pub routing_only: bool,
 }

@@ -16,7 +16,7 @@ use zavod_proto::auth::{
 };
 use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CapacityReport, Resources, WorkerLoad};
-use zavod_proto::score::{Candidate, pick, rank};
+use zavod_proto::score::{Candidate, best, pick, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, StatusReply, StatusRow};
 use zavod_proto::{NodeId, RequestId};
@@ -350,9 +350,10 @@ impl RouterState {
             .collect();
         let request =
             RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
-        let ranked = rank(&candidates, &self.shared.config.scoring.weights);
+        let top_k = self.shared.config.scoring.top_k;
+        let ranked = best(&candidates, &self.shared.config.scoring.weights, top_k);
         let chosen =
-            pick(&ranked, request, self.shared.config.scoring.top_k).ok_or_else(|| {
+            pick(&ranked, request, top_k).ok_or_else(|| {
                 error_frame(
                     ErrorCode::NoCapacity,
                     format!(
