@@ -11,7 +11,7 @@ cd "$root"
 
 bash scripts/setup.sh
 echo "run: building zavod (release; the first build compiles llama.cpp and takes several minutes)" >&2
-cargo build --release --locked -p zavod
+cargo build --release --locked --workspace --all-targets
 
 port="${ZAVOD_PORT:-7070}"
 model="${ZAVOD_MODEL:-$root/models/gemma-3-270m-q4_k_m.gguf}"

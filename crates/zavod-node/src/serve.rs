@@ -566,7 +566,7 @@ async fn relay(
                 if done.stop != StopReason::Cancelled {
                     record_turn(shared, admission, prepared, &answer, receipt_tokens).await;
                 }
-                let _ = writer.send(&ServerFrame::Done(done), wt).await;
+                let _ = writer.send(&ServerFrame::Done(*done), wt).await;
                 return Ok(());
             }
             Ok(Fetched::ClientGone) => return Ok(()),
@@ -588,7 +588,7 @@ async fn relay(
 enum Fetched {
     Done {
         answer: String,
-        done: DoneInfo,
+        done: Box<DoneInfo>,
         receipt_tokens: u32,
     },
     ClientGone,
@@ -673,7 +673,7 @@ async fn fetch_remote(
                 };
                 return Ok(Fetched::Done {
                     answer,
-                    done,
+                    done: Box::new(done),
                     receipt_tokens,
                 });
             }
