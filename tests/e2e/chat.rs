@@ -4,7 +4,15 @@ use zavod_tests::{NodeProc, chat, model_path, stderr, stdout};
 fn chat_streams_text_and_temperature_zero_repeats_itself() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = model_path();
-    let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
+    let node = NodeProc::start(
+        dir.path(),
+        &[
+            "--model",
+            model.to_str().expect("utf8"),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+    );
     assert!(
         node.stdout
             .iter()
@@ -52,6 +60,18 @@ fn chat_streams_text_and_temperature_zero_repeats_itself() {
     assert_eq!(stdout(&c), text, "{}", stderr(&c));
     let d = chat(dir.path(), &format!("/ip4/127.0.0.1/tcp/{port}"), &args);
     assert_eq!(stdout(&d), text, "{}", stderr(&d));
+
+    // QUIC beside TCP.
+    let quic = node
+        .stdout
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("listening on ")
+                .filter(|a| a.contains("/quic-v1/"))
+        })
+        .unwrap_or_else(|| panic!("no QUIC listen address in {:#?}", node.stdout));
+    let q = chat(dir.path(), quic, &args);
+    assert_eq!(stdout(&q), text, "{}", stderr(&q));
 }
 
 #[test]

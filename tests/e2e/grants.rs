@@ -68,7 +68,11 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
     let root = tempfile::tempdir().expect("tempdir");
     let d = |n: &str| root.path().join(n);
     let model = model_path().to_str().expect("utf8").to_string();
-    let a = NodeProc::start(&d("a"), &[]);
+    // Grants from A live 1.5 s, so one can be seen to expire.
+    std::fs::create_dir_all(root.path()).expect("dir");
+    let cfg = root.path().join("short-grants.toml");
+    std::fs::write(&cfg, "[limits]\ngrant_ttl_ms = 1500\n").expect("write config");
+    let a = NodeProc::start(&d("a"), &["--config", cfg.to_str().expect("utf8")]);
     let token = invite(&d("a"));
     let b = NodeProc::start(&d("b"), &["--join", &token, "--model", &model]);
     let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
@@ -155,5 +159,14 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
         assert!(e.contains("client differs"), "{e}");
         // The rightful holder can still use it.
         assert!(run_on(net, &addr_of(&t), &r.run).await.is_ok());
+
+        // Presented after its expiry.
+        let (r, _s6) = redirect(&client).await;
+        let t = target(&r);
+        tokio::time::sleep(Duration::from_millis(1_700)).await;
+        let e = run_on(net, &addr_of(&t), &r.run)
+            .await
+            .expect_err("expired");
+        assert!(e.contains("expired"), "{e}");
     });
 }
