@@ -99,6 +99,43 @@ struct Run {
     decode_tok_s: f64,
 }
 
+/// One greedy chat of exactly `tokens` tokens, timed at the client;
+/// returns the timings and the peer id that served it.
+fn timed_chat(
+    rt: &tokio::runtime::Runtime,
+    client: &ChatClient,
+    prompt: &str,
+    tokens: u32,
+) -> Result<(Run, String)> {
+    let o = rt.block_on(client.chat(
+        Ask {
+            message: prompt.to_string(),
+            params: GenParams {
+                temperature: 0.0,
+                max_tokens: tokens,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        |_| {},
+        std::future::pending(),
+    ))?;
+    if o.tokens != tokens {
+        bail!("generated {} tokens, asked for {tokens}", o.tokens);
+    }
+    let served = zavod_net::peer_id_of(&o.accepted.served_by)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    Ok((
+        Run {
+            first_token_ms: o.first_token.as_secs_f64() * 1e3,
+            decode_tok_s: o.decode_tokens_per_s(),
+        },
+        served,
+    ))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -315,33 +352,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         node.addr.parse()?,
         Default::default(),
     ))?;
-    let node_run = || -> Result<Run> {
-        let o = rt.block_on(client.chat(
-            Ask {
-                message: args.prompt.clone(),
-                params: GenParams {
-                    temperature: 0.0,
-                    max_tokens: args.tokens,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            |_| {},
-            std::future::pending(),
-        ))?;
-        if o.tokens != args.tokens {
-            bail!(
-                "node generated {} tokens, asked for {}",
-                o.tokens,
-                args.tokens
-            );
-        }
-        Ok(Run {
-            first_token_ms: o.first_token.as_secs_f64() * 1e3,
-            decode_tok_s: o.decode_tokens_per_s(),
-        })
-    };
+    let node_run = || -> Result<Run> { Ok(timed_chat(&rt, &client, &args.prompt, args.tokens)?.0) };
 
     // Warm-up: caches, page faults, connection set-up.
     node_run()?;
@@ -478,35 +489,7 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
         c.addr.parse()?,
         Default::default(),
     ))?;
-    let one = |client: &ChatClient| -> Result<(Run, String)> {
-        let o = rt.block_on(client.chat(
-            Ask {
-                message: args.prompt.clone(),
-                params: GenParams {
-                    temperature: 0.0,
-                    max_tokens: args.tokens,
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            |_| {},
-            std::future::pending(),
-        ))?;
-        if o.tokens != args.tokens {
-            bail!("generated {} tokens, asked for {}", o.tokens, args.tokens);
-        }
-        let served = zavod_net::peer_id_of(&o.accepted.served_by)
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        Ok((
-            Run {
-                first_token_ms: o.first_token.as_secs_f64() * 1e3,
-                decode_tok_s: o.decode_tokens_per_s(),
-            },
-            served,
-        ))
-    };
+    let one = |client: &ChatClient| timed_chat(&rt, client, &args.prompt, args.tokens);
     // Until C's announcement reaches A, A has nowhere to route.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
