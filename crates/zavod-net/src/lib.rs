@@ -156,9 +156,6 @@ enum Command {
     Publish {
         data: Vec<u8>,
     },
-    ConnectedPeers {
-        reply: oneshot::Sender<Vec<PeerId>>,
-    },
 }
 
 /// Handle to the network; clone freely.
@@ -347,15 +344,6 @@ impl Client {
         .await
     }
 
-    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
-        self.ask(
-            "listing peers",
-            |reply| Command::ConnectedPeers { reply },
-            5_000,
-        )
-        .await
-    }
-
     /// Publishes a capacity announcement (dropped if the loop is busy).
     pub fn publish(&self, data: Vec<u8>) {
         if self.commands.try_send(Command::Publish { data }).is_err() {
@@ -531,9 +519,6 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
-            }
-            Command::ConnectedPeers { reply } => {
-                let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::Connect { peer, addrs } => {
                 let connected = self.swarm.connected_peers().count();

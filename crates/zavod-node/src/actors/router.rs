@@ -12,7 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
 use std::time::Duration;
 use zavod_proto::auth::{
-    AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, prompt_hash, sign_report,
+    AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, sign_report,
 };
 use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CapacityReport, Resources, WorkerLoad};
@@ -86,10 +86,6 @@ pub enum RouterMsg {
         client: NodeId,
         credential: Box<Credential>,
         reply: RpcReplyPort<StatusReply>,
-    },
-    IsMember {
-        node: NodeId,
-        reply: RpcReplyPort<bool>,
     },
 }
 
@@ -452,11 +448,6 @@ impl RouterState {
     }
 }
 
-/// The hash a grant binds a prompt with.
-pub fn hash_prompt(prompt: &str) -> [u8; 32] {
-    prompt_hash(prompt)
-}
-
 impl Actor for Router {
     type Msg = RouterMsg;
     type State = RouterState;
@@ -541,9 +532,6 @@ impl Actor for Router {
                 reply,
             } => {
                 let _ = reply.send(st.status(client, &credential).await);
-            }
-            RouterMsg::IsMember { node, reply } => {
-                let _ = reply.send(st.view.is_member(&node, now_ms()));
             }
         }
         Ok(())
