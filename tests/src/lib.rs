@@ -113,9 +113,15 @@ impl NodeProc {
                 }
             }
         }
-        let addr = lines
+        // Prefer TCP: listeners report in no fixed order.
+        let listening: Vec<&str> = lines
             .iter()
-            .find_map(|l| l.strip_prefix("listening on "))
+            .filter_map(|l| l.strip_prefix("listening on "))
+            .collect();
+        let addr = listening
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .or(listening.first())
             .expect("a listening line")
             .to_string();
         let peer_id = lines
