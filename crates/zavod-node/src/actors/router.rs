@@ -111,10 +111,11 @@ struct Figures {
     queue_depth: u32,
     tokens_per_s_tenths: i64,
     models: Vec<String>,
+    addrs: Vec<String>,
 }
 
 impl Figures {
-    fn of(r: &CapacityReport) -> Self {
+    fn of(r: &CapacityReport, addrs: Vec<String>) -> Self {
         Figures {
             mem_step: r.mem_free_bytes / MEM_STEP_BYTES,
             slots_free: r.slots_free,
@@ -122,6 +123,7 @@ impl Figures {
             queue_depth: r.queue_depth,
             tokens_per_s_tenths: (r.tokens_per_s * 10.0) as i64,
             models: r.models.iter().map(|m| m.name.clone()).collect(),
+            addrs,
         }
     }
 }
@@ -167,7 +169,9 @@ impl RouterState {
             return;
         };
         let report = self.self_report();
-        let figures = Figures::of(&report);
+        let addrs = self.shared.listen_addrs();
+        // New addresses (the node has just started listening) are news too.
+        let figures = Figures::of(&report, addrs.clone());
         let heartbeat = self.shared.config.gossip.heartbeat_ms;
         let due = match &self.last_announced {
             None => true,
@@ -179,7 +183,7 @@ impl RouterState {
         let a = Announcement {
             report: sign_report(&self.shared.identity.key, report),
             membership,
-            addrs: self.shared.listen_addrs(),
+            addrs,
         };
         if let Err(e) = self.view.on_announcement(&a, now) {
             tracing::warn!(error = %e, "this node's own announcement was refused");
