@@ -67,6 +67,42 @@ fn a_chat_through_any_node_is_served_by_the_node_with_the_model() {
         "{}",
         stderr(&o)
     );
+    // The entry (no model) keeps the conversation, recorded from C's receipt.
+    let first = chat(
+        &d("a"),
+        &a.addr,
+        &[
+            "--conversation",
+            "m1",
+            "--prompt",
+            "My name is Zorblax.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let second = chat(
+        &d("a"),
+        &a.addr,
+        &[
+            "--conversation",
+            "m1",
+            "--prompt",
+            "What is my name?",
+            "--max-tokens",
+            "4",
+            "--show-prompt",
+            "--verbose",
+        ],
+    );
+    assert!(second.status.success(), "{}", stderr(&second));
+    let e = stderr(&second);
+    assert!(
+        e.contains("user: My name is Zorblax.") && e.contains("2 earlier turns in context"),
+        "{e}"
+    );
     // The same through B.
     let o = ask(&d("a"), &b.addr);
     assert_eq!(
