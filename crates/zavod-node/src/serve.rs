@@ -330,7 +330,7 @@ async fn run_chat(
             model: admission.model.clone(),
             history_turns: prepared.history_turns,
             grant: p.grant.clone(),
-            prompt: show_prompt.then(|| prepared.display.clone()),
+            prompt: show_prompt.then(|| prepared.display(shared.model.as_deref())),
         }))
     };
 

@@ -21,9 +21,24 @@ pub struct PreparedPrompt {
     pub history_turns: u32,
     pub estimated_tokens: u32,
     pub user_turn: Turn,
-    /// The prompt as the model will see it, when this node has the model;
-    /// otherwise the turns one per line.
-    pub display: String,
+}
+
+impl PreparedPrompt {
+    /// The prompt for people to read (`--show-prompt`): as the model will
+    /// see it when this node has the model, otherwise the turns one per
+    /// line. Rendered only on request, off the first-token path.
+    pub fn display(&self, model: Option<&dyn crate::backend::ModelBackend>) -> String {
+        let plain = || {
+            self.turns
+                .iter()
+                .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
+                .collect()
+        };
+        match model {
+            Some(m) => m.format_chat(&self.turns).unwrap_or_else(|_| plain()),
+            None => plain(),
+        }
+    }
 }
 
 pub enum MemoryMsg {
@@ -120,21 +135,10 @@ fn prepare(
     };
     let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
-    let display = match model {
-        Some(m) => m
-            .format_chat(&assembled.turns)
-            .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?,
-        None => assembled
-            .turns
-            .iter()
-            .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
-            .collect(),
-    };
     Ok(PreparedPrompt {
         turns: assembled.turns,
         history_turns: assembled.history_turns,
         estimated_tokens: assembled.tokens,
         user_turn,
-        display,
     })
 }
