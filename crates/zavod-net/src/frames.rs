@@ -34,10 +34,7 @@ impl FrameStream {
     }
 
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), NetError> {
-        let bytes = zavod_proto::wire::encode(msg)?;
-        if bytes.len() > self.limit {
-            return Err(NetError::FrameTooLarge { limit: self.limit });
-        }
+        let bytes = encode_frame(msg, self.limit)?;
         SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes::Bytes::from(bytes)).await?;
         Ok(())
     }
@@ -95,10 +92,7 @@ impl FrameWriter {
     /// Sends one frame, giving up after `timeout` (a client that stops
     /// reading must not hold a task forever).
     pub async fn send<T: Serialize>(&mut self, msg: &T, timeout: Duration) -> Result<(), NetError> {
-        let bytes = zavod_proto::wire::encode(msg)?;
-        if bytes.len() > self.limit {
-            return Err(NetError::FrameTooLarge { limit: self.limit });
-        }
+        let bytes = encode_frame(msg, self.limit)?;
         tokio::time::timeout(timeout, self.sink.send(bytes::Bytes::from(bytes)))
             .await
             .map_err(|_| NetError::Timeout {
@@ -139,6 +133,15 @@ impl FrameReader {
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
         decode_next(self.stream.next().await, self.limit)
     }
+}
+
+/// Encodes a message and checks it against the stream's frame limit.
+fn encode_frame<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, NetError> {
+    let bytes = zavod_proto::wire::encode(msg)?;
+    if bytes.len() > limit {
+        return Err(NetError::FrameTooLarge { limit });
+    }
+    Ok(bytes)
 }
 
 fn decode_next<T: DeserializeOwned>(

@@ -362,6 +362,16 @@ impl Client {
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<FrameStream, NetError> {
+        self.open_with_limit(peer, protocol, self.cfg.max_frame_bytes)
+            .await
+    }
+
+    async fn open_with_limit(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        max_frame_bytes: usize,
+    ) -> Result<FrameStream, NetError> {
         let mut control = self.control.clone();
         let ms = self.cfg.dial_timeout_ms;
         let stream = tokio::time::timeout(
@@ -377,7 +387,7 @@ impl Client {
             peer: peer.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(FrameStream::new(stream, self.cfg.max_frame_bytes))
+        Ok(FrameStream::new(stream, max_frame_bytes))
     }
 
     /// Accepts inbound streams of `protocol`. Call once per protocol,
@@ -405,30 +415,8 @@ impl Client {
         peer: PeerId,
         max_frame_bytes: usize,
     ) -> Result<FrameStream, NetError> {
-        let mut control = self.control.clone();
-        let ms = self.cfg.dial_timeout_ms;
-        let opened = tokio::time::timeout(
-            Duration::from_millis(ms),
-            control.open_stream(peer, CHAT_PROTOCOL),
-        )
-        .await
-        .map_err(|_| NetError::Timeout {
-            what: format!("opening a chat stream to {peer}"),
-            ms,
-        })?;
-        let stream = opened.map_err(|e| NetError::OpenStream {
-            peer: peer.to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(FrameStream::new(stream, max_frame_bytes))
-    }
-
-    /// Starts accepting chat streams. Call once, before announcing the node.
-    pub fn accept_chats(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
-        self.control
-            .clone()
-            .accept(CHAT_PROTOCOL)
-            .map_err(|_| NetError::Setup("chat protocol registered twice".into()))
+        self.open_with_limit(peer, CHAT_PROTOCOL, max_frame_bytes)
+            .await
     }
 
     pub fn max_frame_bytes(&self) -> usize {
@@ -669,7 +657,7 @@ mod tests {
         )
         .expect("swarm");
         tokio::spawn(el.run());
-        let mut incoming = server.accept_chats().expect("accept");
+        let mut incoming = server.accept(CHAT_PROTOCOL).expect("accept");
         let addr = server
             .listen("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
             .await
