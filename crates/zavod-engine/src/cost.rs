@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use zavod_proto::capacity::WorkerLoad;
 use zavod_proto::prompt::Turn;
+use zavod_proto::score::splitmix64;
 use zavod_proto::wire::{DoneInfo, StopReason};
 
 /// Timing of a model on some hardware.
@@ -70,13 +71,6 @@ impl std::fmt::Debug for CostModelEngine {
 
 fn word_tokens(text: &str) -> u32 {
     u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl CostModelEngine {
@@ -140,7 +134,7 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
         model.prefill_ms(prompt_tokens) / 1e3,
     ));
     let interval = Duration::from_secs_f64(model.token_interval_ms(1) / 1e3);
-    let mut h = mix(job.params.seed ^ u64::from(prompt_tokens));
+    let mut h = splitmix64(job.params.seed ^ u64::from(prompt_tokens));
     let mut first = None;
     let mut generated = 0;
     let mut stop = StopReason::MaxTokens;
@@ -152,7 +146,7 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
         if generated > 0 {
             std::thread::sleep(interval);
         }
-        h = mix(h);
+        h = splitmix64(h);
         let text = format!(" w{}", h % 1000);
         if job
             .events

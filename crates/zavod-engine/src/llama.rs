@@ -85,12 +85,16 @@ impl LlamaConfig {
     }
 
     pub fn effective_threads(&self) -> i32 {
-        let n = if self.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-        } else {
-            self.threads
-        };
-        i32::try_from(n).unwrap_or(1)
+        i32::try_from(resolve_threads(self.threads)).unwrap_or(1)
+    }
+}
+
+/// A thread count from config: 0 means every available core.
+pub fn resolve_threads(threads: u32) -> u32 {
+    if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    } else {
+        threads
     }
 }
 

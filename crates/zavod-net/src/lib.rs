@@ -197,6 +197,11 @@ pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
     Some(PeerId::from_public_key(&ed.into()))
 }
 
+/// How people see a node: its peer id, or its key in hex if it has none.
+pub fn peer_label(node: &NodeId) -> String {
+    peer_id_of(node).map_or_else(|| node.to_hex(), |p| p.to_string())
+}
+
 /// Creates the swarm. Spawn `EventLoop::run` and keep the event receiver
 /// drained.
 pub fn new(

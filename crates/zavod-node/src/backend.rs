@@ -4,7 +4,6 @@
 //! loaded once and shared across engine restarts.
 
 use std::sync::Arc;
-use zavod_engine::cost::{CostEngineConfig, CostModelEngine};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
 use zavod_engine::{Engine, EngineError, model_name_from_path, quant_from_name};
 use zavod_proto::capacity::ModelOffer;
@@ -46,35 +45,5 @@ impl ModelBackend for LlamaBackendHandle {
             Arc::clone(&self.model),
             &self.cfg,
         )?))
-    }
-}
-
-/// The cost-model engine, for tests of supervision and routing only.
-pub struct CostBackend {
-    pub cfg: CostEngineConfig,
-}
-
-impl ModelBackend for CostBackend {
-    fn offer(&self) -> ModelOffer {
-        ModelOffer {
-            name: self.cfg.name.clone(),
-            quant: "none".into(),
-            context_tokens: 4096,
-        }
-    }
-
-    fn count_tokens(&self, text: &str) -> u32 {
-        u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
-    }
-
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
-        Ok(turns
-            .iter()
-            .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
-            .collect())
-    }
-
-    fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
-        Ok(Box::new(CostModelEngine::start(self.cfg.clone())?))
     }
 }

@@ -167,8 +167,9 @@ fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
         .collect()
 }
 
-/// splitmix64: a fixed, well-mixed hash so every node draws the same pair.
-fn mix(mut z: u64) -> u64 {
+/// splitmix64: a fixed, well-mixed hash so every node draws the same pair
+/// (and the cost-model engine the same words).
+pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -184,9 +185,9 @@ pub fn pick(ranked: &[Scored], request: RequestId, top_k: usize) -> Option<Score
         0 => None,
         1 => ranked.first().copied(),
         _ => {
-            let h = mix(request.0 as u64 ^ mix((request.0 >> 64) as u64));
+            let h = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
             let i = (h % k as u64) as usize;
-            let j_off = 1 + (mix(h) % (k as u64 - 1)) as usize;
+            let j_off = 1 + (splitmix64(h) % (k as u64 - 1)) as usize;
             let j = (i + j_off) % k;
             let (a, b) = (ranked[i], ranked[j]);
             let a_first = (a.slots_free, a.score.to_bits()) >= (b.slots_free, b.score.to_bits())

@@ -288,11 +288,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     zavod_engine::llama::check_model_file(&args.model)?;
     let exe = std::env::current_exe().context("finding the zavod binary")?;
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-    } else {
-        args.threads
-    };
+    let threads = zavod_engine::llama::resolve_threads(args.threads);
 
     let idle_rss = {
         let idle = NodeProc::start(&exe, &tmp.path().join("idle"), &[])?;
@@ -442,11 +438,7 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
     zavod_engine::llama::check_model_file(&args.model)?;
     let exe = std::env::current_exe().context("finding the zavod binary")?;
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
-    let threads = if args.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-    } else {
-        args.threads
-    };
+    let threads = zavod_engine::llama::resolve_threads(args.threads);
     let a_dir = tmp.path().join("a");
     let a = NodeProc::start(&exe, &a_dir, &[])?;
     let invite = Command::new(&exe)

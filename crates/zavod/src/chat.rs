@@ -81,8 +81,7 @@ async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutc
             |ev| match ev {
                 ChatEvent::Accepted(a) => {
                     if verbose {
-                        let peer = zavod_net::peer_id_of(&a.served_by)
-                            .map_or_else(|| a.served_by.to_hex(), |p| p.to_string());
+                        let peer = zavod_net::peer_label(&a.served_by);
                         eprintln!(
                             "[served by {peer}, model {}, {} earlier turns in context]",
                             a.model, a.history_turns
@@ -121,8 +120,7 @@ async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutc
 }
 
 fn report(o: &ChatOutcome) {
-    let peer = zavod_net::peer_id_of(&o.accepted.served_by)
-        .map_or_else(|| o.accepted.served_by.to_hex(), |p| p.to_string());
+    let peer = zavod_net::peer_label(&o.accepted.served_by);
     eprintln!(
         "[served by {peer}: {} prompt tokens, {} generated ({:?}); first token after {:.0} ms, {:.1} tok/s]",
         o.done.prompt_tokens,

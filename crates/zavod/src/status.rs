@@ -8,7 +8,7 @@ use zavod_node::datadir::ClientIdentity;
 use zavod_proto::wire::{StatusReply, StatusRequest, StatusRow};
 
 fn peer_of(row: &StatusRow) -> String {
-    zavod_net::peer_id_of(&row.node).map_or_else(|| row.node.to_hex(), |p| p.to_string())
+    zavod_net::peer_label(&row.node)
 }
 
 fn gib(b: u64) -> String {
