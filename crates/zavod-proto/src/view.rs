@@ -151,6 +151,19 @@ impl Row {
     }
 }
 
+impl From<&Row> for Candidate {
+    fn from(r: &Row) -> Self {
+        Candidate {
+            node: r.node,
+            mem_free_bytes: r.mem_free_bytes,
+            slots_free: r.slots_free,
+            slots_total: r.slots_total,
+            rtt_ms: r.rtt_ms,
+            tokens_per_s: r.tokens_per_s,
+        }
+    }
+}
+
 /// Members serving one model; `pos` indexes `rows` by node.
 #[derive(Debug, Clone, Default)]
 struct Table {
@@ -355,6 +368,22 @@ impl MeshView {
         self.members.is_empty()
     }
 
+    /// Every alive member, whatever it serves, as a scoring candidate (for
+    /// showing scores; routing uses [`MeshView::candidates`]).
+    pub fn alive_candidates(&self, me: &NodeId, now_ms: UnixMs) -> Vec<Candidate> {
+        self.members
+            .values()
+            .filter(|m| m.liveness(&self.config, now_ms) == Liveness::Alive)
+            .map(|m| {
+                let mut c = Candidate::from(&Row::of(m));
+                if c.node == *me {
+                    c.rtt_ms = Some(0.0);
+                }
+                c
+            })
+            .collect()
+    }
+
     /// Alive members that serve `model`, as scoring candidates, in no
     /// particular order (scoring imposes its own total order). `me` gets an
     /// RTT of 0.
@@ -371,13 +400,12 @@ impl MeshView {
                     let silent = now_ms.saturating_sub(r.heard_at_ms);
                     silent < cfg.suspect_after_ms && now_ms < r.membership_expires_ms
                 })
-                .map(|r| Candidate {
-                    node: r.node,
-                    mem_free_bytes: r.mem_free_bytes,
-                    slots_free: r.slots_free,
-                    slots_total: r.slots_total,
-                    rtt_ms: if r.node == *me { Some(0.0) } else { r.rtt_ms },
-                    tokens_per_s: r.tokens_per_s,
+                .map(|r| {
+                    let mut c = Candidate::from(r);
+                    if r.node == *me {
+                        c.rtt_ms = Some(0.0);
+                    }
+                    c
                 }),
         );
         out

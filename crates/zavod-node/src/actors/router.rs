@@ -401,19 +401,7 @@ impl RouterState {
             None => Vec::new(),
         };
         let me = self.me();
-        let alive: Vec<Candidate> = self
-            .view
-            .members()
-            .filter(|(_, m)| m.liveness(&self.view.config, now) == Liveness::Alive)
-            .map(|(id, m)| Candidate {
-                node: *id,
-                mem_free_bytes: m.report.mem_free_bytes,
-                slots_free: m.report.slots_free,
-                slots_total: m.report.slots_total,
-                rtt_ms: if *id == me { Some(0.0) } else { m.rtt_ms },
-                tokens_per_s: f64::from(m.report.tokens_per_s),
-            })
-            .collect();
+        let alive = self.view.alive_candidates(&me, now);
         let scores = rank(&alive, &self.shared.config.scoring.weights);
         let rows = self
             .view
