@@ -6,4 +6,5 @@ mod chat;
 mod grants;
 mod memory;
 mod mesh;
+mod sessions;
 mod trust;

@@ -56,7 +56,10 @@ pub fn zavod() -> Command {
             c.env_remove(k);
         }
     }
-    c.env("RUST_LOG", "warn,llama-cpp-2=error");
+    // ZAVOD_TEST_LOG sets the nodes' log filter when a test needs looking into.
+    let filter =
+        std::env::var("ZAVOD_TEST_LOG").unwrap_or_else(|_| "warn,llama-cpp-2=error".into());
+    c.env("RUST_LOG", filter);
     c
 }
 

@@ -43,6 +43,8 @@ pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/join/1");
 pub const STATUS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/status/1");
 /// Stream protocol for running a granted request on its target node.
 pub const RUN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/run/1");
+/// Node to node actor sessions (ractor_cluster), one per pair of nodes.
+pub const ACTORS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/actors/1");
 const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/kad/1");
 /// The gossipsub topic of capacity announcements.
@@ -377,6 +379,17 @@ impl Client {
         protocol: StreamProtocol,
         max_frame_bytes: usize,
     ) -> Result<FrameStream, NetError> {
+        let stream = self.open_raw(peer, protocol).await?;
+        Ok(FrameStream::new(stream, max_frame_bytes))
+    }
+
+    /// Opens a bare stream of `protocol` to `peer` (dialling it if needed),
+    /// for protocols that bring their own framing.
+    pub async fn open_raw(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, NetError> {
         let mut control = self.control.clone();
         let ms = self.cfg.dial_timeout_ms;
         let stream = tokio::time::timeout(
@@ -392,7 +405,7 @@ impl Client {
             peer: peer.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(FrameStream::new(stream, max_frame_bytes))
+        Ok(stream)
     }
 
     /// Accepts inbound streams of `protocol`. Call once per protocol,

@@ -15,6 +15,7 @@ pub mod actors;
 pub mod backend;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod node;

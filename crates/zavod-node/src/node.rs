@@ -6,6 +6,7 @@ use crate::actors::router::RouterMsg;
 use crate::actors::supervisor::{Child, NodeSupervisor, SupervisorMsg};
 use crate::actors::{Directory, NodeShared};
 use crate::backend::{LlamaBackendHandle, ModelBackend};
+use crate::cluster::{Cluster, mesh_cookie};
 use crate::config::{ConfigError, NodeConfig};
 use crate::datadir::{DataDirError, InitReport, NodeIdentity};
 use crate::serve::{Kind, serve_stream};
@@ -39,6 +40,8 @@ pub enum NodeError {
     Actors(String),
     #[error("joining the mesh failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// What to start a node with.
@@ -47,6 +50,18 @@ pub struct StartOptions {
     pub identity: NodeIdentity,
     /// The model; `None` runs an entry/router-only node.
     pub model: Option<Arc<dyn ModelBackend>>,
+}
+
+/// Whether the Router's view holds `peer` as a member.
+async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
+    let (Some(router), Some(node)) = (shared.directory.get().router, zavod_net::node_id_of(peer))
+    else {
+        return false;
+    };
+    matches!(
+        ractor::call_t!(router, |reply| RouterMsg::IsMember { node, reply }, 2_000),
+        Ok(true)
+    )
 }
 
 /// Dials a bootstrap address until it answers, backing off to 30 s.
@@ -231,6 +246,7 @@ impl Node {
         )?;
         let peer_id = net.local_peer_id();
         let mut tasks = vec![tokio::spawn(event_loop.run())];
+        let cluster = Cluster::start(net.clone(), mesh_cookie(&identity.authorities)).await?;
         let shared = Arc::new(NodeShared {
             config,
             identity,
@@ -238,6 +254,7 @@ impl Node {
             model,
             store: store.clone(),
             net: net.clone(),
+            cluster: cluster.clone(),
             listen_addrs: Default::default(),
         });
 
@@ -249,6 +266,9 @@ impl Node {
         let ev_shared = Arc::clone(&shared);
         tasks.push(tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
+                if let zavod_net::Event::Disconnected { peer } = &ev {
+                    ev_shared.cluster.peer_gone(peer);
+                }
                 let Some(router) = ev_shared.directory.get().router else {
                     continue;
                 };
@@ -297,6 +317,20 @@ impl Node {
                 }
             }));
         }
+        // Actor sessions, from members only.
+        let mut incoming = net.accept(zavod_net::ACTORS_PROTOCOL)?;
+        let s = Arc::clone(&shared);
+        tasks.push(tokio::spawn(async move {
+            // One at a time: sessions are opened rarely (once per pair of
+            // nodes), and this bounds what a flood of streams can cost.
+            while let Some((peer, stream)) = incoming.next().await {
+                if is_member(&s, &peer).await {
+                    s.cluster.accept(peer, stream);
+                } else {
+                    tracing::info!(%peer, "actor session from a non-member refused");
+                }
+            }
+        }));
         for addr in listen {
             net.listen(addr).await?;
         }
@@ -364,6 +398,7 @@ impl Node {
             t.abort();
         }
         self.supervisor.stop_and_wait(None, None).await.ok();
+        self.shared.cluster.stop();
         self.store.flush()?;
         Ok(())
     }

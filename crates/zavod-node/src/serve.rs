@@ -26,7 +26,7 @@ use crate::clock::now_ms;
 use libp2p::PeerId;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use zavod_engine::EngineEvent;
 use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, RUN_PROTOCOL, node_id_of};
 use zavod_proto::NodeId;
@@ -35,13 +35,17 @@ use zavod_proto::breaker::Outcome;
 use zavod_proto::prompt::{Role, Turn, turns_hash};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, JoinReply,
-    JoinRequest, Redirect, RunRequest, ServerFrame, StatusReply, StatusRequest, StopReason,
+    JoinRequest, Redirect, RunReport, RunRequest, ServerFrame, StatusReply, StatusRequest,
+    StopReason,
 };
 
 /// Deadline for a reply from a local actor.
 const ACTOR_CALL_MS: u64 = 10_000;
 /// Most targets tried when relaying one request.
 const RELAY_ATTEMPTS: usize = 3;
+/// How long an entry that has the target's report still waits for the
+/// client's own receipt before closing the stream.
+const REPORT_GRACE_MS: u64 = 2_000;
 
 /// Which stream protocol a stream came in on.
 #[derive(Debug, Clone, Copy)]
@@ -370,6 +374,16 @@ async fn run_chat(
             params: params.clone(),
         },
     }));
+    // The target also reports to this node over the actor session, so the
+    // turn is kept and the credential settled even if the client never
+    // comes back with the receipt.
+    let (report_tx, mut report_rx) = oneshot::channel();
+    if let Some(router) = dir.get().router {
+        let _ = router.cast(RouterMsg::Expect {
+            request: placement.grant.body.request,
+            tx: report_tx,
+        });
+    }
     if writer.send(&accepted(&placement), wt).await.is_err()
         || writer.send(&redirect, wt).await.is_err()
     {
@@ -378,47 +392,88 @@ async fn run_chat(
     // The answer may take as long as generating every allowed token.
     let wait = Duration::from_millis(shared.config.limits.stall_timeout_ms)
         + Duration::from_millis(u64::from(admission.max_tokens) * 1_000);
-    let back = tokio::time::timeout(wait, reader.recv::<ClientFrame>()).await;
-    match back {
-        Ok(Ok(Some(ClientFrame::Finished { answer, receipt }))) => {
-            match receipt.verify(&placement.target, placement.grant.body.request, &answer) {
-                Ok(body) => {
-                    record_outcome(shared, placement.target, Outcome::Success);
-                    reservation.used = Some(body.generated_tokens.min(admission.max_tokens));
-                    record_turn(
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut recorded = false;
+    let mut client_open = true;
+    let mut report_open = true;
+    while client_open || (report_open && !recorded) {
+        tokio::select! {
+            back = reader.recv::<ClientFrame>(), if client_open => match back {
+                Ok(Some(ClientFrame::Finished { answer, receipt })) => {
+                    if recorded {
+                        // Already kept from the target's report; closing
+                        // the stream tells the client.
+                        return Ok(());
+                    }
+                    let body = receipt
+                        .verify(&placement.target, placement.grant.body.request, &answer)
+                        .map_err(|e| {
+                            error_frame(
+                                ErrorCode::BadRequest,
+                                format!("the receipt does not match the answer: {e}"),
+                            )
+                        })?;
+                    settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, body.generated_tokens).await;
+                    return Ok(());
+                }
+                Ok(Some(ClientFrame::Relay { reason })) if !recorded => {
+                    tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
+                    return relay(
                         shared,
                         &admission,
                         &prepared,
-                        &answer,
-                        body.generated_tokens,
+                        &params,
+                        writer,
+                        reader,
+                        &mut reservation,
                     )
                     .await;
-                    // Closing the stream tells the client the turn is recorded.
-                    Ok(())
                 }
-                Err(e) => Err(error_frame(
-                    ErrorCode::BadRequest,
-                    format!("the receipt does not match the answer: {e}"),
-                )),
-            }
+                // Cancelled, gone or a protocol slip: only the target's
+                // report can still tell what was generated.
+                _ => client_open = false,
+            },
+            report = &mut report_rx, if report_open && !recorded => match report {
+                Ok(r) => match r.receipt.verify(&placement.target, placement.grant.body.request, &r.answer) {
+                    Ok(body) => {
+                        let tokens = body.generated_tokens;
+                        settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &r.answer, tokens).await;
+                        recorded = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %placement.target.short(), error = %e, "report with a bad receipt ignored");
+                        report_open = false;
+                    }
+                },
+                Err(_) => report_open = false,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
         }
-        Ok(Ok(Some(ClientFrame::Relay { reason }))) => {
-            tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
-            relay(
-                shared,
-                &admission,
-                &prepared,
-                &params,
-                writer,
-                reader,
-                &mut reservation,
-            )
-            .await
+        if recorded && client_open {
+            // Give the client a moment to send its own receipt, then close.
+            let grace = Duration::from_millis(REPORT_GRACE_MS);
+            let _ = tokio::time::timeout(grace, reader.recv::<ClientFrame>()).await;
+            return Ok(());
         }
-        // Cancelled, gone or silent: the reservation is charged in full,
-        // since only the target knows what it generated.
-        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => Ok(()),
     }
+    // Neither the client nor the target reported: the reservation is
+    // charged in full, since only the target knows what it generated.
+    Ok(())
+}
+
+/// Records a remotely served turn once its receipt checked out.
+async fn settle_turn(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    placement: &Placement,
+    reservation: &mut Reservation<'_>,
+    answer: &str,
+    generated_tokens: u32,
+) {
+    record_outcome(shared, placement.target, Outcome::Success);
+    reservation.used = Some(generated_tokens.min(admission.max_tokens));
+    record_turn(shared, admission, prepared, answer, generated_tokens).await;
 }
 
 /// Places a request (excluding nodes that already failed it).
@@ -720,6 +775,7 @@ async fn serve_run(
         }
     };
     let request = req.grant.body.request;
+    let issuer = req.grant.signer;
     let placement = Placement {
         target: shared.identity.id(),
         addrs: Vec::new(),
@@ -745,7 +801,7 @@ async fn serve_run(
     };
     match stream_job(shared, job, writer, reader).await {
         Ok(Some(Streamed { answer, mut done })) => {
-            done.receipt = Some(sign_receipt(
+            let receipt = sign_receipt(
                 &shared.identity.key,
                 ReceiptBody {
                     request,
@@ -753,13 +809,42 @@ async fn serve_run(
                     generated_tokens: done.generated_tokens,
                     answer_hash: prompt_hash(&answer),
                 },
-            ));
+            );
+            done.receipt = Some(receipt.clone());
+            if issuer != shared.identity.id() && issuer != client {
+                tokio::spawn(report_to_issuer(
+                    Arc::clone(shared),
+                    issuer,
+                    RunReport {
+                        request,
+                        answer,
+                        receipt,
+                    },
+                ));
+            }
             let _ = writer.send(&ServerFrame::Done(done), wt).await;
         }
         Ok(None) => {}
         Err(e) => {
             let _ = writer.send(&ServerFrame::Error(e), wt).await;
         }
+    }
+}
+
+/// Tells the node that issued a grant how its request went, over the
+/// actor session between the two nodes.
+async fn report_to_issuer(shared: Arc<NodeShared>, issuer: NodeId, report: RunReport) {
+    let Some(peer) = zavod_net::peer_id_of(&issuer) else {
+        return;
+    };
+    let request = report.request;
+    match shared.cluster.router_of(peer).await {
+        Ok(router) => {
+            if let Err(e) = router.cast(RouterMsg::Report(Box::new(report))) {
+                tracing::info!(%request, issuer = %issuer.short(), error = %e, "report not sent");
+            }
+        }
+        Err(e) => tracing::info!(%request, issuer = %issuer.short(), error = %e, "report not sent"),
     }
 }
 

@@ -185,6 +185,16 @@ pub enum ClientFrame {
     },
 }
 
+/// What a target tells the entry that issued a grant once it has served
+/// it, node to node (over the actor session), so the entry can record the
+/// turn and settle the credential even if the client never reports back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    pub request: RequestId,
+    pub answer: String,
+    pub receipt: Receipt,
+}
+
 /// What a client sends on a run stream to the target named by a redirect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRequest {

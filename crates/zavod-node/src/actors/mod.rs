@@ -59,6 +59,8 @@ pub struct NodeShared {
     pub model: Option<Arc<dyn ModelBackend>>,
     pub store: Arc<dyn ConversationStore>,
     pub net: zavod_net::Client,
+    /// Actor sessions with other nodes.
+    pub cluster: crate::cluster::Cluster,
     /// This node's dialable addresses (with /p2p/), once it listens.
     pub listen_addrs: RwLock<Vec<String>>,
 }

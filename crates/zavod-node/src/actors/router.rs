@@ -8,9 +8,12 @@ use super::breaker::BreakerMsg;
 use super::{NodeShared, error_frame, unavailable};
 use crate::clock::now_ms;
 use crate::datadir::random_u128;
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::oneshot;
 use zavod_proto::auth::{
     AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, sign_report,
 };
@@ -18,7 +21,7 @@ use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CapacityReport, Resources, WorkerLoad};
 use zavod_proto::score::{Candidate, best, pick, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
-use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, StatusReply, StatusRow};
+use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRow};
 use zavod_proto::{NodeId, RequestId};
 use zavod_store::ConvKey;
 
@@ -87,9 +90,64 @@ pub enum RouterMsg {
         credential: Box<Credential>,
         reply: RpcReplyPort<StatusReply>,
     },
+    /// Whether a node is a member this node's view has verified.
+    IsMember {
+        node: NodeId,
+        reply: RpcReplyPort<bool>,
+    },
+    /// A request this node placed elsewhere: deliver the target's report
+    /// of it to `tx`.
+    Expect {
+        request: RequestId,
+        tx: oneshot::Sender<RunReport>,
+    },
+    /// From another node, over the actor session: the target of a request
+    /// this node placed reports the answer with its signed receipt. The
+    /// only variant that crosses nodes.
+    Report(Box<RunReport>),
 }
 
-impl ractor::Message for RouterMsg {}
+/// Name under which [`RouterMsg::Report`] travels between nodes.
+const REPORT_VARIANT: &str = "zavod.report.1";
+
+// Only `Report` is ever sent to a remote Router; every other variant
+// carries local reply ports and fails to serialize. Decoding is parse,
+// don't validate: anything that is not a well-formed report is refused,
+// and ractor drops what a Router cannot decode.
+impl ractor::Message for RouterMsg {
+    fn serializable() -> bool {
+        true
+    }
+
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        match self {
+            RouterMsg::Report(r) => Ok(SerializedMessage::Cast {
+                variant: REPORT_VARIANT.to_string(),
+                args: zavod_proto::wire::encode(&*r).map_err(|_| BoxedDowncastErr)?,
+                metadata: None,
+            }),
+            _ => Err(BoxedDowncastErr),
+        }
+    }
+
+    fn deserialize(msg: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        match msg {
+            SerializedMessage::Cast { variant, args, .. } if variant == REPORT_VARIANT => {
+                match zavod_proto::wire::decode::<RunReport>(&args) {
+                    Ok(r) => Ok(RouterMsg::Report(Box::new(r))),
+                    Err(e) => {
+                        tracing::info!(error = %e, "undecodable report from a peer dropped");
+                        Err(BoxedDowncastErr)
+                    }
+                }
+            }
+            _ => Err(BoxedDowncastErr),
+        }
+    }
+}
+
+/// Most requests placed elsewhere that may wait for a report at once.
+const MAX_EXPECTED: usize = 4_096;
 
 pub struct RouterState {
     shared: Arc<NodeShared>,
@@ -100,6 +158,8 @@ pub struct RouterState {
     view: MeshView,
     /// Figures and time of the last announcement sent.
     last_announced: Option<(Figures, u64)>,
+    /// Requests placed elsewhere, waiting for their target's report.
+    expected: BTreeMap<RequestId, oneshot::Sender<RunReport>>,
 }
 
 /// The parts of a report whose change is worth announcing.
@@ -473,7 +533,12 @@ impl Actor for Router {
             seq: 0,
             view,
             last_announced: None,
+            expected: BTreeMap::new(),
         };
+        ractor::pg::join(
+            crate::cluster::ROUTER_GROUP.to_string(),
+            vec![myself.get_cell()],
+        );
         // Sequence numbers must grow across restarts of this actor (and of
         // the node), or peers would ignore the new reports as stale.
         st.seq = now_ms();
@@ -525,6 +590,25 @@ impl Actor for Router {
             } => {
                 let _ = reply.send(st.status(client, &credential).await);
             }
+            RouterMsg::IsMember { node, reply } => {
+                let _ = reply.send(st.view.is_member(&node, now_ms()));
+            }
+            RouterMsg::Expect { request, tx } => {
+                if st.expected.len() >= MAX_EXPECTED {
+                    st.expected.retain(|_, tx| !tx.is_closed());
+                }
+                // When full, the request simply goes without a report and
+                // relies on the client's.
+                if st.expected.len() < MAX_EXPECTED {
+                    st.expected.insert(request, tx);
+                }
+            }
+            RouterMsg::Report(report) => match st.expected.remove(&report.request) {
+                Some(tx) => {
+                    let _ = tx.send(*report);
+                }
+                None => tracing::debug!(request = %report.request, "report for no waiting request"),
+            },
         }
         Ok(())
     }
