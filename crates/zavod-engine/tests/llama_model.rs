@@ -132,6 +132,7 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
         seed: 1234,
         max_tokens: 20,
         ignore_eos: true,
+        raw: false,
     };
     let s1 = run(&e, "Once upon a time", sampled.clone());
     let s2 = run(&e, "Once upon a time", sampled.clone());

@@ -44,6 +44,26 @@ pub struct NodeConfig {
     pub supervisor: SupervisorSection,
     pub gossip: GossipSection,
     pub view: ViewConfig,
+    pub http: HttpSection,
+}
+
+/// The OpenAI-compatible HTTP API, metrics and health checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// `HOST:PORT` to serve on; none serves no HTTP.
+    pub listen: Option<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: None,
+            max_body_bytes: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,6 +271,7 @@ pub struct Overrides {
     pub slots: Option<u32>,
     pub context_tokens: Option<u32>,
     pub threads: Option<u32>,
+    pub http: Option<String>,
 }
 
 impl NodeConfig {
@@ -299,6 +320,9 @@ impl NodeConfig {
         if let Some(v) = o.threads {
             self.model.threads = v;
         }
+        if let Some(v) = o.http {
+            self.http.listen = Some(v);
+        }
     }
 
     /// Checks values that types cannot; errors name the key.
@@ -306,6 +330,19 @@ impl NodeConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.node.listen.is_empty() {
             return bad("node.listen must name at least one address".into());
+        }
+        if let Some(a) = &self.http.listen
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "http.listen must be HOST:PORT with an IP address (e.g. 127.0.0.1:8080), got {a:?}"
+            ));
+        }
+        if self.http.max_body_bytes < 1024 {
+            return bad(format!(
+                "http.max_body_bytes must be at least 1024, got {}",
+                self.http.max_body_bytes
+            ));
         }
         self.scoring
             .weights

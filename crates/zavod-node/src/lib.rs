@@ -18,6 +18,8 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod datadir;
+pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod serve;
 

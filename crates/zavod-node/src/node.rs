@@ -42,6 +42,8 @@ pub enum NodeError {
     Join(String),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("cannot serve HTTP on {addr}: {reason}")]
+    Http { addr: String, reason: String },
 }
 
 /// What to start a node with.
@@ -194,6 +196,7 @@ pub struct Node {
     peer_id: PeerId,
     net: zavod_net::Client,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -255,6 +258,7 @@ impl Node {
             store: store.clone(),
             net: net.clone(),
             cluster: cluster.clone(),
+            metrics: crate::metrics::Metrics::new(),
             listen_addrs: Default::default(),
         });
 
@@ -360,7 +364,23 @@ impl Node {
             let net = net.clone();
             tasks.push(tokio::spawn(dial_until_connected(net, addr)));
         }
+        let http_addr = match shared.config.http.listen.clone() {
+            Some(a) => {
+                let listener = crate::http::bind(&a).await.map_err(|e| NodeError::Http {
+                    addr: a.clone(),
+                    reason: e.to_string(),
+                })?;
+                let bound = listener.local_addr().ok();
+                tasks.push(tokio::spawn(crate::http::serve(
+                    listener,
+                    Arc::clone(&shared),
+                )));
+                bound
+            }
+            None => None,
+        };
         Ok(Node {
+            http_addr,
             shared,
             supervisor,
             store,
@@ -368,6 +388,11 @@ impl Node {
             net,
             tasks,
         })
+    }
+
+    /// Where the HTTP API listens, when it does.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
     }
 
     pub fn peer_id(&self) -> PeerId {

@@ -166,25 +166,103 @@ fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
     }
 }
 
+/// Where an entry or target sends what its client should see: a chat
+/// stream, or a channel to the HTTP API.
+pub(crate) trait Sink: Send {
+    /// Sends a frame; an error means the client is gone.
+    fn send(&mut self, frame: &ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+}
+
+/// Tells when the client cancelled or left.
+pub(crate) trait Watch: Send {
+    /// Resolves once the client cancels or leaves; pending until then.
+    fn cancelled(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+struct WriterSink<'a> {
+    writer: &'a mut FrameWriter,
+    wt: Duration,
+}
+
+impl Sink for WriterSink<'_> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
+        self.writer.send(frame, self.wt).await.map_err(|_| ())
+    }
+}
+
+struct ReaderWatch<'a> {
+    reader: &'a mut FrameReader,
+    half_closed: bool,
+}
+
+impl<'a> ReaderWatch<'a> {
+    fn new(reader: &'a mut FrameReader) -> Self {
+        ReaderWatch {
+            reader,
+            half_closed: false,
+        }
+    }
+}
+
+impl Watch for ReaderWatch<'_> {
+    async fn cancelled(&mut self) {
+        if !self.half_closed {
+            match self.reader.recv::<ClientFrame>().await {
+                // A half-close only says the client has nothing more to send.
+                Ok(None) => self.half_closed = true,
+                // Cancel, a reset stream or a protocol violation.
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// Frames for an in-process client (the HTTP API).
+pub(crate) struct ChannelSink {
+    pub tx: tokio::sync::mpsc::Sender<ServerFrame>,
+    pub wt: Duration,
+}
+
+impl Sink for ChannelSink {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
+        match tokio::time::timeout(self.wt, self.tx.send(frame.clone())).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+}
+
+/// An in-process client has left when it drops its receiver.
+pub(crate) struct ChannelWatch(pub tokio::sync::mpsc::Sender<ServerFrame>);
+
+impl Watch for ChannelWatch {
+    async fn cancelled(&mut self) {
+        self.0.closed().await
+    }
+}
+
 /// What a finished generation produced.
 struct Streamed {
     answer: String,
     done: DoneInfo,
 }
 
-/// Streams a local job's tokens to `writer` until it ends. A `Cancel` from
-/// the reader (or a reset stream) cancels the job.
+/// Streams a local job's tokens to `sink` until it ends; the job is
+/// cancelled when `watch` says the client cancelled or left.
 async fn stream_job(
     shared: &NodeShared,
     job: JobStream,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
+    sink: &mut impl Sink,
+    watch: &mut impl Watch,
 ) -> Result<Option<Streamed>, ErrorFrame> {
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
     let JobStream { mut events, cancel } = job;
     let mut answer = String::new();
-    let mut client_reading = true;
+    let mut watching = true;
+    let metrics = &shared.metrics;
+    let started = tokio::time::Instant::now();
+    let mut last_token: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             ev = tokio::time::timeout(stall, events.recv()) => {
@@ -201,8 +279,15 @@ async fn stream_job(
                 match ev {
                     EngineEvent::Started { .. } => {}
                     EngineEvent::Token { index, text } => {
+                        let now = tokio::time::Instant::now();
+                        match last_token {
+                            None => metrics.time_to_first_token.observe((now - started).as_secs_f64()),
+                            Some(t) => metrics.inter_token.observe((now - t).as_secs_f64()),
+                        }
+                        last_token = Some(now);
+                        metrics.tokens_generated.inc();
                         answer.push_str(&text);
-                        if writer.send(&ServerFrame::Token { index, text }, wt).await.is_err() {
+                        if sink.send(&ServerFrame::Token { index, text }).await.is_err() {
                             // The client left; nothing more to deliver.
                             cancel.cancel();
                             return Ok(None);
@@ -212,15 +297,10 @@ async fn stream_job(
                     EngineEvent::Failed(msg) => return Err(error_frame(ErrorCode::Internal, msg)),
                 }
             }
-            frame = reader.recv::<ClientFrame>(), if client_reading => {
-                client_reading = false;
-                match frame {
-                    // A half-close only says the client has nothing more to send.
-                    Ok(None) => {}
-                    // Cancel, a reset stream or a protocol violation: stop
-                    // generating; the engine answers with Done(Cancelled).
-                    Ok(Some(_)) | Err(_) => cancel.cancel(),
-                }
+            () = watch.cancelled(), if watching => {
+                // Stop generating; the engine answers with Done(Cancelled).
+                watching = false;
+                cancel.cancel();
             }
         }
     }
@@ -284,7 +364,15 @@ async fn serve_chat(
             return;
         }
     };
-    if let Err(frame) = run_chat(shared, client, request, writer, reader).await {
+    let result = run_chat(shared, client, request, writer, reader).await;
+    shared.metrics.request(
+        "chat",
+        match &result {
+            Ok(()) => "ok",
+            Err(e) => crate::metrics::outcome_of(e.code),
+        },
+    );
+    if let Err(frame) = result {
         tracing::info!(client = %client.short(), code = ?frame.code, message = %frame.message, "chat refused or failed");
         let _ = writer.send(&ServerFrame::Error(frame), wt).await;
     }
@@ -319,6 +407,7 @@ async fn run_chat(
 
     let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
         key: admission.conversation.clone(),
+        supplied: Vec::new(),
         message,
         answer_tokens: admission.max_tokens,
         context_tokens: admission.context_tokens,
@@ -350,8 +439,8 @@ async fn run_chat(
             &prepared,
             &placement,
             job,
-            writer,
-            reader,
+            &mut WriterSink { writer, wt },
+            &mut ReaderWatch::new(reader),
             &mut reservation,
         )
         .await;
@@ -423,8 +512,8 @@ async fn run_chat(
                         &admission,
                         &prepared,
                         &params,
-                        writer,
-                        reader,
+                        &mut WriterSink { writer, wt },
+                        &mut ReaderWatch::new(reader),
                         &mut reservation,
                     )
                     .await;
@@ -459,6 +548,73 @@ async fn run_chat(
     // Neither the client nor the target reported: the reservation is
     // charged in full, since only the target knows what it generated.
     Ok(())
+}
+
+/// Serves a request from an in-process client (the HTTP API) with this
+/// node as its entry: admitted, assembled and placed as a chat is, then run
+/// here or fetched from the target and passed on (such a client cannot
+/// dial the target itself). `supplied` is history the client sent with the
+/// request. Frames go to `tx`, ending with `Done` or `Error`; dropping the
+/// receiver cancels the request.
+pub async fn serve_in_process(
+    shared: Arc<NodeShared>,
+    client: NodeId,
+    request: ChatRequest,
+    supplied: Vec<(Role, String)>,
+    tx: tokio::sync::mpsc::Sender<ServerFrame>,
+) -> Result<(), ErrorFrame> {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let mut sink = ChannelSink { tx: tx.clone(), wt };
+    let mut watch = ChannelWatch(tx);
+    let result = in_process(&shared, client, request, supplied, &mut sink, &mut watch).await;
+    if let Err(e) = &result {
+        let _ = sink.send(&ServerFrame::Error(e.clone())).await;
+    }
+    result
+}
+
+async fn in_process(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    request: ChatRequest,
+    supplied: Vec<(Role, String)>,
+    sink: &mut ChannelSink,
+    watch: &mut ChannelWatch,
+) -> Result<(), ErrorFrame> {
+    let mut params = request.params.clone();
+    let message = request.message.clone();
+    let dir = &shared.directory;
+    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
+        client,
+        request: Box::new(request),
+        reply,
+    })
+    .await??;
+    let mut reservation = Reservation {
+        shared,
+        admission: &admission,
+        used: None,
+    };
+    params.max_tokens = admission.max_tokens;
+    let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
+        key: admission.conversation.clone(),
+        supplied,
+        message,
+        answer_tokens: admission.max_tokens,
+        context_tokens: admission.context_tokens,
+        reply,
+    })
+    .await??;
+    relay(
+        shared,
+        &admission,
+        &prepared,
+        &params,
+        sink,
+        watch,
+        &mut reservation,
+    )
+    .await
 }
 
 /// Records a remotely served turn once its receipt checked out.
@@ -534,19 +690,18 @@ async fn finish_local(
     prepared: &PreparedPrompt,
     placement: &Placement,
     job: JobStream,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
+    sink: &mut impl Sink,
+    watch: &mut impl Watch,
     reservation: &mut Reservation<'_>,
 ) -> Result<(), ErrorFrame> {
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    match stream_job(shared, job, writer, reader).await {
+    match stream_job(shared, job, sink, watch).await {
         Ok(Some(Streamed { answer, done })) => {
             record_outcome(shared, placement.target, Outcome::Success);
             reservation.used = Some(done.generated_tokens);
             if done.stop != StopReason::Cancelled {
                 record_turn(shared, admission, prepared, &answer, done.generated_tokens).await;
             }
-            let _ = writer.send(&ServerFrame::Done(done), wt).await;
+            let _ = sink.send(&ServerFrame::Done(done)).await;
             Ok(())
         }
         Ok(None) => Ok(()),
@@ -565,12 +720,11 @@ async fn relay(
     admission: &Admission,
     prepared: &PreparedPrompt,
     params: &GenParams,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
+    sink: &mut impl Sink,
+    watch: &mut impl Watch,
     reservation: &mut Reservation<'_>,
 ) -> Result<(), ErrorFrame> {
     let me = shared.identity.id();
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let mut failed: Vec<NodeId> = Vec::new();
     let mut target;
     let mut last_err = error_frame(ErrorCode::NoCapacity, "no node could serve the request");
@@ -593,7 +747,7 @@ async fn relay(
             grant: placement.grant.clone(),
             prompt: None,
         }));
-        if writer.send(&now_serving, wt).await.is_err() {
+        if sink.send(&now_serving).await.is_err() {
             return Ok(());
         }
         if target == me {
@@ -604,13 +758,13 @@ async fn relay(
                 prepared,
                 &placement,
                 job,
-                writer,
-                reader,
+                sink,
+                watch,
                 reservation,
             )
             .await;
         }
-        match fetch_remote(shared, &placement, &prepared.turns, params, writer).await {
+        match fetch_remote(shared, &placement, &prepared.turns, params, sink, watch).await {
             Ok(Fetched::Done {
                 answer,
                 done,
@@ -621,7 +775,7 @@ async fn relay(
                 if done.stop != StopReason::Cancelled {
                     record_turn(shared, admission, prepared, &answer, receipt_tokens).await;
                 }
-                let _ = writer.send(&ServerFrame::Done(*done), wt).await;
+                let _ = sink.send(&ServerFrame::Done(*done)).await;
                 return Ok(());
             }
             Ok(Fetched::ClientGone) => return Ok(()),
@@ -655,7 +809,8 @@ async fn fetch_remote(
     placement: &Placement,
     turns: &[Turn],
     params: &GenParams,
-    writer: &mut FrameWriter,
+    sink: &mut impl Sink,
+    watch: &mut impl Watch,
 ) -> Result<Fetched, (ErrorFrame, u32)> {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
@@ -695,12 +850,16 @@ async fn fetch_remote(
     let mut answer = String::new();
     let mut sent = 0u32;
     loop {
-        let frame = tokio::time::timeout(stall, tr.recv::<ServerFrame>()).await;
+        let frame = tokio::select! {
+            f = tokio::time::timeout(stall, tr.recv::<ServerFrame>()) => f,
+            // Dropping the target's stream cancels the run there.
+            () = watch.cancelled() => return Ok(Fetched::ClientGone),
+        };
         match frame {
             Ok(Ok(Some(ServerFrame::Token { index, text }))) => {
                 answer.push_str(&text);
-                if writer
-                    .send(&ServerFrame::Token { index, text }, wt)
+                if sink
+                    .send(&ServerFrame::Token { index, text })
                     .await
                     .is_err()
                 {
@@ -799,7 +958,9 @@ async fn serve_run(
             return;
         }
     };
-    match stream_job(shared, job, writer, reader).await {
+    let mut sink = WriterSink { writer, wt };
+    let mut watch = ReaderWatch::new(reader);
+    match stream_job(shared, job, &mut sink, &mut watch).await {
         Ok(Some(Streamed { answer, mut done })) => {
             let receipt = sign_receipt(
                 &shared.identity.key,
@@ -822,11 +983,11 @@ async fn serve_run(
                     },
                 ));
             }
-            let _ = writer.send(&ServerFrame::Done(done), wt).await;
+            let _ = sink.send(&ServerFrame::Done(done)).await;
         }
         Ok(None) => {}
         Err(e) => {
-            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            let _ = sink.send(&ServerFrame::Error(e)).await;
         }
     }
 }

@@ -92,6 +92,9 @@ pub struct GenParams {
     pub max_tokens: u32,
     /// Keep generating past end-of-generation tokens (benchmarks only).
     pub ignore_eos: bool,
+    /// Continue the turns' text as is, without the chat template (plain
+    /// completions).
+    pub raw: bool,
 }
 
 impl Default for GenParams {
@@ -102,6 +105,7 @@ impl Default for GenParams {
             seed: 0,
             max_tokens: 256,
             ignore_eos: false,
+            raw: false,
         }
     }
 }

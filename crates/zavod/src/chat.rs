@@ -23,6 +23,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         seed: args.seed,
         max_tokens: args.max_tokens,
         ignore_eos: false,
+        raw: false,
     };
     if let Err(m) = params.check() {
         // Out-of-range flag values are command-line misuse.

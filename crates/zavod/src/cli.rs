@@ -153,6 +153,9 @@ pub struct NodeArgs {
     /// later starts remember the membership).
     #[arg(long, env = "ZAVOD_JOIN", value_name = "TOKEN")]
     pub join: Option<String>,
+    /// Serve the OpenAI-compatible HTTP API, /metrics and health checks on HOST:PORT.
+    #[arg(long, env = "ZAVOD_HTTP", value_name = "HOST:PORT")]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         slots: args.slots,
         context_tokens: args.context_tokens,
         threads: args.threads,
+        http: args.http,
     });
     let ticket = match &args.join {
         Some(t) => Some(
@@ -143,6 +144,9 @@ pub fn run(args: NodeArgs) -> Result<()> {
         let addrs = node.listen_addrs().await?;
         for a in &addrs {
             println!("listening on {a}");
+        }
+        if let Some(h) = node.http_addr() {
+            println!("http api on http://{h}/v1 (metrics on http://{h}/metrics)");
         }
         let first = addrs.first().map(ToString::to_string).unwrap_or_default();
         println!("ready: chat with `zavod chat --peer {first}`");

@@ -44,6 +44,10 @@ impl PreparedPrompt {
 pub enum MemoryMsg {
     Assemble {
         key: Option<ConvKey>,
+        /// History the client sent with its request (the HTTP API's earlier
+        /// messages). Without a conversation it is the whole history; with
+        /// one, only its system messages are kept, ahead of the stored turns.
+        supplied: Vec<(Role, String)>,
         message: String,
         answer_tokens: u32,
         /// Context of the model that will answer.
@@ -82,6 +86,7 @@ impl Actor for MemoryKeeper {
         match msg {
             MemoryMsg::Assemble {
                 key,
+                supplied,
                 message,
                 answer_tokens,
                 context_tokens,
@@ -90,6 +95,7 @@ impl Actor for MemoryKeeper {
                 let _ = reply.send(prepare(
                     shared,
                     key.as_ref(),
+                    supplied,
                     message,
                     answer_tokens,
                     context_tokens,
@@ -112,23 +118,38 @@ impl Actor for MemoryKeeper {
 fn prepare(
     shared: &NodeShared,
     key: Option<&ConvKey>,
+    supplied: Vec<(Role, String)>,
     message: String,
     answer_tokens: u32,
     context_tokens: u32,
 ) -> Result<PreparedPrompt, ErrorFrame> {
     let model = shared.model.as_ref();
+    let turn = |role: Role, text: String| Turn {
+        role,
+        tokens: model.map_or_else(|| estimate_tokens(&text), |m| m.count_tokens(&text)),
+        text,
+    };
     let history = match key {
-        Some(k) => shared
-            .store
-            .recent(k, shared.config.memory.max_history_turns)
-            .map_err(|e| error_frame(ErrorCode::Internal, format!("memory: {e}")))?,
-        None => Vec::new(),
+        Some(k) => {
+            let mut h: Vec<Turn> = supplied
+                .into_iter()
+                .filter(|(role, _)| *role == Role::System)
+                .map(|(role, text)| turn(role, text))
+                .collect();
+            h.extend(
+                shared
+                    .store
+                    .recent(k, shared.config.memory.max_history_turns)
+                    .map_err(|e| error_frame(ErrorCode::Internal, format!("memory: {e}")))?,
+            );
+            h
+        }
+        None => supplied
+            .into_iter()
+            .map(|(role, text)| turn(role, text))
+            .collect(),
     };
-    let user_turn = Turn {
-        role: Role::User,
-        tokens: model.map_or_else(|| estimate_tokens(&message), |m| m.count_tokens(&message)),
-        text: message,
-    };
+    let user_turn = turn(Role::User, message);
     let budget = PromptBudget {
         context_tokens,
         per_turn_overhead_tokens: shared.config.memory.per_turn_overhead_tokens,

@@ -61,6 +61,7 @@ pub struct NodeShared {
     pub net: zavod_net::Client,
     /// Actor sessions with other nodes.
     pub cluster: crate::cluster::Cluster,
+    pub metrics: crate::metrics::Metrics,
     /// This node's dialable addresses (with /p2p/), once it listens.
     pub listen_addrs: RwLock<Vec<String>>,
 }

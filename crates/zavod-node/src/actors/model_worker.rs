@@ -178,10 +178,13 @@ fn run(
     params
         .check()
         .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
-    let prompt = st
-        .engine
-        .format_chat(&turns)
-        .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    let prompt = if params.raw {
+        turns.iter().map(|t| t.text.as_str()).collect::<String>()
+    } else {
+        st.engine
+            .format_chat(&turns)
+            .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?
+    };
     let (tx, rx) = job_channel();
     let cancel = CancelFlag::default();
     let job = Job {

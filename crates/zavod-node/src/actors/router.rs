@@ -18,7 +18,7 @@ use zavod_proto::auth::{
     AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, sign_report,
 };
 use zavod_proto::breaker::BreakerState;
-use zavod_proto::capacity::{CapacityReport, Resources, WorkerLoad};
+use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::score::{Candidate, best, pick, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRow};
@@ -90,6 +90,11 @@ pub enum RouterMsg {
         credential: Box<Credential>,
         reply: RpcReplyPort<StatusReply>,
     },
+    /// Models the mesh serves now (alive members), with how many nodes
+    /// serve each.
+    Models(RpcReplyPort<Vec<(ModelOffer, u32)>>),
+    /// Members by liveness, for metrics.
+    PeerCounts(RpcReplyPort<Vec<(&'static str, u32)>>),
     /// Whether a node is a member this node's view has verified.
     IsMember {
         node: NodeId,
@@ -249,13 +254,25 @@ impl RouterState {
             tracing::warn!(error = %e, "this node's own announcement was refused");
         }
         match zavod_proto::wire::encode(&a) {
-            Ok(bytes) => self.shared.net.publish(bytes),
+            Ok(bytes) => {
+                self.shared.net.publish(bytes);
+                self.shared
+                    .metrics
+                    .gossip_messages
+                    .get_or_create(&crate::metrics::DirectionLabels { direction: "out" })
+                    .inc();
+            }
             Err(e) => tracing::warn!(error = %e, "cannot encode announcement"),
         }
         self.last_announced = Some((figures, now));
     }
 
     fn on_announce(&mut self, a: &Announcement) {
+        self.shared
+            .metrics
+            .gossip_messages
+            .get_or_create(&crate::metrics::DirectionLabels { direction: "in" })
+            .inc();
         let now = now_ms();
         let node = a.report.body.node;
         if node == self.me() {
@@ -288,6 +305,24 @@ impl RouterState {
             })
             .unwrap_or_default();
         self.shared.net.connect(peer, addrs);
+    }
+
+    /// Models alive members serve, by name, with their node counts.
+    fn models(&self) -> Vec<(ModelOffer, u32)> {
+        let now = now_ms();
+        let mut by_name: BTreeMap<String, (ModelOffer, u32)> = BTreeMap::new();
+        for (_, m) in self.view.members() {
+            if m.liveness(&self.view.config, now) == Liveness::Gone {
+                continue;
+            }
+            for offer in &m.report.models {
+                by_name
+                    .entry(offer.name.clone())
+                    .or_insert_with(|| (offer.clone(), 0))
+                    .1 += 1;
+            }
+        }
+        by_name.into_values().collect()
     }
 
     fn serves(&self, model: &str, now: u64) -> bool {
@@ -578,8 +613,30 @@ impl Actor for Router {
                 reserved,
                 used,
             } => st.ledger.settle(&credential_id, reserved, used),
-            RouterMsg::Resources(r) => st.resources = r,
-            RouterMsg::WorkerLoad(l) => st.load = l,
+            RouterMsg::Resources(r) => {
+                st.shared.metrics.resources(&r);
+                st.resources = r;
+            }
+            RouterMsg::WorkerLoad(l) => {
+                st.shared.metrics.load(&l);
+                st.load = l;
+            }
+            RouterMsg::Models(reply) => {
+                let _ = reply.send(st.models());
+            }
+            RouterMsg::PeerCounts(reply) => {
+                let now = now_ms();
+                let mut counts = [("alive", 0u32), ("suspect", 0), ("gone", 0)];
+                for (_, m) in st.view.members() {
+                    let i = match m.liveness(&st.view.config, now) {
+                        Liveness::Alive => 0,
+                        Liveness::Suspect => 1,
+                        Liveness::Gone => 2,
+                    };
+                    counts[i].1 += 1;
+                }
+                let _ = reply.send(counts.to_vec());
+            }
             RouterMsg::Announce(a) => st.on_announce(&a),
             RouterMsg::Rtt { node, rtt_ms } => st.view.on_rtt(&node, rtt_ms),
             RouterMsg::GossipTick => st.gossip_tick(),
