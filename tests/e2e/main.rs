@@ -4,6 +4,7 @@
 mod bad_input;
 mod chat;
 mod grants;
+mod http;
 mod memory;
 mod mesh;
 mod sessions;

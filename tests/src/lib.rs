@@ -71,6 +71,8 @@ pub struct NodeProc {
     pub addr: String,
     pub peer_id: String,
     pub stdout: Vec<String>,
+    /// `http://HOST:PORT` of the HTTP API, when started with --http.
+    pub http: Option<String>,
 }
 
 impl NodeProc {
@@ -132,6 +134,11 @@ impl NodeProc {
             .find_map(|l| l.strip_prefix("peer id: "))
             .expect("a peer id line")
             .to_string();
+        let http = lines.iter().find_map(|l| {
+            l.strip_prefix("http api on ")
+                .and_then(|r| r.split_once("/v1"))
+                .map(|(base, _)| base.to_string())
+        });
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || while rx.recv().is_ok() {});
         NodeProc {
@@ -140,6 +147,7 @@ impl NodeProc {
             addr,
             peer_id,
             stdout: lines,
+            http,
         }
     }
 
@@ -252,4 +260,16 @@ pub fn served_by(o: &Output) -> Option<String> {
     let rest = &e[at..];
     let end = rest.find([',', ':', ']'])?;
     Some(rest[..end].to_string())
+}
+
+/// A capability token (the one-line text `zavod cap issue` prints).
+pub fn cap_issue(dir: &Path, extra: &[&str]) -> String {
+    let o = zavod()
+        .args(["cap", "issue", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run zavod cap issue");
+    assert!(o.status.success(), "cap issue: {}", stderr(&o));
+    stdout(&o).trim().to_string()
 }

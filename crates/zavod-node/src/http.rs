@@ -276,7 +276,7 @@ struct Common {
     top_p: Option<f32>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
-    seed: Option<u64>,
+    seed: Option<i64>,
     n: Option<u32>,
     /// zavod's own: continue and record this conversation.
     conversation: Option<String>,
@@ -376,7 +376,8 @@ fn chat_request(
         params.top_p = p;
     }
     if let Some(s) = common.seed {
-        params.seed = s;
+        // OpenAI seeds are signed; any 64 bits will do as a seed.
+        params.seed = s as u64;
     }
     if let Some(m) = common.max_completion_tokens.or(common.max_tokens) {
         params.max_tokens = m;

@@ -333,20 +333,26 @@ impl RouterState {
         req.check()
             .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
         let now = now_ms();
+        // A mesh that serves nothing at all cannot serve now (503 over
+        // HTTP); one that serves other models does not know this one (404).
+        let nothing_served = || {
+            error_frame(
+                ErrorCode::NoCapacity,
+                "no node in the mesh serves a model yet",
+            )
+        };
         let model = match req.model {
             Some(m) => m,
-            None => self.default_model(now).ok_or_else(|| {
-                error_frame(
-                    ErrorCode::ModelUnavailable,
-                    "no node in the mesh serves a model yet",
-                )
-            })?,
+            None => self.default_model(now).ok_or_else(nothing_served)?,
         };
         let cred = req
             .credential
             .verify(&self.shared.identity.authorities, &client, &model, now)
             .map_err(auth_error)?;
         if !self.serves(&model, now) {
+            if self.models().is_empty() {
+                return Err(nothing_served());
+            }
             return Err(error_frame(
                 ErrorCode::ModelUnavailable,
                 format!("no node in the mesh serves model {model:?}"),
