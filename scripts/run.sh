@@ -4,7 +4,8 @@
 # with it. The node stops when the chat ends (/quit or Ctrl-D).
 #
 # Environment: ZAVOD_DATA_DIR (default: the user's data dir), ZAVOD_PORT
-# (default 7070), ZAVOD_MODEL (default models/gemma-3-270m-q4_k_m.gguf).
+# (default 7070), ZAVOD_MODEL (default models/gemma-3-270m-q4_k_m.gguf),
+# ZAVOD_HTTP (e.g. 127.0.0.1:8080: also serve the OpenAI API and /metrics).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -30,7 +31,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 grep -q '^ready:' "$log" || { echo "run: the node did not get ready; see $log" >&2; exit 1; }
-grep -E '^(peer id|model|listening on)' "$log" >&2
+grep -E '^(peer id|model|listening on|http api)' "$log" >&2
 echo "run: node log in $log" >&2
 
 ./target/release/zavod chat --peer "127.0.0.1:$port" "$@"
