@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chat;
+mod failover;
 mod grants;
 mod http;
 mod memory;

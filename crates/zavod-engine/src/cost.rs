@@ -153,6 +153,8 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
             .try_send(EngineEvent::Token {
                 index: generated,
                 text,
+                // Any id will do for a model that is only a cost.
+                id: i32::try_from(generated).unwrap_or(i32::MAX),
             })
             .is_err()
         {

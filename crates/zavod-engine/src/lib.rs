@@ -80,6 +80,8 @@ pub enum EngineEvent {
     Token {
         index: u32,
         text: String,
+        /// The model's token id.
+        id: i32,
     },
     Done(DoneInfo),
     Failed(String),

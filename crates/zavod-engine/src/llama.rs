@@ -21,6 +21,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use std::collections::VecDeque;
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -408,6 +409,11 @@ struct Seq {
     cancel: CancelFlag,
     seq_id: i32,
     prompt: Vec<LlamaToken>,
+    /// Tokens of a resumed answer, fed back one per step in place of
+    /// sampling: the same steps the failed node took, so at temperature 0
+    /// the continuation is the one it would have produced (a single
+    /// prefill batch would round differently and can flip near-ties).
+    forced: VecDeque<LlamaToken>,
     prefilled: usize,
     /// Next position to write in this sequence's cache.
     n_past: i32,
@@ -628,6 +634,11 @@ fn run(
                 i += 1;
                 continue;
             };
+            if let Some(tok) = s.forced.pop_front() {
+                s.next = Some(tok);
+                i += 1;
+                continue;
+            }
             let tok = s.sampler.sample(&ctx, idx);
             let now = Instant::now();
             s.first_at.get_or_insert(now);
@@ -640,7 +651,14 @@ fn run(
                 let text = s.utf8.push(&piece);
                 let index = s.generated;
                 s.generated += 1;
-                match send(&s.events, EngineEvent::Token { index, text }) {
+                match send(
+                    &s.events,
+                    EngineEvent::Token {
+                        index,
+                        text,
+                        id: tok.0,
+                    },
+                ) {
                     Sent::Ok => {}
                     Sent::Gone => stop = Some(StopReason::Cancelled),
                     Sent::Full => {
@@ -689,19 +707,41 @@ fn publish_load(shared: &Shared, cfg: &LlamaConfig, busy: usize, rate: f32) {
 fn admit(model: &LoadedModel, cfg: &LlamaConfig, job: Job, seq_id: i32) -> Option<Seq> {
     let vocab = model.model.vocab();
     let prompt = vocab.tokenize(job.prompt.as_bytes(), true, true);
+    // A resumed answer goes on after the tokens already streamed.
+    let n_vocab = model.model.n_vocab();
+    if let Some(bad) = job
+        .params
+        .resume_tokens
+        .iter()
+        .find(|&&t| t < 0 || t >= n_vocab)
+    {
+        let _ = send(
+            &job.events,
+            EngineEvent::Failed(format!(
+                "resume token {bad} is not in this model's vocabulary"
+            )),
+        );
+        return None;
+    }
+    let forced: VecDeque<LlamaToken> = job
+        .params
+        .resume_tokens
+        .iter()
+        .map(|&t| LlamaToken(t))
+        .collect();
     let limit = cfg.context_tokens_per_seq as usize;
-    if prompt.is_empty() || prompt.len() >= limit {
+    if prompt.is_empty() || prompt.len() + forced.len() >= limit {
         let _ = send(
             &job.events,
             EngineEvent::Failed(format!(
                 "prompt of {} tokens does not fit the context of {} tokens per request",
-                prompt.len(),
+                prompt.len() + forced.len(),
                 limit
             )),
         );
         return None;
     }
-    let prompt_tokens = prompt.len() as u32;
+    let prompt_tokens = (prompt.len() + forced.len()) as u32;
     if !matches!(
         send(&job.events, EngineEvent::Started { prompt_tokens }),
         Sent::Ok
@@ -714,6 +754,7 @@ fn admit(model: &LoadedModel, cfg: &LlamaConfig, job: Job, seq_id: i32) -> Optio
         cancel: job.cancel,
         seq_id,
         prompt,
+        forced,
         prefilled: 0,
         n_past: 0,
         next: None,

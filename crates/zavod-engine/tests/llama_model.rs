@@ -42,6 +42,7 @@ struct Outcome {
     text: String,
     tokens: u32,
     stop: StopReason,
+    ids: Vec<i32>,
 }
 
 fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
@@ -55,12 +56,14 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
     })
     .expect("queued");
     let mut text = String::new();
+    let mut ids = Vec::new();
     let mut next_index = 0;
     loop {
         match rx.blocking_recv().expect("a terminal event") {
             EngineEvent::Started { prompt_tokens } => assert!(prompt_tokens > 0),
-            EngineEvent::Token { index, text: t } => {
+            EngineEvent::Token { index, text: t, id } => {
                 assert_eq!(index, next_index, "no gap, no duplicate");
+                ids.push(id);
                 next_index += 1;
                 text.push_str(&t);
             }
@@ -70,6 +73,7 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
                     text,
                     tokens: d.generated_tokens,
                     stop: d.stop,
+                    ids,
                 };
             }
             EngineEvent::Failed(e) => panic!("job failed: {e}"),
@@ -82,6 +86,74 @@ fn greedy(max_tokens: u32) -> GenParams {
         temperature: 0.0,
         max_tokens,
         ..Default::default()
+    }
+}
+
+#[test]
+fn an_answer_resumed_from_its_token_ids_continues_exactly() {
+    let e = engine(2);
+    let prompt = e
+        .format_chat(&[Turn {
+            role: Role::User,
+            text: "Write a short story about a lighthouse keeper.".into(),
+            tokens: 10,
+        }])
+        .expect("formats");
+    let whole = run(
+        &e,
+        &prompt,
+        GenParams {
+            ignore_eos: true,
+            ..greedy(48)
+        },
+    );
+    assert_eq!(whole.ids.len(), 48);
+    // As if the node serving it died after 17 tokens.
+    let cut = 17;
+    let head: String = {
+        // The text of the first `cut` tokens, from an undisturbed run cut there.
+        let r = run(
+            &e,
+            &prompt,
+            GenParams {
+                ignore_eos: true,
+                ..greedy(cut)
+            },
+        );
+        assert_eq!(r.ids, whole.ids[..cut as usize]);
+        r.text
+    };
+    let rest = run(
+        &e,
+        &prompt,
+        GenParams {
+            ignore_eos: true,
+            resume_tokens: whole.ids[..cut as usize].to_vec(),
+            ..greedy(48 - cut)
+        },
+    );
+    assert_eq!(
+        rest.ids,
+        whole.ids[cut as usize..],
+        "the continuation differs"
+    );
+    assert_eq!(format!("{head}{}", rest.text), whole.text);
+    // Ids outside the vocabulary are refused, not fed to llama.cpp.
+    let (tx, mut rx) = job_channel();
+    e.submit(Job {
+        id: RequestId(9),
+        prompt: prompt.clone(),
+        params: GenParams {
+            resume_tokens: vec![-1],
+            ..greedy(4)
+        },
+        events: tx,
+        cancel: CancelFlag::default(),
+    })
+    .expect("queued");
+    match rx.blocking_recv() {
+        Some(EngineEvent::Failed(m)) => assert!(m.contains("vocabulary"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -133,6 +205,7 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
         max_tokens: 20,
         ignore_eos: true,
         raw: false,
+        resume_tokens: Vec::new(),
     };
     let s1 = run(&e, "Once upon a time", sampled.clone());
     let s2 = run(&e, "Once upon a time", sampled.clone());

@@ -706,6 +706,7 @@ mod tests {
         let hello = ServerFrame::Token {
             index: 0,
             text: "hi".into(),
+            id: 1,
         };
         s.send(&hello).await.expect("send");
         let echoed: ServerFrame = s
@@ -719,6 +720,7 @@ mod tests {
         let big = ServerFrame::Token {
             index: 0,
             text: "x".repeat(10_000),
+            id: 1,
         };
         s.send(&big).await.expect("send");
         match s.recv::<ServerFrame>(Duration::from_secs(5)).await {

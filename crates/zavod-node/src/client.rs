@@ -45,6 +45,12 @@ pub enum ChatEvent<'a> {
     Relayed {
         reason: &'a str,
     },
+    /// The target failed after `tokens` tokens; the rest comes from
+    /// another node, placed by the entry.
+    Resuming {
+        reason: &'a str,
+        tokens: u32,
+    },
     Token {
         index: u32,
         text: &'a str,
@@ -74,12 +80,18 @@ impl ChatOutcome {
     }
 }
 
+/// Most times one answer is resumed on another node.
+const MAX_RESUMES: usize = 3;
+
 /// A connected client.
 pub struct ChatClient {
     net: zavod_net::Client,
     peer: PeerId,
     identity: ClientIdentity,
     frame_timeout: Duration,
+    /// Longest wait for the next token once an answer is streaming; a
+    /// target silent this long is treated as failed.
+    stall_timeout: Duration,
 }
 
 impl std::fmt::Debug for ChatClient {
@@ -117,6 +129,7 @@ impl ChatClient {
             peer,
             identity,
             frame_timeout: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(10),
         })
     }
 
@@ -168,16 +181,23 @@ impl ChatClient {
         let (mut w, mut rd) = stream.split();
         w.send(&r.run, self.frame_timeout).await?;
         on_event(ChatEvent::Direct { target: peer });
+        let started_at = progress.next_index;
         loop {
-            let frame = tokio::time::timeout(self.frame_timeout, rd.recv::<ServerFrame>())
+            let wait = if progress.next_index > started_at {
+                self.stall_timeout
+            } else {
+                self.frame_timeout
+            };
+            let frame = tokio::time::timeout(wait, rd.recv::<ServerFrame>())
                 .await
                 .map_err(|_| NetError::Timeout {
-                    what: "waiting for the target's answer".into(),
-                    ms: self.frame_timeout.as_millis() as u64,
+                    what: "waiting for the target's next token".into(),
+                    ms: wait.as_millis() as u64,
                 })??;
             match frame {
-                Some(ServerFrame::Token { index, text }) => {
-                    progress.token(index, &text, on_event)?
+                Some(ServerFrame::Token { index, text, id }) => {
+                    // A resumed answer's target counts from 0 again.
+                    progress.token(index.saturating_add(started_at), &text, id, on_event)?
                 }
                 Some(ServerFrame::Done(d)) => return Ok(d),
                 Some(ServerFrame::Error(e)) => return Err(e.into()),
@@ -215,12 +235,14 @@ impl ChatClient {
         let mut accepted: Option<Accepted> = None;
         let mut progress = Progress {
             text: String::new(),
+            ids: Vec::new(),
             first: None,
             last: sent_at,
             next_index: 0,
         };
         tokio::pin!(cancel);
         let mut cancelled = false;
+        let mut resumes = 0usize;
         loop {
             let frame = tokio::select! {
                 f = tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>()) => f
@@ -260,7 +282,7 @@ impl ChatClient {
                                     .await;
                             return progress.outcome(accepted, done, sent_at);
                         }
-                        Err(e) if progress.next_index == 0 => {
+                        Err(e) if progress.next_index == 0 && resumes == 0 => {
                             // Not reachable from here: ask the entry to relay.
                             w.send(
                                 &ClientFrame::Relay {
@@ -270,11 +292,32 @@ impl ChatClient {
                             )
                             .await?;
                         }
+                        // Refusals are final; a target that died or
+                        // stalled is replaced, a bounded number of times.
+                        Err(e @ ChatError::Refused { .. }) => return Err(e),
+                        Err(e) if resumes < MAX_RESUMES => {
+                            resumes += 1;
+                            let reason = e.to_string();
+                            on_event(ChatEvent::Resuming {
+                                reason: &reason,
+                                tokens: progress.next_index,
+                            });
+                            w.send(
+                                &ClientFrame::Resume {
+                                    reason,
+                                    answer: progress.text.clone(),
+                                    tokens: progress.next_index,
+                                    ids: progress.ids.clone(),
+                                },
+                                self.frame_timeout,
+                            )
+                            .await?;
+                        }
                         Err(e) => return Err(e),
                     }
                 }
-                Some(ServerFrame::Token { index, text: t }) => {
-                    progress.token(index, &t, &mut on_event)?
+                Some(ServerFrame::Token { index, text: t, id }) => {
+                    progress.token(index, &t, id, &mut on_event)?
                 }
                 Some(ServerFrame::Done(done)) => return progress.outcome(accepted, done, sent_at),
                 Some(ServerFrame::Error(e)) => return Err(e.into()),
@@ -286,6 +329,8 @@ impl ChatClient {
 /// The answer as it accumulates, from the entry or from a target.
 struct Progress {
     text: String,
+    /// Token ids, for resuming on another node.
+    ids: Vec<i32>,
     first: Option<Instant>,
     last: Instant,
     next_index: u32,
@@ -296,6 +341,7 @@ impl Progress {
         &mut self,
         index: u32,
         text: &str,
+        id: i32,
         on_event: &mut impl FnMut(ChatEvent<'_>),
     ) -> Result<(), ChatError> {
         if index != self.next_index {
@@ -310,6 +356,7 @@ impl Progress {
         self.last = now;
         on_event(ChatEvent::Token { index, text });
         self.text.push_str(text);
+        self.ids.push(id);
         Ok(())
     }
 

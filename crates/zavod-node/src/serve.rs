@@ -32,7 +32,7 @@ use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, RUN_PROTOCOL, n
 use zavod_proto::NodeId;
 use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::breaker::Outcome;
-use zavod_proto::prompt::{Role, Turn, turns_hash};
+use zavod_proto::prompt::{Role, Turn, run_hash};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, JoinReply,
     JoinRequest, Redirect, RunReport, RunRequest, ServerFrame, StatusReply, StatusRequest,
@@ -278,7 +278,7 @@ async fn stream_job(
                 };
                 match ev {
                     EngineEvent::Started { .. } => {}
-                    EngineEvent::Token { index, text } => {
+                    EngineEvent::Token { index, text, id } => {
                         let now = tokio::time::Instant::now();
                         match last_token {
                             None => metrics.time_to_first_token.observe((now - started).as_secs_f64()),
@@ -287,7 +287,7 @@ async fn stream_job(
                         last_token = Some(now);
                         metrics.tokens_generated.inc();
                         answer.push_str(&text);
-                        if sink.send(&ServerFrame::Token { index, text }).await.is_err() {
+                        if sink.send(&ServerFrame::Token { index, text, id }).await.is_err() {
                             // The client left; nothing more to deliver.
                             cancel.cancel();
                             return Ok(None);
@@ -415,7 +415,11 @@ async fn run_chat(
     })
     .await??;
 
-    let placement = place(shared, client, &admission, &prepared, Vec::new()).await?;
+    let first_run = Continuation {
+        prompt: prepared.clone(),
+        params: params.clone(),
+    };
+    let placement = place(shared, client, &admission, &first_run, Vec::new()).await?;
     let accepted = |p: &Placement| {
         ServerFrame::Accepted(Box::new(Accepted {
             request: p.grant.body.request,
@@ -453,31 +457,41 @@ async fn run_chat(
             "this node has no membership to vouch for its grants",
         )
     })?;
-    let redirect = ServerFrame::Redirect(Box::new(Redirect {
-        target: placement.target,
-        addrs: placement.addrs.clone(),
-        run: RunRequest {
-            grant: placement.grant.clone(),
-            issuer_membership: membership,
-            turns: prepared.turns.clone(),
-            params: params.clone(),
-        },
-    }));
+    let redirect = |p: &Placement, turns: &[Turn], params: &GenParams| {
+        ServerFrame::Redirect(Box::new(Redirect {
+            target: p.target,
+            addrs: p.addrs.clone(),
+            run: RunRequest {
+                grant: p.grant.clone(),
+                issuer_membership: membership.clone(),
+                turns: turns.to_vec(),
+                params: params.clone(),
+            },
+        }))
+    };
     // The target also reports to this node over the actor session, so the
     // turn is kept and the credential settled even if the client never
     // comes back with the receipt.
-    let (report_tx, mut report_rx) = oneshot::channel();
-    if let Some(router) = dir.get().router {
-        let _ = router.cast(RouterMsg::Expect {
-            request: placement.grant.body.request,
-            tx: report_tx,
-        });
-    }
+    let expect = |request| {
+        let (tx, rx) = oneshot::channel();
+        if let Some(router) = dir.get().router {
+            let _ = router.cast(RouterMsg::Expect { request, tx });
+        }
+        rx
+    };
+    let mut report_rx = expect(placement.grant.body.request);
     if writer.send(&accepted(&placement), wt).await.is_err()
-        || writer.send(&redirect, wt).await.is_err()
+        || writer
+            .send(&redirect(&placement, &prepared.turns, &params), wt)
+            .await
+            .is_err()
     {
         return Ok(());
     }
+    let mut placement = placement;
+    // What failed targets streamed before they died, and who they were.
+    let mut so_far = Partial::default();
+    let mut failed: Vec<NodeId> = Vec::new();
     // The answer may take as long as generating every allowed token.
     let wait = Duration::from_millis(shared.config.limits.stall_timeout_ms)
         + Duration::from_millis(u64::from(admission.max_tokens) * 1_000);
@@ -494,18 +508,18 @@ async fn run_chat(
                         // the stream tells the client.
                         return Ok(());
                     }
+                    let bad = |m: String| error_frame(ErrorCode::BadRequest, m);
+                    let tail = answer
+                        .strip_prefix(so_far.answer.as_str())
+                        .ok_or_else(|| bad("the answer does not begin with the part resumed from".into()))?;
                     let body = receipt
-                        .verify(&placement.target, placement.grant.body.request, &answer)
-                        .map_err(|e| {
-                            error_frame(
-                                ErrorCode::BadRequest,
-                                format!("the receipt does not match the answer: {e}"),
-                            )
-                        })?;
-                    settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, body.generated_tokens).await;
+                        .verify(&placement.target, placement.grant.body.request, tail)
+                        .map_err(|e| bad(format!("the receipt does not match the answer: {e}")))?;
+                    let tokens = so_far.tokens + body.generated_tokens;
+                    settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
                     return Ok(());
                 }
-                Ok(Some(ClientFrame::Relay { reason })) if !recorded => {
+                Ok(Some(ClientFrame::Relay { reason })) if !recorded && so_far.tokens == 0 => {
                     tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
                     return relay(
                         shared,
@@ -518,6 +532,48 @@ async fn run_chat(
                     )
                     .await;
                 }
+                Ok(Some(ClientFrame::Resume { reason, answer, tokens, ids })) if !recorded => {
+                    tracing::warn!(target = %placement.target.short(), %reason, tokens, "target failed mid-answer; resuming elsewhere");
+                    if failed.len() >= RELAY_ATTEMPTS
+                        || tokens < so_far.tokens
+                        || tokens >= admission.max_tokens
+                        || !answer.starts_with(so_far.answer.as_str())
+                        || ids.len() != tokens as usize
+                    {
+                        return Err(error_frame(ErrorCode::BadRequest, "cannot resume this answer"));
+                    }
+                    record_outcome(shared, placement.target, Outcome::Failure);
+                    failed.push(placement.target);
+                    so_far = Partial { answer, tokens, ids };
+                    let cont = so_far.continuation(&prepared, &params, admission.max_tokens);
+                    let next = place(shared, client, &admission, &cont, failed.clone()).await?;
+                    if writer.send(&accepted(&next), wt).await.is_err() {
+                        return Ok(());
+                    }
+                    if next.target == me {
+                        // This node has the model: it finishes the answer.
+                        let job = run_local(shared, &next, None, client, &cont.prompt.turns, &cont.params).await?;
+                        let mut sink = OffsetSink { inner: WriterSink { writer, wt }, base: so_far.tokens };
+                        return finish_local_resumed(
+                            shared,
+                            &admission,
+                            &prepared,
+                            &next,
+                            job,
+                            &so_far,
+                            &mut sink,
+                            &mut ReaderWatch::new(reader),
+                            &mut reservation,
+                        )
+                        .await;
+                    }
+                    report_rx = expect(next.grant.body.request);
+                    report_open = true;
+                    if writer.send(&redirect(&next, &cont.prompt.turns, &cont.params), wt).await.is_err() {
+                        return Ok(());
+                    }
+                    placement = next;
+                }
                 // Cancelled, gone or a protocol slip: only the target's
                 // report can still tell what was generated.
                 _ => client_open = false,
@@ -525,8 +581,9 @@ async fn run_chat(
             report = &mut report_rx, if report_open && !recorded => match report {
                 Ok(r) => match r.receipt.verify(&placement.target, placement.grant.body.request, &r.answer) {
                     Ok(body) => {
-                        let tokens = body.generated_tokens;
-                        settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &r.answer, tokens).await;
+                        let tokens = so_far.tokens + body.generated_tokens;
+                        let answer = format!("{}{}", so_far.answer, r.answer);
+                        settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
                         recorded = true;
                     }
                     Err(e) => {
@@ -548,6 +605,100 @@ async fn run_chat(
     // Neither the client nor the target reported: the reservation is
     // charged in full, since only the target knows what it generated.
     Ok(())
+}
+
+/// The part of an answer streamed before its node failed.
+#[derive(Debug, Default, Clone)]
+struct Partial {
+    answer: String,
+    tokens: u32,
+    ids: Vec<i32>,
+}
+
+/// A request that continues a partial answer.
+struct Continuation {
+    prompt: PreparedPrompt,
+    params: GenParams,
+}
+
+impl Partial {
+    fn continuation(
+        &self,
+        prepared: &PreparedPrompt,
+        params: &GenParams,
+        max_tokens: u32,
+    ) -> Continuation {
+        let mut params = params.clone();
+        params.resume_tokens = self.ids.clone();
+        params.max_tokens = max_tokens.saturating_sub(self.tokens).max(1);
+        Continuation {
+            prompt: prepared.clone(),
+            params,
+        }
+    }
+}
+
+/// Shifts token indices so a resumed answer goes on counting where the
+/// failed node stopped.
+struct OffsetSink<S> {
+    inner: S,
+    base: u32,
+}
+
+impl<S: Sink> Sink for &mut S {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
+        (**self).send(frame).await
+    }
+}
+
+impl<S: Sink> Sink for OffsetSink<S> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
+        match frame {
+            ServerFrame::Token { index, text, id } => {
+                let shifted = ServerFrame::Token {
+                    index: index.saturating_add(self.base),
+                    text: text.clone(),
+                    id: *id,
+                };
+                self.inner.send(&shifted).await
+            }
+            other => self.inner.send(other).await,
+        }
+    }
+}
+
+/// Like [`finish_local`], for a job that continues `so_far`: the turn is
+/// recorded whole and the usage counts both parts.
+#[allow(clippy::too_many_arguments)]
+async fn finish_local_resumed(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    placement: &Placement,
+    job: JobStream,
+    so_far: &Partial,
+    sink: &mut impl Sink,
+    watch: &mut impl Watch,
+    reservation: &mut Reservation<'_>,
+) -> Result<(), ErrorFrame> {
+    match stream_job(shared, job, sink, watch).await {
+        Ok(Some(Streamed { answer, mut done })) => {
+            record_outcome(shared, placement.target, Outcome::Success);
+            done.generated_tokens += so_far.tokens;
+            reservation.used = Some(done.generated_tokens);
+            if done.stop != StopReason::Cancelled {
+                let whole = format!("{}{answer}", so_far.answer);
+                record_turn(shared, admission, prepared, &whole, done.generated_tokens).await;
+            }
+            let _ = sink.send(&ServerFrame::Done(done)).await;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            record_outcome(shared, placement.target, Outcome::Failure);
+            Err(e)
+        }
+    }
 }
 
 /// Serves a request from an in-process client (the HTTP API) with this
@@ -637,14 +788,14 @@ async fn place(
     shared: &NodeShared,
     client: NodeId,
     admission: &Admission,
-    prepared: &PreparedPrompt,
+    run: &Continuation,
     exclude: Vec<NodeId>,
 ) -> Result<Placement, ErrorFrame> {
     call(shared.directory.get().router, "the router", |reply| {
         RouterMsg::Place {
             client,
             model: admission.model.clone(),
-            prompt_hash: turns_hash(&prepared.turns),
+            prompt_hash: run_hash(&run.prompt.turns, &run.params.resume_tokens),
             max_tokens: admission.max_tokens,
             exclude,
             reply,
@@ -726,18 +877,28 @@ async fn relay(
 ) -> Result<(), ErrorFrame> {
     let me = shared.identity.id();
     let mut failed: Vec<NodeId> = Vec::new();
-    let mut target;
     let mut last_err = error_frame(ErrorCode::NoCapacity, "no node could serve the request");
+    // What earlier targets streamed before they failed: the next one
+    // continues from there.
+    let mut so_far = Partial::default();
     for _ in 0..RELAY_ATTEMPTS {
+        let cont = if so_far.tokens == 0 {
+            Continuation {
+                prompt: prepared.clone(),
+                params: params.clone(),
+            }
+        } else {
+            so_far.continuation(prepared, params, admission.max_tokens)
+        };
         // A fresh grant bound to this node, which now acts as the client.
         // The client's unreachable target stays eligible: this node may
         // well reach it.
-        let placement = match place(shared, me, admission, prepared, failed.clone()).await {
+        let placement = match place(shared, me, admission, &cont, failed.clone()).await {
             Ok(p) => p,
             Err(e) if failed.is_empty() => return Err(e),
             Err(_) => return Err(last_err),
         };
-        target = placement.target;
+        let target = placement.target;
         // Tell the client which node really answers now.
         let now_serving = ServerFrame::Accepted(Box::new(Accepted {
             request: placement.grant.body.request,
@@ -750,48 +911,90 @@ async fn relay(
         if sink.send(&now_serving).await.is_err() {
             return Ok(());
         }
+        let mut shifted = OffsetSink {
+            inner: &mut *sink,
+            base: so_far.tokens,
+        };
         if target == me {
-            let job = run_local(shared, &placement, None, me, &prepared.turns, params).await?;
-            return finish_local(
+            let job = run_local(
+                shared,
+                &placement,
+                None,
+                me,
+                &cont.prompt.turns,
+                &cont.params,
+            )
+            .await?;
+            return finish_local_resumed(
                 shared,
                 admission,
                 prepared,
                 &placement,
                 job,
-                sink,
+                &so_far,
+                &mut shifted,
                 watch,
                 reservation,
             )
             .await;
         }
-        match fetch_remote(shared, &placement, &prepared.turns, params, sink, watch).await {
+        match fetch_remote(
+            shared,
+            &placement,
+            &cont.prompt.turns,
+            &cont.params,
+            &mut shifted,
+            watch,
+        )
+        .await
+        {
             Ok(Fetched::Done {
                 answer,
-                done,
+                mut done,
                 receipt_tokens,
             }) => {
                 record_outcome(shared, target, Outcome::Success);
-                reservation.used = Some(receipt_tokens);
+                let tokens = so_far.tokens + receipt_tokens;
+                reservation.used = Some(tokens);
                 if done.stop != StopReason::Cancelled {
-                    record_turn(shared, admission, prepared, &answer, receipt_tokens).await;
+                    let whole = format!("{}{answer}", so_far.answer);
+                    record_turn(shared, admission, prepared, &whole, tokens).await;
                 }
+                done.generated_tokens = tokens;
                 let _ = sink.send(&ServerFrame::Done(*done)).await;
                 return Ok(());
             }
             Ok(Fetched::ClientGone) => return Ok(()),
-            Err((e, tokens_sent)) => {
+            Err(Failed {
+                error,
+                tokens,
+                answer,
+                ids,
+            }) => {
                 record_outcome(shared, target, Outcome::Failure);
-                tracing::warn!(target = %target.short(), error = %e.message, "relay attempt failed");
-                if tokens_sent > 0 {
-                    // Resuming mid-answer on another node is not done here.
-                    return Err(e);
+                tracing::warn!(target = %target.short(), error = %error.message, tokens, "relay attempt failed");
+                if tokens > 0 {
+                    so_far.answer.push_str(&answer);
+                    so_far.tokens += tokens;
+                    so_far.ids.extend(ids);
+                    if so_far.tokens >= admission.max_tokens {
+                        return Err(error);
+                    }
                 }
                 failed.push(target);
-                last_err = e;
+                last_err = error;
             }
         }
     }
     Err(last_err)
+}
+
+/// How a remote run failed, and what it had streamed by then.
+struct Failed {
+    error: ErrorFrame,
+    tokens: u32,
+    answer: String,
+    ids: Vec<i32>,
 }
 
 enum Fetched {
@@ -811,10 +1014,15 @@ async fn fetch_remote(
     params: &GenParams,
     sink: &mut impl Sink,
     watch: &mut impl Watch,
-) -> Result<Fetched, (ErrorFrame, u32)> {
+) -> Result<Fetched, Failed> {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
-    let fail = |code, m: String| (error_frame(code, m), 0u32);
+    let fail = |code, m: String| Failed {
+        error: error_frame(code, m),
+        tokens: 0,
+        answer: String::new(),
+        ids: Vec::new(),
+    };
     let peer = zavod_net::peer_id_of(&placement.target)
         .ok_or_else(|| fail(ErrorCode::Internal, "target has no peer id".into()))?;
     let addrs: Vec<libp2p::Multiaddr> = placement
@@ -848,6 +1056,7 @@ async fn fetch_remote(
     .await
     .map_err(|e| fail(ErrorCode::NoCapacity, format!("target: {e}")))?;
     let mut answer = String::new();
+    let mut ids = Vec::new();
     let mut sent = 0u32;
     loop {
         let frame = tokio::select! {
@@ -856,10 +1065,11 @@ async fn fetch_remote(
             () = watch.cancelled() => return Ok(Fetched::ClientGone),
         };
         match frame {
-            Ok(Ok(Some(ServerFrame::Token { index, text }))) => {
+            Ok(Ok(Some(ServerFrame::Token { index, text, id }))) => {
                 answer.push_str(&text);
+                ids.push(id);
                 if sink
-                    .send(&ServerFrame::Token { index, text })
+                    .send(&ServerFrame::Token { index, text, id })
                     .await
                     .is_err()
                 {
@@ -868,50 +1078,67 @@ async fn fetch_remote(
                 sent += 1;
             }
             Ok(Ok(Some(ServerFrame::Done(done)))) => {
-                let receipt_tokens = match &done.receipt {
-                    Some(r) => r
-                        .verify(&placement.target, placement.grant.body.request, &answer)
+                let receipt = done.receipt.as_ref().map(|r| {
+                    r.verify(&placement.target, placement.grant.body.request, &answer)
                         .map(|b| b.generated_tokens)
-                        .map_err(|e| {
-                            (
-                                error_frame(ErrorCode::Internal, format!("target receipt: {e}")),
-                                sent,
-                            )
-                        })?,
-                    None => {
-                        return Err((
-                            error_frame(ErrorCode::Internal, "target sent no receipt"),
-                            sent,
-                        ));
+                });
+                let error = match receipt {
+                    Some(Ok(receipt_tokens)) => {
+                        return Ok(Fetched::Done {
+                            answer,
+                            done: Box::new(done),
+                            receipt_tokens,
+                        });
                     }
+                    Some(Err(e)) => {
+                        error_frame(ErrorCode::Internal, format!("target receipt: {e}"))
+                    }
+                    None => error_frame(ErrorCode::Internal, "target sent no receipt"),
                 };
-                return Ok(Fetched::Done {
+                return Err(Failed {
+                    error,
+                    tokens: sent,
                     answer,
-                    done: Box::new(done),
-                    receipt_tokens,
+                    ids,
                 });
             }
-            Ok(Ok(Some(ServerFrame::Error(e)))) => return Err((e, sent)),
+            Ok(Ok(Some(ServerFrame::Error(error)))) => {
+                return Err(Failed {
+                    error,
+                    tokens: sent,
+                    answer,
+                    ids,
+                });
+            }
             Ok(Ok(Some(_))) => {
-                return Err((
-                    error_frame(ErrorCode::Internal, "target broke the protocol"),
-                    sent,
-                ));
+                let error = error_frame(ErrorCode::Internal, "target broke the protocol");
+                return Err(Failed {
+                    error,
+                    tokens: sent,
+                    answer,
+                    ids,
+                });
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
-                return Err((
-                    error_frame(ErrorCode::Internal, "the target dropped the stream"),
-                    sent,
-                ));
+                let error = error_frame(ErrorCode::Internal, "the target dropped the stream");
+                return Err(Failed {
+                    error,
+                    tokens: sent,
+                    answer,
+                    ids,
+                });
             }
             Err(_) => {
-                return Err((
-                    error_frame(
-                        ErrorCode::Timeout,
-                        format!("target silent for {} ms", stall.as_millis()),
-                    ),
-                    sent,
-                ));
+                let error = error_frame(
+                    ErrorCode::Timeout,
+                    format!("target silent for {} ms", stall.as_millis()),
+                );
+                return Err(Failed {
+                    error,
+                    tokens: sent,
+                    answer,
+                    ids,
+                });
             }
         }
     }

@@ -37,6 +37,15 @@ pub fn turns_hash(turns: &[Turn]) -> [u8; 32] {
     crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&turns))
 }
 
+/// What a grant binds: the turns, and the tokens of a resumed answer when
+/// there are any (so a grant to continue one answer continues no other).
+pub fn run_hash(turns: &[Turn], resume_tokens: &[i32]) -> [u8; 32] {
+    if resume_tokens.is_empty() {
+        return turns_hash(turns);
+    }
+    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&(turns, resume_tokens)))
+}
+
 /// Token count for a text when no tokenizer is at hand: one token per three
 /// bytes, rounded up. Real tokenizers average three to four bytes per token
 /// on prose, so this over-counts and budgets stay safe.

@@ -95,6 +95,11 @@ pub struct GenParams {
     /// Continue the turns' text as is, without the chat template (plain
     /// completions).
     pub raw: bool,
+    /// Token ids of the answer so far, streamed by a node that then
+    /// failed: generation continues after them rather than starting anew.
+    /// Ids, not text, so the continuation sees exactly what the failed
+    /// node saw (same model, same vocabulary).
+    pub resume_tokens: Vec<i32>,
 }
 
 impl Default for GenParams {
@@ -106,6 +111,7 @@ impl Default for GenParams {
             max_tokens: 256,
             ignore_eos: false,
             raw: false,
+            resume_tokens: Vec::new(),
         }
     }
 }
@@ -123,6 +129,12 @@ impl GenParams {
             return Err(format!(
                 "top_p must be above 0 and at most 1, got {}",
                 self.top_p
+            ));
+        }
+        if self.resume_tokens.len() > MAX_TOKENS_PER_REQUEST as usize {
+            return Err(format!(
+                "resume_tokens may hold at most {MAX_TOKENS_PER_REQUEST} tokens, got {}",
+                self.resume_tokens.len()
             ));
         }
         if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_PER_REQUEST {
@@ -186,6 +198,16 @@ pub enum ClientFrame {
     /// relay the answer itself.
     Relay {
         reason: String,
+    },
+    /// After a redirect: the target failed mid-answer. `answer` is the text
+    /// of the `tokens` tokens received; the entry places the rest elsewhere
+    /// and the client goes on counting token indices from `tokens`.
+    Resume {
+        reason: String,
+        answer: String,
+        tokens: u32,
+        /// The ids of those tokens.
+        ids: Vec<i32>,
     },
 }
 
@@ -281,6 +303,9 @@ pub enum ServerFrame {
     Token {
         index: u32,
         text: String,
+        /// The model's token id, so another node with the same model can
+        /// resume the answer exactly.
+        id: i32,
     },
     Done(DoneInfo),
     Error(ErrorFrame),
@@ -391,6 +416,7 @@ mod tests {
         let t = ServerFrame::Token {
             index: 3,
             text: "é".into(),
+            id: 42,
         };
         assert_eq!(decode::<ServerFrame>(&encode(&t).expect("encodes")), Ok(t));
     }

@@ -24,6 +24,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         ignore_eos: false,
         raw: false,
+        resume_tokens: Vec::new(),
     };
     if let Err(m) = params.check() {
         // Out-of-range flag values are command-line misuse.
@@ -101,6 +102,11 @@ async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutc
                     if verbose {
                         eprintln!("[target out of reach ({reason}); the entry node relays]");
                     }
+                }
+                ChatEvent::Resuming { reason, tokens } => {
+                    eprintln!(
+                        "[the serving node failed after {tokens} tokens ({reason}); resuming on another node]"
+                    );
                 }
                 ChatEvent::Token { text, .. } => {
                     if write_err.is_none() {

@@ -21,7 +21,7 @@ use zavod_engine::{CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::NodeId;
 use zavod_proto::auth::{AuthError, Grant, GrantCheck, Membership, ReplayGuard};
 use zavod_proto::capacity::WorkerLoad;
-use zavod_proto::prompt::{Turn, turns_hash};
+use zavod_proto::prompt::{Turn, run_hash};
 use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
 
 /// How often the worker checks its engine and reports load.
@@ -161,7 +161,7 @@ fn run(
         this_node: &this,
         client: &client,
         model: &model,
-        prompt_hash: turns_hash(&turns),
+        prompt_hash: run_hash(&turns, &params.resume_tokens),
         max_tokens: params.max_tokens,
     };
     let members = &st.members;
