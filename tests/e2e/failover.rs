@@ -147,3 +147,105 @@ fn a_chat_survives_its_serving_node_killed_mid_answer() {
         stderr(&o)
     );
 }
+
+/// The same over HTTP, where the entry relays: the target is killed mid
+/// stream and the entry finishes the answer from another node.
+#[test]
+fn an_http_stream_survives_its_serving_node_killed_mid_answer() {
+    use futures::StreamExt;
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &["--http", "127.0.0.1:0"]);
+    let token = invite(&d("a"));
+    let model_node = |name: &str| {
+        NodeProc::start(
+            &d(name),
+            &["--join", &token, "--model", &model, "--threads", "1"],
+        )
+    };
+    let mut nodes = vec![model_node("b"), model_node("c")];
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = status_json(&d("a"), &a.addr);
+            nodes
+                .iter()
+                .all(|n| member_state(&s, &n.peer_id).as_deref() == Some("alive"))
+        })
+        .is_some(),
+        "B and C never both alive in A's view"
+    );
+    let cap = zavod_tests::cap_issue(
+        &d("a"),
+        &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],
+    );
+    let url = format!("{}/v1/chat/completions", a.http.as_deref().expect("http"));
+    let body = serde_json::json!({
+        "model": "gemma-3-270m-q4_k_m",
+        "messages": [{"role": "user", "content": "Count from 1 to 60, separated by commas."}],
+        "max_tokens": 100,
+        "temperature": 0,
+        "stream": true,
+    });
+    let http = reqwest::Client::new();
+    let content = |data: &str| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(data).ok()?;
+        v["choices"][0]["delta"]["content"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let whole = http
+            .post(&url)
+            .bearer_auth(&cap)
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("body");
+        let reference: String = whole
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(content)
+            .collect();
+        assert!(reference.len() > 60, "{whole}");
+
+        let resp = http
+            .post(&url)
+            .bearer_auth(&cap)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200);
+        let serving = resp.headers()["x-zavod-served-by"]
+            .to_str()
+            .expect("header")
+            .to_string();
+        let mut stream = resp.bytes_stream();
+        let mut raw = String::new();
+        let mut killed = false;
+        while let Some(chunk) = stream.next().await {
+            raw.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+            if !killed && raw.matches("\"content\"").count() > 8 {
+                let i = nodes
+                    .iter()
+                    .position(|n| n.peer_id == serving)
+                    .expect("served by B or C");
+                nodes.remove(i).kill9();
+                killed = true;
+            }
+        }
+        assert!(killed, "the answer ended before the kill: {raw}");
+        let data: Vec<&str> = raw
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last().copied(), Some("[DONE]"), "{raw}");
+        let text: String = data.iter().copied().filter_map(content).collect();
+        assert_eq!(text, reference, "the relayed, resumed answer differs");
+    });
+}
