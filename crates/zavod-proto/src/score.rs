@@ -73,6 +73,8 @@ pub struct Candidate {
     pub mem_free_bytes: u64,
     pub slots_free: u32,
     pub slots_total: u32,
+    /// Requests waiting for a slot: a backlog counts against the node.
+    pub queue_depth: u32,
     /// Round-trip time; 0 for this node itself, `None` when unmeasured.
     pub rtt_ms: Option<f64>,
     pub tokens_per_s: f64,
@@ -150,10 +152,15 @@ fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
     cands
         .iter()
         .map(|c| {
+            // Free fraction of the slots, going negative with a backlog
+            // (down to -4), so a node with a queue ranks below every node
+            // with room, and a longer queue below a shorter one.
             let slots = if c.slots_total == 0 {
                 0.0
             } else {
-                f64::from(c.slots_free.min(c.slots_total)) / f64::from(c.slots_total)
+                let free = f64::from(c.slots_free.min(c.slots_total));
+                let waiting = f64::from(c.queue_depth.min(c.slots_total.saturating_mul(4)));
+                (free - waiting) / f64::from(c.slots_total)
             };
             Scored {
                 node: c.node,
@@ -179,6 +186,39 @@ pub fn splitmix64(mut z: u64) -> u64 {
 /// Picks among the best `top_k` of a ranking: two distinct candidates drawn
 /// by a hash of the request id, and of those the one with more free slots
 /// (then the higher score). `None` only when the ranking is empty.
+/// The whole placement decision, as every node and the simulator make it:
+/// drop excluded and unroutable candidates (open breakers), rank the rest,
+/// and pick among the best `top_k` by the request id.
+pub fn place(
+    candidates: &[Candidate],
+    exclude: &[NodeId],
+    mut routable: impl FnMut(&NodeId) -> bool,
+    weights: &Weights,
+    top_k: usize,
+    request: RequestId,
+) -> Option<Scored> {
+    let eligible: Vec<Candidate> = candidates
+        .iter()
+        .filter(|c| !exclude.contains(&c.node) && routable(&c.node))
+        .cloned()
+        .collect();
+    // Equal scores are ordered by a hash of node and request rather than by
+    // node id: every node still orders them the same for a given request,
+    // but different requests see different orders, so entries working from
+    // the same stale figures do not all fall on the same node.
+    let salt = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
+    let mut out = score_all(&eligible, weights);
+    let k = top_k.max(1);
+    let key = |s: &Scored| splitmix64(u64::from_le_bytes(s.node.0[..8].try_into().unwrap_or([0; 8])) ^ salt);
+    let order = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score).then(key(a).cmp(&key(b)));
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, order);
+        out.truncate(k);
+    }
+    out.sort_by(order);
+    pick(&out, request, top_k)
+}
+
 pub fn pick(ranked: &[Scored], request: RequestId, top_k: usize) -> Option<Scored> {
     let k = top_k.max(1).min(ranked.len());
     match k {
@@ -207,6 +247,7 @@ mod tests {
             mem_free_bytes: mem,
             slots_free: free,
             slots_total: 4,
+            queue_depth: 0,
             rtt_ms: Some(rtt),
             tokens_per_s: tps,
         }

@@ -28,6 +28,45 @@ pub struct Announcement {
     pub addrs: Vec<String>,
 }
 
+/// An announcement whose signatures and membership checked out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedAnnouncement {
+    pub report: CapacityReport,
+    pub addrs: Vec<String>,
+    pub membership_expires_ms: UnixMs,
+}
+
+impl Announcement {
+    /// Checks the membership against `authorities`, the report's signature,
+    /// and that both name the same node; keeps the first addresses.
+    pub fn verify(
+        &self,
+        authorities: &BTreeSet<NodeId>,
+        now_ms: UnixMs,
+    ) -> Result<VerifiedAnnouncement, ViewError> {
+        let cert = self
+            .membership
+            .verify(authorities, now_ms)
+            .map_err(ViewError::NotMember)?;
+        let report = self.report.verify().map_err(ViewError::BadReport)?;
+        if cert.member != report.node {
+            return Err(ViewError::CertificateMismatch);
+        }
+        let addrs = self
+            .addrs
+            .iter()
+            .filter(|s| s.len() <= MAX_ADDR_BYTES)
+            .take(MAX_ADDRS)
+            .cloned()
+            .collect();
+        Ok(VerifiedAnnouncement {
+            report: report.clone(),
+            addrs,
+            membership_expires_ms: cert.expires_at_ms,
+        })
+    }
+}
+
 /// Most addresses kept per announcement.
 pub const MAX_ADDRS: usize = 16;
 /// Longest address kept.
@@ -130,6 +169,7 @@ struct Row {
     mem_free_bytes: u64,
     slots_free: u32,
     slots_total: u32,
+    queue_depth: u32,
     tokens_per_s: f64,
     rtt_ms: Option<f64>,
     heard_at_ms: UnixMs,
@@ -143,6 +183,7 @@ impl Row {
             mem_free_bytes: m.report.mem_free_bytes,
             slots_free: m.report.slots_free,
             slots_total: m.report.slots_total,
+            queue_depth: m.report.queue_depth,
             tokens_per_s: f64::from(m.report.tokens_per_s),
             rtt_ms: m.rtt_ms,
             heard_at_ms: m.heard_at_ms,
@@ -158,6 +199,7 @@ impl From<&Row> for Candidate {
             mem_free_bytes: r.mem_free_bytes,
             slots_free: r.slots_free,
             slots_total: r.slots_total,
+            queue_depth: r.queue_depth,
             rtt_ms: r.rtt_ms,
             tokens_per_s: r.tokens_per_s,
         }
@@ -231,7 +273,28 @@ impl MeshView {
         a: &Announcement,
         now_ms: UnixMs,
     ) -> Result<Accepted, ViewError> {
-        let r = self.check(a, now_ms);
+        let r = a
+            .verify(&self.authorities, now_ms)
+            .and_then(|v| self.admit(v, now_ms));
+        self.count(&r);
+        r
+    }
+
+    /// Takes in an announcement already verified against this view's
+    /// authorities (the simulator verifies each once, not once per
+    /// receiver; everything after the signatures is the same code).
+    pub fn on_verified(
+        &mut self,
+        v: VerifiedAnnouncement,
+        now_ms: UnixMs,
+    ) -> Result<Accepted, ViewError> {
+        let r = self.admit(v, now_ms);
+        self.count(&r);
+        r
+    }
+
+    /// Counts what was dropped.
+    pub fn count(&mut self, r: &Result<Accepted, ViewError>) {
         match &r {
             Err(ViewError::NotMember(_) | ViewError::CertificateMismatch) => {
                 self.dropped.non_member += 1
@@ -241,30 +304,19 @@ impl MeshView {
             Ok(Accepted::Stale) => self.dropped.stale += 1,
             Ok(_) => {}
         }
-        r
     }
 
-    fn check(&mut self, a: &Announcement, now_ms: UnixMs) -> Result<Accepted, ViewError> {
-        let cert = a
-            .membership
-            .verify(&self.authorities, now_ms)
-            .map_err(ViewError::NotMember)?;
-        let report = a.report.verify().map_err(ViewError::BadReport)?;
-        if cert.member != report.node {
-            return Err(ViewError::CertificateMismatch);
-        }
-        let addrs: Vec<String> = a
-            .addrs
-            .iter()
-            .filter(|s| s.len() <= MAX_ADDR_BYTES)
-            .take(MAX_ADDRS)
-            .cloned()
-            .collect();
+    fn admit(&mut self, v: VerifiedAnnouncement, now_ms: UnixMs) -> Result<Accepted, ViewError> {
+        let VerifiedAnnouncement {
+            report,
+            addrs,
+            membership_expires_ms,
+        } = v;
         let member = Member {
             report: report.clone(),
             addrs,
             heard_at_ms: now_ms,
-            membership_expires_ms: cert.expires_at_ms,
+            membership_expires_ms,
             rtt_ms: None,
         };
         let node = report.node;
@@ -308,6 +360,20 @@ impl MeshView {
                     .or_default()
                     .upsert(row.clone());
             }
+        }
+    }
+
+    /// Counts a request this node just placed on `node` against its free
+    /// slots until `node`'s next report says how things really stand, so
+    /// an entry does not send a burst to the same node on stale figures.
+    pub fn note_placement(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.get_mut(node) {
+            if m.report.slots_free > 0 {
+                m.report.slots_free -= 1;
+            } else {
+                m.report.queue_depth = m.report.queue_depth.saturating_add(1);
+            }
+            self.refresh_rows(node);
         }
     }
 

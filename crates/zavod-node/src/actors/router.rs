@@ -19,7 +19,7 @@ use zavod_proto::auth::{
 };
 use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::score::{Candidate, best, pick, rank};
+use zavod_proto::score::{Candidate, place, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRow};
 use zavod_proto::{NodeId, RequestId};
@@ -414,6 +414,7 @@ impl RouterState {
         for cand in c.iter_mut().filter(|c| c.node == me) {
             cand.slots_free = self.load.slots_total.saturating_sub(self.load.slots_busy);
             cand.slots_total = self.load.slots_total;
+            cand.queue_depth = self.load.queue_depth;
         }
         c
     }
@@ -427,41 +428,48 @@ impl RouterState {
         exclude: Vec<NodeId>,
     ) -> Result<Placement, ErrorFrame> {
         let now = now_ms();
-        let candidates: Vec<Candidate> = self
-            .candidates(&model, now)
-            .into_iter()
-            .filter(|c| !exclude.contains(&c.node))
-            .collect();
+        let candidates: Vec<Candidate> = self.candidates(&model, now);
         let breaker = self
             .shared
             .directory
             .get()
             .breaker
             .ok_or_else(|| unavailable("the breaker"))?;
-        let nodes: Vec<NodeId> = candidates.iter().map(|c| c.node).collect();
-        let open = ractor::call_t!(
+        // The Breaker answers which may be tried (taking a half-open peer's
+        // single probe slot); the decision itself is zavod_proto's.
+        let nodes: Vec<NodeId> = candidates
+            .iter()
+            .map(|c| c.node)
+            .filter(|n| !exclude.contains(n))
+            .collect();
+        let routable = ractor::call_t!(
             breaker,
             |reply| BreakerMsg::Filter { nodes, reply },
             BREAKER_TIMEOUT_MS
         )
         .map_err(|_| unavailable("the breaker"))?;
-        let candidates: Vec<Candidate> = candidates
-            .into_iter()
-            .filter(|c| open.contains(&c.node))
-            .collect();
         let request =
             RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
-        let top_k = self.shared.config.scoring.top_k;
-        let ranked = best(&candidates, &self.shared.config.scoring.weights, top_k);
-        let chosen =
-            pick(&ranked, request, top_k).ok_or_else(|| {
-                error_frame(
-                    ErrorCode::NoCapacity,
-                    format!(
-                        "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
-                    ),
-                )
-            })?;
+        let scoring = &self.shared.config.scoring;
+        let chosen = place(
+            &candidates,
+            &exclude,
+            |n| routable.contains(n),
+            &scoring.weights,
+            scoring.top_k,
+            request,
+        )
+        .ok_or_else(|| {
+            error_frame(
+                ErrorCode::NoCapacity,
+                format!(
+                    "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
+                ),
+            )
+        })?;
+        if chosen.node != self.me() {
+            self.view.note_placement(&chosen.node);
+        }
         let addrs = if chosen.node == self.me() {
             self.shared.listen_addrs()
         } else {

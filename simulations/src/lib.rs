@@ -1,0 +1,935 @@
+//! zavod-sim: a deterministic simulation of a zavod mesh.
+//!
+//! Virtual nodes are built from the zavod-proto state machines the real
+//! node runs: the membership-gated `MeshView` fed by signed capacity
+//! announcements, the `BreakerBoard`, and the placement decision
+//! (`score::place`: MCDA rank, request-id keyed pick) with signed grants.
+//! They run over a simulated network (seeded latency and jitter, so
+//! reordering; loss; duplication; partitions; crashes and restarts; slow
+//! nodes) with a cost-model engine (a prefill delay, then one token per
+//! `1/tokens_per_s`) and a virtual clock. Clients fail over as the real
+//! client does: a target silent for `stall_ms` is replaced through an
+//! entry, which records the failure in its breaker and places the rest of
+//! the answer elsewhere, continuing from the tokens already received.
+//!
+//! Invariants are checked as events are processed (and at the end):
+//! - every request ends exactly once, completed or with an error, within
+//!   `request_bound_ms`;
+//! - the token stream a client sees has no gap and no duplicate, across
+//!   failovers;
+//! - no request is placed on a node whose breaker is open at the entry, that
+//!   the entry's view holds gone, or that is not a member;
+//! - after a partition heals, every view agrees on who is in the mesh (not
+//!   gone) within `agree_within_ms`;
+//! - load spread (max over mean of active jobs among serving nodes) stays
+//!   within `max_spread`.
+//!
+//! Determinism: all randomness comes from the seed; events are ordered by
+//! (time, sequence number); maps are BTreeMaps. The trace hash covers every
+//! event processed, so the same seed and scenario give the same hash.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use zavod_proto::auth::{
+    Authority, Keypair, Membership, MembershipBody, GrantBody, GrantCheck, mint_grant, sign_report,
+};
+use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
+use zavod_proto::capacity::{CapacityReport, ModelOffer};
+use zavod_proto::ids::{NodeId, RequestId};
+use zavod_proto::score::{Weights, place, splitmix64};
+use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
+
+const MODEL: &str = "sim-model";
+
+/// A scenario file (`simulations/*.toml`). Unknown keys are errors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// Members serving the model.
+    pub nodes: usize,
+    /// Members without the model (entries and routers only).
+    pub entries: usize,
+    /// Nodes with the model but a membership from another mesh.
+    pub non_members: usize,
+    /// New requests arrive until this time; the run then drains.
+    pub duration_ms: u64,
+    pub drain_ms: u64,
+    pub requests_per_s: f64,
+    pub max_tokens: u32,
+    pub slots: u32,
+    pub tokens_per_s: f64,
+    pub prefill_ms: u64,
+    pub gossip_interval_ms: u64,
+    pub latency_ms: u64,
+    pub jitter_ms: u64,
+    /// Probability a gossip message is lost / delivered twice.
+    pub loss: f64,
+    pub duplicate: f64,
+    pub partitions: Vec<Partition>,
+    /// Mean node crashes per second across the mesh.
+    pub crash_per_s: f64,
+    pub restart_after_ms: u64,
+    pub slow_nodes: usize,
+    /// Speed of slow nodes, as a fraction of `tokens_per_s`.
+    pub slow_factor: f64,
+    /// A client replaces a target silent this long.
+    pub stall_ms: u64,
+    pub max_failovers: u32,
+    pub top_k: usize,
+    /// Draw the fault rates from the seed (swarm testing).
+    pub swarm: bool,
+    pub max_spread: f64,
+    /// Mean active jobs per serving node above which spread is checked.
+    pub spread_min_mean: f64,
+    pub agree_within_ms: u64,
+    pub request_bound_ms: u64,
+    pub view: ViewConfig,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            nodes: 8,
+            entries: 2,
+            non_members: 1,
+            duration_ms: 20_000,
+            drain_ms: 30_000,
+            requests_per_s: 4.0,
+            max_tokens: 64,
+            slots: 4,
+            tokens_per_s: 40.0,
+            prefill_ms: 80,
+            gossip_interval_ms: 1_000,
+            latency_ms: 2,
+            jitter_ms: 8,
+            loss: 0.0,
+            duplicate: 0.0,
+            partitions: Vec::new(),
+            crash_per_s: 0.0,
+            restart_after_ms: 3_000,
+            slow_nodes: 0,
+            slow_factor: 0.25,
+            stall_ms: 1_500,
+            max_failovers: 4,
+            top_k: 2,
+            swarm: false,
+            max_spread: 4.0,
+            spread_min_mean: 2.0,
+            agree_within_ms: 6_000,
+            request_bound_ms: 30_000,
+            view: ViewConfig::default(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// Cuts `fraction` of the nodes off from the rest between two times.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub fraction: f64,
+}
+
+impl Scenario {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
+        if s.nodes == 0 || s.nodes + s.entries == 0 {
+            return Err("a scenario needs at least one node with the model".into());
+        }
+        if !(s.tokens_per_s > 0.0) || s.gossip_interval_ms == 0 || s.slots == 0 {
+            return Err("tokens_per_s, gossip_interval_ms and slots must be positive".into());
+        }
+        Ok(s)
+    }
+}
+
+/// A seeded generator (splitmix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(splitmix64(seed ^ 0x5eed_2a40_d00d_f00d))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        splitmix64(self.0)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+    /// Exponentially distributed with the given mean.
+    pub fn exp(&mut self, mean: f64) -> f64 {
+        -mean * (1.0 - self.unit()).ln()
+    }
+}
+
+/// What one run produced.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub trace_hash: String,
+    pub violations: Vec<String>,
+    pub requests: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub failovers: u64,
+    pub events: u64,
+    /// Largest and mean load spread seen (max over mean of active jobs).
+    pub max_spread: f64,
+    pub mean_spread: f64,
+    pub gossip_bytes_per_node_per_s: f64,
+}
+
+struct Node {
+    id: NodeId,
+    key: Keypair,
+    membership: Membership,
+    member: bool,
+    has_model: bool,
+    up: bool,
+    /// Bumped on every crash: work from before is void.
+    epoch: u32,
+    view: MeshView,
+    breakers: BreakerBoard,
+    seq: u64,
+    speed: f64,
+    jobs: BTreeMap<u64, Job>,
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    request: u64,
+    attempt: u32,
+    next_index: u32,
+    end_index: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Running,
+    Completed,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    issued_ms: u64,
+    received: u32,
+    max_tokens: u32,
+    attempt: u32,
+    entry: usize,
+    target: Option<usize>,
+    last_progress_ms: u64,
+    state: State,
+    ends: u32,
+    ended_ms: u64,
+    failovers: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Gossip(usize),
+    Deliver { to: Vec<usize>, from: usize, ann: Rc<VerifiedAnnouncement> },
+    Arrive,
+    Run { target: usize, request: u64, attempt: u32, epoch: u32 },
+    Step { target: usize, request: u64, epoch: u32 },
+    Token { request: u64, attempt: u32, index: u32, last: bool },
+    StallCheck { request: u64, attempt: u32 },
+    Crash,
+    Restart(usize),
+    Sample,
+    CheckAgreement,
+}
+
+impl Ev {
+    fn tag(&self) -> u8 {
+        match self {
+            Ev::Gossip(_) => 1,
+            Ev::Deliver { .. } => 2,
+            Ev::Arrive => 3,
+            Ev::Run { .. } => 4,
+            Ev::Step { .. } => 5,
+            Ev::Token { .. } => 6,
+            Ev::StallCheck { .. } => 7,
+            Ev::Crash => 8,
+            Ev::Restart(_) => 9,
+            Ev::Sample => 10,
+            Ev::CheckAgreement => 11,
+        }
+    }
+}
+
+pub struct Sim {
+    sc: Scenario,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Ev>,
+    nodes: Vec<Node>,
+    authorities: BTreeSet<NodeId>,
+    requests: Vec<Request>,
+    hash: Sha256,
+    violations: Vec<String>,
+    events: u64,
+    spreads: Vec<f64>,
+    gossip_bytes: u64,
+    last_churn_ms: u64,
+}
+
+const SAMPLE_MS: u64 = 250;
+
+impl Sim {
+    pub fn new(mut sc: Scenario, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        if sc.swarm {
+            // Swarm testing: each seed draws its own fault mix.
+            sc.loss *= rng.unit();
+            sc.duplicate *= rng.unit();
+            sc.crash_per_s *= rng.unit();
+            sc.jitter_ms = rng.below(sc.jitter_ms + 1);
+        }
+        let key = |rng: &mut Rng| {
+            let mut b = [0u8; 32];
+            for c in b.chunks_mut(8) {
+                c.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            Keypair::from_secret(b)
+        };
+        let authority = Authority::new(key(&mut rng));
+        let foreign = Authority::new(key(&mut rng));
+        let authorities: BTreeSet<NodeId> = [authority.id()].into();
+        let total = sc.nodes + sc.entries + sc.non_members;
+        let mut nodes = Vec::with_capacity(total);
+        for i in 0..total {
+            let k = key(&mut rng);
+            let id = k.public();
+            let member = i < sc.nodes + sc.entries;
+            let body = MembershipBody {
+                member: id,
+                issued_at_ms: 0,
+                expires_at_ms: u64::MAX / 2,
+            };
+            let membership = if member {
+                authority.certify_member(body)
+            } else {
+                foreign.certify_member(body)
+            };
+            let has_model = i < sc.nodes || !member;
+            let slow = i < sc.slow_nodes;
+            nodes.push(Node {
+                id,
+                key: k,
+                membership,
+                member,
+                has_model,
+                up: true,
+                epoch: 0,
+                view: MeshView::new(authorities.clone(), sc.view.clone()),
+                breakers: BreakerBoard::new(sc.breaker.clone()),
+                seq: 0,
+                speed: if slow { sc.tokens_per_s * sc.slow_factor } else { sc.tokens_per_s },
+                jobs: BTreeMap::new(),
+            });
+        }
+        let mut sim = Sim {
+            sc,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes,
+            authorities,
+            requests: Vec::new(),
+            hash: Sha256::new(),
+            violations: Vec::new(),
+            events: 0,
+            spreads: Vec::new(),
+            gossip_bytes: 0,
+            last_churn_ms: 0,
+        };
+        for i in 0..sim.nodes.len() {
+            let first = sim.rng.below(sim.sc.gossip_interval_ms);
+            sim.at(first, Ev::Gossip(i));
+        }
+        // Requests start once the first round of gossip has spread.
+        let warmup = sim.sc.gossip_interval_ms + 200;
+        sim.at(warmup, Ev::Arrive);
+        sim.at(warmup, Ev::Sample);
+        if sim.sc.crash_per_s > 0.0 {
+            let dt = sim.rng.exp(1_000.0 / sim.sc.crash_per_s) as u64;
+            sim.at(warmup + dt, Ev::Crash);
+        }
+        for p in sim.sc.partitions.clone() {
+            sim.at(p.end_ms + sim.sc.agree_within_ms, Ev::CheckAgreement);
+        }
+        sim
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((t.max(self.now), self.seq), ev);
+    }
+
+    fn violation(&mut self, m: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(format!("t={} ms: {m}", self.now));
+        }
+    }
+
+    /// Whether a and b are cut off from each other now.
+    fn cut(&self, a: usize, b: usize) -> bool {
+        let n = self.nodes.len();
+        self.sc.partitions.iter().any(|p| {
+            if self.now < p.start_ms || self.now >= p.end_ms {
+                return false;
+            }
+            let side = |i: usize| (i as f64) < p.fraction * n as f64;
+            side(a) != side(b)
+        })
+    }
+
+    fn latency(&mut self) -> u64 {
+        self.sc.latency_ms + self.rng.below(self.sc.jitter_ms + 1)
+    }
+
+    fn report_of(&mut self, i: usize) -> Announcement {
+        let n = &mut self.nodes[i];
+        n.seq += 1;
+        let busy = n.jobs.len() as u32;
+        let slots = if n.has_model { self.sc.slots } else { 0 };
+        let report = CapacityReport {
+            node: n.id,
+            seq: n.seq,
+            at_ms: self.now,
+            on_gpu: false,
+            mem_free_bytes: 8 << 30,
+            mem_total_bytes: 16 << 30,
+            slots_free: slots.saturating_sub(busy.min(slots)),
+            slots_total: slots,
+            queue_depth: busy.saturating_sub(slots),
+            tokens_per_s: n.speed as f32,
+            models: if n.has_model {
+                vec![ModelOffer {
+                    name: MODEL.into(),
+                    quant: "Q4_K_M".into(),
+                    context_tokens: 4096,
+                }]
+            } else {
+                Vec::new()
+            },
+        };
+        Announcement {
+            report: sign_report(&n.key, report),
+            membership: n.membership.clone(),
+            addrs: vec![format!("/sim/{i}")],
+        }
+    }
+
+    pub fn run(mut self) -> Report {
+        let end = self.sc.duration_ms + self.sc.drain_ms;
+        while let Some(((t, _), ev)) = self.queue.pop_first() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            self.events += 1;
+            self.trace(&ev);
+            self.step(ev);
+        }
+        self.now = end;
+        self.finish()
+    }
+
+    fn trace(&mut self, ev: &Ev) {
+        let (a, b, c) = match ev {
+            Ev::Gossip(i) | Ev::Restart(i) => (*i as u64, 0, 0),
+            Ev::Deliver { to, from, ann } => (*from as u64, to.len() as u64, ann.report.seq),
+            Ev::Run { target, request, attempt, .. } => (*target as u64, *request, u64::from(*attempt)),
+            Ev::Step { target, request, .. } => (*target as u64, *request, 0),
+            Ev::Token { request, index, .. } => (*request, u64::from(*index), 0),
+            Ev::StallCheck { request, attempt } => (*request, u64::from(*attempt), 0),
+            Ev::Arrive | Ev::Crash | Ev::Sample | Ev::CheckAgreement => (0, 0, 0),
+        };
+        self.hash.update(self.now.to_le_bytes());
+        self.hash.update([ev.tag()]);
+        self.hash.update(a.to_le_bytes());
+        self.hash.update(b.to_le_bytes());
+        self.hash.update(c.to_le_bytes());
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::Gossip(i) => self.gossip(i),
+            Ev::Deliver { to, from, ann } => {
+                for r in to {
+                    if self.nodes[r].up && !self.cut(from, r) {
+                        let now = self.now;
+                        let _ = self.nodes[r].view.on_verified((*ann).clone(), now);
+                    }
+                }
+            }
+            Ev::Arrive => self.arrive(),
+            Ev::Run { target, request, attempt, epoch } => self.run_job(target, request, attempt, epoch),
+            Ev::Step { target, request, epoch } => self.job_step(target, request, epoch),
+            Ev::Token { request, attempt, index, last } => self.token(request, attempt, index, last),
+            Ev::StallCheck { request, attempt } => self.stall_check(request, attempt),
+            Ev::Crash => self.crash(),
+            Ev::Restart(i) => {
+                let n = &mut self.nodes[i];
+                n.up = true;
+                n.view = MeshView::new(self.authorities.clone(), self.sc.view.clone());
+                n.breakers = BreakerBoard::new(self.sc.breaker.clone());
+                // Sequence numbers outlive restarts (the real node starts
+                // from the clock).
+                n.seq = n.seq.max(self.now);
+                self.last_churn_ms = self.now;
+                self.at(self.now, Ev::Gossip(i));
+            }
+            Ev::Sample => self.sample(),
+            Ev::CheckAgreement => self.check_agreement(),
+        }
+    }
+
+    fn gossip(&mut self, i: usize) {
+        let next = self.now + self.sc.gossip_interval_ms;
+        if !self.nodes[i].up {
+            return;
+        }
+        let epoch = self.nodes[i].epoch;
+        let _ = epoch;
+        self.at(next, Ev::Gossip(i));
+        let ann = self.report_of(i);
+        self.gossip_bytes += zavod_proto::wire::encode(&ann).map_or(0, |b| b.len() as u64);
+        // Signatures are checked once here rather than by every receiver;
+        // a non-member's announcement fails and reaches no view.
+        let Ok(v) = ann.verify(&self.authorities, self.now) else {
+            return;
+        };
+        let now = self.now;
+        let _ = self.nodes[i].view.on_verified(v.clone(), now);
+        let v = Rc::new(v);
+        // Receivers grouped by arrival time, so a broadcast costs a few
+        // events rather than one per receiver.
+        let mut by_time: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for r in 0..self.nodes.len() {
+            if r == i || self.rng.chance(self.sc.loss) {
+                continue;
+            }
+            let copies = if self.rng.chance(self.sc.duplicate) { 2 } else { 1 };
+            for _ in 0..copies {
+                let t = self.now + self.latency();
+                by_time.entry(t).or_default().push(r);
+            }
+        }
+        for (t, to) in by_time {
+            self.at(t, Ev::Deliver { to, from: i, ann: Rc::clone(&v) });
+        }
+    }
+
+    fn up_entries(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up && self.nodes[i].member)
+            .collect()
+    }
+
+    fn arrive(&mut self) {
+        if self.now >= self.sc.duration_ms {
+            return;
+        }
+        let dt = self.rng.exp(1_000.0 / self.sc.requests_per_s).max(1.0) as u64;
+        self.at(self.now + dt, Ev::Arrive);
+        let entries = self.up_entries();
+        if entries.is_empty() {
+            return;
+        }
+        let entry = entries[self.rng.below(entries.len() as u64) as usize];
+        let id = self.requests.len() as u64;
+        self.requests.push(Request {
+            issued_ms: self.now,
+            received: 0,
+            max_tokens: self.sc.max_tokens,
+            attempt: 0,
+            entry,
+            target: None,
+            last_progress_ms: self.now,
+            state: State::Running,
+            ends: 0,
+            ended_ms: 0,
+            failovers: 0,
+        });
+        self.place(id, entry, &[]);
+    }
+
+    /// The entry's decision: the same code path as the real Router.
+    fn place(&mut self, id: u64, entry: usize, exclude: &[NodeId]) {
+        let now = self.now;
+        let request = RequestId(u128::from(id) << 32 | u128::from(self.requests[id as usize].attempt));
+        let e = &mut self.nodes[entry];
+        let me = e.id;
+        let candidates = e.view.candidates(MODEL, &me, now);
+        let breakers = &mut e.breakers;
+        let weights = Weights::default();
+        let chosen = place(
+            &candidates,
+            exclude,
+            |n| breakers.try_acquire(n, now),
+            &weights,
+            self.sc.top_k,
+            request,
+        );
+        let Some(chosen) = chosen else {
+            self.end(id, State::Failed("no node can serve now".into()));
+            return;
+        };
+        self.nodes[entry].view.note_placement(&chosen.node);
+        let target = match self.nodes.iter().position(|n| n.id == chosen.node) {
+            Some(t) => t,
+            None => {
+                self.violation(format!("request {id} placed on an unknown node"));
+                return;
+            }
+        };
+        // Invariant: never an open breaker, a gone node or a non-member.
+        let e = &self.nodes[entry];
+        let open = matches!(e.breakers.state(&chosen.node, now), BreakerState::Open { .. });
+        let gone = e.view.liveness(&chosen.node, now) == Some(Liveness::Gone);
+        if open {
+            self.violation(format!("request {id} placed on a node with an open breaker"));
+        }
+        if gone {
+            self.violation(format!("request {id} placed on a gone node"));
+        }
+        if !self.nodes[target].member {
+            self.violation(format!("request {id} placed on a non-member"));
+        }
+        // The grant the entry signs, checked as the target would.
+        let body = GrantBody {
+            request,
+            client: me,
+            target: chosen.node,
+            model: MODEL.into(),
+            max_tokens: self.sc.max_tokens,
+            expires_at_ms: now + 30_000,
+            prompt_hash: [0; 32],
+        };
+        let grant = mint_grant(&self.nodes[entry].key, body);
+        let check = GrantCheck {
+            this_node: &chosen.node,
+            client: &me,
+            model: MODEL,
+            prompt_hash: [0; 32],
+            max_tokens: self.sc.max_tokens,
+        };
+        if let Err(err) = grant.verify(|n| *n == me, &check, now) {
+            self.violation(format!("request {id}: its grant does not verify: {err}"));
+        }
+        let r = &mut self.requests[id as usize];
+        r.target = Some(target);
+        r.entry = entry;
+        r.last_progress_ms = now;
+        let attempt = r.attempt;
+        let epoch = self.nodes[target].epoch;
+        let t = now + 2 * self.latency();
+        self.at(t, Ev::Run { target, request: id, attempt, epoch });
+        let check_at = now + self.sc.stall_ms + self.sc.prefill_ms + 4 * self.sc.latency_ms + 4 * self.sc.jitter_ms;
+        self.at(check_at, Ev::StallCheck { request: id, attempt });
+    }
+
+    fn run_job(&mut self, target: usize, id: u64, attempt: u32, epoch: u32) {
+        let n = &mut self.nodes[target];
+        if !n.up || n.epoch != epoch {
+            return;
+        }
+        let r = &self.requests[id as usize];
+        if r.state != State::Running || r.attempt != attempt {
+            return;
+        }
+        let start = r.received;
+        let end_index = r.max_tokens;
+        n.jobs.insert(id, Job { request: id, attempt, next_index: start, end_index });
+        // Continuous batching: every active job decodes at the node's speed.
+        let first = self.now + self.sc.prefill_ms + (1_000.0 / n.speed) as u64;
+        self.at(first, Ev::Step { target, request: id, epoch });
+    }
+
+    fn job_step(&mut self, target: usize, id: u64, epoch: u32) {
+        let lat = self.latency();
+        let n = &mut self.nodes[target];
+        if !n.up || n.epoch != epoch {
+            return;
+        }
+        let Some(job) = n.jobs.get_mut(&id) else { return };
+        let index = job.next_index;
+        job.next_index += 1;
+        let last = job.next_index >= job.end_index;
+        let attempt = job.attempt;
+        let request = job.request;
+        let dt = (1_000.0 / n.speed) as u64;
+        if last {
+            n.jobs.remove(&id);
+        } else {
+            self.at(self.now + dt.max(1), Ev::Step { target, request: id, epoch });
+        }
+        self.at(self.now + lat, Ev::Token { request, attempt, index, last });
+    }
+
+    fn token(&mut self, id: u64, attempt: u32, index: u32, last: bool) {
+        let r = &self.requests[id as usize];
+        // Tokens of an abandoned attempt arrive on a stream the client has
+        // closed: they never reach it.
+        if r.state != State::Running || r.attempt != attempt {
+            return;
+        }
+        if index != r.received {
+            let what = if index < r.received { "duplicate" } else { "gap" };
+            self.violation(format!(
+                "request {id}: token {index} after {} received ({what})",
+                r.received
+            ));
+            return;
+        }
+        let now = self.now;
+        let r = &mut self.requests[id as usize];
+        r.received += 1;
+        r.last_progress_ms = now;
+        if last || r.received >= r.max_tokens {
+            let (entry, target) = (r.entry, r.target);
+            if let Some(t) = target {
+                let tid = self.nodes[t].id;
+                self.nodes[entry].breakers.record(&tid, Outcome::Success, now);
+            }
+            self.end(id, State::Completed);
+        } else {
+            let check_at = now + self.sc.stall_ms;
+            self.at(check_at, Ev::StallCheck { request: id, attempt });
+        }
+    }
+
+    fn stall_check(&mut self, id: u64, attempt: u32) {
+        let now = self.now;
+        let r = &self.requests[id as usize];
+        if r.state != State::Running || r.attempt != attempt {
+            return;
+        }
+        if now.saturating_sub(r.last_progress_ms) < self.sc.stall_ms {
+            return;
+        }
+        // The client resumes through an entry it can reach (its own, or
+        // another when that one is down).
+        let failed = r.target;
+        let failovers = r.failovers;
+        let mut entry = r.entry;
+        if failovers >= self.sc.max_failovers {
+            self.end(id, State::Failed("gave up after repeated failovers".into()));
+            return;
+        }
+        if !self.nodes[entry].up {
+            let up = self.up_entries();
+            if up.is_empty() {
+                self.end(id, State::Failed("no node reachable".into()));
+                return;
+            }
+            entry = up[self.rng.below(up.len() as u64) as usize];
+        }
+        let mut exclude = Vec::new();
+        if let Some(t) = failed {
+            let tid = self.nodes[t].id;
+            self.nodes[entry].breakers.record(&tid, Outcome::Failure, now);
+            exclude.push(tid);
+            self.nodes[t].jobs.remove(&id);
+        }
+        let r = &mut self.requests[id as usize];
+        r.attempt += 1;
+        r.failovers += 1;
+        self.place(id, entry, &exclude);
+    }
+
+    fn end(&mut self, id: u64, state: State) {
+        let now = self.now;
+        let r = &mut self.requests[id as usize];
+        r.ends += 1;
+        if r.ends > 1 {
+            self.violation(format!("request {id} ended twice"));
+            return;
+        }
+        r.state = state;
+        r.ended_ms = now;
+        if now - r.issued_ms > self.sc.request_bound_ms {
+            let took = now - r.issued_ms;
+            self.violation(format!("request {id} took {took} ms to end"));
+        }
+    }
+
+    fn crash(&mut self) {
+        let dt = self.rng.exp(1_000.0 / self.sc.crash_per_s).max(1.0) as u64;
+        self.at(self.now + dt, Ev::Crash);
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].up).collect();
+        // Keep at least two nodes standing.
+        if up.len() <= 2 {
+            return;
+        }
+        let i = up[self.rng.below(up.len() as u64) as usize];
+        let n = &mut self.nodes[i];
+        n.up = false;
+        n.epoch += 1;
+        n.jobs.clear();
+        self.last_churn_ms = self.now;
+        let back = self.now + self.sc.restart_after_ms;
+        self.at(back, Ev::Restart(i));
+    }
+
+    fn sample(&mut self) {
+        if self.now < self.sc.duration_ms {
+            self.at(self.now + SAMPLE_MS, Ev::Sample);
+        }
+        let loads: Vec<f64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.up && n.has_model && n.member)
+            .map(|n| n.jobs.len() as f64)
+            .collect();
+        if loads.is_empty() {
+            return;
+        }
+        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+        if mean >= self.sc.spread_min_mean {
+            let max = loads.iter().copied().fold(0.0, f64::max);
+            let spread = max / mean;
+            self.spreads.push(spread);
+            if spread > self.sc.max_spread {
+                self.violation(format!("load spread {spread:.2} (max {max}, mean {mean:.2})"));
+            }
+        }
+    }
+
+    fn check_agreement(&mut self) {
+        // Only meaningful when no node crashed or restarted meanwhile.
+        if self.now.saturating_sub(self.last_churn_ms) < self.sc.agree_within_ms {
+            return;
+        }
+        let now = self.now;
+        let truth: BTreeSet<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.up && n.member)
+            .map(|n| n.id)
+            .collect();
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            if !n.up || !n.member {
+                continue;
+            }
+            let seen: BTreeSet<NodeId> = n
+                .view
+                .members()
+                .filter(|(_, m)| m.liveness(&n.view.config, now) != Liveness::Gone)
+                .map(|(id, _)| *id)
+                .collect();
+            if seen != truth {
+                let (extra, missing) = (
+                    seen.difference(&truth).count(),
+                    truth.difference(&seen).count(),
+                );
+                self.violation(format!(
+                    "node {i}'s view disagrees after the partition healed ({missing} missing, {extra} extra)"
+                ));
+            }
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        let now = self.now;
+        let mut unfinished = Vec::new();
+        for (id, r) in self.requests.iter().enumerate() {
+            if r.ends == 0 {
+                unfinished.push(format!("request {id} never ended (issued at {} ms)", r.issued_ms));
+            }
+        }
+        for u in unfinished {
+            self.violation(u);
+        }
+        let completed = self.requests.iter().filter(|r| r.state == State::Completed).count() as u64;
+        let failed = self
+            .requests
+            .iter()
+            .filter(|r| matches!(r.state, State::Failed(_)))
+            .count() as u64;
+        let failovers = self.requests.iter().map(|r| u64::from(r.failovers)).sum();
+        let seconds = (now.max(1) as f64) / 1_000.0;
+        let max_spread = self.spreads.iter().copied().fold(0.0, f64::max);
+        let mean_spread = if self.spreads.is_empty() {
+            0.0
+        } else {
+            self.spreads.iter().sum::<f64>() / self.spreads.len() as f64
+        };
+        Report {
+            trace_hash: hex::encode(self.hash.finalize()),
+            violations: self.violations,
+            requests: self.requests.len() as u64,
+            completed,
+            failed,
+            failovers,
+            events: self.events,
+            max_spread,
+            mean_spread,
+            gossip_bytes_per_node_per_s: self.gossip_bytes as f64
+                / self.nodes.len() as f64
+                / seconds,
+        }
+    }
+}
+
+/// Runs one seed of a scenario.
+pub fn run(sc: &Scenario, seed: u64) -> Report {
+    Sim::new(sc.clone(), seed).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Scenario {
+        Scenario {
+            nodes: 4,
+            entries: 1,
+            duration_ms: 5_000,
+            drain_ms: 20_000,
+            ..Scenario::default()
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_trace() {
+        let a = run(&small(), 7);
+        let b = run(&small(), 7);
+        assert_eq!(a.trace_hash, b.trace_hash);
+        assert_ne!(a.trace_hash, run(&small(), 8).trace_hash);
+        assert!(a.requests > 5 && a.completed > 0, "{a:?}");
+        assert!(a.violations.is_empty(), "{:?}", a.violations);
+    }
+
+    #[test]
+    fn a_broken_invariant_is_reported() {
+        // A spread bound no mesh can meet is flagged, not ignored.
+        let sc = Scenario {
+            max_spread: 0.5,
+            spread_min_mean: 0.1,
+            requests_per_s: 20.0,
+            ..small()
+        };
+        let r = run(&sc, 3);
+        assert!(r.violations.iter().any(|v| v.contains("load spread")), "{r:?}");
+    }
+}

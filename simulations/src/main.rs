@@ -1,0 +1,125 @@
+//! `zavod-sim`: runs scenarios of the mesh simulation.
+//!
+//! `zavod-sim --scenario simulations/steady.toml --seeds 200` runs seeds
+//! 0..200 twice over (the second pass must give the same trace hashes),
+//! `--seed S` runs one and prints its trace hash. A failing seed prints the
+//! single command that replays it, and the run exits non-zero.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Instant;
+use zavod_sim::{Scenario, run};
+
+#[derive(Debug, Parser)]
+#[command(name = "zavod-sim", about = "Deterministic simulation of a zavod mesh")]
+struct Args {
+    /// Scenario file (TOML).
+    #[arg(long, value_name = "FILE")]
+    scenario: PathBuf,
+    /// Run seeds 0..N.
+    #[arg(long, value_name = "N", conflicts_with = "seed")]
+    seeds: Option<u64>,
+    /// Run this one seed and print its trace hash.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Final pick by plain argmax instead of the power-of-two choice
+    /// (for comparing load spread).
+    #[arg(long)]
+    argmax: bool,
+    /// Skip the second, determinism-checking pass.
+    #[arg(long)]
+    once: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("reading {}", args.scenario.display()))?;
+    let mut sc = Scenario::from_toml(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
+    if args.argmax {
+        sc.top_k = 1;
+    }
+    let name = args.scenario.display().to_string();
+    let replay = |seed: u64| {
+        format!(
+            "cargo run --release -p zavod-sim -- --scenario {name} --seed {seed}{}",
+            if args.argmax { " --argmax" } else { "" }
+        )
+    };
+    let seeds: Vec<u64> = match (args.seed, args.seeds) {
+        (Some(s), _) => vec![s],
+        (None, Some(n)) => (0..n).collect(),
+        (None, None) => (0..1).collect(),
+    };
+    let started = Instant::now();
+    let mut failed = 0usize;
+    let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
+    let mut hashes = Vec::with_capacity(seeds.len());
+    for &seed in &seeds {
+        let r = run(&sc, seed);
+        if args.seed.is_some() {
+            println!(
+                "seed {seed}: trace {} ({} events; {} requests: {} completed, {} failed with an error, {} failovers; spread max {:.2} mean {:.2}; gossip {:.0} B/s per node)",
+                r.trace_hash,
+                r.events,
+                r.requests,
+                r.completed,
+                r.failed,
+                r.failovers,
+                r.max_spread,
+                r.mean_spread,
+                r.gossip_bytes_per_node_per_s
+            );
+        }
+        if !r.violations.is_empty() {
+            failed += 1;
+            eprintln!("seed {seed} FAILED:");
+            for v in &r.violations {
+                eprintln!("  {v}");
+            }
+            eprintln!("replay: {}", replay(seed));
+        }
+        totals.0 += r.requests;
+        totals.1 += r.completed;
+        totals.2 += r.failed;
+        totals.3 += r.failovers;
+        totals.4 = totals.4.max(r.max_spread);
+        totals.5 += r.mean_spread;
+        totals.6 += r.gossip_bytes_per_node_per_s;
+        hashes.push(r.trace_hash);
+    }
+    let wall = started.elapsed();
+    if !args.once {
+        // Determinism: the same seeds again give the same traces.
+        for (&seed, h) in seeds.iter().zip(&hashes) {
+            let again = run(&sc, seed).trace_hash;
+            if &again != h {
+                failed += 1;
+                eprintln!("seed {seed} is not deterministic: {h} then {again}");
+                eprintln!("replay: {}", replay(seed));
+            }
+        }
+    }
+    let n = seeds.len() as f64;
+    println!(
+        "{name}: {} seeds in {:.2} s ({:.1} seeds/s), {} failed; {} requests ({} completed, {} ended with an error, {} failovers); load spread max {:.2}, mean {:.2}; gossip {:.0} B/s per node{}",
+        seeds.len(),
+        wall.as_secs_f64(),
+        n / wall.as_secs_f64().max(1e-9),
+        failed,
+        totals.0,
+        totals.1,
+        totals.2,
+        totals.3,
+        totals.4,
+        totals.5 / n,
+        totals.6 / n,
+        if args.argmax { " [argmax]" } else { "" }
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
