@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use zavod_proto::auth::{
-    Authority, Keypair, Membership, MembershipBody, GrantBody, GrantCheck, mint_grant, sign_report,
+    Authority, GrantBody, GrantCheck, Keypair, Membership, MembershipBody, mint_grant, sign_report,
 };
 use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::capacity::{CapacityReport, ModelOffer};
@@ -141,7 +141,11 @@ impl Scenario {
         if s.nodes == 0 || s.nodes + s.entries == 0 {
             return Err("a scenario needs at least one node with the model".into());
         }
-        if !(s.tokens_per_s > 0.0) || s.gossip_interval_ms == 0 || s.slots == 0 {
+        if !s.tokens_per_s.is_finite()
+            || s.tokens_per_s <= 0.0
+            || s.gossip_interval_ms == 0
+            || s.slots == 0
+        {
             return Err("tokens_per_s, gossip_interval_ms and slots must be positive".into());
         }
         Ok(s)
@@ -241,12 +245,33 @@ struct Request {
 #[derive(Debug, Clone)]
 enum Ev {
     Gossip(usize),
-    Deliver { to: Vec<usize>, from: usize, ann: Rc<VerifiedAnnouncement> },
+    Deliver {
+        to: Vec<usize>,
+        from: usize,
+        ann: Rc<VerifiedAnnouncement>,
+    },
     Arrive,
-    Run { target: usize, request: u64, attempt: u32, epoch: u32 },
-    Step { target: usize, request: u64, epoch: u32 },
-    Token { request: u64, attempt: u32, index: u32, last: bool },
-    StallCheck { request: u64, attempt: u32 },
+    Run {
+        target: usize,
+        request: u64,
+        attempt: u32,
+        epoch: u32,
+    },
+    Step {
+        target: usize,
+        request: u64,
+        epoch: u32,
+    },
+    Token {
+        request: u64,
+        attempt: u32,
+        index: u32,
+        last: bool,
+    },
+    StallCheck {
+        request: u64,
+        attempt: u32,
+    },
     Crash,
     Restart(usize),
     Sample,
@@ -339,7 +364,11 @@ impl Sim {
                 view: MeshView::new(authorities.clone(), sc.view.clone()),
                 breakers: BreakerBoard::new(sc.breaker.clone()),
                 seq: 0,
-                speed: if slow { sc.tokens_per_s * sc.slow_factor } else { sc.tokens_per_s },
+                speed: if slow {
+                    sc.tokens_per_s * sc.slow_factor
+                } else {
+                    sc.tokens_per_s
+                },
                 jobs: BTreeMap::new(),
             });
         }
@@ -456,8 +485,15 @@ impl Sim {
         let (a, b, c) = match ev {
             Ev::Gossip(i) | Ev::Restart(i) => (*i as u64, 0, 0),
             Ev::Deliver { to, from, ann } => (*from as u64, to.len() as u64, ann.report.seq),
-            Ev::Run { target, request, attempt, .. } => (*target as u64, *request, u64::from(*attempt)),
-            Ev::Step { target, request, .. } => (*target as u64, *request, 0),
+            Ev::Run {
+                target,
+                request,
+                attempt,
+                ..
+            } => (*target as u64, *request, u64::from(*attempt)),
+            Ev::Step {
+                target, request, ..
+            } => (*target as u64, *request, 0),
             Ev::Token { request, index, .. } => (*request, u64::from(*index), 0),
             Ev::StallCheck { request, attempt } => (*request, u64::from(*attempt), 0),
             Ev::Arrive | Ev::Crash | Ev::Sample | Ev::CheckAgreement => (0, 0, 0),
@@ -481,9 +517,23 @@ impl Sim {
                 }
             }
             Ev::Arrive => self.arrive(),
-            Ev::Run { target, request, attempt, epoch } => self.run_job(target, request, attempt, epoch),
-            Ev::Step { target, request, epoch } => self.job_step(target, request, epoch),
-            Ev::Token { request, attempt, index, last } => self.token(request, attempt, index, last),
+            Ev::Run {
+                target,
+                request,
+                attempt,
+                epoch,
+            } => self.run_job(target, request, attempt, epoch),
+            Ev::Step {
+                target,
+                request,
+                epoch,
+            } => self.job_step(target, request, epoch),
+            Ev::Token {
+                request,
+                attempt,
+                index,
+                last,
+            } => self.token(request, attempt, index, last),
             Ev::StallCheck { request, attempt } => self.stall_check(request, attempt),
             Ev::Crash => self.crash(),
             Ev::Restart(i) => {
@@ -507,8 +557,6 @@ impl Sim {
         if !self.nodes[i].up {
             return;
         }
-        let epoch = self.nodes[i].epoch;
-        let _ = epoch;
         self.at(next, Ev::Gossip(i));
         let ann = self.report_of(i);
         self.gossip_bytes += zavod_proto::wire::encode(&ann).map_or(0, |b| b.len() as u64);
@@ -527,14 +575,25 @@ impl Sim {
             if r == i || self.rng.chance(self.sc.loss) {
                 continue;
             }
-            let copies = if self.rng.chance(self.sc.duplicate) { 2 } else { 1 };
+            let copies = if self.rng.chance(self.sc.duplicate) {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
                 let t = self.now + self.latency();
                 by_time.entry(t).or_default().push(r);
             }
         }
         for (t, to) in by_time {
-            self.at(t, Ev::Deliver { to, from: i, ann: Rc::clone(&v) });
+            self.at(
+                t,
+                Ev::Deliver {
+                    to,
+                    from: i,
+                    ann: Rc::clone(&v),
+                },
+            );
         }
     }
 
@@ -575,7 +634,8 @@ impl Sim {
     /// The entry's decision: the same code path as the real Router.
     fn place(&mut self, id: u64, entry: usize, exclude: &[NodeId]) {
         let now = self.now;
-        let request = RequestId(u128::from(id) << 32 | u128::from(self.requests[id as usize].attempt));
+        let request =
+            RequestId(u128::from(id) << 32 | u128::from(self.requests[id as usize].attempt));
         let e = &mut self.nodes[entry];
         let me = e.id;
         let candidates = e.view.candidates(MODEL, &me, now);
@@ -603,10 +663,15 @@ impl Sim {
         };
         // Invariant: never an open breaker, a gone node or a non-member.
         let e = &self.nodes[entry];
-        let open = matches!(e.breakers.state(&chosen.node, now), BreakerState::Open { .. });
+        let open = matches!(
+            e.breakers.state(&chosen.node, now),
+            BreakerState::Open { .. }
+        );
         let gone = e.view.liveness(&chosen.node, now) == Some(Liveness::Gone);
         if open {
-            self.violation(format!("request {id} placed on a node with an open breaker"));
+            self.violation(format!(
+                "request {id} placed on a node with an open breaker"
+            ));
         }
         if gone {
             self.violation(format!("request {id} placed on a gone node"));
@@ -642,9 +707,27 @@ impl Sim {
         let attempt = r.attempt;
         let epoch = self.nodes[target].epoch;
         let t = now + 2 * self.latency();
-        self.at(t, Ev::Run { target, request: id, attempt, epoch });
-        let check_at = now + self.sc.stall_ms + self.sc.prefill_ms + 4 * self.sc.latency_ms + 4 * self.sc.jitter_ms;
-        self.at(check_at, Ev::StallCheck { request: id, attempt });
+        self.at(
+            t,
+            Ev::Run {
+                target,
+                request: id,
+                attempt,
+                epoch,
+            },
+        );
+        let check_at = now
+            + self.sc.stall_ms
+            + self.sc.prefill_ms
+            + 4 * self.sc.latency_ms
+            + 4 * self.sc.jitter_ms;
+        self.at(
+            check_at,
+            Ev::StallCheck {
+                request: id,
+                attempt,
+            },
+        );
     }
 
     fn run_job(&mut self, target: usize, id: u64, attempt: u32, epoch: u32) {
@@ -658,10 +741,25 @@ impl Sim {
         }
         let start = r.received;
         let end_index = r.max_tokens;
-        n.jobs.insert(id, Job { request: id, attempt, next_index: start, end_index });
+        n.jobs.insert(
+            id,
+            Job {
+                request: id,
+                attempt,
+                next_index: start,
+                end_index,
+            },
+        );
         // Continuous batching: every active job decodes at the node's speed.
         let first = self.now + self.sc.prefill_ms + (1_000.0 / n.speed) as u64;
-        self.at(first, Ev::Step { target, request: id, epoch });
+        self.at(
+            first,
+            Ev::Step {
+                target,
+                request: id,
+                epoch,
+            },
+        );
     }
 
     fn job_step(&mut self, target: usize, id: u64, epoch: u32) {
@@ -670,7 +768,9 @@ impl Sim {
         if !n.up || n.epoch != epoch {
             return;
         }
-        let Some(job) = n.jobs.get_mut(&id) else { return };
+        let Some(job) = n.jobs.get_mut(&id) else {
+            return;
+        };
         let index = job.next_index;
         job.next_index += 1;
         let last = job.next_index >= job.end_index;
@@ -680,9 +780,24 @@ impl Sim {
         if last {
             n.jobs.remove(&id);
         } else {
-            self.at(self.now + dt.max(1), Ev::Step { target, request: id, epoch });
+            self.at(
+                self.now + dt.max(1),
+                Ev::Step {
+                    target,
+                    request: id,
+                    epoch,
+                },
+            );
         }
-        self.at(self.now + lat, Ev::Token { request, attempt, index, last });
+        self.at(
+            self.now + lat,
+            Ev::Token {
+                request,
+                attempt,
+                index,
+                last,
+            },
+        );
     }
 
     fn token(&mut self, id: u64, attempt: u32, index: u32, last: bool) {
@@ -693,7 +808,11 @@ impl Sim {
             return;
         }
         if index != r.received {
-            let what = if index < r.received { "duplicate" } else { "gap" };
+            let what = if index < r.received {
+                "duplicate"
+            } else {
+                "gap"
+            };
             self.violation(format!(
                 "request {id}: token {index} after {} received ({what})",
                 r.received
@@ -708,12 +827,20 @@ impl Sim {
             let (entry, target) = (r.entry, r.target);
             if let Some(t) = target {
                 let tid = self.nodes[t].id;
-                self.nodes[entry].breakers.record(&tid, Outcome::Success, now);
+                self.nodes[entry]
+                    .breakers
+                    .record(&tid, Outcome::Success, now);
             }
             self.end(id, State::Completed);
         } else {
             let check_at = now + self.sc.stall_ms;
-            self.at(check_at, Ev::StallCheck { request: id, attempt });
+            self.at(
+                check_at,
+                Ev::StallCheck {
+                    request: id,
+                    attempt,
+                },
+            );
         }
     }
 
@@ -746,7 +873,9 @@ impl Sim {
         let mut exclude = Vec::new();
         if let Some(t) = failed {
             let tid = self.nodes[t].id;
-            self.nodes[entry].breakers.record(&tid, Outcome::Failure, now);
+            self.nodes[entry]
+                .breakers
+                .record(&tid, Outcome::Failure, now);
             exclude.push(tid);
             self.nodes[t].jobs.remove(&id);
         }
@@ -775,7 +904,9 @@ impl Sim {
     fn crash(&mut self) {
         let dt = self.rng.exp(1_000.0 / self.sc.crash_per_s).max(1.0) as u64;
         self.at(self.now + dt, Ev::Crash);
-        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].up).collect();
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .collect();
         // Keep at least two nodes standing.
         if up.len() <= 2 {
             return;
@@ -809,7 +940,9 @@ impl Sim {
             let spread = max / mean;
             self.spreads.push(spread);
             if spread > self.sc.max_spread {
-                self.violation(format!("load spread {spread:.2} (max {max}, mean {mean:.2})"));
+                self.violation(format!(
+                    "load spread {spread:.2} (max {max}, mean {mean:.2})"
+                ));
             }
         }
     }
@@ -854,13 +987,20 @@ impl Sim {
         let mut unfinished = Vec::new();
         for (id, r) in self.requests.iter().enumerate() {
             if r.ends == 0 {
-                unfinished.push(format!("request {id} never ended (issued at {} ms)", r.issued_ms));
+                unfinished.push(format!(
+                    "request {id} never ended (issued at {} ms)",
+                    r.issued_ms
+                ));
             }
         }
         for u in unfinished {
             self.violation(u);
         }
-        let completed = self.requests.iter().filter(|r| r.state == State::Completed).count() as u64;
+        let completed = self
+            .requests
+            .iter()
+            .filter(|r| r.state == State::Completed)
+            .count() as u64;
         let failed = self
             .requests
             .iter()
@@ -930,6 +1070,9 @@ mod tests {
             ..small()
         };
         let r = run(&sc, 3);
-        assert!(r.violations.iter().any(|v| v.contains("load spread")), "{r:?}");
+        assert!(
+            r.violations.iter().any(|v| v.contains("load spread")),
+            "{r:?}"
+        );
     }
 }

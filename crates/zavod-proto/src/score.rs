@@ -209,7 +209,9 @@ pub fn place(
     let salt = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
     let mut out = score_all(&eligible, weights);
     let k = top_k.max(1);
-    let key = |s: &Scored| splitmix64(u64::from_le_bytes(s.node.0[..8].try_into().unwrap_or([0; 8])) ^ salt);
+    let key = |s: &Scored| {
+        splitmix64(u64::from_le_bytes(s.node.0[..8].try_into().unwrap_or([0; 8])) ^ salt)
+    };
     let order = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score).then(key(a).cmp(&key(b)));
     if out.len() > k {
         out.select_nth_unstable_by(k - 1, order);
