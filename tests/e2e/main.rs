@@ -6,6 +6,7 @@ mod chat;
 mod failover;
 mod grants;
 mod http;
+mod mdns;
 mod memory;
 mod mesh;
 mod sessions;

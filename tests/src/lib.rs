@@ -50,7 +50,19 @@ pub fn model_path() -> PathBuf {
 
 /// A `zavod` command with a clean environment of our variables.
 pub fn zavod() -> Command {
-    let mut c = Command::new(zavod_bin());
+    zavod_in(None)
+}
+
+/// A `zavod` command run inside network namespace `netns`, when given.
+pub fn zavod_in(netns: Option<&str>) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(zavod_bin());
+            c
+        }
+        None => Command::new(zavod_bin()),
+    };
     for (k, _) in std::env::vars() {
         if k.starts_with("ZAVOD_") {
             c.env_remove(k);
@@ -78,10 +90,20 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts a node on an ephemeral loopback port, waits for "ready".
     pub fn start(data_dir: &Path, extra: &[&str]) -> NodeProc {
-        let mut child = zavod()
+        Self::start_in(None, "/ip4/127.0.0.1/tcp/0", data_dir, extra)
+    }
+
+    /// Starts a node inside network namespace `netns` listening on `listen`.
+    pub fn start_in(
+        netns: Option<&str>,
+        listen: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> NodeProc {
+        let mut child = zavod_in(netns)
             .arg("node")
             .arg("--listen")
-            .arg("/ip4/127.0.0.1/tcp/0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

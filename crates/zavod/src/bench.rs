@@ -199,12 +199,13 @@ fn direct_run(
     })
 }
 
-/// Times one routing decision (view candidates, MCDA rank, pick) over a
+/// Times one routing decision (view candidates, then `score::place`: filter,
+/// MCDA rank, request-keyed pick) over a
 /// view of `n` synthetic members; returns (p50, p99) in microseconds.
 fn routing_decision_us(n: usize) -> (f64, f64) {
     use zavod_proto::auth::{Authority, Keypair, MembershipBody, sign_report};
     use zavod_proto::capacity::{CapacityReport, ModelOffer};
-    use zavod_proto::score::{Weights, best, pick};
+    use zavod_proto::score::{Weights, place};
     use zavod_proto::view::{Announcement, MeshView, ViewConfig};
     let authority = Authority::new(Keypair::from_secret([1; 32]));
     let mut view = MeshView::new(
@@ -257,8 +258,8 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
     for r in 0..2000u128 {
         let t = Instant::now();
         let c = view.candidates("m", &me, 2);
-        let ranked = best(&c, &weights, 2);
-        let chosen = pick(&ranked, zavod_proto::RequestId(r), 2);
+        // The Router's decision: exclusions, breaker filter, rank, pick.
+        let chosen = place(&c, &[], |_| true, &weights, 2, zavod_proto::RequestId(r));
         std::hint::black_box(chosen);
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
