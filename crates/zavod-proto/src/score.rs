@@ -126,6 +126,13 @@ pub fn best(cands: &[Candidate], w: &Weights, k: usize) -> Vec<Scored> {
 }
 
 fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
+    score_where(cands, w, None)
+}
+
+/// Scores the candidates `keep` marks (all when `None`), normalising over
+/// those only.
+fn score_where(cands: &[Candidate], w: &Weights, keep: Option<&[bool]>) -> Vec<Scored> {
+    let kept = |i: usize| keep.is_none_or(|k| k.get(i).copied().unwrap_or(false));
     let [wm, ws, wr, wt] = w.normalised();
     let rtt_of = |c: &Candidate| {
         c.rtt_ms
@@ -135,7 +142,7 @@ fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
     };
     // One pass for the normalising extremes.
     let (mut max_mem, mut max_tps, mut min_rtt) = (0u64, 0.0f64, f64::INFINITY);
-    for c in cands {
+    for (_, c) in cands.iter().enumerate().filter(|(i, _)| kept(*i)) {
         max_mem = max_mem.max(c.mem_free_bytes);
         max_tps = max_tps.max(finite_or_zero(c.tokens_per_s));
         min_rtt = min_rtt.min(rtt_of(c));
@@ -151,7 +158,9 @@ fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
     let k_rtt = wr * min_rtt;
     cands
         .iter()
-        .map(|c| {
+        .enumerate()
+        .filter(|(i, _)| kept(*i))
+        .map(|(_, c)| {
             // Free fraction of the slots, going negative with a backlog
             // (down to -4), so a node with a queue ranks below every node
             // with room, and a longer queue below a shorter one.
@@ -197,22 +206,28 @@ pub fn place(
     top_k: usize,
     request: RequestId,
 ) -> Option<Scored> {
-    let eligible: Vec<Candidate> = candidates
+    let keep: Vec<bool> = candidates
         .iter()
-        .filter(|c| !exclude.contains(&c.node) && routable(&c.node))
-        .cloned()
+        .map(|c| !exclude.contains(&c.node) && routable(&c.node))
         .collect();
     // Equal scores are ordered by a hash of node and request rather than by
     // node id: every node still orders them the same for a given request,
     // but different requests see different orders, so entries working from
     // the same stale figures do not all fall on the same node.
     let salt = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
-    let mut out = score_all(&eligible, weights);
-    let k = top_k.max(1);
     let key = |s: &Scored| {
-        splitmix64(u64::from_le_bytes(s.node.0[..8].try_into().unwrap_or([0; 8])) ^ salt)
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&s.node.0[..8]);
+        splitmix64(u64::from_le_bytes(b) ^ salt)
     };
-    let order = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score).then(key(a).cmp(&key(b)));
+    let mut out = score_where(candidates, weights, Some(&keep));
+    let k = top_k.max(1);
+    // The hash only breaks ties, so it is computed only for them.
+    let order = |a: &Scored, b: &Scored| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| key(a).cmp(&key(b)))
+    };
     if out.len() > k {
         out.select_nth_unstable_by(k - 1, order);
         out.truncate(k);
@@ -414,5 +429,30 @@ mod tests {
             pick(&ranked, RequestId(1), 1).map(|s| s.node),
             Some(NodeId([0; 32]))
         );
+    }
+
+    #[test]
+    fn place_skips_excluded_and_unroutable_nodes_and_spreads_ties() {
+        let w = Weights::default();
+        let all: Vec<Candidate> = (1..=6).map(|n| cand(n, 8 << 30, 4, 5.0, 50.0)).collect();
+        let (excluded, open) = (NodeId([1; 32]), NodeId([2; 32]));
+        let mut chosen = std::collections::BTreeSet::new();
+        for r in 0..200u128 {
+            let c = place(&all, &[excluded], |n| *n != open, &w, 4, RequestId(r)).expect("a node");
+            assert!(c.node != excluded && c.node != open);
+            // The same request is placed the same way again.
+            let again = place(&all, &[excluded], |n| *n != open, &w, 4, RequestId(r));
+            assert_eq!(again.map(|s| s.node), Some(c.node));
+            chosen.insert(c.node);
+        }
+        // Equal candidates: different requests land on different nodes.
+        assert!(chosen.len() >= 3, "{chosen:?}");
+        // A backlog ranks below free room.
+        let mut busy = cand(7, 8 << 30, 0, 5.0, 50.0);
+        busy.queue_depth = 3;
+        let idle = cand(8, 8 << 30, 0, 5.0, 50.0);
+        let c = place(&[busy, idle.clone()], &[], |_| true, &w, 1, RequestId(1)).expect("a node");
+        assert_eq!(c.node, idle.node);
+        assert!(place(&all, &[], |_| false, &w, 2, RequestId(1)).is_none());
     }
 }

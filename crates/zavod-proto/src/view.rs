@@ -723,4 +723,30 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn placements_count_against_a_node_until_its_next_report() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let (a, b) = (key(1), key(2));
+        for k in [&a, &b] {
+            v.on_announcement(&f.announce(k, 1, Some("m")), 10)
+                .expect("accepted");
+        }
+        let me = key(9).public();
+        let free = |v: &MeshView, n: &NodeId| {
+            let c = v.candidates("m", &me, 20);
+            let c = c.iter().find(|c| c.node == *n).expect("candidate");
+            (c.slots_free, c.queue_depth)
+        };
+        for _ in 0..5 {
+            v.note_placement(&a.public());
+        }
+        assert_eq!(free(&v, &a.public()), (0, 1), "4 slots taken, 1 waiting");
+        assert_eq!(free(&v, &b.public()), (4, 0));
+        // A's own report says how things really stand.
+        v.on_announcement(&f.announce(&a, 2, Some("m")), 30)
+            .expect("accepted");
+        assert_eq!(free(&v, &a.public()), (4, 0));
+    }
 }
