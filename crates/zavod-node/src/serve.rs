@@ -387,33 +387,18 @@ async fn run_chat(
 ) -> Result<(), ErrorFrame> {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let show_prompt = request.show_prompt;
-    let mut params = request.params.clone();
-    let message = request.message.clone();
     let dir = &shared.directory;
     let me = shared.identity.id();
-
-    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
-        client,
-        request: Box::new(request),
-        reply,
-    })
-    .await??;
+    let Prepared {
+        admission,
+        params,
+        prepared,
+    } = admit_and_assemble(shared, client, request, Vec::new()).await?;
     let mut reservation = Reservation {
         shared,
         admission: &admission,
         used: None,
     };
-    params.max_tokens = admission.max_tokens;
-
-    let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
-        key: admission.conversation.clone(),
-        supplied: Vec::new(),
-        message,
-        answer_tokens: admission.max_tokens,
-        context_tokens: admission.context_tokens,
-        reply,
-    })
-    .await??;
 
     let first_run = Continuation {
         prompt: prepared.clone(),
@@ -732,30 +717,16 @@ async fn in_process(
     sink: &mut ChannelSink,
     watch: &mut ChannelWatch,
 ) -> Result<(), ErrorFrame> {
-    let mut params = request.params.clone();
-    let message = request.message.clone();
-    let dir = &shared.directory;
-    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
-        client,
-        request: Box::new(request),
-        reply,
-    })
-    .await??;
+    let Prepared {
+        admission,
+        params,
+        prepared,
+    } = admit_and_assemble(shared, client, request, supplied).await?;
     let mut reservation = Reservation {
         shared,
         admission: &admission,
         used: None,
     };
-    params.max_tokens = admission.max_tokens;
-    let prepared: PreparedPrompt = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
-        key: admission.conversation.clone(),
-        supplied,
-        message,
-        answer_tokens: admission.max_tokens,
-        context_tokens: admission.context_tokens,
-        reply,
-    })
-    .await??;
     relay(
         shared,
         &admission,
@@ -781,6 +752,61 @@ async fn settle_turn(
     record_outcome(shared, placement.target, Outcome::Success);
     reservation.used = Some(generated_tokens.min(admission.max_tokens));
     record_turn(shared, admission, prepared, answer, generated_tokens).await;
+}
+
+/// An admitted request with its prompt assembled.
+struct Prepared {
+    admission: Admission,
+    params: GenParams,
+    prepared: PreparedPrompt,
+}
+
+/// The entry's first steps for any client: the Router admits the request
+/// (credential, scope, rate, budget reservation) and the MemoryKeeper
+/// assembles its prompt. A prompt that cannot be assembled hands the
+/// reservation back uncharged.
+async fn admit_and_assemble(
+    shared: &NodeShared,
+    client: NodeId,
+    request: ChatRequest,
+    supplied: Vec<(Role, String)>,
+) -> Result<Prepared, ErrorFrame> {
+    let dir = &shared.directory;
+    let mut params = request.params.clone();
+    let message = request.message.clone();
+    let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
+        client,
+        request: Box::new(request),
+        reply,
+    })
+    .await??;
+    params.max_tokens = admission.max_tokens;
+    let assembled = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
+        key: admission.conversation.clone(),
+        supplied,
+        message,
+        answer_tokens: admission.max_tokens,
+        context_tokens: admission.context_tokens,
+        reply,
+    })
+    .await
+    .and_then(|r| r);
+    match assembled {
+        Ok(prepared) => Ok(Prepared {
+            admission,
+            params,
+            prepared,
+        }),
+        Err(e) => {
+            // Dropping it settles the reservation with nothing used.
+            drop(Reservation {
+                shared,
+                admission: &admission,
+                used: Some(0),
+            });
+            Err(e)
+        }
+    }
 }
 
 /// Places a request (excluding nodes that already failed it).
