@@ -220,13 +220,6 @@ impl Cluster {
         self.inner.ready().contains_key(peer)
     }
 
-    /// Peers with a session up, in order.
-    pub fn peers(&self) -> Vec<PeerId> {
-        let mut p: Vec<PeerId> = self.inner.ready().keys().copied().collect();
-        p.sort();
-        p
-    }
-
     /// Stops the sessions of a peer whose last connection closed.
     pub fn peer_gone(&self, peer: &PeerId) {
         if let Some(r) = self.inner.ready().remove(peer) {

@@ -820,11 +820,7 @@ async fn readyz(State(st): State<Arc<Http>>) -> Response {
     }
 }
 
-/// Binds `addr` and serves until the task is aborted.
-pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
+/// Serves on `listener` until the task is aborted.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
     if let Err(e) = axum::serve(listener, router(shared)).await {
         tracing::error!(error = %e, "http server stopped");

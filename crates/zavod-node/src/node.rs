@@ -366,10 +366,13 @@ impl Node {
         }
         let http_addr = match shared.config.http.listen.clone() {
             Some(a) => {
-                let listener = crate::http::bind(&a).await.map_err(|e| NodeError::Http {
-                    addr: a.clone(),
-                    reason: e.to_string(),
-                })?;
+                let listener =
+                    tokio::net::TcpListener::bind(&a)
+                        .await
+                        .map_err(|e| NodeError::Http {
+                            addr: a.clone(),
+                            reason: e.to_string(),
+                        })?;
                 let bound = listener.local_addr().ok();
                 tasks.push(tokio::spawn(crate::http::serve(
                     listener,

@@ -400,11 +400,15 @@ async fn run_chat(
         used: None,
     };
 
-    let first_run = Continuation {
-        prompt: prepared.clone(),
-        params: params.clone(),
-    };
-    let placement = place(shared, client, &admission, &first_run, Vec::new()).await?;
+    let placement = place(
+        shared,
+        client,
+        &admission,
+        &prepared.turns,
+        &params,
+        Vec::new(),
+    )
+    .await?;
     let accepted = |p: &Placement| {
         ServerFrame::Accepted(Box::new(Accepted {
             request: p.grant.body.request,
@@ -428,6 +432,7 @@ async fn run_chat(
             &prepared,
             &placement,
             job,
+            &Partial::default(),
             &mut WriterSink { writer, wt },
             &mut ReaderWatch::new(reader),
             &mut reservation,
@@ -530,16 +535,16 @@ async fn run_chat(
                     record_outcome(shared, placement.target, Outcome::Failure);
                     failed.push(placement.target);
                     so_far = Partial { answer, tokens, ids };
-                    let cont = so_far.continuation(&prepared, &params, admission.max_tokens);
-                    let next = place(shared, client, &admission, &cont, failed.clone()).await?;
+                    let rest = so_far.resume_params(&params, admission.max_tokens);
+                    let next = place(shared, client, &admission, &prepared.turns, &rest, failed.clone()).await?;
                     if writer.send(&accepted(&next), wt).await.is_err() {
                         return Ok(());
                     }
                     if next.target == me {
                         // This node has the model: it finishes the answer.
-                        let job = run_local(shared, &next, None, client, &cont.prompt.turns, &cont.params).await?;
+                        let job = run_local(shared, &next, None, client, &prepared.turns, &rest).await?;
                         let mut sink = OffsetSink { inner: WriterSink { writer, wt }, base: so_far.tokens };
-                        return finish_local_resumed(
+                        return finish_local(
                             shared,
                             &admission,
                             &prepared,
@@ -554,7 +559,7 @@ async fn run_chat(
                     }
                     report_rx = expect(next.grant.body.request);
                     report_open = true;
-                    if writer.send(&redirect(&next, &cont.prompt.turns, &cont.params), wt).await.is_err() {
+                    if writer.send(&redirect(&next, &prepared.turns, &rest), wt).await.is_err() {
                         return Ok(());
                     }
                     placement = next;
@@ -600,26 +605,14 @@ struct Partial {
     ids: Vec<i32>,
 }
 
-/// A request that continues a partial answer.
-struct Continuation {
-    prompt: PreparedPrompt,
-    params: GenParams,
-}
-
 impl Partial {
-    fn continuation(
-        &self,
-        prepared: &PreparedPrompt,
-        params: &GenParams,
-        max_tokens: u32,
-    ) -> Continuation {
+    /// Parameters for the rest of the answer: the same prompt, continued
+    /// after the tokens already streamed, within what is left of the budget.
+    fn resume_params(&self, params: &GenParams, max_tokens: u32) -> GenParams {
         let mut params = params.clone();
         params.resume_tokens = self.ids.clone();
         params.max_tokens = max_tokens.saturating_sub(self.tokens).max(1);
-        Continuation {
-            prompt: prepared.clone(),
-            params,
-        }
+        params
     }
 }
 
@@ -652,10 +645,42 @@ impl<S: Sink> Sink for OffsetSink<S> {
     }
 }
 
-/// Like [`finish_local`], for a job that continues `so_far`: the turn is
-/// recorded whole and the usage counts both parts.
+/// An answer that ended well: who generated its last part, what came
+/// before it from failed nodes, and that part's text and token count.
+struct Finished<'a> {
+    target: NodeId,
+    so_far: &'a Partial,
+    answer: &'a str,
+    generated: u32,
+}
+
+/// Books a finished answer (breaker, usage, the turn, whole) and tells the
+/// client it is done.
+async fn complete(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    f: Finished<'_>,
+    mut done: DoneInfo,
+    reservation: &mut Reservation<'_>,
+    sink: &mut impl Sink,
+) {
+    record_outcome(shared, f.target, Outcome::Success);
+    let tokens = f.so_far.tokens + f.generated;
+    reservation.used = Some(tokens);
+    if done.stop != StopReason::Cancelled {
+        let whole = format!("{}{}", f.so_far.answer, f.answer);
+        record_turn(shared, admission, prepared, &whole, tokens).await;
+    }
+    done.generated_tokens = tokens;
+    let _ = sink.send(&ServerFrame::Done(done)).await;
+}
+
+/// Streams a job this node runs to the end and records the turn. `so_far`
+/// is what failed nodes streamed before it (empty for a fresh answer): the
+/// turn is recorded whole and the usage counts both parts.
 #[allow(clippy::too_many_arguments)]
-async fn finish_local_resumed(
+async fn finish_local(
     shared: &NodeShared,
     admission: &Admission,
     prepared: &PreparedPrompt,
@@ -667,15 +692,23 @@ async fn finish_local_resumed(
     reservation: &mut Reservation<'_>,
 ) -> Result<(), ErrorFrame> {
     match stream_job(shared, job, sink, watch).await {
-        Ok(Some(Streamed { answer, mut done })) => {
-            record_outcome(shared, placement.target, Outcome::Success);
-            done.generated_tokens += so_far.tokens;
-            reservation.used = Some(done.generated_tokens);
-            if done.stop != StopReason::Cancelled {
-                let whole = format!("{}{answer}", so_far.answer);
-                record_turn(shared, admission, prepared, &whole, done.generated_tokens).await;
-            }
-            let _ = sink.send(&ServerFrame::Done(done)).await;
+        Ok(Some(Streamed { answer, done })) => {
+            let finished = Finished {
+                target: placement.target,
+                so_far,
+                answer: &answer,
+                generated: done.generated_tokens,
+            };
+            complete(
+                shared,
+                admission,
+                prepared,
+                finished,
+                done,
+                reservation,
+                sink,
+            )
+            .await;
             Ok(())
         }
         Ok(None) => Ok(()),
@@ -814,14 +847,15 @@ async fn place(
     shared: &NodeShared,
     client: NodeId,
     admission: &Admission,
-    run: &Continuation,
+    turns: &[Turn],
+    params: &GenParams,
     exclude: Vec<NodeId>,
 ) -> Result<Placement, ErrorFrame> {
     call(shared.directory.get().router, "the router", |reply| {
         RouterMsg::Place {
             client,
             model: admission.model.clone(),
-            prompt_hash: run_hash(&run.prompt.turns, &run.params.resume_tokens),
+            prompt_hash: run_hash(turns, &params.resume_tokens),
             max_tokens: admission.max_tokens,
             exclude,
             reply,
@@ -860,35 +894,6 @@ async fn run_local(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn finish_local(
-    shared: &NodeShared,
-    admission: &Admission,
-    prepared: &PreparedPrompt,
-    placement: &Placement,
-    job: JobStream,
-    sink: &mut impl Sink,
-    watch: &mut impl Watch,
-    reservation: &mut Reservation<'_>,
-) -> Result<(), ErrorFrame> {
-    match stream_job(shared, job, sink, watch).await {
-        Ok(Some(Streamed { answer, done })) => {
-            record_outcome(shared, placement.target, Outcome::Success);
-            reservation.used = Some(done.generated_tokens);
-            if done.stop != StopReason::Cancelled {
-                record_turn(shared, admission, prepared, &answer, done.generated_tokens).await;
-            }
-            let _ = sink.send(&ServerFrame::Done(done)).await;
-            Ok(())
-        }
-        Ok(None) => Ok(()),
-        Err(e) => {
-            record_outcome(shared, placement.target, Outcome::Failure);
-            Err(e)
-        }
-    }
-}
-
 /// Fetches the answer on the client's behalf, trying up to
 /// [`RELAY_ATTEMPTS`] targets while none has produced a token yet.
 #[allow(clippy::too_many_arguments)]
@@ -908,22 +913,17 @@ async fn relay(
     // continues from there.
     let mut so_far = Partial::default();
     for _ in 0..RELAY_ATTEMPTS {
-        let cont = if so_far.tokens == 0 {
-            Continuation {
-                prompt: prepared.clone(),
-                params: params.clone(),
-            }
-        } else {
-            so_far.continuation(prepared, params, admission.max_tokens)
-        };
+        // The same as `params` until a target fails mid-answer.
+        let run = so_far.resume_params(params, admission.max_tokens);
         // A fresh grant bound to this node, which now acts as the client.
         // The client's unreachable target stays eligible: this node may
         // well reach it.
-        let placement = match place(shared, me, admission, &cont, failed.clone()).await {
-            Ok(p) => p,
-            Err(e) if failed.is_empty() => return Err(e),
-            Err(_) => return Err(last_err),
-        };
+        let placement =
+            match place(shared, me, admission, &prepared.turns, &run, failed.clone()).await {
+                Ok(p) => p,
+                Err(e) if failed.is_empty() => return Err(e),
+                Err(_) => return Err(last_err),
+            };
         let target = placement.target;
         // Tell the client which node really answers now.
         let now_serving = ServerFrame::Accepted(Box::new(Accepted {
@@ -942,16 +942,8 @@ async fn relay(
             base: so_far.tokens,
         };
         if target == me {
-            let job = run_local(
-                shared,
-                &placement,
-                None,
-                me,
-                &cont.prompt.turns,
-                &cont.params,
-            )
-            .await?;
-            return finish_local_resumed(
+            let job = run_local(shared, &placement, None, me, &prepared.turns, &run).await?;
+            return finish_local(
                 shared,
                 admission,
                 prepared,
@@ -967,8 +959,8 @@ async fn relay(
         match fetch_remote(
             shared,
             &placement,
-            &cont.prompt.turns,
-            &cont.params,
+            &prepared.turns,
+            &run,
             &mut shifted,
             watch,
         )
@@ -976,18 +968,25 @@ async fn relay(
         {
             Ok(Fetched::Done {
                 answer,
-                mut done,
+                done,
                 receipt_tokens,
             }) => {
-                record_outcome(shared, target, Outcome::Success);
-                let tokens = so_far.tokens + receipt_tokens;
-                reservation.used = Some(tokens);
-                if done.stop != StopReason::Cancelled {
-                    let whole = format!("{}{answer}", so_far.answer);
-                    record_turn(shared, admission, prepared, &whole, tokens).await;
-                }
-                done.generated_tokens = tokens;
-                let _ = sink.send(&ServerFrame::Done(*done)).await;
+                let finished = Finished {
+                    target,
+                    so_far: &so_far,
+                    answer: &answer,
+                    generated: receipt_tokens,
+                };
+                complete(
+                    shared,
+                    admission,
+                    prepared,
+                    finished,
+                    *done,
+                    reservation,
+                    sink,
+                )
+                .await;
                 return Ok(());
             }
             Ok(Fetched::ClientGone) => return Ok(()),
@@ -1084,7 +1083,7 @@ async fn fetch_remote(
     let mut answer = String::new();
     let mut ids = Vec::new();
     let mut sent = 0u32;
-    loop {
+    let error = loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(stall, tr.recv::<ServerFrame>()) => f,
             // Dropping the target's stream cancels the run there.
@@ -1108,7 +1107,7 @@ async fn fetch_remote(
                     r.verify(&placement.target, placement.grant.body.request, &answer)
                         .map(|b| b.generated_tokens)
                 });
-                let error = match receipt {
+                match receipt {
                     Some(Ok(receipt_tokens)) => {
                         return Ok(Fetched::Done {
                             answer,
@@ -1117,57 +1116,32 @@ async fn fetch_remote(
                         });
                     }
                     Some(Err(e)) => {
-                        error_frame(ErrorCode::Internal, format!("target receipt: {e}"))
+                        break error_frame(ErrorCode::Internal, format!("target receipt: {e}"));
                     }
-                    None => error_frame(ErrorCode::Internal, "target sent no receipt"),
-                };
-                return Err(Failed {
-                    error,
-                    tokens: sent,
-                    answer,
-                    ids,
-                });
+                    None => break error_frame(ErrorCode::Internal, "target sent no receipt"),
+                }
             }
-            Ok(Ok(Some(ServerFrame::Error(error)))) => {
-                return Err(Failed {
-                    error,
-                    tokens: sent,
-                    answer,
-                    ids,
-                });
-            }
+            Ok(Ok(Some(ServerFrame::Error(error)))) => break error,
             Ok(Ok(Some(_))) => {
-                let error = error_frame(ErrorCode::Internal, "target broke the protocol");
-                return Err(Failed {
-                    error,
-                    tokens: sent,
-                    answer,
-                    ids,
-                });
+                break error_frame(ErrorCode::Internal, "target broke the protocol");
             }
             Ok(Ok(None)) | Ok(Err(_)) => {
-                let error = error_frame(ErrorCode::Internal, "the target dropped the stream");
-                return Err(Failed {
-                    error,
-                    tokens: sent,
-                    answer,
-                    ids,
-                });
+                break error_frame(ErrorCode::Internal, "the target dropped the stream");
             }
             Err(_) => {
-                let error = error_frame(
+                break error_frame(
                     ErrorCode::Timeout,
                     format!("target silent for {} ms", stall.as_millis()),
                 );
-                return Err(Failed {
-                    error,
-                    tokens: sent,
-                    answer,
-                    ids,
-                });
             }
         }
-    }
+    };
+    Err(Failed {
+        error,
+        tokens: sent,
+        answer,
+        ids,
+    })
 }
 
 async fn serve_run(
