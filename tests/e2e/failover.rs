@@ -3,6 +3,7 @@
 //! text it prints is whole, at temperature 0 the same as undisturbed.
 
 use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,12 +23,12 @@ const ASK: [&str; 8] = [
     "--seed",
 ];
 
-#[test]
-fn a_chat_survives_its_serving_node_killed_mid_answer() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let d = |n: &str| root.path().join(n);
+/// Entry A (no model, started with `entry_args`) and members B and C with
+/// the model, both alive in A's view.
+fn entry_and_two_model_nodes(root: &Path, entry_args: &[&str]) -> (NodeProc, Vec<NodeProc>) {
+    let d = |n: &str| root.join(n);
     let model = model_path().to_str().expect("utf8").to_string();
-    let a = NodeProc::start(&d("a"), &[]);
+    let a = NodeProc::start(&d("a"), entry_args);
     let token = invite(&d("a"));
     let model_node = |name: &str| {
         NodeProc::start(
@@ -35,7 +36,7 @@ fn a_chat_survives_its_serving_node_killed_mid_answer() {
             &["--join", &token, "--model", &model, "--threads", "1"],
         )
     };
-    let mut nodes = vec![model_node("b"), model_node("c")];
+    let nodes = vec![model_node("b"), model_node("c")];
     assert!(
         wait_until(Duration::from_secs(10), || {
             let s = status_json(&d("a"), &a.addr);
@@ -46,6 +47,14 @@ fn a_chat_survives_its_serving_node_killed_mid_answer() {
         .is_some(),
         "B and C never both alive in A's view"
     );
+    (a, nodes)
+}
+
+#[test]
+fn a_chat_survives_its_serving_node_killed_mid_answer() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let (a, mut nodes) = entry_and_two_model_nodes(root.path(), &[]);
     let mut args: Vec<&str> = ASK.to_vec();
     args.push("7");
 
@@ -155,26 +164,7 @@ fn an_http_stream_survives_its_serving_node_killed_mid_answer() {
     use futures::StreamExt;
     let root = tempfile::tempdir().expect("tempdir");
     let d = |n: &str| root.path().join(n);
-    let model = model_path().to_str().expect("utf8").to_string();
-    let a = NodeProc::start(&d("a"), &["--http", "127.0.0.1:0"]);
-    let token = invite(&d("a"));
-    let model_node = |name: &str| {
-        NodeProc::start(
-            &d(name),
-            &["--join", &token, "--model", &model, "--threads", "1"],
-        )
-    };
-    let mut nodes = vec![model_node("b"), model_node("c")];
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let s = status_json(&d("a"), &a.addr);
-            nodes
-                .iter()
-                .all(|n| member_state(&s, &n.peer_id).as_deref() == Some("alive"))
-        })
-        .is_some(),
-        "B and C never both alive in A's view"
-    );
+    let (a, mut nodes) = entry_and_two_model_nodes(root.path(), &["--http", "127.0.0.1:0"]);
     let cap = zavod_tests::cap_issue(
         &d("a"),
         &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],

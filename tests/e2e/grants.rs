@@ -4,41 +4,17 @@
 use std::time::Duration;
 use zavod_net::FrameStream;
 use zavod_node::client::ChatClient;
-use zavod_node::datadir::ClientIdentity;
-use zavod_proto::wire::{ChatRequest, ClientFrame, GenParams, Redirect, RunRequest, ServerFrame};
-use zavod_tests::{NodeProc, invite, member_state, model_path, status_json, wait_until};
+use zavod_proto::wire::{Redirect, RunRequest, ServerFrame};
+use zavod_tests::{
+    NodeProc, ask_for_redirect, chat_client, invite, member_state, model_path, status_json,
+    wait_until,
+};
 
 const T: Duration = Duration::from_secs(20);
 
-/// Sends a chat to the entry and returns the redirect it answers with.
+/// Asks the entry for a redirect for a short greeting.
 async fn redirect(client: &ChatClient) -> (Redirect, FrameStream) {
-    let mut s = client
-        .net()
-        .open_chat(client.peer())
-        .await
-        .expect("open chat");
-    let req = ChatRequest {
-        credential: client.identity().credential.clone(),
-        model: None,
-        conversation: None,
-        message: "Hello there".into(),
-        params: GenParams {
-            temperature: 0.0,
-            max_tokens: 4,
-            ..Default::default()
-        },
-        show_prompt: false,
-    };
-    s.send(&ClientFrame::Chat(Box::new(req)))
-        .await
-        .expect("send");
-    loop {
-        match s.recv::<ServerFrame>(T).await.expect("frame") {
-            Some(ServerFrame::Accepted(_)) => {}
-            Some(ServerFrame::Redirect(r)) => return (*r, s),
-            other => panic!("expected a redirect, got {other:?}"),
-        }
-    }
+    ask_for_redirect(client, "Hello there", None, 4).await
 }
 
 /// Presents a run request to `peer_addr`; Ok(tokens) or Err(error message).
@@ -103,13 +79,7 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let client = ChatClient::connect(
-            ClientIdentity::load(&d("a"), None).expect("identity"),
-            a.addr.parse().expect("addr"),
-            Default::default(),
-        )
-        .await
-        .expect("connect");
+        let client = chat_client(&d("a"), &a.addr).await;
         let net = client.net();
         let target = |r: &Redirect| zavod_net::peer_id_of(&r.target).expect("peer").to_string();
 

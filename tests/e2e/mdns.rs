@@ -4,7 +4,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use zavod_tests::{NodeProc, invite, member_state, stderr, wait_until, zavod_in};
+use zavod_tests::{NodeProc, invite, member_state, status_json_in, wait_until};
 
 /// Two namespaces and a veth pair between them; removed on drop.
 struct Lan {
@@ -49,13 +49,7 @@ impl Drop for Lan {
 }
 
 fn status_in(ns: &str, dir: &std::path::Path, addr: &str) -> serde_json::Value {
-    let out = zavod_in(Some(ns))
-        .args(["status", "--json", "--peer", addr, "--data-dir"])
-        .arg(dir)
-        .output()
-        .expect("run zavod status");
-    assert!(out.status.success(), "status failed: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    status_json_in(Some(ns), dir, addr)
 }
 
 #[test]

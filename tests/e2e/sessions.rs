@@ -3,12 +3,11 @@
 //! client never comes back with the receipt.
 
 use std::time::Duration;
-use zavod_node::client::ChatClient;
-use zavod_node::datadir::ClientIdentity;
 use zavod_proto::ids::ConversationId;
-use zavod_proto::wire::{ChatRequest, ClientFrame, GenParams, ServerFrame};
+use zavod_proto::wire::ServerFrame;
 use zavod_tests::{
-    NodeProc, chat, invite, member_state, model_path, status_json, stderr, wait_until,
+    NodeProc, ask_for_redirect, chat, chat_client, invite, member_state, model_path, status_json,
+    stderr, wait_until,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -31,38 +30,11 @@ fn the_entry_keeps_a_turn_the_client_never_reported() {
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let answer = rt.block_on(async {
-        let client = ChatClient::connect(
-            ClientIdentity::load(&d("a"), None).expect("identity"),
-            a.addr.parse().expect("addr"),
-            Default::default(),
-        )
-        .await
-        .expect("connect");
+        let client = chat_client(&d("a"), &a.addr).await;
         let net = client.net();
-        let mut entry = net.open_chat(client.peer()).await.expect("open chat");
-        let req = ChatRequest {
-            credential: client.identity().credential.clone(),
-            model: None,
-            conversation: Some(ConversationId::parse("unreported").expect("id")),
-            message: "My name is Zorblax.".into(),
-            params: GenParams {
-                temperature: 0.0,
-                max_tokens: 6,
-                ..Default::default()
-            },
-            show_prompt: false,
-        };
-        entry
-            .send(&ClientFrame::Chat(Box::new(req)))
-            .await
-            .expect("send");
-        let redirect = loop {
-            match entry.recv::<ServerFrame>(T).await.expect("frame") {
-                Some(ServerFrame::Accepted(_)) => {}
-                Some(ServerFrame::Redirect(r)) => break *r,
-                other => panic!("expected a redirect, got {other:?}"),
-            }
-        };
+        let conversation = Some(ConversationId::parse("unreported").expect("id"));
+        let (redirect, entry) =
+            ask_for_redirect(&client, "My name is Zorblax.", conversation, 6).await;
         assert_eq!(
             zavod_net::peer_id_of(&redirect.target)
                 .expect("peer")

@@ -244,7 +244,12 @@ pub fn invite(dir: &Path) -> String {
 
 /// `zavod status --json` against `addr`, with the credential in `dir`.
 pub fn status_json(dir: &Path, addr: &str) -> serde_json::Value {
-    let out = zavod()
+    status_json_in(None, dir, addr)
+}
+
+/// [`status_json`] run inside network namespace `netns`, when given.
+pub fn status_json_in(netns: Option<&str>, dir: &Path, addr: &str) -> serde_json::Value {
+    let out = zavod_in(netns)
         .args(["status", "--json", "--peer", addr, "--data-dir"])
         .arg(dir)
         .output()
@@ -294,4 +299,58 @@ pub fn cap_issue(dir: &Path, extra: &[&str]) -> String {
         .expect("run zavod cap issue");
     assert!(o.status.success(), "cap issue: {}", stderr(&o));
     stdout(&o).trim().to_string()
+}
+
+/// A client with the identity in `dir`, connected to the node at `addr`
+/// (for tests that play the client's part by hand).
+pub async fn chat_client(dir: &Path, addr: &str) -> zavod_node::client::ChatClient {
+    zavod_node::client::ChatClient::connect(
+        zavod_node::datadir::ClientIdentity::load(dir, None).expect("identity"),
+        addr.parse().expect("addr"),
+        Default::default(),
+    )
+    .await
+    .expect("connect")
+}
+
+/// Sends a chat to the client's entry at temperature 0 and returns the
+/// redirect it answers with, and the entry stream (still open).
+pub async fn ask_for_redirect(
+    client: &zavod_node::client::ChatClient,
+    message: &str,
+    conversation: Option<zavod_proto::ids::ConversationId>,
+    max_tokens: u32,
+) -> (zavod_proto::wire::Redirect, zavod_net::FrameStream) {
+    use zavod_proto::wire::{ChatRequest, ClientFrame, GenParams, ServerFrame};
+    let mut s = client
+        .net()
+        .open_chat(client.peer())
+        .await
+        .expect("open chat");
+    let req = ChatRequest {
+        credential: client.identity().credential.clone(),
+        model: None,
+        conversation,
+        message: message.into(),
+        params: GenParams {
+            temperature: 0.0,
+            max_tokens,
+            ..Default::default()
+        },
+        show_prompt: false,
+    };
+    s.send(&ClientFrame::Chat(Box::new(req)))
+        .await
+        .expect("send");
+    loop {
+        match s
+            .recv::<ServerFrame>(Duration::from_secs(30))
+            .await
+            .expect("frame")
+        {
+            Some(ServerFrame::Accepted(_)) => {}
+            Some(ServerFrame::Redirect(r)) => return (*r, s),
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+    }
 }
