@@ -279,6 +279,19 @@ enum Ev {
 }
 
 impl Ev {
+    /// Whether the event belongs to a request or a pending check, so the
+    /// run must not end before it.
+    fn is_work(&self) -> bool {
+        matches!(
+            self,
+            Ev::Run { .. }
+                | Ev::Step { .. }
+                | Ev::Token { .. }
+                | Ev::StallCheck { .. }
+                | Ev::CheckAgreement
+        )
+    }
+
     fn tag(&self) -> u8 {
         match self {
             Ev::Gossip(_) => 1,
@@ -302,6 +315,8 @@ pub struct Sim {
     now: u64,
     seq: u64,
     queue: BTreeMap<(u64, u64), Ev>,
+    /// Events in `queue` for which [`Ev::is_work`] holds.
+    pending_work: u64,
     nodes: Vec<Node>,
     authorities: BTreeSet<NodeId>,
     requests: Vec<Request>,
@@ -378,6 +393,7 @@ impl Sim {
             now: 0,
             seq: 0,
             queue: BTreeMap::new(),
+            pending_work: 0,
             nodes,
             authorities,
             requests: Vec::new(),
@@ -408,6 +424,7 @@ impl Sim {
 
     fn at(&mut self, t: u64, ev: Ev) {
         self.seq += 1;
+        self.pending_work += u64::from(ev.is_work());
         self.queue.insert((t.max(self.now), self.seq), ev);
     }
 
@@ -468,16 +485,25 @@ impl Sim {
 
     pub fn run(mut self) -> Report {
         let end = self.sc.duration_ms + self.sc.drain_ms;
+        self.now = end;
         while let Some(((t, _), ev)) = self.queue.pop_first() {
             if t > end {
+                self.now = end;
                 break;
             }
             self.now = t;
             self.events += 1;
+            self.pending_work -= u64::from(ev.is_work());
             self.trace(&ev);
             self.step(ev);
+            // Once arrivals have stopped and nothing is left that a request
+            // or a check waits on, only gossip would follow: stop. A
+            // request not ended by then never would be, and `finish` says
+            // so.
+            if self.now >= self.sc.duration_ms && self.pending_work == 0 {
+                break;
+            }
         }
-        self.now = end;
         self.finish()
     }
 

@@ -8,8 +8,10 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
-use zavod_sim::{Scenario, run};
+use zavod_sim::{Report, Scenario, run};
 
 #[derive(Debug, Parser)]
 #[command(name = "zavod-sim", about = "Deterministic simulation of a zavod mesh")]
@@ -30,6 +32,39 @@ struct Args {
     /// Skip the second, determinism-checking pass.
     #[arg(long)]
     once: bool,
+    /// Seeds run at once on this many threads (default: the CPUs there
+    /// are). Each seed is its own simulation, so results do not depend on
+    /// it; output is in seed order.
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+}
+
+/// Runs `run` on every seed over `jobs` threads and returns the results in
+/// seed order.
+fn run_all(sc: &Scenario, seeds: &[u64], jobs: usize) -> Vec<Report> {
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<Report>>> = Mutex::new((0..seeds.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, seeds.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&seed) = seeds.get(i) else { break };
+                    let r = run(sc, seed);
+                    // A poisoned lock means another seed panicked; its
+                    // panic is what the scope reports.
+                    if let Ok(mut d) = done.lock() {
+                        d[i] = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    done.into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn main() -> Result<()> {
@@ -53,12 +88,16 @@ fn main() -> Result<()> {
         (None, Some(n)) => (0..n).collect(),
         (None, None) => (0..1).collect(),
     };
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let started = Instant::now();
     let mut failed = 0usize;
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
     let mut hashes = Vec::with_capacity(seeds.len());
-    for &seed in &seeds {
-        let r = run(&sc, seed);
+    let reports = run_all(&sc, &seeds, jobs);
+    anyhow::ensure!(reports.len() == seeds.len(), "a seed's run did not finish");
+    for (&seed, r) in seeds.iter().zip(reports) {
         if args.seed.is_some() {
             println!(
                 "seed {seed}: trace {} ({} events; {} requests: {} completed, {} failed with an error, {} failovers; spread max {:.2} mean {:.2}; gossip {:.0} B/s per node)",
@@ -93,8 +132,10 @@ fn main() -> Result<()> {
     let wall = started.elapsed();
     if !args.once {
         // Determinism: the same seeds again give the same traces.
-        for (&seed, h) in seeds.iter().zip(&hashes) {
-            let again = run(&sc, seed).trace_hash;
+        let again = run_all(&sc, &seeds, jobs);
+        anyhow::ensure!(again.len() == seeds.len(), "a seed's run did not finish");
+        for ((&seed, h), again) in seeds.iter().zip(&hashes).zip(again) {
+            let again = again.trace_hash;
             if &again != h {
                 failed += 1;
                 eprintln!("seed {seed} is not deterministic: {h} then {again}");

@@ -17,7 +17,15 @@ use crate::capacity::CapacityReport;
 use crate::ids::NodeId;
 use crate::score::Candidate;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
+
+/// A map keyed by node id for lookups only: never iterated where order
+/// could leak out, and hashed with fixed keys so nothing random enters.
+/// (Every gossip message costs a lookup here; in a 1,000-node mesh a hash
+/// probe is several times cheaper than walking a B-tree of 32-byte keys.)
+type IdMap<V> = HashMap<NodeId, V, BuildHasherDefault<DefaultHasher>>;
 
 /// What a node gossips about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,11 +36,13 @@ pub struct Announcement {
     pub addrs: Vec<String>,
 }
 
-/// An announcement whose signatures and membership checked out.
+/// An announcement whose signatures and membership checked out. The report
+/// and addresses are shared, not copied, by every view that takes it in
+/// (one per process in a node; a thousand in the simulator).
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedAnnouncement {
-    pub report: CapacityReport,
-    pub addrs: Vec<String>,
+    pub report: Arc<CapacityReport>,
+    pub addrs: Arc<[String]>,
     pub membership_expires_ms: UnixMs,
 }
 
@@ -52,7 +62,7 @@ impl Announcement {
         if cert.member != report.node {
             return Err(ViewError::CertificateMismatch);
         }
-        let addrs = self
+        let addrs: Arc<[String]> = self
             .addrs
             .iter()
             .filter(|s| s.len() <= MAX_ADDR_BYTES)
@@ -60,7 +70,7 @@ impl Announcement {
             .cloned()
             .collect();
         Ok(VerifiedAnnouncement {
-            report: report.clone(),
+            report: Arc::new(report.clone()),
             addrs,
             membership_expires_ms: cert.expires_at_ms,
         })
@@ -111,11 +121,15 @@ impl Liveness {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
-    pub report: CapacityReport,
-    pub addrs: Vec<String>,
+    /// The member's last report, as it signed it.
+    pub report: Arc<CapacityReport>,
+    pub addrs: Arc<[String]>,
     pub heard_at_ms: UnixMs,
     pub membership_expires_ms: UnixMs,
     pub rtt_ms: Option<f64>,
+    /// Requests this view placed on the member since its last report;
+    /// routing counts them against its free slots.
+    pub placed_since_report: u32,
 }
 
 impl Member {
@@ -178,12 +192,14 @@ struct Row {
 
 impl Row {
     fn of(m: &Member) -> Self {
+        let placed = m.placed_since_report;
+        let taken = placed.min(m.report.slots_free);
         Row {
             node: m.report.node,
             mem_free_bytes: m.report.mem_free_bytes,
-            slots_free: m.report.slots_free,
+            slots_free: m.report.slots_free - taken,
             slots_total: m.report.slots_total,
-            queue_depth: m.report.queue_depth,
+            queue_depth: m.report.queue_depth.saturating_add(placed - taken),
             tokens_per_s: f64::from(m.report.tokens_per_s),
             rtt_ms: m.rtt_ms,
             heard_at_ms: m.heard_at_ms,
@@ -209,7 +225,7 @@ impl From<&Row> for Candidate {
 /// Members serving one model; `pos` indexes `rows` by node.
 #[derive(Debug, Clone, Default)]
 struct Table {
-    pos: BTreeMap<NodeId, usize>,
+    pos: IdMap<usize>,
     rows: Vec<Row>,
 }
 
@@ -238,7 +254,9 @@ impl Table {
 pub struct MeshView {
     pub config: ViewConfig,
     authorities: BTreeSet<NodeId>,
-    members: BTreeMap<NodeId, Member>,
+    members: IdMap<Member>,
+    /// The keys of `members`, for iterating in node-id order.
+    order: BTreeSet<NodeId>,
     /// Routing tables by model name, kept in step with `members`.
     tables: BTreeMap<String, Table>,
     pub dropped: Dropped,
@@ -249,7 +267,8 @@ impl MeshView {
         MeshView {
             config,
             authorities,
-            members: BTreeMap::new(),
+            members: IdMap::default(),
+            order: BTreeSet::new(),
             tables: BTreeMap::new(),
             dropped: Dropped::default(),
         }
@@ -312,28 +331,24 @@ impl MeshView {
             addrs,
             membership_expires_ms,
         } = v;
-        let member = Member {
-            report: report.clone(),
-            addrs,
-            heard_at_ms: now_ms,
-            membership_expires_ms,
-            rtt_ms: None,
-        };
         let node = report.node;
         let outcome = match self.members.get_mut(&node) {
             Some(m) if m.report.seq >= report.seq => return Ok(Accepted::Stale),
             Some(m) => {
-                let rtt = m.rtt_ms;
-                let old = std::mem::replace(m, member);
-                m.rtt_ms = rtt;
-                for o in &old.report.models {
+                let old = std::mem::replace(&mut m.report, report);
+                m.addrs = addrs;
+                m.heard_at_ms = now_ms;
+                m.membership_expires_ms = membership_expires_ms;
+                m.placed_since_report = 0;
+                for o in &old.models {
                     if !m.report.serves(&o.name)
                         && let Some(t) = self.tables.get_mut(&o.name)
                     {
                         t.remove(&node);
                     }
                 }
-                Accepted::Updated
+                refresh_rows(&mut self.tables, m);
+                return Ok(Accepted::Updated);
             }
             None => {
                 if self.members.len() >= self.config.max_members {
@@ -342,25 +357,20 @@ impl MeshView {
                         return Err(ViewError::Full);
                     }
                 }
-                self.members.insert(node, member);
                 Accepted::New
             }
         };
-        self.refresh_rows(&node);
+        self.order.insert(node);
+        let m = self.members.entry(node).or_insert(Member {
+            report,
+            addrs,
+            heard_at_ms: now_ms,
+            membership_expires_ms,
+            rtt_ms: None,
+            placed_since_report: 0,
+        });
+        refresh_rows(&mut self.tables, m);
         Ok(outcome)
-    }
-
-    /// Copies a member's routing figures into the tables of its models.
-    fn refresh_rows(&mut self, node: &NodeId) {
-        if let Some(m) = self.members.get(node) {
-            let row = Row::of(m);
-            for o in &m.report.models {
-                self.tables
-                    .entry(o.name.clone())
-                    .or_default()
-                    .upsert(row.clone());
-            }
-        }
     }
 
     /// Counts a request this node just placed on `node` against its free
@@ -368,12 +378,8 @@ impl MeshView {
     /// an entry does not send a burst to the same node on stale figures.
     pub fn note_placement(&mut self, node: &NodeId) {
         if let Some(m) = self.members.get_mut(node) {
-            if m.report.slots_free > 0 {
-                m.report.slots_free -= 1;
-            } else {
-                m.report.queue_depth = m.report.queue_depth.saturating_add(1);
-            }
-            self.refresh_rows(node);
+            m.placed_since_report = m.placed_since_report.saturating_add(1);
+            refresh_rows(&mut self.tables, m);
         }
     }
 
@@ -386,7 +392,7 @@ impl MeshView {
                 Some(old) => 0.8 * old + 0.2 * rtt_ms,
                 None => rtt_ms,
             });
-            self.refresh_rows(node);
+            refresh_rows(&mut self.tables, m);
         }
     }
 
@@ -394,12 +400,12 @@ impl MeshView {
     pub fn forget(&mut self, now_ms: UnixMs) {
         let horizon = self.config.gone_after_ms + self.config.forget_after_ms;
         let stale: Vec<NodeId> = self
-            .members
-            .iter()
+            .members()
             .filter(|(_, m)| now_ms.saturating_sub(m.heard_at_ms) >= horizon)
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
+            self.order.remove(&id);
             if let Some(m) = self.members.remove(&id) {
                 for o in &m.report.models {
                     if let Some(t) = self.tables.get_mut(&o.name) {
@@ -423,7 +429,9 @@ impl MeshView {
 
     /// Every member in node-id order.
     pub fn members(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
-        self.members.iter()
+        self.order
+            .iter()
+            .filter_map(|id| self.members.get(id).map(|m| (id, m)))
     }
 
     pub fn len(&self) -> usize {
@@ -437,8 +445,8 @@ impl MeshView {
     /// Every alive member, whatever it serves, as a scoring candidate (for
     /// showing scores; routing uses [`MeshView::candidates`]).
     pub fn alive_candidates(&self, me: &NodeId, now_ms: UnixMs) -> Vec<Candidate> {
-        self.members
-            .values()
+        self.members()
+            .map(|(_, m)| m)
             .filter(|m| m.liveness(&self.config, now_ms) == Liveness::Alive)
             .map(|m| {
                 let mut c = Candidate::from(&Row::of(m));
@@ -475,6 +483,22 @@ impl MeshView {
                 }),
         );
         out
+    }
+}
+
+/// Copies a member's routing figures into the tables of its models. A free
+/// function so it can borrow the tables beside a member of the map.
+fn refresh_rows(tables: &mut BTreeMap<String, Table>, m: &Member) {
+    let row = Row::of(m);
+    for o in &m.report.models {
+        match tables.get_mut(&o.name) {
+            Some(t) => t.upsert(row.clone()),
+            None => {
+                let mut t = Table::default();
+                t.upsert(row.clone());
+                tables.insert(o.name.clone(), t);
+            }
+        }
     }
 }
 

@@ -475,7 +475,7 @@ impl RouterState {
         } else {
             self.view
                 .get(&chosen.node)
-                .map(|m| m.addrs.clone())
+                .map(|m| m.addrs.to_vec())
                 .unwrap_or_default()
         };
         let grant = mint_grant(
@@ -518,7 +518,7 @@ impl RouterState {
             .map(|(id, m)| StatusRow {
                 node: *id,
                 is_self: *id == me,
-                addrs: m.addrs.clone(),
+                addrs: m.addrs.to_vec(),
                 models: m.report.models.clone(),
                 on_gpu: m.report.on_gpu,
                 mem_free_bytes: m.report.mem_free_bytes,
