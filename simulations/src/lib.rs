@@ -7,10 +7,16 @@
 //! They run over a simulated network (seeded latency and jitter, so
 //! reordering; loss; duplication; partitions; crashes and restarts; slow
 //! nodes) with a cost-model engine (a prefill delay, then one token per
-//! `1/tokens_per_s`) and a virtual clock. Clients fail over as the real
-//! client does: a target silent for `stall_ms` is replaced through an
-//! entry, which records the failure in its breaker and places the rest of
-//! the answer elsewhere, continuing from the tokens already received.
+//! `1/tokens_per_s`) and a virtual clock. Failover runs the real node's
+//! machines from `zavod_proto::failover`: the client keeps its answer in an
+//! `AnswerStream` and the entry in a `Resumption`. A first target silent
+//! before its first token makes the client ask the entry to relay (the
+//! entry then fetches, and replaces failed targets itself); a target that
+//! stalls mid-answer makes the client ask the entry to resume, which
+//! records the failure in its breaker and places the rest elsewhere,
+//! continuing from the tokens already received. Every token has a text
+//! derived from its index, and a completed answer must be exactly the
+//! concatenation of its tokens' texts.
 //!
 //! Invariants are checked as events are processed (and at the end):
 //! - every request ends exactly once, completed or with an error, within
@@ -37,6 +43,7 @@ use zavod_proto::auth::{
 };
 use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::capacity::{CapacityReport, ModelOffer};
+use zavod_proto::failover::{AnswerStream, OnFailure, Resumption};
 use zavod_proto::ids::{NodeId, RequestId};
 use zavod_proto::score::{Weights, place, splitmix64};
 use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
@@ -216,8 +223,18 @@ struct Node {
 struct Job {
     request: u64,
     attempt: u32,
-    next_index: u32,
-    end_index: u32,
+    /// The answer's index of this job's first token (tokens resumed from).
+    base: u32,
+    /// Next token, counted from this job's start (as a target counts).
+    next: u32,
+    /// Tokens this job may generate.
+    budget: u32,
+}
+
+/// The text and id of the answer's token `index` (the cost model's
+/// "generation").
+fn token_text(index: u32) -> String {
+    format!("t{index} ")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -230,7 +247,6 @@ enum State {
 #[derive(Debug, Clone)]
 struct Request {
     issued_ms: u64,
-    received: u32,
     max_tokens: u32,
     attempt: u32,
     entry: usize,
@@ -240,6 +256,15 @@ struct Request {
     ends: u32,
     ended_ms: u64,
     failovers: u32,
+    /// The client's answer so far.
+    stream: AnswerStream,
+    /// The entry's record of failed targets and what they streamed.
+    resumption: Resumption,
+    /// The entry fetches from the target and passes tokens on.
+    relayed: bool,
+    /// In a relay: the current target's part, as the entry received it.
+    tail: String,
+    tail_ids: Vec<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,9 +287,11 @@ enum Ev {
         request: u64,
         epoch: u32,
     },
+    /// A target's token `index` (counted from its start at `base`).
     Token {
         request: u64,
         attempt: u32,
+        base: u32,
         index: u32,
         last: bool,
     },
@@ -557,9 +584,10 @@ impl Sim {
             Ev::Token {
                 request,
                 attempt,
+                base,
                 index,
                 last,
-            } => self.token(request, attempt, index, last),
+            } => self.token(request, attempt, base, index, last),
             Ev::StallCheck { request, attempt } => self.stall_check(request, attempt),
             Ev::Crash => self.crash(),
             Ev::Restart(i) => {
@@ -643,7 +671,6 @@ impl Sim {
         let id = self.requests.len() as u64;
         self.requests.push(Request {
             issued_ms: self.now,
-            received: 0,
             max_tokens: self.sc.max_tokens,
             attempt: 0,
             entry,
@@ -653,6 +680,11 @@ impl Sim {
             ends: 0,
             ended_ms: 0,
             failovers: 0,
+            stream: AnswerStream::new(self.sc.max_failovers),
+            resumption: self.fresh_resumption(),
+            relayed: false,
+            tail: String::new(),
+            tail_ids: Vec::new(),
         });
         self.place(id, entry, &[]);
     }
@@ -730,6 +762,12 @@ impl Sim {
         r.target = Some(target);
         r.entry = entry;
         r.last_progress_ms = now;
+        if r.relayed {
+            r.tail.clear();
+            r.tail_ids.clear();
+        } else {
+            r.stream.start_source();
+        }
         let attempt = r.attempt;
         let epoch = self.nodes[target].epoch;
         let t = now + 2 * self.latency();
@@ -742,11 +780,7 @@ impl Sim {
                 epoch,
             },
         );
-        let check_at = now
-            + self.sc.stall_ms
-            + self.sc.prefill_ms
-            + 4 * self.sc.latency_ms
-            + 4 * self.sc.jitter_ms;
+        let check_at = now + self.first_token_ms();
         self.at(
             check_at,
             Ev::StallCheck {
@@ -765,15 +799,18 @@ impl Sim {
         if r.state != State::Running || r.attempt != attempt {
             return;
         }
-        let start = r.received;
-        let end_index = r.max_tokens;
+        // What the grant allows: the rest of the budget, after the tokens
+        // the entry resumes from.
+        let base = r.resumption.tokens();
+        let budget = r.max_tokens.saturating_sub(base).max(1);
         n.jobs.insert(
             id,
             Job {
                 request: id,
                 attempt,
-                next_index: start,
-                end_index,
+                base,
+                next: 0,
+                budget,
             },
         );
         // Continuous batching: every active job decodes at the node's speed.
@@ -797,9 +834,10 @@ impl Sim {
         let Some(job) = n.jobs.get_mut(&id) else {
             return;
         };
-        let index = job.next_index;
-        job.next_index += 1;
-        let last = job.next_index >= job.end_index;
+        let index = job.next;
+        let base = job.base;
+        job.next += 1;
+        let last = job.next >= job.budget;
         let attempt = job.attempt;
         let request = job.request;
         let dt = (1_000.0 / n.speed) as u64;
@@ -820,37 +858,55 @@ impl Sim {
             Ev::Token {
                 request,
                 attempt,
+                base,
                 index,
                 last,
             },
         );
     }
 
-    fn token(&mut self, id: u64, attempt: u32, index: u32, last: bool) {
-        let r = &self.requests[id as usize];
-        // Tokens of an abandoned attempt arrive on a stream the client has
-        // closed: they never reach it.
+    fn fresh_resumption(&self) -> Resumption {
+        Resumption::new(self.sc.max_tokens, self.sc.max_failovers as usize)
+    }
+
+    /// How long a client (or relaying entry) waits for a new target's first
+    /// token: a prompt takes a while, and so do the hops.
+    fn first_token_ms(&self) -> u64 {
+        self.sc.stall_ms + self.sc.prefill_ms + 4 * self.sc.latency_ms + 4 * self.sc.jitter_ms
+    }
+
+    fn token(&mut self, id: u64, attempt: u32, base: u32, index: u32, last: bool) {
+        let now = self.now;
+        let r = &mut self.requests[id as usize];
+        // Tokens of an abandoned attempt arrive on a stream the client (or
+        // the relaying entry) has closed: they never reach it.
         if r.state != State::Running || r.attempt != attempt {
             return;
         }
-        if index != r.received {
-            let what = if index < r.received {
-                "duplicate"
-            } else {
-                "gap"
-            };
-            self.violation(format!(
-                "request {id}: token {index} after {} received ({what})",
-                r.received
-            ));
+        let abs = base.saturating_add(index);
+        let (text, tid) = (token_text(abs), abs as i32);
+        let got = if r.relayed {
+            // The entry keeps the target's part and passes the token on,
+            // counted in the whole answer.
+            r.tail.push_str(&text);
+            r.tail_ids.push(tid);
+            let whole = r.resumption.tokens().saturating_add(index);
+            r.stream.on_token(whole, &text, tid)
+        } else {
+            r.stream.on_source_token(index, &text, tid)
+        };
+        if let Err(e) = got {
+            self.violation(format!("request {id}: {e}"));
             return;
         }
-        let now = self.now;
-        let r = &mut self.requests[id as usize];
-        r.received += 1;
         r.last_progress_ms = now;
-        if last || r.received >= r.max_tokens {
+        if last || r.stream.tokens() >= r.max_tokens {
+            let expected: String = (0..r.stream.tokens()).map(token_text).collect();
+            let whole = r.stream.text() == expected;
             let (entry, target) = (r.entry, r.target);
+            if !whole {
+                self.violation(format!("request {id}: the answer's text is not whole"));
+            }
             if let Some(t) = target {
                 let tid = self.nodes[t].id;
                 self.nodes[entry]
@@ -872,42 +928,96 @@ impl Sim {
 
     fn stall_check(&mut self, id: u64, attempt: u32) {
         let now = self.now;
+        let first_token_ms = self.first_token_ms();
         let r = &self.requests[id as usize];
         if r.state != State::Running || r.attempt != attempt {
             return;
         }
-        if now.saturating_sub(r.last_progress_ms) < self.sc.stall_ms {
+        let started = if r.relayed {
+            !r.tail_ids.is_empty()
+        } else {
+            r.stream.source_started()
+        };
+        let wait = if started {
+            self.sc.stall_ms
+        } else {
+            first_token_ms
+        };
+        if now.saturating_sub(r.last_progress_ms) < wait {
             return;
         }
-        // The client resumes through an entry it can reach (its own, or
-        // another when that one is down).
-        let failed = r.target;
-        let failovers = r.failovers;
-        let mut entry = r.entry;
-        if failovers >= self.sc.max_failovers {
-            self.end(id, State::Failed("gave up after repeated failovers".into()));
+        let failed = r.target.map(|t| (t, self.nodes[t].id));
+        let entry = r.entry;
+        if let Some((t, _)) = failed {
+            self.nodes[t].jobs.remove(&id);
+        }
+        if r.relayed && self.nodes[entry].up {
+            // The relaying entry saw its target fail: it replaces it.
+            let r = &mut self.requests[id as usize];
+            let (tail, tail_ids) = (std::mem::take(&mut r.tail), std::mem::take(&mut r.tail_ids));
+            if let Some((_, tid)) = failed {
+                if let Err(e) = r.resumption.on_fetch_failed(tid, &tail, &tail_ids) {
+                    self.end(id, State::Failed(e.to_string()));
+                    return;
+                }
+                self.nodes[entry]
+                    .breakers
+                    .record(&tid, Outcome::Failure, now);
+            }
+            self.retry(id, entry);
             return;
         }
-        if !self.nodes[entry].up {
+        // The client's source failed (a target, or the relaying entry).
+        let decision = self.requests[id as usize].stream.on_failure(false);
+        let entry = if self.nodes[entry].up {
+            entry
+        } else {
+            // The client goes through an entry it can reach; a new one
+            // knows nothing of the answer but what the client tells it.
             let up = self.up_entries();
             if up.is_empty() {
                 self.end(id, State::Failed("no node reachable".into()));
                 return;
             }
-            entry = up[self.rng.below(up.len() as u64) as usize];
+            let e = up[self.rng.below(up.len() as u64) as usize];
+            let fresh = self.fresh_resumption();
+            let r = &mut self.requests[id as usize];
+            r.resumption = fresh;
+            r.relayed = false;
+            e
+        };
+        match decision {
+            OnFailure::GiveUp => {
+                self.end(id, State::Failed("gave up after repeated failovers".into()));
+            }
+            OnFailure::Relay => {
+                self.requests[id as usize].relayed = true;
+                self.retry(id, entry);
+            }
+            OnFailure::Resume(req) => {
+                let r = &mut self.requests[id as usize];
+                r.relayed = false;
+                if let Some((_, tid)) = failed {
+                    if let Err(e) = r.resumption.on_resume(tid, req) {
+                        self.end(id, State::Failed(e.to_string()));
+                        return;
+                    }
+                    self.nodes[entry]
+                        .breakers
+                        .record(&tid, Outcome::Failure, now);
+                }
+                self.retry(id, entry);
+            }
         }
-        let mut exclude = Vec::new();
-        if let Some(t) = failed {
-            let tid = self.nodes[t].id;
-            self.nodes[entry]
-                .breakers
-                .record(&tid, Outcome::Failure, now);
-            exclude.push(tid);
-            self.nodes[t].jobs.remove(&id);
-        }
+    }
+
+    /// Places the request again through `entry`, away from the targets
+    /// that failed it.
+    fn retry(&mut self, id: u64, entry: usize) {
         let r = &mut self.requests[id as usize];
         r.attempt += 1;
         r.failovers += 1;
+        let exclude = r.resumption.exclude().to_vec();
         self.place(id, entry, &exclude);
     }
 

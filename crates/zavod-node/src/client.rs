@@ -6,6 +6,7 @@ use crate::datadir::ClientIdentity;
 use libp2p::{Multiaddr, PeerId};
 use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
+use zavod_proto::failover::{AnswerStream, OnFailure, ResumeRequest};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
@@ -81,7 +82,7 @@ impl ChatOutcome {
 }
 
 /// Most times one answer is resumed on another node.
-const MAX_RESUMES: usize = 3;
+const MAX_RESUMES: u32 = 3;
 
 /// A connected client.
 pub struct ChatClient {
@@ -181,13 +182,12 @@ impl ChatClient {
         let (mut w, mut rd) = stream.split();
         w.send(&r.run, self.frame_timeout).await?;
         on_event(ChatEvent::Direct { target: peer });
-        let started_at = progress.next_index;
+        progress.stream.start_source();
         loop {
-            let wait = if progress.next_index > started_at {
-                self.stall_timeout
-            } else {
-                self.frame_timeout
-            };
+            let wait = Duration::from_millis(progress.stream.wait_ms(
+                self.frame_timeout.as_millis() as u64,
+                self.stall_timeout.as_millis() as u64,
+            ));
             let frame = tokio::time::timeout(wait, rd.recv::<ServerFrame>())
                 .await
                 .map_err(|_| NetError::Timeout {
@@ -196,8 +196,7 @@ impl ChatClient {
                 })??;
             match frame {
                 Some(ServerFrame::Token { index, text, id }) => {
-                    // A resumed answer's target counts from 0 again.
-                    progress.token(index.saturating_add(started_at), &text, id, on_event)?
+                    progress.token(Source::Target, index, &text, id, on_event)?
                 }
                 Some(ServerFrame::Done(d)) => return Ok(d),
                 Some(ServerFrame::Error(e)) => return Err(e.into()),
@@ -234,15 +233,12 @@ impl ChatClient {
             .await?;
         let mut accepted: Option<Accepted> = None;
         let mut progress = Progress {
-            text: String::new(),
-            ids: Vec::new(),
+            stream: AnswerStream::new(MAX_RESUMES),
             first: None,
             last: sent_at,
-            next_index: 0,
         };
         tokio::pin!(cancel);
         let mut cancelled = false;
-        let mut resumes = 0usize;
         loop {
             let frame = tokio::select! {
                 f = tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>()) => f
@@ -270,7 +266,7 @@ impl ChatClient {
                             })?;
                             w.send(
                                 &ClientFrame::Finished {
-                                    answer: progress.text.clone(),
+                                    answer: progress.stream.text().to_owned(),
                                     receipt: Box::new(receipt),
                                 },
                                 self.frame_timeout,
@@ -282,42 +278,48 @@ impl ChatClient {
                                     .await;
                             return progress.outcome(accepted, done, sent_at);
                         }
-                        Err(e) if progress.next_index == 0 && resumes == 0 => {
-                            // Not reachable from here: ask the entry to relay.
-                            w.send(
-                                &ClientFrame::Relay {
-                                    reason: e.to_string(),
-                                },
-                                self.frame_timeout,
-                            )
-                            .await?;
+                        Err(e) => {
+                            let refused = matches!(e, ChatError::Refused { .. });
+                            match progress.stream.on_failure(refused) {
+                                // Not reachable from here: ask the entry to relay.
+                                OnFailure::Relay => {
+                                    w.send(
+                                        &ClientFrame::Relay {
+                                            reason: e.to_string(),
+                                        },
+                                        self.frame_timeout,
+                                    )
+                                    .await?;
+                                }
+                                // A target that died or stalled is replaced.
+                                OnFailure::Resume(ResumeRequest {
+                                    answer,
+                                    tokens,
+                                    ids,
+                                }) => {
+                                    let reason = e.to_string();
+                                    on_event(ChatEvent::Resuming {
+                                        reason: &reason,
+                                        tokens,
+                                    });
+                                    w.send(
+                                        &ClientFrame::Resume {
+                                            reason,
+                                            answer,
+                                            tokens,
+                                            ids,
+                                        },
+                                        self.frame_timeout,
+                                    )
+                                    .await?;
+                                }
+                                OnFailure::GiveUp => return Err(e),
+                            }
                         }
-                        // Refusals are final; a target that died or
-                        // stalled is replaced, a bounded number of times.
-                        Err(e @ ChatError::Refused { .. }) => return Err(e),
-                        Err(e) if resumes < MAX_RESUMES => {
-                            resumes += 1;
-                            let reason = e.to_string();
-                            on_event(ChatEvent::Resuming {
-                                reason: &reason,
-                                tokens: progress.next_index,
-                            });
-                            w.send(
-                                &ClientFrame::Resume {
-                                    reason,
-                                    answer: progress.text.clone(),
-                                    tokens: progress.next_index,
-                                    ids: progress.ids.clone(),
-                                },
-                                self.frame_timeout,
-                            )
-                            .await?;
-                        }
-                        Err(e) => return Err(e),
                     }
                 }
                 Some(ServerFrame::Token { index, text: t, id }) => {
-                    progress.token(index, &t, id, &mut on_event)?
+                    progress.token(Source::Entry, index, &t, id, &mut on_event)?
                 }
                 Some(ServerFrame::Done(done)) => return progress.outcome(accepted, done, sent_at),
                 Some(ServerFrame::Error(e)) => return Err(e.into()),
@@ -326,37 +328,40 @@ impl ChatClient {
     }
 }
 
-/// The answer as it accumulates, from the entry or from a target.
+/// Who a token came from: the entry counts in the whole answer, a target
+/// from its own start.
+#[derive(Clone, Copy)]
+enum Source {
+    Entry,
+    Target,
+}
+
+/// The answer as it accumulates, from the entry or from a target, with
+/// client-side timings.
 struct Progress {
-    text: String,
-    /// Token ids, for resuming on another node.
-    ids: Vec<i32>,
+    stream: AnswerStream,
     first: Option<Instant>,
     last: Instant,
-    next_index: u32,
 }
 
 impl Progress {
     fn token(
         &mut self,
+        source: Source,
         index: u32,
         text: &str,
         id: i32,
         on_event: &mut impl FnMut(ChatEvent<'_>),
     ) -> Result<(), ChatError> {
-        if index != self.next_index {
-            return Err(ChatError::Protocol(format!(
-                "token {index} arrived, expected {}",
-                self.next_index
-            )));
+        let index = match source {
+            Source::Entry => self.stream.on_token(index, text, id),
+            Source::Target => self.stream.on_source_token(index, text, id),
         }
-        self.next_index += 1;
+        .map_err(|e| ChatError::Protocol(e.to_string()))?;
         let now = Instant::now();
         self.first.get_or_insert(now);
         self.last = now;
         on_event(ChatEvent::Token { index, text });
-        self.text.push_str(text);
-        self.ids.push(id);
         Ok(())
     }
 
@@ -371,8 +376,8 @@ impl Progress {
         let first = self.first.unwrap_or(self.last);
         Ok(ChatOutcome {
             accepted,
-            text: self.text.clone(),
-            tokens: self.next_index,
+            text: self.stream.text().to_owned(),
+            tokens: self.stream.tokens(),
             first_token: first - sent_at,
             decode: self.last - first,
             done,

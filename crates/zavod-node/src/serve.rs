@@ -32,6 +32,7 @@ use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, RUN_PROTOCOL, n
 use zavod_proto::NodeId;
 use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::breaker::Outcome;
+use zavod_proto::failover::{ResumeRequest, Resumption};
 use zavod_proto::prompt::{Role, Turn, run_hash};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, JoinReply,
@@ -41,7 +42,8 @@ use zavod_proto::wire::{
 
 /// Deadline for a reply from a local actor.
 const ACTOR_CALL_MS: u64 = 10_000;
-/// Most targets tried when relaying one request.
+/// Most targets that may fail one answer before the entry gives up on it
+/// (each later one continues after what the failed ones streamed).
 const RELAY_ATTEMPTS: usize = 3;
 /// How long an entry that has the target's report still waits for the
 /// client's own receipt before closing the stream.
@@ -432,7 +434,7 @@ async fn run_chat(
             &prepared,
             &placement,
             job,
-            &Partial::default(),
+            &Resumption::new(admission.max_tokens, RELAY_ATTEMPTS),
             &mut WriterSink { writer, wt },
             &mut ReaderWatch::new(reader),
             &mut reservation,
@@ -480,8 +482,7 @@ async fn run_chat(
     }
     let mut placement = placement;
     // What failed targets streamed before they died, and who they were.
-    let mut so_far = Partial::default();
-    let mut failed: Vec<NodeId> = Vec::new();
+    let mut so_far = Resumption::new(admission.max_tokens, RELAY_ATTEMPTS);
     // The answer may take as long as generating every allowed token.
     let wait = Duration::from_millis(shared.config.limits.stall_timeout_ms)
         + Duration::from_millis(u64::from(admission.max_tokens) * 1_000);
@@ -499,17 +500,17 @@ async fn run_chat(
                         return Ok(());
                     }
                     let bad = |m: String| error_frame(ErrorCode::BadRequest, m);
-                    let tail = answer
-                        .strip_prefix(so_far.answer.as_str())
+                    let tail = so_far
+                        .tail_of(&answer)
                         .ok_or_else(|| bad("the answer does not begin with the part resumed from".into()))?;
                     let body = receipt
                         .verify(&placement.target, placement.grant.body.request, tail)
                         .map_err(|e| bad(format!("the receipt does not match the answer: {e}")))?;
-                    let tokens = so_far.tokens + body.generated_tokens;
+                    let tokens = so_far.tokens() + body.generated_tokens;
                     settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
                     return Ok(());
                 }
-                Ok(Some(ClientFrame::Relay { reason })) if !recorded && so_far.tokens == 0 => {
+                Ok(Some(ClientFrame::Relay { reason })) if !recorded && so_far.tokens() == 0 => {
                     tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
                     return relay(
                         shared,
@@ -524,26 +525,19 @@ async fn run_chat(
                 }
                 Ok(Some(ClientFrame::Resume { reason, answer, tokens, ids })) if !recorded => {
                     tracing::warn!(target = %placement.target.short(), %reason, tokens, "target failed mid-answer; resuming elsewhere");
-                    if failed.len() >= RELAY_ATTEMPTS
-                        || tokens < so_far.tokens
-                        || tokens >= admission.max_tokens
-                        || !answer.starts_with(so_far.answer.as_str())
-                        || ids.len() != tokens as usize
-                    {
-                        return Err(error_frame(ErrorCode::BadRequest, "cannot resume this answer"));
-                    }
+                    so_far
+                        .on_resume(placement.target, ResumeRequest { answer, tokens, ids })
+                        .map_err(|e| error_frame(ErrorCode::BadRequest, format!("cannot resume this answer: {e}")))?;
                     record_outcome(shared, placement.target, Outcome::Failure);
-                    failed.push(placement.target);
-                    so_far = Partial { answer, tokens, ids };
-                    let rest = so_far.resume_params(&params, admission.max_tokens);
-                    let next = place(shared, client, &admission, &prepared.turns, &rest, failed.clone()).await?;
+                    let rest = so_far.params(&params);
+                    let next = place(shared, client, &admission, &prepared.turns, &rest, so_far.exclude().to_vec()).await?;
                     if writer.send(&accepted(&next), wt).await.is_err() {
                         return Ok(());
                     }
                     if next.target == me {
                         // This node has the model: it finishes the answer.
                         let job = run_local(shared, &next, None, client, &prepared.turns, &rest).await?;
-                        let mut sink = OffsetSink { inner: WriterSink { writer, wt }, base: so_far.tokens };
+                        let mut sink = OffsetSink { inner: WriterSink { writer, wt }, base: so_far.tokens() };
                         return finish_local(
                             shared,
                             &admission,
@@ -571,8 +565,8 @@ async fn run_chat(
             report = &mut report_rx, if report_open && !recorded => match report {
                 Ok(r) => match r.receipt.verify(&placement.target, placement.grant.body.request, &r.answer) {
                     Ok(body) => {
-                        let tokens = so_far.tokens + body.generated_tokens;
-                        let answer = format!("{}{}", so_far.answer, r.answer);
+                        let tokens = so_far.tokens() + body.generated_tokens;
+                        let answer = so_far.whole(&r.answer);
                         settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
                         recorded = true;
                     }
@@ -595,25 +589,6 @@ async fn run_chat(
     // Neither the client nor the target reported: the reservation is
     // charged in full, since only the target knows what it generated.
     Ok(())
-}
-
-/// The part of an answer streamed before its node failed.
-#[derive(Debug, Default, Clone)]
-struct Partial {
-    answer: String,
-    tokens: u32,
-    ids: Vec<i32>,
-}
-
-impl Partial {
-    /// Parameters for the rest of the answer: the same prompt, continued
-    /// after the tokens already streamed, within what is left of the budget.
-    fn resume_params(&self, params: &GenParams, max_tokens: u32) -> GenParams {
-        let mut params = params.clone();
-        params.resume_tokens = self.ids.clone();
-        params.max_tokens = max_tokens.saturating_sub(self.tokens).max(1);
-        params
-    }
 }
 
 /// Shifts token indices so a resumed answer goes on counting where the
@@ -649,7 +624,7 @@ impl<S: Sink> Sink for OffsetSink<S> {
 /// before it from failed nodes, and that part's text and token count.
 struct Finished<'a> {
     target: NodeId,
-    so_far: &'a Partial,
+    so_far: &'a Resumption,
     answer: &'a str,
     generated: u32,
 }
@@ -666,10 +641,10 @@ async fn complete(
     sink: &mut impl Sink,
 ) {
     record_outcome(shared, f.target, Outcome::Success);
-    let tokens = f.so_far.tokens + f.generated;
+    let tokens = f.so_far.tokens() + f.generated;
     reservation.used = Some(tokens);
     if done.stop != StopReason::Cancelled {
-        let whole = format!("{}{}", f.so_far.answer, f.answer);
+        let whole = f.so_far.whole(f.answer);
         record_turn(shared, admission, prepared, &whole, tokens).await;
     }
     done.generated_tokens = tokens;
@@ -686,7 +661,7 @@ async fn finish_local(
     prepared: &PreparedPrompt,
     placement: &Placement,
     job: JobStream,
-    so_far: &Partial,
+    so_far: &Resumption,
     sink: &mut impl Sink,
     watch: &mut impl Watch,
     reservation: &mut Reservation<'_>,
@@ -894,8 +869,9 @@ async fn run_local(
     }
 }
 
-/// Fetches the answer on the client's behalf, trying up to
-/// [`RELAY_ATTEMPTS`] targets while none has produced a token yet.
+/// Fetches the answer on the client's behalf, replacing up to
+/// [`RELAY_ATTEMPTS`] targets that fail (continuing after what they
+/// streamed).
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     shared: &Arc<NodeShared>,
@@ -907,23 +883,30 @@ async fn relay(
     reservation: &mut Reservation<'_>,
 ) -> Result<(), ErrorFrame> {
     let me = shared.identity.id();
-    let mut failed: Vec<NodeId> = Vec::new();
-    let mut last_err = error_frame(ErrorCode::NoCapacity, "no node could serve the request");
     // What earlier targets streamed before they failed: the next one
     // continues from there.
-    let mut so_far = Partial::default();
-    for _ in 0..RELAY_ATTEMPTS {
+    let mut so_far = Resumption::new(admission.max_tokens, RELAY_ATTEMPTS);
+    // Once a target failed, its error says more than "no other node".
+    let mut last_err: Option<ErrorFrame> = None;
+    loop {
         // The same as `params` until a target fails mid-answer.
-        let run = so_far.resume_params(params, admission.max_tokens);
+        let run = so_far.params(params);
         // A fresh grant bound to this node, which now acts as the client.
         // The client's unreachable target stays eligible: this node may
         // well reach it.
-        let placement =
-            match place(shared, me, admission, &prepared.turns, &run, failed.clone()).await {
-                Ok(p) => p,
-                Err(e) if failed.is_empty() => return Err(e),
-                Err(_) => return Err(last_err),
-            };
+        let placement = match place(
+            shared,
+            me,
+            admission,
+            &prepared.turns,
+            &run,
+            so_far.exclude().to_vec(),
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => return Err(last_err.unwrap_or(e)),
+        };
         let target = placement.target;
         // Tell the client which node really answers now.
         let now_serving = ServerFrame::Accepted(Box::new(Accepted {
@@ -939,7 +922,7 @@ async fn relay(
         }
         let mut shifted = OffsetSink {
             inner: &mut *sink,
-            base: so_far.tokens,
+            base: so_far.tokens(),
         };
         if target == me {
             let job = run_local(shared, &placement, None, me, &prepared.turns, &run).await?;
@@ -998,20 +981,14 @@ async fn relay(
             }) => {
                 record_outcome(shared, target, Outcome::Failure);
                 tracing::warn!(target = %target.short(), error = %error.message, tokens, "relay attempt failed");
-                if tokens > 0 {
-                    so_far.answer.push_str(&answer);
-                    so_far.tokens += tokens;
-                    so_far.ids.extend(ids);
-                    if so_far.tokens >= admission.max_tokens {
-                        return Err(error);
-                    }
+                if let Err(why) = so_far.on_fetch_failed(target, &answer, &ids) {
+                    tracing::warn!(error = %why, "relay gives up");
+                    return Err(error);
                 }
-                failed.push(target);
-                last_err = error;
+                last_err = Some(error);
             }
         }
     }
-    Err(last_err)
 }
 
 /// How a remote run failed, and what it had streamed by then.
