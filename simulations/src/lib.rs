@@ -43,7 +43,7 @@ use zavod_proto::auth::{
 };
 use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::capacity::{CapacityReport, ModelOffer};
-use zavod_proto::failover::{AnswerStream, OnFailure, Resumption};
+use zavod_proto::failover::{AnswerStream, OnFailure, ResumeError, Resumption};
 use zavod_proto::ids::{NodeId, RequestId};
 use zavod_proto::score::{Weights, place, splitmix64};
 use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
@@ -933,38 +933,32 @@ impl Sim {
         if r.state != State::Running || r.attempt != attempt {
             return;
         }
-        let started = if r.relayed {
-            !r.tail_ids.is_empty()
-        } else {
-            r.stream.source_started()
-        };
-        let wait = if started {
-            self.sc.stall_ms
-        } else {
+        let stall_ms = self.sc.stall_ms;
+        let wait = if !r.relayed {
+            r.stream.wait_ms(first_token_ms, stall_ms)
+        } else if r.tail_ids.is_empty() {
             first_token_ms
+        } else {
+            stall_ms
         };
         if now.saturating_sub(r.last_progress_ms) < wait {
             return;
         }
-        let failed = r.target.map(|t| (t, self.nodes[t].id));
         let entry = r.entry;
-        if let Some((t, _)) = failed {
+        let target = r.target;
+        if let Some(t) = target {
             self.nodes[t].jobs.remove(&id);
         }
+        let failed = target.map(|t| self.nodes[t].id);
         if r.relayed && self.nodes[entry].up {
             // The relaying entry saw its target fail: it replaces it.
             let r = &mut self.requests[id as usize];
             let (tail, tail_ids) = (std::mem::take(&mut r.tail), std::mem::take(&mut r.tail_ids));
-            if let Some((_, tid)) = failed {
-                if let Err(e) = r.resumption.on_fetch_failed(tid, &tail, &tail_ids) {
-                    self.end(id, State::Failed(e.to_string()));
-                    return;
-                }
-                self.nodes[entry]
-                    .breakers
-                    .record(&tid, Outcome::Failure, now);
-            }
-            self.retry(id, entry);
+            let taken = match failed {
+                Some(tid) => r.resumption.on_fetch_failed(tid, &tail, &tail_ids),
+                None => Ok(()),
+            };
+            self.after_failure(id, entry, failed, taken);
             return;
         }
         // The client's source failed (a target, or the relaying entry).
@@ -997,18 +991,36 @@ impl Sim {
             OnFailure::Resume(req) => {
                 let r = &mut self.requests[id as usize];
                 r.relayed = false;
-                if let Some((_, tid)) = failed {
-                    if let Err(e) = r.resumption.on_resume(tid, req) {
-                        self.end(id, State::Failed(e.to_string()));
-                        return;
-                    }
-                    self.nodes[entry]
-                        .breakers
-                        .record(&tid, Outcome::Failure, now);
-                }
-                self.retry(id, entry);
+                let taken = match failed {
+                    Some(tid) => r.resumption.on_resume(tid, req),
+                    None => Ok(()),
+                };
+                self.after_failure(id, entry, failed, taken);
             }
         }
+    }
+
+    /// The entry took (or refused) the failure of `failed`: a refusal ends
+    /// the request with its reason; otherwise the failure counts in the
+    /// entry's breaker and the rest is placed elsewhere.
+    fn after_failure(
+        &mut self,
+        id: u64,
+        entry: usize,
+        failed: Option<NodeId>,
+        taken: Result<(), ResumeError>,
+    ) {
+        if let Err(e) = taken {
+            self.end(id, State::Failed(e.to_string()));
+            return;
+        }
+        if let Some(tid) = failed {
+            let now = self.now;
+            self.nodes[entry]
+                .breakers
+                .record(&tid, Outcome::Failure, now);
+        }
+        self.retry(id, entry);
     }
 
     /// Places the request again through `entry`, away from the targets
