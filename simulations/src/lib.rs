@@ -42,7 +42,7 @@ use zavod_proto::auth::{
     Authority, GrantBody, GrantCheck, Keypair, Membership, MembershipBody, mint_grant, sign_report,
 };
 use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
-use zavod_proto::capacity::{CapacityReport, ModelOffer};
+use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::failover::{AnswerStream, OnFailure, ResumeError, Resumption};
 use zavod_proto::ids::{NodeId, RequestId};
 use zavod_proto::score::{Weights, place, splitmix64};
@@ -482,27 +482,30 @@ impl Sim {
         n.seq += 1;
         let busy = n.jobs.len() as u32;
         let slots = if n.has_model { self.sc.slots } else { 0 };
-        let report = CapacityReport {
-            node: n.id,
-            seq: n.seq,
-            at_ms: self.now,
-            on_gpu: false,
-            mem_free_bytes: 8 << 30,
-            mem_total_bytes: 16 << 30,
-            slots_free: slots.saturating_sub(busy.min(slots)),
+        // Built by the same function as the real node's report, from what
+        // the cost-model node has.
+        let resources = Resources {
+            ram_total_bytes: 16 << 30,
+            ram_free_bytes: 8 << 30,
+            cpu_cores: 8,
+            ..Default::default()
+        };
+        let load = WorkerLoad {
             slots_total: slots,
+            slots_busy: busy.min(slots),
             queue_depth: busy.saturating_sub(slots),
             tokens_per_s: n.speed as f32,
-            models: if n.has_model {
-                vec![ModelOffer {
-                    name: MODEL.into(),
-                    quant: "Q4_K_M".into(),
-                    context_tokens: 4096,
-                }]
-            } else {
-                Vec::new()
-            },
         };
+        let models = if n.has_model {
+            vec![ModelOffer {
+                name: MODEL.into(),
+                quant: "Q4_K_M".into(),
+                context_tokens: 4096,
+            }]
+        } else {
+            Vec::new()
+        };
+        let report = CapacityReport::build(n.id, n.seq, self.now, &resources, &load, models);
         Announcement {
             report: sign_report(&n.key, report),
             membership: n.membership.clone(),
