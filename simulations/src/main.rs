@@ -7,9 +7,8 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use rayon::prelude::*;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use zavod_sim::{Report, Scenario, run};
 
@@ -39,32 +38,9 @@ struct Args {
     jobs: Option<usize>,
 }
 
-/// Runs `run` on every seed over `jobs` threads and returns the results in
-/// seed order.
-fn run_all(sc: &Scenario, seeds: &[u64], jobs: usize) -> Vec<Report> {
-    let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<Option<Report>>> = Mutex::new((0..seeds.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, seeds.len().max(1)) {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&seed) = seeds.get(i) else { break };
-                    let r = run(sc, seed);
-                    // A poisoned lock means another seed panicked; its
-                    // panic is what the scope reports.
-                    if let Ok(mut d) = done.lock() {
-                        d[i] = Some(r);
-                    }
-                }
-            });
-        }
-    });
-    done.into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .flatten()
-        .collect()
+/// Runs `run` on every seed over `pool`; results in seed order.
+fn run_all(pool: &rayon::ThreadPool, sc: &Scenario, seeds: &[u64]) -> Vec<Report> {
+    pool.install(|| seeds.par_iter().map(|&seed| run(sc, seed)).collect())
 }
 
 fn main() -> Result<()> {
@@ -88,16 +64,16 @@ fn main() -> Result<()> {
         (None, Some(n)) => (0..n).collect(),
         (None, None) => (0..1).collect(),
     };
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // 0 lets the pool use every CPU.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.jobs.unwrap_or(0))
+        .build()
+        .context("starting the worker threads")?;
     let started = Instant::now();
     let mut failed = 0usize;
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
     let mut hashes = Vec::with_capacity(seeds.len());
-    let reports = run_all(&sc, &seeds, jobs);
-    anyhow::ensure!(reports.len() == seeds.len(), "a seed's run did not finish");
-    for (&seed, r) in seeds.iter().zip(reports) {
+    for (&seed, r) in seeds.iter().zip(run_all(&pool, &sc, &seeds)) {
         if args.seed.is_some() {
             println!(
                 "seed {seed}: trace {} ({} events; {} requests: {} completed, {} failed with an error, {} failovers; spread max {:.2} mean {:.2}; gossip {:.0} B/s per node)",
@@ -132,8 +108,7 @@ fn main() -> Result<()> {
     let wall = started.elapsed();
     if !args.once {
         // Determinism: the same seeds again give the same traces.
-        let again = run_all(&sc, &seeds, jobs);
-        anyhow::ensure!(again.len() == seeds.len(), "a seed's run did not finish");
+        let again = run_all(&pool, &sc, &seeds);
         for ((&seed, h), again) in seeds.iter().zip(&hashes).zip(again) {
             let again = again.trace_hash;
             if &again != h {

@@ -97,7 +97,7 @@ impl AnswerStream {
     }
 
     /// Whether the current source has streamed anything yet.
-    pub fn source_started(&self) -> bool {
+    fn source_started(&self) -> bool {
         self.next_index > self.base
     }
 
@@ -140,10 +140,6 @@ impl AnswerStream {
 
     pub fn ids(&self) -> &[i32] {
         &self.ids
-    }
-
-    pub fn resumes(&self) -> u32 {
-        self.resumes
     }
 }
 

@@ -4,8 +4,7 @@
 //! small state machines that are fed `now` (milliseconds on some clock the
 //! caller owns) and inputs, and return outputs. Nothing in this crate reads a
 //! clock, spawns, does IO or draws from an unseeded RNG, and no output depends
-//! on `HashMap` iteration order (maps that are iterated are `BTreeMap`; hash
-//! maps serve lookups only, with fixed hash keys). The node's actors are
+//! on `HashMap` iteration order (maps are `BTreeMap`). The node's actors are
 //! thin shells around these pieces; the simulator drives the same pieces.
 //!
 //! Invariant: bytes from a peer are only ever turned into values through

@@ -17,15 +17,8 @@ use crate::capacity::CapacityReport;
 use crate::ids::NodeId;
 use crate::score::Candidate;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, DefaultHasher};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-
-/// A map keyed by node id for lookups only: never iterated where order
-/// could leak out, and hashed with fixed keys so nothing random enters.
-/// (Every gossip message costs a lookup here; in a 1,000-node mesh a hash
-/// probe is several times cheaper than walking a B-tree of 32-byte keys.)
-type IdMap<V> = HashMap<NodeId, V, BuildHasherDefault<DefaultHasher>>;
 
 /// What a node gossips about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,7 +218,7 @@ impl From<&Row> for Candidate {
 /// Members serving one model; `pos` indexes `rows` by node.
 #[derive(Debug, Clone, Default)]
 struct Table {
-    pos: IdMap<usize>,
+    pos: BTreeMap<NodeId, usize>,
     rows: Vec<Row>,
 }
 
@@ -254,9 +247,7 @@ impl Table {
 pub struct MeshView {
     pub config: ViewConfig,
     authorities: BTreeSet<NodeId>,
-    members: IdMap<Member>,
-    /// The keys of `members`, for iterating in node-id order.
-    order: BTreeSet<NodeId>,
+    members: BTreeMap<NodeId, Member>,
     /// Routing tables by model name, kept in step with `members`.
     tables: BTreeMap<String, Table>,
     pub dropped: Dropped,
@@ -267,8 +258,7 @@ impl MeshView {
         MeshView {
             config,
             authorities,
-            members: IdMap::default(),
-            order: BTreeSet::new(),
+            members: BTreeMap::new(),
             tables: BTreeMap::new(),
             dropped: Dropped::default(),
         }
@@ -332,35 +322,31 @@ impl MeshView {
             membership_expires_ms,
         } = v;
         let node = report.node;
-        let outcome = match self.members.get_mut(&node) {
-            Some(m) if m.report.seq >= report.seq => return Ok(Accepted::Stale),
-            Some(m) => {
-                let old = std::mem::replace(&mut m.report, report);
-                m.addrs = addrs;
-                m.heard_at_ms = now_ms;
-                m.membership_expires_ms = membership_expires_ms;
-                m.placed_since_report = 0;
-                for o in &old.models {
-                    if !m.report.serves(&o.name)
-                        && let Some(t) = self.tables.get_mut(&o.name)
-                    {
-                        t.remove(&node);
-                    }
-                }
-                refresh_rows(&mut self.tables, m);
-                return Ok(Accepted::Updated);
+        if let Some(m) = self.members.get_mut(&node) {
+            if m.report.seq >= report.seq {
+                return Ok(Accepted::Stale);
             }
-            None => {
-                if self.members.len() >= self.config.max_members {
-                    self.forget(now_ms);
-                    if self.members.len() >= self.config.max_members {
-                        return Err(ViewError::Full);
-                    }
+            let old = std::mem::replace(&mut m.report, report);
+            m.addrs = addrs;
+            m.heard_at_ms = now_ms;
+            m.membership_expires_ms = membership_expires_ms;
+            m.placed_since_report = 0;
+            for o in &old.models {
+                if !m.report.serves(&o.name)
+                    && let Some(t) = self.tables.get_mut(&o.name)
+                {
+                    t.remove(&node);
                 }
-                Accepted::New
             }
-        };
-        self.order.insert(node);
+            refresh_rows(&mut self.tables, m);
+            return Ok(Accepted::Updated);
+        }
+        if self.members.len() >= self.config.max_members {
+            self.forget(now_ms);
+            if self.members.len() >= self.config.max_members {
+                return Err(ViewError::Full);
+            }
+        }
         let m = self.members.entry(node).or_insert(Member {
             report,
             addrs,
@@ -370,7 +356,7 @@ impl MeshView {
             placed_since_report: 0,
         });
         refresh_rows(&mut self.tables, m);
-        Ok(outcome)
+        Ok(Accepted::New)
     }
 
     /// Counts a request this node just placed on `node` against its free
@@ -405,7 +391,6 @@ impl MeshView {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            self.order.remove(&id);
             if let Some(m) = self.members.remove(&id) {
                 for o in &m.report.models {
                     if let Some(t) = self.tables.get_mut(&o.name) {
@@ -429,9 +414,7 @@ impl MeshView {
 
     /// Every member in node-id order.
     pub fn members(&self) -> impl Iterator<Item = (&NodeId, &Member)> {
-        self.order
-            .iter()
-            .filter_map(|id| self.members.get(id).map(|m| (id, m)))
+        self.members.iter()
     }
 
     pub fn len(&self) -> usize {
