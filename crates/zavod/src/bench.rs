@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use zavod_engine::llama::{LlamaConfig, LoadedModel, shared_backend, tokenize_prompt};
-use zavod_node::client::{Ask, ChatClient};
+use zavod_node::client::{Ask, ChatClient, ChatEvent};
 use zavod_node::datadir::ClientIdentity;
 use zavod_proto::prompt::{Role, Turn};
 use zavod_proto::wire::GenParams;
@@ -96,17 +96,48 @@ impl NodeProc {
 #[derive(Debug, Clone, Copy)]
 struct Run {
     first_token_ms: f64,
+    /// Tokens after the first over the time they took: what a reader sees.
     decode_tok_s: f64,
+    /// One over the median gap between tokens: the steady per-token cost,
+    /// which moments when this shared machine stalls a whole step (both
+    /// paths alike, at random) move far less than the mean.
+    steady_tok_s: f64,
+    /// The engine's own time from taking the job to its first token (node
+    /// runs only): what the node adds is `first_token_ms` minus this.
+    engine_first_token_ms: f64,
 }
 
-/// One greedy chat of exactly `tokens` tokens, timed at the client;
-/// returns the timings and the peer id that served it.
+impl Run {
+    /// Timings from when the request left (`t0`) and each token's arrival.
+    fn from_times(t0: Instant, times: &[Instant]) -> Result<Run> {
+        let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+            bail!("no tokens arrived");
+        };
+        let gaps: Vec<f64> = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        let gap = median(gaps);
+        Ok(Run {
+            first_token_ms: (first - t0).as_secs_f64() * 1e3,
+            decode_tok_s: (times.len() - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
+            steady_tok_s: if gap > 0.0 { 1.0 / gap } else { 0.0 },
+            engine_first_token_ms: 0.0,
+        })
+    }
+}
+
+/// One greedy chat of exactly `tokens` tokens, timed at the client from
+/// before its stream opens; returns the timings and the peer id that
+/// served it.
 fn timed_chat(
     rt: &tokio::runtime::Runtime,
     client: &ChatClient,
     prompt: &str,
     tokens: u32,
 ) -> Result<(Run, String)> {
+    let mut times = Vec::with_capacity(tokens as usize);
+    let t0 = Instant::now();
     let o = rt.block_on(client.chat(
         Ask {
             message: prompt.to_string(),
@@ -118,22 +149,22 @@ fn timed_chat(
             },
             ..Default::default()
         },
-        |_| {},
+        |ev| {
+            if let ChatEvent::Token { .. } = ev {
+                times.push(Instant::now());
+            }
+        },
         std::future::pending(),
     ))?;
-    if o.tokens != tokens {
+    if o.tokens != tokens || times.len() != tokens as usize {
         bail!("generated {} tokens, asked for {tokens}", o.tokens);
     }
     let served = zavod_net::peer_id_of(&o.accepted.served_by)
         .map(|p| p.to_string())
         .unwrap_or_default();
-    Ok((
-        Run {
-            first_token_ms: o.first_token.as_secs_f64() * 1e3,
-            decode_tok_s: o.decode_tokens_per_s(),
-        },
-        served,
-    ))
+    let mut run = Run::from_times(t0, &times)?;
+    run.engine_first_token_ms = o.done.first_token_ms;
+    Ok((run, served))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -173,18 +204,13 @@ fn direct_run(
     }
     let mut sampler = LlamaSampler::greedy();
     let mut pos = toks.len() as i32;
-    let mut first = None;
-    let mut last;
-    let mut n = 0;
+    let mut times = Vec::with_capacity(tokens as usize);
     loop {
         let tok = sampler.sample(ctx, batch.n_tokens() - 1);
-        let now = Instant::now();
-        first.get_or_insert(now);
-        last = now;
-        n += 1;
+        times.push(Instant::now());
         let _eog = vocab.is_eog(tok);
         let _piece = vocab.token_to_piece(tok, false, None);
-        if n == tokens {
+        if times.len() == tokens as usize {
             break;
         }
         batch.clear();
@@ -192,11 +218,7 @@ fn direct_run(
         pos += 1;
         ctx.decode(&mut batch)?;
     }
-    let first = first.unwrap_or(last);
-    Ok(Run {
-        first_token_ms: (first - t0).as_secs_f64() * 1e3,
-        decode_tok_s: f64::from(n - 1) / (last - first).as_secs_f64().max(1e-9),
-    })
+    Run::from_times(t0, &times)
 }
 
 /// Times one routing decision (view candidates, then `score::place`: filter,
@@ -271,8 +293,8 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.tokens < 2 || args.runs == 0 {
-        eprintln!("error: --tokens must be at least 2 and --runs at least 1");
+    if args.tokens < 2 || args.runs == 0 || args.first_token_runs == 0 {
+        eprintln!("error: --tokens must be at least 2, --runs and --first-token-runs at least 1");
         std::process::exit(2);
     }
     if args.routing_only {
@@ -366,19 +388,65 @@ pub fn run(args: BenchArgs) -> Result<()> {
             node_runs.push(node_run()?);
         }
     }
+    // Time to first token from one-token runs, interleaved the same way.
+    let mut node_first = Vec::new();
+    let mut direct_first = Vec::new();
+    for i in 0..args.first_token_runs {
+        let node = || -> Result<Run> { Ok(timed_chat(&rt, &client, &args.prompt, 1)?.0) };
+        let direct = |ctx: &mut _| -> Result<f64> {
+            Ok(direct_run(&loaded, ctx, &prompt, 1)?.first_token_ms)
+        };
+        if i % 2 == 0 {
+            node_first.push(node()?);
+            direct_first.push(direct(&mut ctx)?);
+        } else {
+            direct_first.push(direct(&mut ctx)?);
+            node_first.push(node()?);
+        }
+    }
     let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
     let node_tps = med(&node_runs, |r| r.decode_tok_s);
     let direct_tps = med(&direct_runs, |r| r.decode_tok_s);
-    let node_ttft = med(&node_runs, |r| r.first_token_ms);
-    let direct_ttft = med(&direct_runs, |r| r.first_token_ms);
-    // Per-run pairs give a second, noise-robust view of the ratio.
-    let pair_ratio = median(
-        node_runs
+    let node_steady = med(&node_runs, |r| r.steady_tok_s);
+    let direct_steady = med(&direct_runs, |r| r.steady_tok_s);
+    let node_ttft = median(node_first.iter().map(|r| r.first_token_ms).collect());
+    // Request handling and delivery alone, free of the prefill's noise.
+    let node_added = median(
+        node_first
             .iter()
-            .zip(&direct_runs)
-            .map(|(n, d)| n.decode_tok_s / d.decode_tok_s)
+            .map(|r| r.first_token_ms - r.engine_first_token_ms)
             .collect(),
     );
+    let direct_ttft = median(direct_first.clone());
+    // Runs next to each other in time share the machine's mood, so the
+    // ratios of pairs are a second, drift-free view; their quartiles say
+    // how far one bench run can be trusted.
+    let pairs = |f: fn(&Run) -> f64| -> (f64, f64, f64) {
+        let mut v: Vec<f64> = node_runs
+            .iter()
+            .zip(&direct_runs)
+            .map(|(n, d)| f(n) / f(d))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        (median(v.clone()), q(0.25), q(0.75))
+    };
+    let (pair_ratio, pair_q1, pair_q3) = pairs(|r| r.decode_tok_s);
+    let (steady_ratio, steady_q1, steady_q3) = pairs(|r| r.steady_tok_s);
+    let (ttft_pairs, ttft_q1, ttft_q3) = {
+        let mut v: Vec<f64> = node_first
+            .iter()
+            .zip(&direct_first)
+            .map(|(n, d)| n.first_token_ms - d)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (median(v.clone()), q(0.25), q(0.75))
+    };
     let name = zavod_engine::model_name_from_path(&args.model);
     if args.json {
         let j = serde_json::json!({
@@ -386,39 +454,67 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "threads": threads,
             "tokens": args.tokens,
             "runs": args.runs,
+            "first_token_runs": args.first_token_runs,
             "prompt_tokens": tokenize_prompt(&loaded, &prompt).len(),
-            "direct": {"decode_tok_s": direct_tps, "first_token_ms": direct_ttft},
-            "node": {"decode_tok_s": node_tps, "first_token_ms": node_ttft},
+            "direct": {"decode_tok_s": direct_tps, "steady_tok_s": direct_steady, "first_token_ms": direct_ttft},
+            "node": {"decode_tok_s": node_tps, "steady_tok_s": node_steady, "first_token_ms": node_ttft},
             "decode_ratio": node_tps / direct_tps,
-            "decode_ratio_paired_median": pair_ratio,
+            "decode_ratio_paired": {"median": pair_ratio, "q1": pair_q1, "q3": pair_q3},
+            "steady_ratio_paired": {"median": steady_ratio, "q1": steady_q1, "q3": steady_q3},
             "first_token_overhead_ms": node_ttft - direct_ttft,
+            "first_token_overhead_paired_ms": {"median": ttft_pairs, "q1": ttft_q1, "q3": ttft_q3},
+            "first_token_added_by_node_ms": node_added,
             "idle_node_rss_bytes": idle_rss,
             "loaded_node_rss_bytes": loaded_rss,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "zavod bench: {name}, {threads} threads, {} prompt tokens, {} generated tokens x {} runs (interleaved; medians)",
+            "zavod bench: {name}, {threads} threads, {} prompt tokens, {} generated tokens x {} runs (interleaved with direct; medians)",
             tokenize_prompt(&loaded, &prompt).len(),
             args.tokens,
             args.runs
         );
-        println!("{:<28}{:>16}{:>18}", "", "decode tok/s", "first token ms");
         println!(
-            "{:<28}{:>16.1}{:>18.1}",
-            "llama.cpp in-process", direct_tps, direct_ttft
+            "{:<28}{:>14}{:>14}{:>16}",
+            "", "decode tok/s", "steady tok/s", "first token ms"
         );
         println!(
-            "{:<28}{:>16.1}{:>18.1}",
-            "through zavod node (TCP)", node_tps, node_ttft
+            "{:<28}{:>14.1}{:>14.1}{:>16.1}",
+            "llama.cpp in-process", direct_tps, direct_steady, direct_ttft
         );
         println!(
-            "{:<28}{:>16.3}{:>+18.1}",
+            "{:<28}{:>14.1}{:>14.1}{:>16.1}",
+            "through zavod node (TCP)", node_tps, node_steady, node_ttft
+        );
+        println!(
+            "{:<28}{:>14.3}{:>14.3}{:>+16.1}",
             "node / direct",
             node_tps / direct_tps,
+            node_steady / direct_steady,
             node_ttft - direct_ttft
         );
-        println!("paired per-run decode ratio (median): {pair_ratio:.3}");
+        println!(
+            "{:<28}{:>14.3}{:>14.3}{:>+16.1}",
+            "paired runs (median)", pair_ratio, steady_ratio, ttft_pairs
+        );
+        println!(
+            "{:<28}{:>14}{:>14}{:>16}",
+            "paired runs (quartiles)",
+            format!("{pair_q1:.3}-{pair_q3:.3}"),
+            format!("{steady_q1:.3}-{steady_q3:.3}"),
+            format!("{ttft_q1:+.1} to {ttft_q3:+.1}")
+        );
+        println!(
+            "decode: tokens after the first over their time; steady: 1 / median gap between tokens;"
+        );
+        println!(
+            "first token: from the request (the node's stream opening included) to the first token, over {} one-token runs;",
+            args.first_token_runs
+        );
+        println!(
+            "  of it the node's own handling and delivery (client's time minus the engine's own time to first token): {node_added:.2} ms (median)"
+        );
         println!(
             "node resident memory: {:.1} MiB idle before loading a model, {:.1} MiB with the model loaded",
             idle_rss as f64 / 1048576.0,

@@ -37,7 +37,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         Some(c) => Some(ConversationId::parse(c).context("--conversation")?),
         None => None,
     };
+    // One thread is plenty for a client, and on a machine that also runs a
+    // node it takes the least from inference.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

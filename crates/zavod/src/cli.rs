@@ -137,6 +137,10 @@ pub struct NodeArgs {
     /// CPU threads for inference (0 = all cores).
     #[arg(long, env = "ZAVOD_THREADS", value_name = "N")]
     pub threads: Option<u32>,
+    /// Threads for networking and the node's actors (0 = the cores inference
+    /// leaves free, from 1 to 4).
+    #[arg(long, env = "ZAVOD_RUNTIME_THREADS", value_name = "N")]
+    pub runtime_threads: Option<u32>,
     /// Requests generated at once (continuous batching).
     #[arg(long, env = "ZAVOD_SLOTS", value_name = "N")]
     pub slots: Option<u32>,
@@ -214,9 +218,13 @@ pub struct BenchArgs {
     /// Tokens generated per run.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub tokens: u32,
-    /// Measured runs of each path (interleaved), after one warm-up each.
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    /// Measured decode runs of each path (interleaved), after one warm-up each.
+    #[arg(long, default_value_t = 8, value_name = "N")]
     pub runs: u32,
+    /// Measured one-token runs of each path (interleaved) for the time to
+    /// first token; short, so many fit where the machine's noise averages out.
+    #[arg(long, default_value_t = 40, value_name = "N")]
+    pub first_token_runs: u32,
     /// Prompt sent as one chat turn.
     #[arg(
         long,

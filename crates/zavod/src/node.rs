@@ -20,6 +20,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         slots: args.slots,
         context_tokens: args.context_tokens,
         threads: args.threads,
+        runtime_threads: args.runtime_threads,
         http: args.http,
     });
     let ticket = match &args.join {
@@ -37,6 +38,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
     }
     config.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_threads())
         .enable_all()
         .build()
         .context("starting the async runtime")?;
