@@ -102,9 +102,18 @@ impl Actor for MemoryKeeper {
                 ));
             }
             MemoryMsg::Record { key, turns, reply } => {
-                let r = shared.store.append(&key, &turns).map_err(|e| e.to_string());
+                // Appending flushes to disk; off the runtime's threads, which
+                // may be a single one that also streams every answer's tokens.
+                // Awaiting it here keeps this actor's writes in order.
+                let store = Arc::clone(shared);
+                let conversation = key.conversation.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    store.store.append(&key, &turns).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
                 if let Err(e) = &r {
-                    tracing::error!(conversation = %key.conversation, error = %e, "could not record turns");
+                    tracing::error!(%conversation, error = %e, "could not record turns");
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
