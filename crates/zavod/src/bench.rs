@@ -1,10 +1,11 @@
 //! `zavod bench`: decode rate and first-token time through a node (a real
 //! `zavod node` process, chatted with over loopback) against llama.cpp
-//! driven directly in this process, same model, same thread count, same
-//! formatted prompt, greedy, a fixed number of tokens. Runs alternate
-//! between the two paths so machine noise hits both alike; medians are
-//! reported with their ratio. Also the resident memory of an idle node
-//! before any model loads.
+//! driven directly (in a child process of its own, `--direct-worker`), same
+//! model, same thread count, same formatted prompt, greedy, a fixed number
+//! of tokens. Runs alternate between the two paths so machine noise hits
+//! both alike, over several fresh pairs of processes so no one process's
+//! memory placement decides; medians are reported with their ratio. Also
+//! the resident memory of an idle node before any model loads.
 
 use crate::cli::BenchArgs;
 use anyhow::{Context, Result, bail};
@@ -91,6 +92,139 @@ impl NodeProc {
             .context("no VmRSS in /proc status")?;
         Ok(kb * 1024)
     }
+}
+
+/// llama.cpp driven directly, in a child process of its own (`zavod bench
+/// --direct-worker`), so it starts as fresh as the node does. One line in
+/// (tokens to generate), one line out (the run's timings).
+struct DirectProc {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    prompt_tokens: usize,
+}
+
+impl Drop for DirectProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Longest a direct run may take before the bench gives up on the worker.
+const DIRECT_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl DirectProc {
+    fn start(exe: &Path, model: &Path, threads: u32, prompt: &str) -> Result<Self> {
+        let mut child = Command::new(exe)
+            .args(["bench", "--direct-worker", "--threads"])
+            .arg(threads.to_string())
+            .arg("--model")
+            .arg(model)
+            .arg("--prompt")
+            .arg(prompt)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the direct llama.cpp worker")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let (tx, lines) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = DirectProc {
+            child,
+            stdin,
+            lines,
+            prompt_tokens: 0,
+        };
+        let ready = proc.line(Duration::from_secs(120))?;
+        proc.prompt_tokens = ready
+            .strip_prefix("ready ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("the direct worker said {ready:?}, not ready"))?;
+        Ok(proc)
+    }
+
+    fn line(&self, timeout: Duration) -> Result<String> {
+        self.lines
+            .recv_timeout(timeout)
+            .context("the direct llama.cpp worker stopped answering")
+    }
+
+    fn run(&mut self, tokens: u32) -> Result<Run> {
+        use std::io::Write;
+        writeln!(self.stdin, "{tokens}").context("writing to the direct worker")?;
+        self.stdin.flush()?;
+        let line = self.line(DIRECT_RUN_TIMEOUT)?;
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("the direct worker said {line:?}"))?;
+        match f[..] {
+            [first_token_ms, decode_tok_s, steady_tok_s] => Ok(Run {
+                first_token_ms,
+                decode_tok_s,
+                steady_tok_s,
+                engine_first_token_ms: 0.0,
+            }),
+            _ => bail!("the direct worker said {line:?}"),
+        }
+    }
+}
+
+/// The child side of [`DirectProc`]: loads the model, then answers each
+/// line of stdin (a token count) with one run's timings.
+fn direct_worker(args: &BenchArgs) -> Result<()> {
+    use std::io::Write;
+    let threads = zavod_engine::llama::resolve_threads(args.threads);
+    let cfg = LlamaConfig {
+        path: args.model.clone(),
+        gpu_layers: 0,
+        slots: 1,
+        context_tokens_per_seq: CONTEXT_TOKENS,
+        threads,
+        batch_tokens: BATCH_TOKENS,
+        queue_capacity: 1,
+        chat_template: None,
+    };
+    let loaded = LoadedModel::load(&cfg, |_| {})?;
+    let prompt = loaded.format_chat(&[Turn {
+        role: Role::User,
+        text: args.prompt.clone(),
+        tokens: 0,
+    }])?;
+    let t = threads as i32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(CONTEXT_TOKENS))
+        .with_n_batch(BATCH_TOKENS)
+        .with_n_ubatch(BATCH_TOKENS)
+        .with_n_seq_max(1)
+        .with_n_threads(t)
+        .with_n_threads_batch(t);
+    let mut ctx = loaded.model().new_context(shared_backend()?, params)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready {}", tokenize_prompt(&loaded, &prompt).len())?;
+    out.flush()?;
+    for line in std::io::stdin().lines() {
+        let tokens: u32 = line?.trim().parse().context("a token count")?;
+        let r = direct_run(&loaded, &mut ctx, &prompt, tokens)?;
+        writeln!(
+            out,
+            "{} {} {}",
+            r.first_token_ms, r.decode_tok_s, r.steady_tok_s
+        )?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -293,8 +427,13 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.tokens < 2 || args.runs == 0 || args.first_token_runs == 0 {
-        eprintln!("error: --tokens must be at least 2, --runs and --first-token-runs at least 1");
+    if args.direct_worker {
+        return direct_worker(&args);
+    }
+    if args.tokens < 2 || args.runs == 0 || args.first_token_runs == 0 || args.processes == 0 {
+        eprintln!(
+            "error: --tokens must be at least 2, --runs, --first-token-runs and --processes at least 1"
+        );
         std::process::exit(2);
     }
     if args.routing_only {
@@ -319,89 +458,77 @@ pub fn run(args: BenchArgs) -> Result<()> {
         idle.rss_bytes()?
     };
 
-    let node_dir = tmp.path().join("node");
-    let node = NodeProc::start(
-        &exe,
-        &node_dir,
-        &[
-            "--model".into(),
-            args.model.display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--slots".into(),
-            "1".into(),
-            "--context-tokens".into(),
-            CONTEXT_TOKENS.to_string(),
-        ],
-    )?;
-    let loaded_rss = node.rss_bytes()?;
-
-    let cfg = LlamaConfig {
-        path: args.model.clone(),
-        gpu_layers: 0,
-        slots: 1,
-        context_tokens_per_seq: CONTEXT_TOKENS,
-        threads,
-        batch_tokens: BATCH_TOKENS,
-        queue_capacity: 1,
-        chat_template: None,
-    };
-    let loaded = LoadedModel::load(&cfg, |_| {})?;
-    let prompt = loaded.format_chat(&[Turn {
-        role: Role::User,
-        text: args.prompt.clone(),
-        tokens: 0,
-    }])?;
-    let t = threads as i32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(CONTEXT_TOKENS))
-        .with_n_batch(BATCH_TOKENS)
-        .with_n_ubatch(BATCH_TOKENS)
-        .with_n_seq_max(1)
-        .with_n_threads(t)
-        .with_n_threads_batch(t);
-    let mut ctx = loaded.model().new_context(shared_backend()?, params)?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let client = rt.block_on(ChatClient::connect(
-        ClientIdentity::load(&node_dir, None)?,
-        node.addr.parse()?,
-        Default::default(),
-    ))?;
-    let node_run = || -> Result<Run> { Ok(timed_chat(&rt, &client, &args.prompt, args.tokens)?.0) };
-
-    // Warm-up: caches, page faults, connection set-up.
-    node_run()?;
-    direct_run(&loaded, &mut ctx, &prompt, args.tokens)?;
     let mut node_runs = Vec::new();
     let mut direct_runs = Vec::new();
-    for i in 0..args.runs {
-        // Alternate which path goes first so drift hits both.
-        if i % 2 == 0 {
-            node_runs.push(node_run()?);
-            direct_runs.push(direct_run(&loaded, &mut ctx, &prompt, args.tokens)?);
-        } else {
-            direct_runs.push(direct_run(&loaded, &mut ctx, &prompt, args.tokens)?);
-            node_runs.push(node_run()?);
-        }
-    }
-    // Time to first token from one-token runs, interleaved the same way.
-    let mut node_first = Vec::new();
+    let mut node_first: Vec<Run> = Vec::new();
     let mut direct_first = Vec::new();
-    for i in 0..args.first_token_runs {
-        let node = || -> Result<Run> { Ok(timed_chat(&rt, &client, &args.prompt, 1)?.0) };
-        let direct = |ctx: &mut _| -> Result<f64> {
-            Ok(direct_run(&loaded, ctx, &prompt, 1)?.first_token_ms)
-        };
-        if i % 2 == 0 {
-            node_first.push(node()?);
-            direct_first.push(direct(&mut ctx)?);
-        } else {
-            direct_first.push(direct(&mut ctx)?);
-            node_first.push(node()?);
+    // Per process pair: the median ratio of its decode runs.
+    let mut per_pair = Vec::new();
+    let mut loaded_rss = 0;
+    let mut prompt_tokens = 0;
+    for p in 0..args.processes {
+        // Fresh processes each round: where a process's memory lands moves
+        // its speed by a few percent (two identical nodes, side by side,
+        // differed by 4%), more than the difference being measured.
+        let node_dir = tmp.path().join(format!("node{p}"));
+        let node = NodeProc::start(
+            &exe,
+            &node_dir,
+            &[
+                "--model".into(),
+                args.model.display().to_string(),
+                "--threads".into(),
+                threads.to_string(),
+                "--slots".into(),
+                "1".into(),
+                "--context-tokens".into(),
+                CONTEXT_TOKENS.to_string(),
+            ],
+        )?;
+        if p == 0 {
+            loaded_rss = node.rss_bytes()?;
+        }
+        let mut direct = DirectProc::start(&exe, &args.model, threads, &args.prompt)?;
+        prompt_tokens = direct.prompt_tokens;
+        let client = rt.block_on(ChatClient::connect(
+            ClientIdentity::load(&node_dir, None)?,
+            node.addr.parse()?,
+            Default::default(),
+        ))?;
+        let node_run =
+            |tokens: u32| -> Result<Run> { Ok(timed_chat(&rt, &client, &args.prompt, tokens)?.0) };
+
+        // Warm-up: caches, page faults, connection set-up.
+        node_run(args.tokens)?;
+        direct.run(args.tokens)?;
+        let mut ratios = Vec::new();
+        for i in 0..args.runs {
+            // Alternate which path goes first so drift hits both.
+            let (n, d) = if i % 2 == 0 {
+                let n = node_run(args.tokens)?;
+                (n, direct.run(args.tokens)?)
+            } else {
+                let d = direct.run(args.tokens)?;
+                (node_run(args.tokens)?, d)
+            };
+            ratios.push(n.decode_tok_s / d.decode_tok_s);
+            node_runs.push(n);
+            direct_runs.push(d);
+        }
+        per_pair.push(median(ratios));
+        // Time to first token from one-token runs, interleaved the same way.
+        for i in 0..args.first_token_runs {
+            if i % 2 == 0 {
+                node_first.push(node_run(1)?);
+                direct_first.push(direct.run(1)?.first_token_ms);
+            } else {
+                direct_first.push(direct.run(1)?.first_token_ms);
+                node_first.push(node_run(1)?);
+            }
         }
     }
     let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
@@ -455,7 +582,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "tokens": args.tokens,
             "runs": args.runs,
             "first_token_runs": args.first_token_runs,
-            "prompt_tokens": tokenize_prompt(&loaded, &prompt).len(),
+            "prompt_tokens": prompt_tokens,
+            "processes": args.processes,
+            "decode_ratio_per_process_pair": per_pair,
             "direct": {"decode_tok_s": direct_tps, "steady_tok_s": direct_steady, "first_token_ms": direct_ttft},
             "node": {"decode_tok_s": node_tps, "steady_tok_s": node_steady, "first_token_ms": node_ttft},
             "decode_ratio": node_tps / direct_tps,
@@ -470,10 +599,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "zavod bench: {name}, {threads} threads, {} prompt tokens, {} generated tokens x {} runs (interleaved with direct; medians)",
-            tokenize_prompt(&loaded, &prompt).len(),
-            args.tokens,
-            args.runs
+            "zavod bench: {name}, {threads} threads, {prompt_tokens} prompt tokens, {} generated tokens x {} runs x {} fresh process pairs (interleaved; medians)",
+            args.tokens, args.runs, args.processes
         );
         println!(
             "{:<28}{:>14}{:>14}{:>16}",
@@ -481,7 +608,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         println!(
             "{:<28}{:>14.1}{:>14.1}{:>16.1}",
-            "llama.cpp in-process", direct_tps, direct_steady, direct_ttft
+            "llama.cpp direct", direct_tps, direct_steady, direct_ttft
         );
         println!(
             "{:<28}{:>14.1}{:>14.1}{:>16.1}",
@@ -506,11 +633,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             format!("{ttft_q1:+.1} to {ttft_q3:+.1}")
         );
         println!(
+            "decode ratio per process pair (median of its runs): {}",
+            per_pair
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
             "decode: tokens after the first over their time; steady: 1 / median gap between tokens;"
         );
         println!(
             "first token: from the request (the node's stream opening included) to the first token, over {} one-token runs;",
-            args.first_token_runs
+            args.first_token_runs * args.processes
         );
         println!(
             "  of it the node's own handling and delivery (client's time minus the engine's own time to first token): {node_added:.2} ms (median)"

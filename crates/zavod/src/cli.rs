@@ -36,7 +36,7 @@ pub enum Command {
     /// Issue client credentials.
     #[command(subcommand)]
     Cap(CapCommand),
-    /// Measure decode speed and first-token time through a node against llama.cpp in-process.
+    /// Measure decode speed and first-token time through a node against llama.cpp driven directly.
     Bench(BenchArgs),
 }
 
@@ -218,13 +218,22 @@ pub struct BenchArgs {
     /// Tokens generated per run.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub tokens: u32,
-    /// Measured decode runs of each path (interleaved), after one warm-up each.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    /// Measured decode runs of each path (interleaved) per process pair, after
+    /// one warm-up each.
+    #[arg(long, default_value_t = 4, value_name = "N")]
     pub runs: u32,
-    /// Measured one-token runs of each path (interleaved) for the time to
-    /// first token; short, so many fit where the machine's noise averages out.
-    #[arg(long, default_value_t = 40, value_name = "N")]
+    /// Measured one-token runs of each path (interleaved) per process pair,
+    /// for the time to first token; short, so many fit.
+    #[arg(long, default_value_t = 15, value_name = "N")]
     pub first_token_runs: u32,
+    /// Fresh pairs of processes (a node, and llama.cpp on its own) to spread
+    /// the runs over, so no one process's luck decides the ratio.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub processes: u32,
+    /// Internal: be the direct llama.cpp side of a bench (reads token counts
+    /// on stdin, writes timings on stdout).
+    #[arg(long, hide = true)]
+    pub direct_worker: bool,
     /// Prompt sent as one chat turn.
     #[arg(
         long,
