@@ -103,3 +103,40 @@ fn seeded_sampling_repeats_and_max_tokens_bounds_the_answer() {
         .unwrap_or_else(|| panic!("no generated count in {e}"));
     assert!(generated <= 8, "{e}");
 }
+
+/// `zavod bench` end to end at its smallest: a node, a direct llama.cpp
+/// worker, both timed; figures only have to be sane, not fast.
+#[test]
+fn bench_measures_both_paths() {
+    let model = model_path();
+    let out = std::process::Command::new(zavod_tests::zavod_bin())
+        .args([
+            "bench",
+            "--threads",
+            "1",
+            "--tokens",
+            "4",
+            "--runs",
+            "1",
+            "--first-token-runs",
+            "1",
+            "--processes",
+            "1",
+            "--json",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .expect("run zavod bench");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+    for path in ["direct", "node"] {
+        let rate = j[path]["decode_tok_s"].as_f64().unwrap_or(0.0);
+        let first = j[path]["first_token_ms"].as_f64().unwrap_or(0.0);
+        assert!(rate > 0.0 && first > 0.0, "{path}: {j}");
+    }
+    assert!(j["prompt_tokens"].as_u64().unwrap_or(0) > 0, "{j}");
+    assert!(j["idle_node_rss_bytes"].as_u64().unwrap_or(0) > 0, "{j}");
+    let added = j["first_token_added_by_node_ms"].as_f64().unwrap_or(-1.0);
+    assert!(added >= 0.0, "{j}");
+}
