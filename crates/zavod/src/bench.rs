@@ -94,6 +94,19 @@ impl NodeProc {
     }
 }
 
+/// Flags for a node that serves `model` on `threads` CPU threads with one
+/// slot, as every bench's model node does.
+fn model_node_args(model: &Path, threads: u32) -> Vec<String> {
+    vec![
+        "--model".into(),
+        model.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--slots".into(),
+        "1".into(),
+    ]
+}
+
 /// llama.cpp driven directly, in a child process of its own (`zavod bench
 /// --direct-worker`), so it starts as fresh as the node does. One line in
 /// (tokens to generate), one line out (the run's timings).
@@ -301,6 +314,18 @@ fn timed_chat(
     Ok((run, served))
 }
 
+/// (median, first quartile, third quartile); zeros when `v` is empty.
+fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (q1, q3) = (q(0.25), q(0.75));
+    (median(v), q1, q3)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -475,20 +500,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // its speed by a few percent (two identical nodes, side by side,
         // differed by 4%), more than the difference being measured.
         let node_dir = tmp.path().join(format!("node{p}"));
-        let node = NodeProc::start(
-            &exe,
-            &node_dir,
-            &[
-                "--model".into(),
-                args.model.display().to_string(),
-                "--threads".into(),
-                threads.to_string(),
-                "--slots".into(),
-                "1".into(),
-                "--context-tokens".into(),
-                CONTEXT_TOKENS.to_string(),
-            ],
-        )?;
+        let mut node_args = model_node_args(&args.model, threads);
+        node_args.extend(["--context-tokens".into(), CONTEXT_TOKENS.to_string()]);
+        let node = NodeProc::start(&exe, &node_dir, &node_args)?;
         if p == 0 {
             loaded_rss = node.rss_bytes()?;
         }
@@ -548,32 +562,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Runs next to each other in time share the machine's mood, so the
     // ratios of pairs are a second, drift-free view; their quartiles say
     // how far one bench run can be trusted.
-    let pairs = |f: fn(&Run) -> f64| -> (f64, f64, f64) {
-        let mut v: Vec<f64> = node_runs
-            .iter()
-            .zip(&direct_runs)
-            .map(|(n, d)| f(n) / f(d))
-            .collect();
-        v.sort_by(f64::total_cmp);
-        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-        (median(v.clone()), q(0.25), q(0.75))
+    let pairs = |f: fn(&Run) -> f64| {
+        quartiles(
+            node_runs
+                .iter()
+                .zip(&direct_runs)
+                .map(|(n, d)| f(n) / f(d))
+                .collect(),
+        )
     };
     let (pair_ratio, pair_q1, pair_q3) = pairs(|r| r.decode_tok_s);
     let (steady_ratio, steady_q1, steady_q3) = pairs(|r| r.steady_tok_s);
-    let (ttft_pairs, ttft_q1, ttft_q3) = {
-        let mut v: Vec<f64> = node_first
+    let (ttft_pairs, ttft_q1, ttft_q3) = quartiles(
+        node_first
             .iter()
             .zip(&direct_first)
             .map(|(n, d)| n.first_token_ms - d)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-                .copied()
-                .unwrap_or(0.0)
-        };
-        (median(v.clone()), q(0.25), q(0.75))
-    };
+            .collect(),
+    );
     let name = zavod_engine::model_name_from_path(&args.model);
     if args.json {
         let j = serde_json::json!({
@@ -689,15 +695,10 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
         &exe,
         &tmp.path().join("c"),
         &[
-            "--join".into(),
-            token,
-            "--model".into(),
-            args.model.display().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--slots".into(),
-            "1".into(),
-        ],
+            vec!["--join".into(), token],
+            model_node_args(&args.model, threads),
+        ]
+        .concat(),
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
