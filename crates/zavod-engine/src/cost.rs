@@ -6,7 +6,7 @@
 //! `panic_on` makes the engine thread panic when a prompt contains the given
 //! text, so tests can show that a dead engine is detected and replaced.
 
-use crate::{Engine, EngineError, EngineEvent, Job, ModelInfo};
+use crate::{Engine, EngineError, EngineEvent, GenToken, Job, ModelInfo};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -150,12 +150,12 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
         let text = format!(" w{}", h % 1000);
         if job
             .events
-            .try_send(EngineEvent::Token {
+            .try_send(EngineEvent::Tokens(vec![GenToken {
                 index: generated,
                 text,
                 // Any id will do for a model that is only a cost.
                 id: i32::try_from(generated).unwrap_or(i32::MAX),
-            })
+            }]))
             .is_err()
         {
             return;
@@ -287,9 +287,9 @@ mod tests {
         let b = collect(r2);
         let strip = |v: &[EngineEvent]| {
             v.iter()
-                .filter_map(|e| match e {
-                    EngineEvent::Token { text, .. } => Some(text.clone()),
-                    _ => None,
+                .flat_map(|e| match e {
+                    EngineEvent::Tokens(t) => t.iter().map(|t| t.text.clone()).collect(),
+                    _ => Vec::new(),
                 })
                 .collect::<Vec<_>>()
         };

@@ -9,13 +9,19 @@
 //!   simulator and for tests of routing and supervision. It is never used
 //!   where a real answer is expected.
 //!
+//! Tokens leave the llama.cpp engine in batches when its stream interval is
+//! set ([`pacing`]): one event, so one wake-up of the node, for several.
+//!
 //! Invariants: every submitted job ends with exactly one terminal event
 //! ([`EngineEvent::Done`] or [`EngineEvent::Failed`]) unless its receiver was
 //! dropped (which cancels it); a slow receiver never stalls other jobs (its
-//! job is failed instead); queues are bounded.
+//! job is failed instead); queues are bounded; a job's tokens arrive in
+//! order, indices without gaps, and every token made before its terminal
+//! event is handed over before it.
 
 pub mod cost;
 pub mod llama;
+pub mod pacing;
 mod utf8;
 
 use std::sync::Arc;
@@ -77,14 +83,22 @@ pub enum EngineEvent {
     Started {
         prompt_tokens: u32,
     },
-    Token {
-        index: u32,
-        text: String,
-        /// The model's token id.
-        id: i32,
-    },
+    /// Generated tokens, in order, handed over together (see
+    /// [`pacing`]); never empty.
+    Tokens(Vec<GenToken>),
     Done(DoneInfo),
     Failed(String),
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenToken {
+    /// Position in the answer, from 0.
+    pub index: u32,
+    /// The token's text; empty while it ends inside a UTF-8 character.
+    pub text: String,
+    /// The model's token id.
+    pub id: i32,
 }
 
 /// Static facts about the loaded model.

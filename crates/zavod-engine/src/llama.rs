@@ -8,9 +8,10 @@
 //! busy. Events leave through each job's bounded channel with `try_send`, so
 //! one slow reader can only fail its own job.
 
+use crate::pacing::Pacer;
 use crate::utf8::Utf8Stream;
 use crate::{
-    CancelFlag, Engine, EngineError, EngineEvent, JOB_EVENT_BUFFER, Job, ModelInfo,
+    CancelFlag, Engine, EngineError, EngineEvent, GenToken, JOB_EVENT_BUFFER, Job, ModelInfo,
     model_name_from_path, quant_from_name,
 };
 use llama_cpp_2::context::LlamaContext;
@@ -28,11 +29,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::error::TrySendError as EvTrySendError;
 use zavod_proto::capacity::WorkerLoad;
 use zavod_proto::prompt::{Role, Turn};
 use zavod_proto::wire::{DoneInfo, StopReason};
+
+/// Longest pacing interval accepted: past this a stream reads as stalled.
+pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;
 
 /// How the engine runs a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +56,9 @@ pub struct LlamaConfig {
     pub queue_capacity: usize,
     /// A llama.cpp built-in template name to use instead of the model's.
     pub chat_template: Option<String>,
+    /// Longest a generated token waits so that several leave together
+    /// (see [`crate::pacing`]); 0 sends each token as it is made.
+    pub stream_interval_ms: u32,
 }
 
 impl LlamaConfig {
@@ -74,6 +81,12 @@ impl LlamaConfig {
         }
         if self.queue_capacity == 0 {
             return bad("queue_capacity must be at least 1".into());
+        }
+        if self.stream_interval_ms > MAX_STREAM_INTERVAL_MS {
+            return bad(format!(
+                "stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {}",
+                self.stream_interval_ms
+            ));
         }
         if self
             .slots
@@ -428,6 +441,8 @@ struct Seq {
     submitted: Instant,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
+    /// Tokens made but not yet handed over.
+    pacer: Pacer<GenToken>,
 }
 
 fn sampler_for(p: &zavod_proto::wire::GenParams) -> LlamaSampler {
@@ -462,6 +477,14 @@ fn send(tx: &tokio::sync::mpsc::Sender<EngineEvent>, ev: EngineEvent) -> Sent {
         Ok(()) => Sent::Ok,
         Err(EvTrySendError::Closed(_)) => Sent::Gone,
         Err(EvTrySendError::Full(_)) => Sent::Full,
+    }
+}
+
+/// Hands over the tokens a sequence still holds, if any.
+fn release_held(s: &mut Seq) {
+    let held: Vec<GenToken> = s.pacer.release().collect();
+    if !held.is_empty() {
+        let _ = send(&s.events, EngineEvent::Tokens(held));
     }
 }
 
@@ -615,7 +638,9 @@ fn run(
         };
         if let Err(e) = decoded {
             tracing::error!(error = %e, "decode failed; failing the running requests");
-            for s in active.drain(..) {
+            for mut s in active.drain(..) {
+                // What was made still goes out: a client can resume from it.
+                release_held(&mut s);
                 let _ = send(
                     &s.events,
                     EngineEvent::Failed(format!("decode failed: {e}")),
@@ -651,14 +676,17 @@ fn run(
                 let text = s.utf8.push(&piece);
                 let index = s.generated;
                 s.generated += 1;
-                match send(
-                    &s.events,
-                    EngineEvent::Token {
-                        index,
-                        text,
-                        id: tok.0,
-                    },
-                ) {
+                let made = GenToken {
+                    index,
+                    text,
+                    id: tok.0,
+                };
+                // One event per release: each event wakes the node.
+                let sent = match s.pacer.push(now, made) {
+                    Some(due) => send(&s.events, EngineEvent::Tokens(due.collect())),
+                    None => Sent::Ok,
+                };
+                match sent {
                     Sent::Ok => {}
                     Sent::Gone => stop = Some(StopReason::Cancelled),
                     Sent::Full => {
@@ -767,6 +795,7 @@ fn admit(model: &LoadedModel, cfg: &LlamaConfig, job: Job, seq_id: i32) -> Optio
         submitted: Instant::now(),
         first_at: None,
         last_at: None,
+        pacer: Pacer::new(Duration::from_millis(u64::from(cfg.stream_interval_ms))),
     })
 }
 
@@ -780,7 +809,7 @@ struct Books<'a> {
 fn finish(
     ctx: &mut LlamaContext<'_>,
     free: &mut Vec<i32>,
-    s: Seq,
+    mut s: Seq,
     stop: StopReason,
     rate_ewma: &mut f32,
     books: Books<'_>,
@@ -807,6 +836,7 @@ fn finish(
     // Load is published before Done so a client that sees Done never reads a
     // stale busy count.
     publish_load(books.shared, books.cfg, books.busy_after, *rate_ewma);
+    release_held(&mut s);
     let _ = send(
         &s.events,
         EngineEvent::Done(DoneInfo {

@@ -29,11 +29,15 @@ fn config(slots: u32) -> LlamaConfig {
         batch_tokens: 512,
         queue_capacity: 16,
         chat_template: None,
+        stream_interval_ms: 0,
     }
 }
 
 fn engine(slots: u32) -> LlamaEngine {
-    let cfg = config(slots);
+    engine_with(config(slots))
+}
+
+fn engine_with(cfg: LlamaConfig) -> LlamaEngine {
     let model = LoadedModel::load(&cfg, |_| {}).expect("model loads");
     LlamaEngine::start(model, &cfg).expect("engine starts")
 }
@@ -43,6 +47,8 @@ struct Outcome {
     tokens: u32,
     stop: StopReason,
     ids: Vec<i32>,
+    /// Tokens in each event, in order.
+    batches: Vec<usize>,
 }
 
 fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
@@ -58,14 +64,19 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut next_index = 0;
+    let mut batches = Vec::new();
     loop {
         match rx.blocking_recv().expect("a terminal event") {
             EngineEvent::Started { prompt_tokens } => assert!(prompt_tokens > 0),
-            EngineEvent::Token { index, text: t, id } => {
-                assert_eq!(index, next_index, "no gap, no duplicate");
-                ids.push(id);
-                next_index += 1;
-                text.push_str(&t);
+            EngineEvent::Tokens(tokens) => {
+                assert!(!tokens.is_empty(), "no empty batches");
+                batches.push(tokens.len());
+                for t in tokens {
+                    assert_eq!(t.index, next_index, "no gap, no duplicate");
+                    ids.push(t.id);
+                    next_index += 1;
+                    text.push_str(&t.text);
+                }
             }
             EngineEvent::Done(d) => {
                 assert_eq!(d.generated_tokens, next_index);
@@ -74,6 +85,7 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
                     tokens: d.generated_tokens,
                     stop: d.stop,
                     ids,
+                    batches,
                 };
             }
             EngineEvent::Failed(e) => panic!("job failed: {e}"),
@@ -196,6 +208,48 @@ fn greedy_is_deterministic_and_respects_max_tokens() {
 }
 
 #[test]
+fn paced_tokens_leave_in_batches_and_the_answer_is_unchanged() {
+    let prompt = "Tell me about the sea.";
+    let params = GenParams {
+        ignore_eos: true,
+        ..greedy(48)
+    };
+    let each = run(&engine(1), prompt, params.clone());
+    assert!(each.batches.iter().all(|&n| n == 1), "{:?}", each.batches);
+    // The longest interval, so that even a slow machine makes several
+    // tokens per interval.
+    let paced = run(
+        &engine_with(LlamaConfig {
+            stream_interval_ms: zavod_engine::llama::MAX_STREAM_INTERVAL_MS,
+            ..config(1)
+        }),
+        prompt,
+        params,
+    );
+    assert_eq!(paced.ids, each.ids);
+    assert_eq!(paced.text, each.text);
+    assert_eq!(paced.tokens, 48);
+    assert_eq!(
+        paced.batches.first(),
+        Some(&1),
+        "the first token leaves at once"
+    );
+    assert!(
+        paced.batches.len() <= 24,
+        "tokens should leave together: {:?}",
+        paced.batches
+    );
+    let over = LlamaConfig {
+        stream_interval_ms: zavod_engine::llama::MAX_STREAM_INTERVAL_MS + 1,
+        ..config(1)
+    };
+    assert!(
+        over.check()
+            .is_err_and(|e| e.to_string().contains("stream_interval_ms"))
+    );
+}
+
+#[test]
 fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     let e = Arc::new(engine(4));
     let sampled = GenParams {
@@ -261,8 +315,8 @@ fn cancel_and_dropped_receivers_end_jobs() {
     let mut tokens = 0;
     loop {
         match rx.blocking_recv().expect("event") {
-            EngineEvent::Token { .. } => {
-                tokens += 1;
+            EngineEvent::Tokens(t) => {
+                tokens += t.len();
                 if tokens == 3 {
                     cancel.cancel();
                 }

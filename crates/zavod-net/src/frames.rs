@@ -102,6 +102,33 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Sends several frames with one flush, so they leave together (one
+    /// write, one wake-up of the reader) rather than one by one; same
+    /// timeout as [`FrameWriter::send`], for the whole batch.
+    pub async fn send_all<T: Serialize>(
+        &mut self,
+        msgs: &[T],
+        timeout: Duration,
+    ) -> Result<(), NetError> {
+        let frames = msgs
+            .iter()
+            .map(|m| encode_frame(m, self.limit).map(bytes::Bytes::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sink = &mut self.sink;
+        tokio::time::timeout(timeout, async move {
+            for f in frames {
+                sink.feed(f).await?;
+            }
+            sink.flush().await
+        })
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: "writing frames".into(),
+            ms: timeout.as_millis() as u64,
+        })??;
+        Ok(())
+    }
+
     /// Sends arbitrary bytes as one frame, unchecked: for tests that play a
     /// hostile peer.
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {

@@ -84,7 +84,8 @@ impl ChatOutcome {
 /// Most times one answer is resumed on another node.
 const MAX_RESUMES: u32 = 3;
 
-/// A connected client.
+/// A connected client. Clones share one connection.
+#[derive(Clone)]
 pub struct ChatClient {
     net: zavod_net::Client,
     peer: PeerId,

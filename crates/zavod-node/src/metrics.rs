@@ -127,7 +127,7 @@ impl Metrics {
         );
         r.register(
             "inter_token_seconds",
-            "Time between consecutive tokens of one answer",
+            "Time between consecutive tokens of one answer (averaged over tokens handed over together)",
             m.inter_token.clone(),
         );
         r.register(

@@ -173,6 +173,7 @@ pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
         batch_tokens: m.batch_tokens,
         queue_capacity: m.queue_capacity,
         chat_template: m.chat_template.clone(),
+        stream_interval_ms: cfg.stream_interval_ms(),
     })
 }
 

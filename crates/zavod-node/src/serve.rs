@@ -173,6 +173,16 @@ fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
 pub(crate) trait Sink: Send {
     /// Sends a frame; an error means the client is gone.
     fn send(&mut self, frame: &ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+
+    /// Sends frames in order, together where the sink can (one flush).
+    fn send_all(&mut self, frames: &[ServerFrame]) -> impl Future<Output = Result<(), ()>> + Send {
+        async move {
+            for f in frames {
+                self.send(f).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Tells when the client cancelled or left.
@@ -189,6 +199,10 @@ struct WriterSink<'a> {
 impl Sink for WriterSink<'_> {
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
         self.writer.send(frame, self.wt).await.map_err(|_| ())
+    }
+
+    async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), ()> {
+        self.writer.send_all(frames, self.wt).await.map_err(|_| ())
     }
 }
 
@@ -266,9 +280,8 @@ async fn stream_job(
     let started = tokio::time::Instant::now();
     let mut last_token: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            ev = tokio::time::timeout(stall, events.recv()) => {
-                let ev = match ev {
+        let ev = tokio::select! {
+                ev = tokio::time::timeout(stall, events.recv()) => match ev {
                     Ok(Some(ev)) => ev,
                     Ok(None) => {
                         return Err(error_frame(ErrorCode::Internal, "the model worker stopped mid-answer"));
@@ -277,33 +290,52 @@ async fn stream_job(
                         cancel.cancel();
                         return Err(error_frame(ErrorCode::Timeout, format!("no token for {} ms", stall.as_millis())));
                     }
-                };
-                match ev {
-                    EngineEvent::Started { .. } => {}
-                    EngineEvent::Token { index, text, id } => {
-                        let now = tokio::time::Instant::now();
-                        match last_token {
-                            None => metrics.time_to_first_token.observe((now - started).as_secs_f64()),
-                            Some(t) => metrics.inter_token.observe((now - t).as_secs_f64()),
-                        }
-                        last_token = Some(now);
-                        metrics.tokens_generated.inc();
-                        answer.push_str(&text);
-                        if sink.send(&ServerFrame::Token { index, text, id }).await.is_err() {
-                            // The client left; nothing more to deliver.
-                            cancel.cancel();
-                            return Ok(None);
+                },
+                () = watch.cancelled(), if watching => {
+                    // Stop generating; the engine answers with Done(Cancelled).
+                    watching = false;
+                    cancel.cancel();
+                    continue;
+                }
+        };
+        match ev {
+            EngineEvent::Started { .. } => {}
+            EngineEvent::Tokens(tokens) => {
+                // Each batch leaves in one write: one wake-up of the client.
+                let now = tokio::time::Instant::now();
+                match last_token {
+                    None => metrics
+                        .time_to_first_token
+                        .observe((now - started).as_secs_f64()),
+                    Some(t) => {
+                        // Tokens that leave together share the gap evenly.
+                        let gap = (now - t).as_secs_f64() / tokens.len().max(1) as f64;
+                        for _ in &tokens {
+                            metrics.inter_token.observe(gap);
                         }
                     }
-                    EngineEvent::Done(done) => return Ok(Some(Streamed { answer, done })),
-                    EngineEvent::Failed(msg) => return Err(error_frame(ErrorCode::Internal, msg)),
+                }
+                last_token = Some(now);
+                metrics.tokens_generated.inc_by(tokens.len() as u64);
+                let frames: Vec<ServerFrame> = tokens
+                    .into_iter()
+                    .map(|t| {
+                        answer.push_str(&t.text);
+                        ServerFrame::Token {
+                            index: t.index,
+                            text: t.text,
+                            id: t.id,
+                        }
+                    })
+                    .collect();
+                if sink.send_all(&frames).await.is_err() {
+                    // The client left; nothing more to deliver.
+                    cancel.cancel();
+                    return Ok(None);
                 }
             }
-            () = watch.cancelled(), if watching => {
-                // Stop generating; the engine answers with Done(Cancelled).
-                watching = false;
-                cancel.cancel();
-            }
+            EngineEvent::Done(done) => return Ok(Some(Streamed { answer, done })),
+            EngineEvent::Failed(msg) => return Err(error_frame(ErrorCode::Internal, msg)),
         }
     }
 }
@@ -602,21 +634,34 @@ impl<S: Sink> Sink for &mut S {
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
         (**self).send(frame).await
     }
+
+    async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), ()> {
+        (**self).send_all(frames).await
+    }
+}
+
+impl<S> OffsetSink<S> {
+    fn shift(&self, frame: &ServerFrame) -> ServerFrame {
+        match frame {
+            ServerFrame::Token { index, text, id } => ServerFrame::Token {
+                index: index.saturating_add(self.base),
+                text: text.clone(),
+                id: *id,
+            },
+            other => other.clone(),
+        }
+    }
 }
 
 impl<S: Sink> Sink for OffsetSink<S> {
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), ()> {
-        match frame {
-            ServerFrame::Token { index, text, id } => {
-                let shifted = ServerFrame::Token {
-                    index: index.saturating_add(self.base),
-                    text: text.clone(),
-                    id: *id,
-                };
-                self.inner.send(&shifted).await
-            }
-            other => self.inner.send(other).await,
-        }
+        let shifted = self.shift(frame);
+        self.inner.send(&shifted).await
+    }
+
+    async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), ()> {
+        let shifted: Vec<ServerFrame> = frames.iter().map(|f| self.shift(f)).collect();
+        self.inner.send_all(&shifted).await
     }
 }
 

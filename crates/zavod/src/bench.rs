@@ -208,6 +208,7 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
         batch_tokens: BATCH_TOKENS,
         queue_capacity: 1,
         chat_template: None,
+        stream_interval_ms: 0,
     };
     let loaded = LoadedModel::load(&cfg, |_| {})?;
     let prompt = loaded.format_chat(&[Turn {
@@ -240,14 +241,20 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Tokens per window of the steady rate: long enough to span several of
+/// the node's batches (50 ms each at most by default), short enough that
+/// a stall spoils few windows.
+const STEADY_WINDOW: usize = 32;
+
 #[derive(Debug, Clone, Copy)]
 struct Run {
     first_token_ms: f64,
     /// Tokens after the first over the time they took: what a reader sees.
     decode_tok_s: f64,
-    /// One over the median gap between tokens: the steady per-token cost,
-    /// which moments when this shared machine stalls a whole step (both
-    /// paths alike, at random) move far less than the mean.
+    /// One over the median per-token time across windows of
+    /// [`STEADY_WINDOW`] tokens: the steady per-token cost, which moments
+    /// when this shared machine stalls a whole step (both paths alike, at
+    /// random) move far less than the mean.
     steady_tok_s: f64,
     /// The engine's own time from taking the job to its first token (node
     /// runs only): what the node adds is `first_token_ms` minus this.
@@ -260,9 +267,13 @@ impl Run {
         let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
             bail!("no tokens arrived");
         };
+        // Per-token time over windows of STEADY_WINDOW tokens, not single
+        // gaps: a node that hands tokens over in batches delivers several
+        // at once, so single gaps would be mostly zero.
+        let w = STEADY_WINDOW.min(times.len() - 1).max(1);
         let gaps: Vec<f64> = times
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .windows(w + 1)
+            .map(|s| (s[w] - s[0]).as_secs_f64() / w as f64)
             .collect();
         let gap = median(gaps);
         Ok(Run {
@@ -283,26 +294,35 @@ fn timed_chat(
     prompt: &str,
     tokens: u32,
 ) -> Result<(Run, String)> {
-    let mut times = Vec::with_capacity(tokens as usize);
-    let t0 = Instant::now();
-    let o = rt.block_on(client.chat(
-        Ask {
-            message: prompt.to_string(),
-            params: GenParams {
-                temperature: 0.0,
-                max_tokens: tokens,
-                ignore_eos: true,
-                ..Default::default()
-            },
+    let client = client.clone();
+    let ask = Ask {
+        message: prompt.to_string(),
+        params: GenParams {
+            temperature: 0.0,
+            max_tokens: tokens,
+            ignore_eos: true,
             ..Default::default()
         },
-        |ev| {
-            if let ChatEvent::Token { .. } = ev {
-                times.push(Instant::now());
-            }
-        },
-        std::future::pending(),
-    ))?;
+        ..Default::default()
+    };
+    // Timed on the runtime's worker, where the client's network runs too,
+    // as `zavod chat` does it.
+    let (t0, times, o) = crate::chat::on_worker(rt, async move {
+        let mut times = Vec::with_capacity(tokens as usize);
+        let t0 = Instant::now();
+        let o = client
+            .chat(
+                ask,
+                |ev| {
+                    if let ChatEvent::Token { .. } = ev {
+                        times.push(Instant::now());
+                    }
+                },
+                std::future::pending(),
+            )
+            .await?;
+        Ok((t0, times, o))
+    })?;
     if o.tokens != tokens || times.len() != tokens as usize {
         bail!("generated {} tokens, asked for {tokens}", o.tokens);
     }
@@ -647,7 +667,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .join(" ")
         );
         println!(
-            "decode: tokens after the first over their time; steady: 1 / median gap between tokens;"
+            "decode: tokens after the first over their time; steady: 1 / median per-token time over windows of {STEADY_WINDOW} tokens;"
         );
         println!(
             "first token: from the request (the node's stream opening included) to the first token, over {} one-token runs;",

@@ -16,6 +16,20 @@ fn new_conversation() -> Result<ConversationId> {
     Ok(ConversationId::parse(&id)?)
 }
 
+/// Runs `fut` as a task on the runtime's worker thread and waits for it.
+///
+/// The client's network event loop runs on that worker; a chat polled from
+/// the calling thread (`block_on`) instead would wake a second thread for
+/// every token that arrives, and on a machine whose cores all run inference
+/// each wake-up takes time from the model.
+pub(crate) fn on_worker<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    rt.block_on(rt.spawn(fut))
+        .context("the chat task stopped abnormally")?
+}
+
 pub fn run(args: ChatArgs) -> Result<()> {
     let params = GenParams {
         temperature: args.temperature,
@@ -60,7 +74,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             params,
             show_prompt: args.show_prompt,
         };
-        let outcome = rt.block_on(turn(&client, ask, &args))?;
+        let outcome = on_worker(&rt, turn(client, ask, args.show_prompt, args.verbose))?;
         let mut out = std::io::stdout().lock();
         writeln!(out)?;
         out.flush()?;
@@ -73,10 +87,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
 }
 
 /// Streams one answer to stdout as it arrives.
-async fn turn(client: &ChatClient, ask: Ask, args: &ChatArgs) -> Result<ChatOutcome> {
+async fn turn(
+    client: ChatClient,
+    ask: Ask,
+    show_prompt: bool,
+    verbose: bool,
+) -> Result<ChatOutcome> {
     let mut write_err: Option<std::io::Error> = None;
-    let show_prompt = args.show_prompt;
-    let verbose = args.verbose;
     let cancel = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -194,7 +211,10 @@ fn interactive(
             params: params.clone(),
             show_prompt: args.show_prompt,
         };
-        match rt.block_on(turn(client, ask, args)) {
+        match on_worker(
+            rt,
+            turn(client.clone(), ask, args.show_prompt, args.verbose),
+        ) {
             Ok(outcome) => {
                 println!();
                 if args.verbose {

@@ -141,6 +141,11 @@ pub struct NodeArgs {
     /// leaves free, from 1 to 4).
     #[arg(long, env = "ZAVOD_RUNTIME_THREADS", value_name = "N")]
     pub runtime_threads: Option<u32>,
+    /// Longest a generated token is held so that several reach the client
+    /// together (0 = each token as it is made; default: 0, or 50 when the
+    /// model's CPU threads take every core).
+    #[arg(long, env = "ZAVOD_STREAM_INTERVAL_MS", value_name = "MS")]
+    pub stream_interval_ms: Option<u32>,
     /// Requests generated at once (continuous batching).
     #[arg(long, env = "ZAVOD_SLOTS", value_name = "N")]
     pub slots: Option<u32>,
@@ -220,15 +225,15 @@ pub struct BenchArgs {
     pub tokens: u32,
     /// Measured decode runs of each path (interleaved) per process pair, after
     /// one warm-up each.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 2, value_name = "N")]
     pub runs: u32,
     /// Measured one-token runs of each path (interleaved) per process pair,
     /// for the time to first token; short, so many fit.
-    #[arg(long, default_value_t = 15, value_name = "N")]
+    #[arg(long, default_value_t = 6, value_name = "N")]
     pub first_token_runs: u32,
     /// Fresh pairs of processes (a node, and llama.cpp on its own) to spread
     /// the runs over, so no one process's luck decides the ratio.
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N")]
     pub processes: u32,
     /// Internal: be the direct llama.cpp side of a bench (reads token counts
     /// on stdin, writes timings on stdout).

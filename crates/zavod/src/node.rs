@@ -21,6 +21,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         context_tokens: args.context_tokens,
         threads: args.threads,
         runtime_threads: args.runtime_threads,
+        stream_interval_ms: args.stream_interval_ms,
         http: args.http,
     });
     let ticket = match &args.join {
