@@ -281,22 +281,22 @@ async fn stream_job(
     let mut last_token: Option<tokio::time::Instant> = None;
     loop {
         let ev = tokio::select! {
-                ev = tokio::time::timeout(stall, events.recv()) => match ev {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => {
-                        return Err(error_frame(ErrorCode::Internal, "the model worker stopped mid-answer"));
-                    }
-                    Err(_) => {
-                        cancel.cancel();
-                        return Err(error_frame(ErrorCode::Timeout, format!("no token for {} ms", stall.as_millis())));
-                    }
-                },
-                () = watch.cancelled(), if watching => {
-                    // Stop generating; the engine answers with Done(Cancelled).
-                    watching = false;
-                    cancel.cancel();
-                    continue;
+            ev = tokio::time::timeout(stall, events.recv()) => match ev {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Err(error_frame(ErrorCode::Internal, "the model worker stopped mid-answer"));
                 }
+                Err(_) => {
+                    cancel.cancel();
+                    return Err(error_frame(ErrorCode::Timeout, format!("no token for {} ms", stall.as_millis())));
+                }
+            },
+            () = watch.cancelled(), if watching => {
+                // Stop generating; the engine answers with Done(Cancelled).
+                watching = false;
+                cancel.cancel();
+                continue;
+            }
         };
         match ev {
             EngineEvent::Started { .. } => {}
