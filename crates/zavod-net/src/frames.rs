@@ -92,19 +92,12 @@ impl FrameWriter {
     /// Sends one frame, giving up after `timeout` (a client that stops
     /// reading must not hold a task forever).
     pub async fn send<T: Serialize>(&mut self, msg: &T, timeout: Duration) -> Result<(), NetError> {
-        let bytes = encode_frame(msg, self.limit)?;
-        tokio::time::timeout(timeout, self.sink.send(bytes::Bytes::from(bytes)))
-            .await
-            .map_err(|_| NetError::Timeout {
-                what: "writing a frame".into(),
-                ms: timeout.as_millis() as u64,
-            })??;
-        Ok(())
+        self.send_all(std::slice::from_ref(msg), timeout).await
     }
 
     /// Sends several frames with one flush, so they leave together (one
-    /// write, one wake-up of the reader) rather than one by one; same
-    /// timeout as [`FrameWriter::send`], for the whole batch.
+    /// write, one wake-up of the reader) rather than one by one, giving up
+    /// after `timeout` for the whole batch.
     pub async fn send_all<T: Serialize>(
         &mut self,
         msgs: &[T],
@@ -123,7 +116,7 @@ impl FrameWriter {
         })
         .await
         .map_err(|_| NetError::Timeout {
-            what: "writing frames".into(),
+            what: "writing to the stream".into(),
             ms: timeout.as_millis() as u64,
         })??;
         Ok(())
