@@ -45,7 +45,8 @@ use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::failover::{AnswerStream, OnFailure, ResumeError, Resumption};
 use zavod_proto::ids::{NodeId, RequestId};
-use zavod_proto::score::{Weights, place, splitmix64};
+use zavod_proto::placer::{Ask, Placer, PlacerConfig};
+use zavod_proto::score::{Weights, splitmix64};
 use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
 
 const MODEL: &str = "sim-model";
@@ -84,7 +85,10 @@ pub struct Scenario {
     /// A client replaces a target silent this long.
     pub stall_ms: u64,
     pub max_failovers: u32,
-    pub top_k: usize,
+    /// Candidates the choices are drawn from (0: all; 1: argmax).
+    pub pool: usize,
+    /// Candidates drawn; the least loaded wins.
+    pub choices: usize,
     /// Draw the fault rates from the seed (swarm testing).
     pub swarm: bool,
     pub max_spread: f64,
@@ -121,7 +125,8 @@ impl Default for Scenario {
             slow_factor: 0.25,
             stall_ms: 1_500,
             max_failovers: 4,
-            top_k: 2,
+            pool: PlacerConfig::default().pool,
+            choices: PlacerConfig::default().choices,
             swarm: false,
             max_spread: 4.0,
             spread_min_mean: 2.0,
@@ -214,6 +219,8 @@ struct Node {
     epoch: u32,
     view: MeshView,
     breakers: BreakerBoard,
+    /// What this node, as an entry, placed and is still running.
+    placer: Placer,
     seq: u64,
     speed: f64,
     jobs: BTreeMap<u64, Job>,
@@ -265,6 +272,8 @@ struct Request {
     /// In a relay: the current target's part, as the entry received it.
     tail: String,
     tail_ids: Vec<i32>,
+    /// The entry that placed the current attempt, and the placement's id.
+    placed_by: Option<(usize, RequestId)>,
 }
 
 #[derive(Debug, Clone)]
@@ -405,6 +414,7 @@ impl Sim {
                 epoch: 0,
                 view: MeshView::new(authorities.clone(), sc.view.clone()),
                 breakers: BreakerBoard::new(sc.breaker.clone()),
+                placer: Placer::new(),
                 seq: 0,
                 speed: if slow {
                     sc.tokens_per_s * sc.slow_factor
@@ -495,6 +505,7 @@ impl Sim {
             slots_busy: busy.min(slots),
             queue_depth: busy.saturating_sub(slots),
             tokens_per_s: n.speed as f32,
+            cache_keys: Vec::new(),
         };
         let models = if n.has_model {
             vec![ModelOffer {
@@ -565,10 +576,14 @@ impl Sim {
         match ev {
             Ev::Gossip(i) => self.gossip(i),
             Ev::Deliver { to, from, ann } => {
+                let node = self.nodes[from].id;
                 for r in to {
                     if self.nodes[r].up && !self.cut(from, r) {
                         let now = self.now;
-                        let _ = self.nodes[r].view.on_verified((*ann).clone(), now);
+                        let n = &mut self.nodes[r];
+                        if n.view.on_verified((*ann).clone(), now).is_ok() {
+                            n.placer.on_report(&node);
+                        }
                     }
                 }
             }
@@ -598,6 +613,7 @@ impl Sim {
                 n.up = true;
                 n.view = MeshView::new(self.authorities.clone(), self.sc.view.clone());
                 n.breakers = BreakerBoard::new(self.sc.breaker.clone());
+                n.placer = Placer::new();
                 // Sequence numbers outlive restarts (the real node starts
                 // from the clock).
                 n.seq = n.seq.max(self.now);
@@ -623,7 +639,10 @@ impl Sim {
             return;
         };
         let now = self.now;
-        let _ = self.nodes[i].view.on_verified(v.clone(), now);
+        let n = &mut self.nodes[i];
+        if n.view.on_verified(v.clone(), now).is_ok() {
+            n.placer.on_report(&n.id.clone());
+        }
         let v = Rc::new(v);
         // Receivers grouped by arrival time, so a broadcast costs a few
         // events rather than one per receiver.
@@ -688,6 +707,7 @@ impl Sim {
             relayed: false,
             tail: String::new(),
             tail_ids: Vec::new(),
+            placed_by: None,
         });
         self.place(id, entry, &[]);
     }
@@ -697,24 +717,36 @@ impl Sim {
         let now = self.now;
         let request =
             RequestId(u128::from(id) << 32 | u128::from(self.requests[id as usize].attempt));
+        self.done_placing(id);
+        let cfg = PlacerConfig {
+            weights: Weights::default(),
+            pool: self.sc.pool,
+            choices: self.sc.choices,
+            report_every_ms: self.sc.gossip_interval_ms,
+            ..PlacerConfig::default()
+        };
+        let until_ms = now + self.sc.request_bound_ms;
         let e = &mut self.nodes[entry];
         let me = e.id;
-        let candidates = e.view.candidates(MODEL, &me, now);
+        let candidates = e.view.candidates(MODEL, &me, now, None);
         let breakers = &mut e.breakers;
-        let weights = Weights::default();
-        let chosen = place(
-            &candidates,
-            exclude,
-            |n| breakers.try_acquire(n, now),
-            &weights,
-            self.sc.top_k,
+        let ask = Ask {
             request,
+            exclude,
+            until_ms,
+        };
+        let chosen = e.placer.place(
+            &candidates,
+            |n| breakers.try_acquire(n, now),
+            &ask,
+            &cfg,
+            now,
         );
         let Some(chosen) = chosen else {
             self.end(id, State::Failed("no node can serve now".into()));
             return;
         };
-        self.nodes[entry].view.note_placement(&chosen.node);
+        self.requests[id as usize].placed_by = Some((entry, request));
         let target = match self.nodes.iter().position(|n| n.id == chosen.node) {
             Some(t) => t,
             None => {
@@ -749,6 +781,7 @@ impl Sim {
             max_tokens: self.sc.max_tokens,
             expires_at_ms: now + 30_000,
             prompt_hash: [0; 32],
+            cache_scope: [0; 16],
         };
         let grant = mint_grant(&self.nodes[entry].key, body);
         let check = GrantCheck {
@@ -1019,9 +1052,9 @@ impl Sim {
         }
         if let Some(tid) = failed {
             let now = self.now;
-            self.nodes[entry]
-                .breakers
-                .record(&tid, Outcome::Failure, now);
+            let e = &mut self.nodes[entry];
+            e.breakers.record(&tid, Outcome::Failure, now);
+            e.placer.on_failure(&tid);
         }
         self.retry(id, entry);
     }
@@ -1036,7 +1069,17 @@ impl Sim {
         self.place(id, entry, &exclude);
     }
 
+    /// The entry that placed the request's current attempt learns it is
+    /// over (answered, failed, or replaced).
+    fn done_placing(&mut self, id: u64) {
+        let now = self.now;
+        if let Some((entry, request)) = self.requests[id as usize].placed_by.take() {
+            self.nodes[entry].placer.on_done(request, now);
+        }
+    }
+
     fn end(&mut self, id: u64, state: State) {
+        self.done_placing(id);
         let now = self.now;
         let r = &mut self.requests[id as usize];
         r.ends += 1;

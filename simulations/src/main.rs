@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     let mut sc = Scenario::from_toml(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
     if args.argmax {
-        sc.top_k = 1;
+        sc.pool = 1;
     }
     let name = args.scenario.display().to_string();
     let replay = |seed: u64| {

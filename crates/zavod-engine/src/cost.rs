@@ -125,7 +125,10 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
     let prompt_tokens = word_tokens(&job.prompt).max(1);
     if job
         .events
-        .try_send(EngineEvent::Started { prompt_tokens })
+        .try_send(EngineEvent::Started {
+            prompt_tokens,
+            cached_tokens: 0,
+        })
         .is_err()
     {
         return;
@@ -177,6 +180,7 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
     let _ = job.events.try_send(EngineEvent::Done(DoneInfo {
         stop,
         prompt_tokens,
+        cached_tokens: 0,
         generated_tokens: generated,
         first_token_ms,
         decode_tokens_per_s: rate,
@@ -207,6 +211,7 @@ impl Engine for CostModelEngine {
             slots_busy: u32::try_from(self.shared.busy.load(Ordering::SeqCst)).unwrap_or(1),
             queue_depth: u32::try_from(self.shared.queued.load(Ordering::SeqCst)).unwrap_or(0),
             tokens_per_s: self.shared.rate.lock().map_or(0.0, |r| *r),
+            cache_keys: Vec::new(),
         }
     }
 
@@ -259,6 +264,7 @@ mod tests {
                 },
                 events: tx,
                 cancel: CancelFlag::default(),
+                cache: crate::CacheTag::default(),
             },
             rx,
         )

@@ -11,6 +11,9 @@
 //!
 //! Tokens leave the llama.cpp engine in batches when its stream interval is
 //! set ([`pacing`]): one event, so one wake-up of the node, for several.
+//! Finished sequences stay cached so prompts sharing their prefix prefill
+//! only the rest ([`prompt_cache`]); requests beyond the slots wait in a
+//! queue fair between credentials ([`queue`]).
 //!
 //! Invariants: every submitted job ends with exactly one terminal event
 //! ([`EngineEvent::Done`] or [`EngineEvent::Failed`]) unless its receiver was
@@ -22,7 +25,11 @@
 pub mod cost;
 pub mod llama;
 pub mod pacing;
+pub mod prompt_cache;
+pub mod queue;
 mod utf8;
+
+pub use prompt_cache::CacheTag;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +68,8 @@ pub struct Job {
     pub params: GenParams,
     pub events: mpsc::Sender<EngineEvent>,
     pub cancel: CancelFlag,
+    /// Whose prompt cache it may use, and what its cache is known by.
+    pub cache: CacheTag,
 }
 
 /// Set to stop a job early; the engine ends it with `StopReason::Cancelled`.
@@ -79,9 +88,13 @@ impl CancelFlag {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    /// Emitted once, when the prompt has been tokenized.
+    /// Emitted once, when the prompt has been tokenized and placed in a
+    /// sequence.
     Started {
         prompt_tokens: u32,
+        /// Of them, those whose KV cache was already computed (a prefix
+        /// shared with an earlier prompt): only the rest is prefilled.
+        cached_tokens: u32,
     },
     /// Generated tokens, in order, handed over together (see
     /// [`pacing`]); never empty.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel, job_channel};
-use zavod_engine::{CancelFlag, Engine, EngineError, EngineEvent, Job};
+use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::RequestId;
 use zavod_proto::prompt::{Role, Turn};
 use zavod_proto::wire::{GenParams, StopReason};
@@ -30,6 +30,9 @@ fn config(slots: u32) -> LlamaConfig {
         queue_capacity: 16,
         chat_template: None,
         stream_interval_ms: 0,
+        prompt_cache: true,
+        prompt_cache_ram_bytes: 256 << 20,
+        share_prompt_cache: false,
     }
 }
 
@@ -59,6 +62,7 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
         params,
         events: tx,
         cancel: CancelFlag::default(),
+        cache: CacheTag::default(),
     })
     .expect("queued");
     let mut text = String::new();
@@ -67,7 +71,7 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
     let mut batches = Vec::new();
     loop {
         match rx.blocking_recv().expect("a terminal event") {
-            EngineEvent::Started { prompt_tokens } => assert!(prompt_tokens > 0),
+            EngineEvent::Started { prompt_tokens, .. } => assert!(prompt_tokens > 0),
             EngineEvent::Tokens(tokens) => {
                 assert!(!tokens.is_empty(), "no empty batches");
                 batches.push(tokens.len());
@@ -161,6 +165,7 @@ fn an_answer_resumed_from_its_token_ids_continues_exactly() {
         },
         events: tx,
         cancel: CancelFlag::default(),
+        cache: CacheTag::default(),
     })
     .expect("queued");
     match rx.blocking_recv() {
@@ -254,6 +259,7 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     let e = Arc::new(engine(4));
     let sampled = GenParams {
         temperature: 0.9,
+        top_k: 40,
         top_p: 0.9,
         seed: 1234,
         max_tokens: 20,
@@ -310,6 +316,7 @@ fn cancel_and_dropped_receivers_end_jobs() {
         },
         events: tx,
         cancel: cancel.clone(),
+        cache: CacheTag::default(),
     })
     .expect("queued");
     let mut tokens = 0;
@@ -337,6 +344,7 @@ fn cancel_and_dropped_receivers_end_jobs() {
         params: greedy(10_000),
         events: tx,
         cancel: CancelFlag::default(),
+        cache: CacheTag::default(),
     })
     .expect("queued");
     drop(rx);
@@ -355,6 +363,7 @@ fn prompts_longer_than_the_context_fail_cleanly() {
         params: greedy(4),
         events: tx,
         cancel: CancelFlag::default(),
+        cache: CacheTag::default(),
     })
     .expect("queued");
     match rx.blocking_recv() {

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use zavod_proto::breaker::BreakerConfig;
+use zavod_proto::placer::PlacerConfig;
 use zavod_proto::score::Weights;
 use zavod_proto::view::ViewConfig;
 
@@ -138,6 +139,16 @@ pub struct ModelSection {
     /// 0 sends each token as it is made. Unset: automatic (see
     /// [`NodeConfig::stream_interval_ms`]).
     pub stream_interval_ms: Option<u32>,
+    /// Keep finished requests' KV cache so a prompt sharing a prefix
+    /// (a conversation's next turn) prefills only what is new.
+    pub prompt_cache: bool,
+    /// Memory for cached prompts saved out of their slots when a slot is
+    /// needed; 0 keeps only what the slots hold.
+    pub prompt_cache_ram_mib: u64,
+    /// Reuse an identical cached prefix across credentials. Off, each
+    /// credential only ever reuses its own prompts, so no one can tell
+    /// from a fast start what someone else asked.
+    pub share_prompt_cache: bool,
 }
 
 impl Default for ModelSection {
@@ -152,6 +163,9 @@ impl Default for ModelSection {
             queue_capacity: 64,
             chat_template: None,
             stream_interval_ms: None,
+            prompt_cache: true,
+            prompt_cache_ram_mib: 1024,
+            share_prompt_cache: false,
         }
     }
 }
@@ -192,15 +206,43 @@ impl Default for GenerationSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ScoringSection {
     pub weights: Weights,
-    /// The final pick is made among this many best candidates.
-    pub top_k: usize,
+    /// The choices are drawn from this many best-scored candidates (0: all;
+    /// 1: always the best).
+    pub pool: usize,
+    /// Candidates drawn for each request; the least loaded wins.
+    pub choices: usize,
+    /// A node keeps a request it can serve itself while its load is at
+    /// most this fraction of its slots above the drawn alternative's.
+    pub local_slack: f64,
+    /// The node holding a conversation's prompt cache keeps its next turn
+    /// while its load is at most this fraction of its slots above the
+    /// drawn alternative's.
+    pub cache_slack: f64,
 }
 
 impl Default for ScoringSection {
     fn default() -> Self {
+        let p = PlacerConfig::default();
         ScoringSection {
-            weights: Weights::default(),
-            top_k: 2,
+            weights: p.weights,
+            pool: p.pool,
+            choices: p.choices,
+            local_slack: p.local_slack,
+            cache_slack: p.cache_slack,
+        }
+    }
+}
+
+impl ScoringSection {
+    /// The placer's settings; `report_every_ms` is the gossip heartbeat.
+    pub fn placer(&self, report_every_ms: u64) -> PlacerConfig {
+        PlacerConfig {
+            weights: self.weights.clone(),
+            pool: self.pool,
+            choices: self.choices,
+            report_every_ms,
+            local_slack: self.local_slack,
+            cache_slack: self.cache_slack,
         }
     }
 }
@@ -282,6 +324,8 @@ pub struct Overrides {
     pub model: Option<PathBuf>,
     pub gpu_layers: Option<u32>,
     pub slots: Option<u32>,
+    pub prompt_cache: Option<bool>,
+    pub prompt_cache_ram_mib: Option<u64>,
     pub context_tokens: Option<u32>,
     pub threads: Option<u32>,
     pub runtime_threads: Option<u32>,
@@ -328,6 +372,12 @@ impl NodeConfig {
         }
         if let Some(v) = o.slots {
             self.model.slots = v;
+        }
+        if let Some(v) = o.prompt_cache {
+            self.model.prompt_cache = v;
+        }
+        if let Some(v) = o.prompt_cache_ram_mib {
+            self.model.prompt_cache_ram_mib = v;
         }
         if let Some(v) = o.context_tokens {
             self.model.context_tokens = v;
@@ -426,8 +476,26 @@ impl NodeConfig {
             .weights
             .check()
             .map_err(|e| ConfigError::Invalid(format!("scoring.weights: {e}")))?;
-        if self.scoring.top_k == 0 {
-            return bad("scoring.top_k must be at least 1".into());
+        if self.scoring.choices == 0 || self.scoring.choices > 16 {
+            return bad(format!(
+                "scoring.choices must be 1 to 16, got {}",
+                self.scoring.choices
+            ));
+        }
+        for (key, v) in [
+            ("scoring.local_slack", self.scoring.local_slack),
+            ("scoring.cache_slack", self.scoring.cache_slack),
+        ] {
+            if !v.is_finite() || !(0.0..=4.0).contains(&v) {
+                return bad(format!("{key} must be between 0 and 4, got {v}"));
+            }
+        }
+        if self.model.prompt_cache_ram_mib > (zavod_engine::llama::MAX_SAVED_STATE_BYTES >> 20) {
+            return bad(format!(
+                "model.prompt_cache_ram_mib must be at most {}, got {}",
+                zavod_engine::llama::MAX_SAVED_STATE_BYTES >> 20,
+                self.model.prompt_cache_ram_mib
+            ));
         }
         if self.model.slots == 0 || self.model.slots > 256 {
             return bad(format!(

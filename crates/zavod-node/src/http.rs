@@ -273,6 +273,8 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     temperature: Option<f32>,
+    /// llama.cpp's server's extension: sample among the k most likely.
+    top_k: Option<u32>,
     top_p: Option<f32>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -280,6 +282,10 @@ struct Common {
     n: Option<u32>,
     /// zavod's own: continue and record this conversation.
     conversation: Option<String>,
+    /// As llama.cpp's server takes it: generate past end-of-generation
+    /// tokens (for benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,6 +381,10 @@ fn chat_request(
     if let Some(p) = common.top_p {
         params.top_p = p;
     }
+    if let Some(k) = common.top_k {
+        params.top_k = k;
+    }
+    params.ignore_eos = common.ignore_eos;
     if let Some(s) = common.seed {
         // OpenAI seeds are signed; any 64 bits will do as a seed.
         params.seed = s as u64;
@@ -471,6 +481,7 @@ fn usage(d: &DoneInfo) -> serde_json::Value {
         "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.generated_tokens,
         "total_tokens": d.prompt_tokens + d.generated_tokens,
+        "prompt_tokens_details": { "cached_tokens": d.cached_tokens },
     })
 }
 

@@ -174,6 +174,9 @@ pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
         queue_capacity: m.queue_capacity,
         chat_template: m.chat_template.clone(),
         stream_interval_ms: cfg.stream_interval_ms(),
+        prompt_cache: m.prompt_cache,
+        prompt_cache_ram_bytes: m.prompt_cache_ram_mib << 20,
+        share_prompt_cache: m.share_prompt_cache,
     })
 }
 

@@ -33,7 +33,7 @@ use zavod_proto::NodeId;
 use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::breaker::Outcome;
 use zavod_proto::failover::{ResumeRequest, Resumption};
-use zavod_proto::prompt::{Role, Turn, run_hash};
+use zavod_proto::prompt::{Role, Turn, affinity_key, run_hash};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, JoinReply,
     JoinRequest, Redirect, RunReport, RunRequest, ServerFrame, StatusReply, StatusRequest,
@@ -163,8 +163,14 @@ impl Drop for Reservation<'_> {
 }
 
 fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
-    if let Some(b) = shared.directory.get().breaker {
+    let dir = shared.directory.get();
+    if let Some(b) = dir.breaker {
         let _ = b.cast(BreakerMsg::Record { node, outcome });
+    }
+    if outcome == Outcome::Failure
+        && let Some(r) = dir.router
+    {
+        let _ = r.cast(RouterMsg::Failed { node });
     }
 }
 
@@ -878,6 +884,8 @@ async fn place(
             prompt_hash: run_hash(turns, &params.resume_tokens),
             max_tokens: admission.max_tokens,
             exclude,
+            cache_scope: admission.credential_id,
+            cache_key: affinity_key(&admission.credential_id, &admission.model, turns),
             reply,
         }
     })
@@ -1189,6 +1197,8 @@ async fn serve_run(
         addrs: Vec::new(),
         grant: req.grant,
         score: 0.0,
+        cache_hit: false,
+        in_flight: None,
     };
     let job = match run_local(
         shared,

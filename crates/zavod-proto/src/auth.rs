@@ -371,6 +371,10 @@ pub struct GrantBody {
     /// sha256 of the assembled prompt, so the grant cannot be reused for
     /// another prompt.
     pub prompt_hash: [u8; 32],
+    /// Whose prompt cache the request may reuse and extend: the id of the
+    /// credential it is charged to. The target keeps each scope's cached
+    /// prompts apart unless its operator lets identical prefixes be shared.
+    pub cache_scope: [u8; 16],
 }
 
 pub type Grant = Signed<GrantBody>;
@@ -913,6 +917,7 @@ mod tests {
             max_tokens: 64,
             expires_at_ms: 5_000,
             prompt_hash: prompt_hash("hello"),
+            cache_scope: [3; 16],
         };
         (entry, body)
     }

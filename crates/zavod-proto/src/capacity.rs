@@ -1,6 +1,7 @@
 //! What a node can offer: its resources and the capacity report built from
 //! them. Reports are small (a few hundred bytes) because every node receives
-//! every other node's report.
+//! every other node's report: the summary of a node's prompt cache is a
+//! fixed-size Bloom filter, however many sequences it keeps.
 
 use crate::UnixMs;
 use crate::ids::NodeId;
@@ -64,6 +65,62 @@ pub struct WorkerLoad {
     pub queue_depth: u32,
     /// Recent decode rate, tokens per second per stream.
     pub tokens_per_s: f32,
+    /// Affinity keys (see [`crate::prompt::affinity_key`]) of the prompts
+    /// whose KV cache the worker keeps, most recently used first; at most
+    /// [`CACHE_SUMMARY_MAX_KEYS`].
+    pub cache_keys: Vec<u64>,
+}
+
+/// 64-bit words in a cache summary: 1,024 bits.
+pub const CACHE_SUMMARY_WORDS: usize = 16;
+/// Keys a summary holds at most; with 3 bits per key the chance that a key
+/// not held reads as held stays under 2% at this many.
+pub const CACHE_SUMMARY_MAX_KEYS: usize = 96;
+const CACHE_SUMMARY_BITS_PER_KEY: u64 = 3;
+const _: () = assert!(CACHE_SUMMARY_WORDS * 64 >= 8 * CACHE_SUMMARY_MAX_KEYS);
+
+/// Which prompts a node holds in its KV cache, as a Bloom filter over their
+/// affinity keys: fixed size, so a report stays small whatever the cache
+/// holds. A false "held" costs a routing preference, never correctness
+/// (the target then prefills the whole prompt). Empty when nothing is held,
+/// and then one byte on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CacheSummary {
+    words: Vec<u64>,
+}
+
+impl CacheSummary {
+    /// The summary of `keys`; keys past [`CACHE_SUMMARY_MAX_KEYS`] are left
+    /// out (callers list the most recently used first).
+    pub fn of(keys: &[u64]) -> Self {
+        if keys.is_empty() {
+            return CacheSummary::default();
+        }
+        let mut words = vec![0u64; CACHE_SUMMARY_WORDS];
+        for &k in keys.iter().take(CACHE_SUMMARY_MAX_KEYS) {
+            for bit in Self::bits(k) {
+                words[bit / 64] |= 1 << (bit % 64);
+            }
+        }
+        CacheSummary { words }
+    }
+
+    /// Whether `key` may be held. A summary of the wrong size (a peer's
+    /// bug or malice) holds nothing.
+    pub fn may_hold(&self, key: u64) -> bool {
+        self.words.len() == CACHE_SUMMARY_WORDS
+            && Self::bits(key).all(|bit| self.words[bit / 64] & (1 << (bit % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    fn bits(key: u64) -> impl Iterator<Item = usize> {
+        let total = (CACHE_SUMMARY_WORDS * 64) as u64;
+        (0..CACHE_SUMMARY_BITS_PER_KEY)
+            .map(move |i| (crate::score::splitmix64(key ^ i.wrapping_mul(0x9e37)) % total) as usize)
+    }
 }
 
 /// What a node tells the mesh about itself.
@@ -81,6 +138,8 @@ pub struct CapacityReport {
     pub queue_depth: u32,
     pub tokens_per_s: f32,
     pub models: Vec<ModelOffer>,
+    /// The prompts this node holds cached, for cache-affinity routing.
+    pub cached: CacheSummary,
 }
 
 impl CapacityReport {
@@ -104,6 +163,7 @@ impl CapacityReport {
             queue_depth: load.queue_depth,
             tokens_per_s: load.tokens_per_s,
             models,
+            cached: CacheSummary::of(&load.cache_keys),
         }
     }
 
@@ -138,11 +198,13 @@ mod tests {
             slots_busy: 1,
             queue_depth: 0,
             tokens_per_s: 60.0,
+            cache_keys: vec![7, 9],
         };
         let rep = CapacityReport::build(NodeId([1; 32]), 1, 5, &r, &load, vec![]);
         assert!(rep.on_gpu);
         assert_eq!(rep.slots_free, 3);
         assert_eq!(rep.mem_total_bytes, 80);
+        assert!(rep.cached.may_hold(7) && rep.cached.may_hold(9));
     }
 
     #[test]
@@ -163,8 +225,39 @@ mod tests {
                 quant: "Q4_K_M".into(),
                 context_tokens: 32768,
             }],
+            cached: CacheSummary::default(),
         };
         let n = crate::wire::encode(&rep).expect("encodes").len();
         assert!(n < 200, "report is {n} bytes");
+        // A full cache summary adds a fixed 128 bytes or so, however much
+        // the node holds.
+        let keys: Vec<u64> = (0..10_000).collect();
+        let full = CapacityReport {
+            cached: CacheSummary::of(&keys),
+            ..rep
+        };
+        let n = crate::wire::encode(&full).expect("encodes").len();
+        assert!(n < 350, "report with a cache summary is {n} bytes");
+    }
+
+    #[test]
+    fn a_cache_summary_holds_its_keys_and_rarely_others() {
+        let keys: Vec<u64> = (0..CACHE_SUMMARY_MAX_KEYS as u64)
+            .map(|k| crate::score::splitmix64(k + 1000))
+            .collect();
+        let s = CacheSummary::of(&keys);
+        assert!(keys.iter().all(|k| s.may_hold(*k)));
+        let false_hits = (0..10_000u64)
+            .map(|k| crate::score::splitmix64(k + 1_000_000))
+            .filter(|k| s.may_hold(*k))
+            .count();
+        assert!(false_hits < 250, "{false_hits} false hits in 10,000");
+        assert!(!CacheSummary::default().may_hold(keys[0]));
+        assert!(CacheSummary::of(&[]).is_empty());
+        // A peer's summary of the wrong size holds nothing.
+        let bad = CacheSummary {
+            words: vec![u64::MAX; 3],
+        };
+        assert!(!bad.may_hold(1));
     }
 }

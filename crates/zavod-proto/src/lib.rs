@@ -17,6 +17,7 @@ pub mod capacity;
 pub mod failover;
 pub mod ids;
 pub mod limits;
+pub mod placer;
 pub mod prompt;
 pub mod score;
 pub mod view;

@@ -17,3 +17,7 @@ pub const MAX_REMEMBERED_GRANTS: usize = 100_000;
 
 /// The most credentials whose rate and budget a node tracks at once.
 pub const MAX_TRACKED_CREDENTIALS: usize = 100_000;
+
+/// The most placements an entry remembers as running (each is forgotten
+/// when it ends, or by its deadline at the latest).
+pub const MAX_PLACEMENTS_REMEMBERED: usize = 65_536;

@@ -46,6 +46,37 @@ pub fn run_hash(turns: &[Turn], resume_tokens: &[i32]) -> [u8; 32] {
     crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&(turns, resume_tokens)))
 }
 
+/// The key a prompt's KV cache is known by in the mesh (capacity reports
+/// summarise the keys a node holds; the entry prefers the node that holds a
+/// request's key). It covers whose cache it is (`scope`, the credential the
+/// request is charged to, so one holder's conversations never steer another's
+/// placement), the model, and the prompt's opening: the system turns and the
+/// first user turn. Every later turn of a conversation shares that opening,
+/// whether its history comes from a node's memory or from the client (as
+/// OpenAI clients send it), so a conversation keeps one key for its whole
+/// life, and prompts sharing an opening share a key, as they share a cached
+/// prefix.
+pub fn affinity_key(scope: &[u8; 16], model: &str, turns: &[Turn]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"zavod-affinity-1");
+    h.update(scope);
+    h.update((model.len() as u64).to_le_bytes());
+    h.update(model.as_bytes());
+    for t in turns {
+        h.update([t.role as u8]);
+        h.update((t.text.len() as u64).to_le_bytes());
+        h.update(t.text.as_bytes());
+        if t.role != Role::System {
+            break;
+        }
+    }
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
+}
+
 /// Token count for a text when no tokenizer is at hand: one token per three
 /// bytes, rounded up. Real tokenizers average three to four bytes per token
 /// on prose, so this over-counts and budgets stay safe.
@@ -140,6 +171,26 @@ mod tests {
         context_tokens: 100,
         per_turn_overhead_tokens: 5,
     };
+
+    #[test]
+    fn a_conversation_keeps_its_affinity_key_and_scopes_keep_theirs() {
+        let text = |role, s: &str| Turn {
+            role,
+            text: s.into(),
+            tokens: 1,
+        };
+        let first = vec![text(Role::System, "be brief"), text(Role::User, "hello")];
+        let mut later = first.clone();
+        later.push(text(Role::Assistant, "hi"));
+        later.push(text(Role::User, "how are you?"));
+        let a = [1u8; 16];
+        let k = affinity_key(&a, "m", &first);
+        assert_eq!(k, affinity_key(&a, "m", &later));
+        assert_ne!(k, affinity_key(&[2u8; 16], "m", &first));
+        assert_ne!(k, affinity_key(&a, "other", &first));
+        let other_opening = vec![text(Role::System, "be brief"), text(Role::User, "bye")];
+        assert_ne!(k, affinity_key(&a, "m", &other_opening));
+    }
 
     #[test]
     fn newest_turns_fit_first() {

@@ -1,12 +1,10 @@
-//! MCDA scoring and the final pick.
+//! MCDA scoring.
 //!
 //! Every node computes the same ranking from the same view: scores are pure
-//! functions of the candidates, ties break by node id, and the final pick
-//! among the best few is keyed on the request id (two choices drawn by a
-//! hash of it, the less loaded wins), so load spreads when views are stale
-//! and a replayed request picks the same node.
+//! functions of the candidates and ties break by node id. The pick among
+//! the ranked candidates is [`crate::placer`]'s.
 
-use crate::ids::{NodeId, RequestId};
+use crate::ids::NodeId;
 use serde::{Deserialize, Serialize};
 
 /// Criterion weights; they need not sum to 1 (they are normalised), but each
@@ -18,6 +16,14 @@ pub struct Weights {
     pub free_slots: f64,
     pub rtt: f64,
     pub tokens_per_s: f64,
+    /// Added, outside the normalised four, to a node that holds the
+    /// request's prompt cache.
+    #[serde(default = "default_cache_weight")]
+    pub cache: f64,
+}
+
+fn default_cache_weight() -> f64 {
+    0.5
 }
 
 impl Default for Weights {
@@ -27,6 +33,7 @@ impl Default for Weights {
             free_slots: 0.3,
             rtt: 0.2,
             tokens_per_s: 0.1,
+            cache: default_cache_weight(),
         }
     }
 }
@@ -39,7 +46,7 @@ impl Weights {
             ("rtt", self.rtt),
             ("tokens_per_s", self.tokens_per_s),
         ];
-        for (name, w) in all {
+        for (name, w) in all.into_iter().chain([("cache", self.cache)]) {
             if !w.is_finite() || w < 0.0 {
                 return Err(format!(
                     "scoring weight {name} must be a non-negative number, got {w}"
@@ -78,6 +85,13 @@ pub struct Candidate {
     /// Round-trip time; 0 for this node itself, `None` when unmeasured.
     pub rtt_ms: Option<f64>,
     pub tokens_per_s: f64,
+    /// Whether the node holds the request's prompt cache (by its report's
+    /// summary).
+    pub cache_hit: bool,
+    /// How old the figures are (0 for this node's own).
+    pub age_ms: u64,
+    /// The node deciding (its figures are its own, not gossip).
+    pub is_self: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,7 +145,7 @@ fn score_all(cands: &[Candidate], w: &Weights) -> Vec<Scored> {
 
 /// Scores the candidates `keep` marks (all when `None`), normalising over
 /// those only.
-fn score_where(cands: &[Candidate], w: &Weights, keep: Option<&[bool]>) -> Vec<Scored> {
+pub(crate) fn score_where(cands: &[Candidate], w: &Weights, keep: Option<&[bool]>) -> Vec<Scored> {
     let kept = |i: usize| keep.is_none_or(|k| k.get(i).copied().unwrap_or(false));
     let [wm, ws, wr, wt] = w.normalised();
     let rtt_of = |c: &Candidate| {
@@ -156,6 +170,7 @@ fn score_where(cands: &[Candidate], w: &Weights, keep: Option<&[bool]>) -> Vec<S
     };
     let k_tps = if max_tps == 0.0 { 0.0 } else { wt / max_tps };
     let k_rtt = wr * min_rtt;
+    let w_cache = finite_or_zero(w.cache);
     cands
         .iter()
         .enumerate()
@@ -176,7 +191,8 @@ fn score_where(cands: &[Candidate], w: &Weights, keep: Option<&[bool]>) -> Vec<S
                 score: k_mem * c.mem_free_bytes as f64
                     + ws * slots
                     + k_rtt / rtt_of(c)
-                    + k_tps * finite_or_zero(c.tokens_per_s),
+                    + k_tps * finite_or_zero(c.tokens_per_s)
+                    + if c.cache_hit { w_cache } else { 0.0 },
                 slots_free: c.slots_free,
             }
         })
@@ -192,68 +208,6 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Picks among the best `top_k` of a ranking: two distinct candidates drawn
-/// by a hash of the request id, and of those the one with more free slots
-/// (then the higher score). `None` only when the ranking is empty.
-/// The whole placement decision, as every node and the simulator make it:
-/// drop excluded and unroutable candidates (open breakers), rank the rest,
-/// and pick among the best `top_k` by the request id.
-pub fn place(
-    candidates: &[Candidate],
-    exclude: &[NodeId],
-    mut routable: impl FnMut(&NodeId) -> bool,
-    weights: &Weights,
-    top_k: usize,
-    request: RequestId,
-) -> Option<Scored> {
-    let keep: Vec<bool> = candidates
-        .iter()
-        .map(|c| !exclude.contains(&c.node) && routable(&c.node))
-        .collect();
-    // Equal scores are ordered by a hash of node and request rather than by
-    // node id: every node still orders them the same for a given request,
-    // but different requests see different orders, so entries working from
-    // the same stale figures do not all fall on the same node.
-    let salt = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
-    let key = |s: &Scored| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&s.node.0[..8]);
-        splitmix64(u64::from_le_bytes(b) ^ salt)
-    };
-    let mut out = score_where(candidates, weights, Some(&keep));
-    let k = top_k.max(1);
-    // The hash only breaks ties, so it is computed only for them.
-    let order = |a: &Scored, b: &Scored| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| key(a).cmp(&key(b)))
-    };
-    if out.len() > k {
-        out.select_nth_unstable_by(k - 1, order);
-        out.truncate(k);
-    }
-    out.sort_by(order);
-    pick(&out, request, top_k)
-}
-
-pub fn pick(ranked: &[Scored], request: RequestId, top_k: usize) -> Option<Scored> {
-    let k = top_k.max(1).min(ranked.len());
-    match k {
-        0 => None,
-        1 => ranked.first().copied(),
-        _ => {
-            let h = splitmix64(request.0 as u64 ^ splitmix64((request.0 >> 64) as u64));
-            let i = (h % k as u64) as usize;
-            let j_off = 1 + (splitmix64(h) % (k as u64 - 1)) as usize;
-            let j = (i + j_off) % k;
-            let (a, b) = (ranked[i], ranked[j]);
-            let a_first = (a.slots_free, a.score.to_bits()) >= (b.slots_free, b.score.to_bits())
-                && !(a.slots_free == b.slots_free && b.score > a.score);
-            Some(if a_first { a } else { b })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +221,9 @@ mod tests {
             queue_depth: 0,
             rtt_ms: Some(rtt),
             tokens_per_s: tps,
+            cache_hit: false,
+            age_ms: 0,
+            is_self: false,
         }
     }
 
@@ -290,7 +247,8 @@ mod tests {
                 free_memory: 0.0,
                 free_slots: 0.0,
                 rtt: 0.0,
-                tokens_per_s: 0.0
+                tokens_per_s: 0.0,
+                cache: 0.0,
             }
             .check()
             .is_err()
@@ -318,12 +276,14 @@ mod tests {
             free_slots: 0.0,
             rtt: 0.0,
             tokens_per_s: 0.0,
+            cache: 0.0,
         };
         let slot_heavy = Weights {
             free_memory: 0.0,
             free_slots: 1.0,
             rtt: 0.0,
             tokens_per_s: 0.0,
+            cache: 0.0,
         };
         let c = [big_mem, free_slots];
         assert_eq!(rank(&c, &mem_heavy)[0].node, NodeId([1; 32]));
@@ -378,81 +338,15 @@ mod tests {
     }
 
     #[test]
-    fn pick_is_deterministic_and_spreads_load() {
-        let ranked: Vec<Scored> = (0..4u8)
-            .map(|n| Scored {
-                node: NodeId([n; 32]),
-                score: 1.0 - f64::from(n) * 0.01,
-                slots_free: 4,
-            })
-            .collect();
-        let mut counts = [0u32; 4];
-        for id in 0..10_000u128 {
-            let p = pick(&ranked, RequestId(id), 3).expect("non-empty");
-            assert_eq!(
-                Some(p),
-                pick(&ranked, RequestId(id), 3),
-                "replay picks the same"
-            );
-            counts[p.node.0[0] as usize] += 1;
-        }
-        // With equal slots the better score of the pair wins: node 0 wins
-        // whenever drawn, node 1 against node 2, node 2 never; node 3 is
-        // outside the top 3.
-        assert_eq!(counts[3], 0);
-        assert_eq!(counts[2], 0);
-        assert!(counts[0] > 5_000 && counts[1] > 2_500, "{counts:?}");
-    }
-
-    #[test]
-    fn pick_prefers_the_less_loaded_of_the_pair() {
-        let ranked = vec![
-            Scored {
-                node: NodeId([0; 32]),
-                score: 0.9,
-                slots_free: 0,
-            },
-            Scored {
-                node: NodeId([1; 32]),
-                score: 0.8,
-                slots_free: 3,
-            },
-        ];
-        for id in 0..100u128 {
-            assert_eq!(
-                pick(&ranked, RequestId(id), 2).map(|s| s.node),
-                Some(NodeId([1; 32]))
-            );
-        }
-        assert_eq!(pick(&[], RequestId(1), 2), None);
-        assert_eq!(
-            pick(&ranked, RequestId(1), 1).map(|s| s.node),
-            Some(NodeId([0; 32]))
-        );
-    }
-
-    #[test]
-    fn place_skips_excluded_and_unroutable_nodes_and_spreads_ties() {
+    fn a_cache_hit_adds_its_weight_and_leaves_the_rest_alone() {
         let w = Weights::default();
-        let all: Vec<Candidate> = (1..=6).map(|n| cand(n, 8 << 30, 4, 5.0, 50.0)).collect();
-        let (excluded, open) = (NodeId([1; 32]), NodeId([2; 32]));
-        let mut chosen = std::collections::BTreeSet::new();
-        for r in 0..200u128 {
-            let c = place(&all, &[excluded], |n| *n != open, &w, 4, RequestId(r)).expect("a node");
-            assert!(c.node != excluded && c.node != open);
-            // The same request is placed the same way again.
-            let again = place(&all, &[excluded], |n| *n != open, &w, 4, RequestId(r));
-            assert_eq!(again.map(|s| s.node), Some(c.node));
-            chosen.insert(c.node);
-        }
-        // Equal candidates: different requests land on different nodes.
-        assert!(chosen.len() >= 3, "{chosen:?}");
-        // A backlog ranks below free room.
-        let mut busy = cand(7, 8 << 30, 0, 5.0, 50.0);
-        busy.queue_depth = 3;
-        let idle = cand(8, 8 << 30, 0, 5.0, 50.0);
-        let c = place(&[busy, idle.clone()], &[], |_| true, &w, 1, RequestId(1)).expect("a node");
-        assert_eq!(c.node, idle.node);
-        assert!(place(&all, &[], |_| false, &w, 2, RequestId(1)).is_none());
+        let plain = cand(1, 100, 4, 1.0, 50.0);
+        let mut hit = cand(2, 100, 4, 1.0, 50.0);
+        hit.cache_hit = true;
+        let r = rank(&[plain, hit], &w);
+        assert_eq!(r[0].node, NodeId([2; 32]));
+        assert!((r[0].score - (1.0 + w.cache)).abs() < 1e-12);
+        assert!((r[1].score - 1.0).abs() < 1e-12);
+        assert!(Weights { cache: -0.1, ..w }.check().is_err());
     }
 }

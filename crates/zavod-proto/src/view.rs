@@ -13,7 +13,7 @@
 
 use crate::UnixMs;
 use crate::auth::{AuthError, Membership, SignedReport};
-use crate::capacity::CapacityReport;
+use crate::capacity::{CacheSummary, CapacityReport};
 use crate::ids::NodeId;
 use crate::score::Candidate;
 use serde::{Deserialize, Serialize};
@@ -120,9 +120,6 @@ pub struct Member {
     pub heard_at_ms: UnixMs,
     pub membership_expires_ms: UnixMs,
     pub rtt_ms: Option<f64>,
-    /// Requests this view placed on the member since its last report;
-    /// routing counts them against its free slots.
-    pub placed_since_report: u32,
 }
 
 impl Member {
@@ -181,22 +178,22 @@ struct Row {
     rtt_ms: Option<f64>,
     heard_at_ms: UnixMs,
     membership_expires_ms: UnixMs,
+    cached: CacheSummary,
 }
 
 impl Row {
     fn of(m: &Member) -> Self {
-        let placed = m.placed_since_report;
-        let taken = placed.min(m.report.slots_free);
         Row {
             node: m.report.node,
             mem_free_bytes: m.report.mem_free_bytes,
-            slots_free: m.report.slots_free - taken,
+            slots_free: m.report.slots_free,
             slots_total: m.report.slots_total,
-            queue_depth: m.report.queue_depth.saturating_add(placed - taken),
+            queue_depth: m.report.queue_depth,
             tokens_per_s: f64::from(m.report.tokens_per_s),
             rtt_ms: m.rtt_ms,
             heard_at_ms: m.heard_at_ms,
             membership_expires_ms: m.membership_expires_ms,
+            cached: m.report.cached.clone(),
         }
     }
 }
@@ -211,6 +208,9 @@ impl From<&Row> for Candidate {
             queue_depth: r.queue_depth,
             rtt_ms: r.rtt_ms,
             tokens_per_s: r.tokens_per_s,
+            cache_hit: false,
+            age_ms: 0,
+            is_self: false,
         }
     }
 }
@@ -330,7 +330,6 @@ impl MeshView {
             m.addrs = addrs;
             m.heard_at_ms = now_ms;
             m.membership_expires_ms = membership_expires_ms;
-            m.placed_since_report = 0;
             for o in &old.models {
                 if !m.report.serves(&o.name)
                     && let Some(t) = self.tables.get_mut(&o.name)
@@ -353,20 +352,9 @@ impl MeshView {
             heard_at_ms: now_ms,
             membership_expires_ms,
             rtt_ms: None,
-            placed_since_report: 0,
         });
         refresh_rows(&mut self.tables, m);
         Ok(Accepted::New)
-    }
-
-    /// Counts a request this node just placed on `node` against its free
-    /// slots until `node`'s next report says how things really stand, so
-    /// an entry does not send a burst to the same node on stale figures.
-    pub fn note_placement(&mut self, node: &NodeId) {
-        if let Some(m) = self.members.get_mut(node) {
-            m.placed_since_report = m.placed_since_report.saturating_add(1);
-            refresh_rows(&mut self.tables, m);
-        }
     }
 
     pub fn on_rtt(&mut self, node: &NodeId, rtt_ms: f64) {
@@ -443,8 +431,15 @@ impl MeshView {
 
     /// Alive members that serve `model`, as scoring candidates, in no
     /// particular order (scoring imposes its own total order). `me` gets an
-    /// RTT of 0.
-    pub fn candidates(&self, model: &str, me: &NodeId, now_ms: UnixMs) -> Vec<Candidate> {
+    /// RTT of 0; a member whose cache summary holds `cache_key` is marked as
+    /// a cache hit.
+    pub fn candidates(
+        &self,
+        model: &str,
+        me: &NodeId,
+        now_ms: UnixMs,
+        cache_key: Option<u64>,
+    ) -> Vec<Candidate> {
         let Some(t) = self.tables.get(model) else {
             return Vec::new();
         };
@@ -461,7 +456,10 @@ impl MeshView {
                     let mut c = Candidate::from(r);
                     if r.node == *me {
                         c.rtt_ms = Some(0.0);
+                        c.is_self = true;
                     }
+                    c.cache_hit = cache_key.is_some_and(|k| r.cached.may_hold(k));
+                    c.age_ms = now_ms.saturating_sub(r.heard_at_ms);
                     c
                 }),
         );
@@ -510,6 +508,16 @@ mod tests {
         }
 
         fn announce(&self, key: &Keypair, seq: u64, model: Option<&str>) -> Announcement {
+            self.announce_cached(key, seq, model, &[])
+        }
+
+        fn announce_cached(
+            &self,
+            key: &Keypair,
+            seq: u64,
+            model: Option<&str>,
+            cached: &[u64],
+        ) -> Announcement {
             let membership = self.authority.certify_member(MembershipBody {
                 member: key.public(),
                 issued_at_ms: 0,
@@ -535,6 +543,7 @@ mod tests {
                         }]
                     })
                     .unwrap_or_default(),
+                cached: CacheSummary::of(cached),
             };
             Announcement {
                 report: sign_report(key, report),
@@ -606,9 +615,9 @@ mod tests {
             .expect("member");
         let id = a.public();
         assert_eq!(v.liveness(&id, 3_999), Some(Liveness::Alive));
-        assert_eq!(v.candidates("m", &key(9).public(), 3_999).len(), 1);
+        assert_eq!(v.candidates("m", &key(9).public(), 3_999, None).len(), 1);
         assert_eq!(v.liveness(&id, 4_000), Some(Liveness::Suspect));
-        assert!(v.candidates("m", &key(9).public(), 4_000).is_empty());
+        assert!(v.candidates("m", &key(9).public(), 4_000, None).is_empty());
         assert_eq!(v.liveness(&id, 9_000), Some(Liveness::Gone));
         // A fresh report revives it.
         v.on_announcement(&f.announce(&a, 2, Some("m")), 9_500)
@@ -627,10 +636,10 @@ mod tests {
             .expect("a");
         v.on_announcement(&f.announce(&b, 1, None), 0).expect("b");
         v.on_rtt(&a.public(), 4.0);
-        let c = v.candidates("m", &b.public(), 1);
+        let c = v.candidates("m", &b.public(), 1, None);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].rtt_ms, Some(4.0));
-        assert!(v.candidates("other", &b.public(), 1).is_empty());
+        assert!(v.candidates("other", &b.public(), 1, None).is_empty());
         v.on_rtt(&a.public(), f64::NAN);
         assert_eq!(v.get(&a.public()).and_then(|m| m.rtt_ms), Some(4.0));
     }
@@ -645,19 +654,23 @@ mod tests {
         v.on_announcement(&f.announce(&b, 1, Some("m")), 0)
             .expect("b");
         let me = key(9).public();
-        assert_eq!(v.candidates("m", &me, 1).len(), 2);
+        assert_eq!(v.candidates("m", &me, 1, None).len(), 2);
         // a switches to another model.
         v.on_announcement(&f.announce(&a, 2, Some("n")), 10)
             .expect("a");
-        let m: Vec<NodeId> = v.candidates("m", &me, 11).iter().map(|c| c.node).collect();
+        let m: Vec<NodeId> = v
+            .candidates("m", &me, 11, None)
+            .iter()
+            .map(|c| c.node)
+            .collect();
         assert_eq!(m, vec![b.public()]);
-        assert_eq!(v.candidates("n", &me, 11).len(), 1);
+        assert_eq!(v.candidates("n", &me, 11, None).len(), 1);
         // b is forgotten.
         v.on_announcement(&f.announce(&a, 3, Some("n")), 400_000)
             .expect("a");
         v.forget(400_000);
-        assert!(v.candidates("m", &me, 400_000).is_empty());
-        assert_eq!(v.candidates("n", &me, 400_000).len(), 1);
+        assert!(v.candidates("m", &me, 400_000, None).is_empty());
+        assert_eq!(v.candidates("n", &me, 400_000, None).len(), 1);
     }
 
     #[test]
@@ -732,28 +745,31 @@ mod tests {
     }
 
     #[test]
-    fn placements_count_against_a_node_until_its_next_report() {
+    fn members_holding_a_prompt_cache_are_marked() {
         let f = Fixture::new();
         let mut v = f.view();
         let (a, b) = (key(1), key(2));
-        for k in [&a, &b] {
-            v.on_announcement(&f.announce(k, 1, Some("m")), 10)
-                .expect("accepted");
-        }
+        v.on_announcement(&f.announce_cached(&a, 1, Some("m"), &[42, 43]), 10)
+            .expect("accepted");
+        v.on_announcement(&f.announce(&b, 1, Some("m")), 10)
+            .expect("accepted");
         let me = key(9).public();
-        let free = |v: &MeshView, n: &NodeId| {
-            let c = v.candidates("m", &me, 20);
-            let c = c.iter().find(|c| c.node == *n).expect("candidate");
-            (c.slots_free, c.queue_depth)
+        let hits = |v: &MeshView, k: Option<u64>| {
+            let mut h: Vec<NodeId> = v
+                .candidates("m", &me, 20, k)
+                .iter()
+                .filter(|c| c.cache_hit)
+                .map(|c| c.node)
+                .collect();
+            h.sort();
+            h
         };
-        for _ in 0..5 {
-            v.note_placement(&a.public());
-        }
-        assert_eq!(free(&v, &a.public()), (0, 1), "4 slots taken, 1 waiting");
-        assert_eq!(free(&v, &b.public()), (4, 0));
-        // A's own report says how things really stand.
+        assert_eq!(hits(&v, Some(42)), vec![a.public()]);
+        assert_eq!(hits(&v, Some(7)), Vec::<NodeId>::new());
+        assert_eq!(hits(&v, None), Vec::<NodeId>::new());
+        // The next report without it: no longer a hit.
         v.on_announcement(&f.announce(&a, 2, Some("m")), 30)
             .expect("accepted");
-        assert_eq!(free(&v, &a.public()), (4, 0));
+        assert_eq!(hits(&v, Some(42)), Vec::<NodeId>::new());
     }
 }

@@ -87,6 +87,10 @@ pub fn decode_unversioned<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireEr
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenParams {
     pub temperature: f32,
+    /// Sample only among this many most likely tokens (0: all), as
+    /// llama.cpp's server does by default; it also spares sorting the
+    /// whole vocabulary at every token.
+    pub top_k: u32,
     pub top_p: f32,
     pub seed: u64,
     pub max_tokens: u32,
@@ -106,6 +110,7 @@ impl Default for GenParams {
     fn default() -> Self {
         GenParams {
             temperature: 0.7,
+            top_k: DEFAULT_TOP_K,
             top_p: 0.95,
             seed: 0,
             max_tokens: 256,
@@ -116,9 +121,20 @@ impl Default for GenParams {
     }
 }
 
+/// Tokens sampling keeps by default ([`GenParams::top_k`]).
+pub const DEFAULT_TOP_K: u32 = 40;
+/// The most tokens `top_k` may keep.
+pub const MAX_TOP_K: u32 = 1 << 20;
+
 impl GenParams {
     /// Checks ranges; the error names the field.
     pub fn check(&self) -> Result<(), String> {
+        if self.top_k > MAX_TOP_K {
+            return Err(format!(
+                "top_k must be at most {MAX_TOP_K}, got {}",
+                self.top_k
+            ));
+        }
         if !self.temperature.is_finite() || !(0.0..=5.0).contains(&self.temperature) {
             return Err(format!(
                 "temperature must be between 0 and 5, got {}",
@@ -337,6 +353,8 @@ pub enum StopReason {
 pub struct DoneInfo {
     pub stop: StopReason,
     pub prompt_tokens: u32,
+    /// Of the prompt tokens, those taken from the prompt cache.
+    pub cached_tokens: u32,
     pub generated_tokens: u32,
     /// Time from the engine taking the job to its first token.
     pub first_token_ms: f64,

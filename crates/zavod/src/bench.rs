@@ -104,6 +104,10 @@ fn model_node_args(model: &Path, threads: u32) -> Vec<String> {
         threads.to_string(),
         "--slots".into(),
         "1".into(),
+        // Every run sends the same prompt; the direct side computes it
+        // afresh each time, so the node must too.
+        "--prompt-cache".into(),
+        "false".into(),
     ]
 }
 
@@ -209,6 +213,9 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
         queue_capacity: 1,
         chat_template: None,
         stream_interval_ms: 0,
+        prompt_cache: false,
+        prompt_cache_ram_bytes: 0,
+        share_prompt_cache: false,
     };
     let loaded = LoadedModel::load(&cfg, |_| {})?;
     let prompt = loaded.format_chat(&[Turn {
@@ -400,13 +407,14 @@ fn direct_run(
     Run::from_times(t0, &times)
 }
 
-/// Times one routing decision (view candidates, then `score::place`: filter,
-/// MCDA rank, request-keyed pick) over a
-/// view of `n` synthetic members; returns (p50, p99) in microseconds.
+/// Times one routing decision (view candidates, then the Router's placer:
+/// filter, load estimates, MCDA scores, two choices, remembering the pick)
+/// over a view of `n` synthetic members; returns (p50, p99) in
+/// microseconds.
 fn routing_decision_us(n: usize) -> (f64, f64) {
     use zavod_proto::auth::{Authority, Keypair, MembershipBody, sign_report};
-    use zavod_proto::capacity::{CapacityReport, ModelOffer};
-    use zavod_proto::score::{Weights, place};
+    use zavod_proto::capacity::{CacheSummary, CapacityReport, ModelOffer};
+    use zavod_proto::placer::{Ask, Placer, PlacerConfig};
     use zavod_proto::view::{Announcement, MeshView, ViewConfig};
     let authority = Authority::new(Keypair::from_secret([1; 32]));
     let mut view = MeshView::new(
@@ -440,6 +448,7 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
                 quant: "Q4_K_M".into(),
                 context_tokens: 4096,
             }],
+            cached: CacheSummary::of(&[i as u64]),
         };
         let a = Announcement {
             report: sign_report(&key, report),
@@ -454,13 +463,26 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
         view.on_rtt(&key.public(), 1.0 + (i % 20) as f64);
     }
     let me = authority.id();
-    let weights = Weights::default();
+    let cfg = PlacerConfig {
+        report_every_ms: 2_000,
+        ..PlacerConfig::default()
+    };
+    let mut placer = Placer::new();
     let mut samples = Vec::with_capacity(2000);
     for r in 0..2000u128 {
         let t = Instant::now();
-        let c = view.candidates("m", &me, 2);
-        // The Router's decision: exclusions, breaker filter, rank, pick.
-        let chosen = place(&c, &[], |_| true, &weights, 2, zavod_proto::RequestId(r));
+        let c = view.candidates("m", &me, 2, Some(r as u64 % 64));
+        // The Router's decision: exclusions, breaker filter, estimates,
+        // scores, pick; every tenth placement ends.
+        let ask = Ask {
+            request: zavod_proto::RequestId(r),
+            exclude: &[],
+            until_ms: 60_000,
+        };
+        let chosen = placer.place(&c, |_| true, &ask, &cfg, 2);
+        if r % 10 == 0 {
+            placer.on_done(zavod_proto::RequestId(r), 2);
+        }
         std::hint::black_box(chosen);
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }

@@ -33,6 +33,7 @@ pub(crate) fn on_worker<T: Send + 'static>(
 pub fn run(args: ChatArgs) -> Result<()> {
     let params = GenParams {
         temperature: args.temperature,
+        top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
         max_tokens: args.max_tokens,

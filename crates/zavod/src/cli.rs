@@ -149,6 +149,14 @@ pub struct NodeArgs {
     /// Requests generated at once (continuous batching).
     #[arg(long, env = "ZAVOD_SLOTS", value_name = "N")]
     pub slots: Option<u32>,
+    /// Keep finished requests' KV cache, so a conversation's next turn (or
+    /// any prompt sharing a prefix) prefills only what is new.
+    #[arg(long, env = "ZAVOD_PROMPT_CACHE", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub prompt_cache: Option<bool>,
+    /// Memory for cached prompts saved out of their slots (MiB; 0 keeps only
+    /// what the slots hold).
+    #[arg(long, env = "ZAVOD_PROMPT_CACHE_RAM_MIB", value_name = "MIB")]
+    pub prompt_cache_ram_mib: Option<u64>,
     /// Context tokens per request.
     #[arg(long, env = "ZAVOD_CONTEXT_TOKENS", value_name = "N")]
     pub context_tokens: Option<u32>,
@@ -184,6 +192,9 @@ pub struct ChatArgs {
     /// Sampling temperature; 0 is greedy (same text every time).
     #[arg(long, default_value_t = 0.7, value_name = "T")]
     pub temperature: f32,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = zavod_proto::wire::DEFAULT_TOP_K, value_name = "K")]
+    pub top_k: u32,
     /// Nucleus sampling threshold.
     #[arg(long, default_value_t = 0.95, value_name = "P")]
     pub top_p: f32,

@@ -18,6 +18,8 @@ pub fn run(args: NodeArgs) -> Result<()> {
         model: args.model,
         gpu_layers: args.gpu_layers,
         slots: args.slots,
+        prompt_cache: args.prompt_cache,
+        prompt_cache_ram_mib: args.prompt_cache_ram_mib,
         context_tokens: args.context_tokens,
         threads: args.threads,
         runtime_threads: args.runtime_threads,

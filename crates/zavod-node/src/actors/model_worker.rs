@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use zavod_engine::llama::job_channel;
-use zavod_engine::{CancelFlag, Engine, EngineError, EngineEvent, Job};
+use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::NodeId;
 use zavod_proto::auth::{AuthError, Grant, GrantCheck, Membership, ReplayGuard};
 use zavod_proto::capacity::WorkerLoad;
-use zavod_proto::prompt::{Turn, run_hash};
+use zavod_proto::prompt::{Turn, affinity_key, run_hash};
 use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
 
 /// How often the worker checks its engine and reports load.
@@ -187,12 +187,21 @@ fn run(
     };
     let (tx, rx) = job_channel();
     let cancel = CancelFlag::default();
+    // The entry names whose cache this is (the credential charged) in the
+    // grant it signed; the key is the one the entry placed by.
+    let mut partition = [0u8; 8];
+    partition.copy_from_slice(&body.cache_scope[..8]);
+    let cache = CacheTag {
+        partition: u64::from_le_bytes(partition),
+        key: affinity_key(&body.cache_scope, &model, &turns),
+    };
     let job = Job {
         id: body.request,
         prompt,
         params,
         events: tx,
         cancel: cancel.clone(),
+        cache,
     };
     match st.engine.submit(job) {
         Ok(()) => Ok(JobStream { events: rx, cancel }),

@@ -1,8 +1,9 @@
 //! Router: admits requests (credential, scope, rate and budget through
 //! zavod_proto::auth), keeps the mesh view (zavod_proto::view) fed by
-//! gossip, announces this node, places requests by MCDA rank and the
-//! request-id keyed pick (zavod_proto::score) among alive members whose
-//! breaker allows it, and mints the per-request grant.
+//! gossip, announces this node, places requests with the placer
+//! (zavod_proto::placer: MCDA score, this entry's running placements,
+//! cache affinity, two choices) among alive members whose breaker allows
+//! it, and mints the per-request grant.
 
 use super::breaker::BreakerMsg;
 use super::{NodeShared, error_frame, unavailable};
@@ -18,8 +19,9 @@ use zavod_proto::auth::{
     AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, sign_report,
 };
 use zavod_proto::breaker::BreakerState;
-use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::score::{Candidate, place, rank};
+use zavod_proto::capacity::{CacheSummary, CapacityReport, ModelOffer, Resources, WorkerLoad};
+use zavod_proto::placer::{Ask, Placer};
+use zavod_proto::score::{Candidate, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRow};
 use zavod_proto::{NodeId, RequestId};
@@ -46,12 +48,35 @@ pub struct Admission {
 }
 
 /// Where a request runs, and its permission to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Placement {
     pub target: NodeId,
     pub addrs: Vec<String>,
     pub grant: Grant,
     pub score: f64,
+    /// Whether the target holds the prompt's cache (by its last report).
+    pub cache_hit: bool,
+    /// Counts the request against its target in this entry's placer while
+    /// it lives (`None` for a placement this node did not make).
+    pub in_flight: Option<InFlight>,
+}
+
+/// Tells the Router, when dropped, that a placement it made is over, so
+/// its target's load estimate drops at once rather than at the placement's
+/// deadline. The serving task holds it exactly as long as the request runs
+/// on that target.
+#[derive(Debug)]
+pub struct InFlight {
+    request: RequestId,
+    router: ActorRef<RouterMsg>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let _ = self.router.cast(RouterMsg::Done {
+            request: self.request,
+        });
+    }
 }
 
 pub enum RouterMsg {
@@ -69,7 +94,20 @@ pub enum RouterMsg {
         max_tokens: u32,
         /// Nodes not to place on (they just failed this request).
         exclude: Vec<NodeId>,
+        /// The credential whose prompt cache the request may use.
+        cache_scope: [u8; 16],
+        /// The prompt's affinity key (zavod_proto::prompt::affinity_key).
+        cache_key: u64,
         reply: RpcReplyPort<Result<Placement, ErrorFrame>>,
+    },
+    /// A placement this node made is over (its [`InFlight`] was dropped).
+    Done {
+        request: RequestId,
+    },
+    /// A node failed a request this node placed: the placer passes it
+    /// over until it reports again.
+    Failed {
+        node: NodeId,
     },
     /// Returns unused reserved tokens when a request ends.
     Settle {
@@ -165,6 +203,8 @@ pub struct RouterState {
     last_announced: Option<(Figures, u64)>,
     /// Requests placed elsewhere, waiting for their target's report.
     expected: BTreeMap<RequestId, oneshot::Sender<RunReport>>,
+    /// This entry's placements still running, for load estimates.
+    placer: Placer,
 }
 
 /// The parts of a report whose change is worth announcing.
@@ -177,6 +217,7 @@ struct Figures {
     tokens_per_s_tenths: i64,
     models: Vec<String>,
     addrs: Vec<String>,
+    cached: CacheSummary,
 }
 
 impl Figures {
@@ -189,6 +230,7 @@ impl Figures {
             tokens_per_s_tenths: (r.tokens_per_s * 10.0) as i64,
             models: r.models.iter().map(|m| m.name.clone()).collect(),
             addrs,
+            cached: r.cached.clone(),
         }
     }
 }
@@ -281,9 +323,11 @@ impl RouterState {
         match self.view.on_announcement(a, now) {
             Ok(Accepted::New) => {
                 tracing::info!(peer = %node.short(), models = ?a.report.body.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "member joined the view");
+                self.placer.on_report(&node);
                 self.connect_to(node);
             }
-            Ok(_) => {}
+            Ok(Accepted::Updated) => self.placer.on_report(&node),
+            Ok(Accepted::Stale) => {}
             Err(e) => tracing::debug!(peer = %node.short(), error = %e, "announcement dropped"),
         }
     }
@@ -326,7 +370,10 @@ impl RouterState {
     }
 
     fn serves(&self, model: &str, now: u64) -> bool {
-        !self.view.candidates(model, &self.me(), now).is_empty()
+        !self
+            .view
+            .candidates(model, &self.me(), now, None)
+            .is_empty()
     }
 
     fn admit(&mut self, client: NodeId, req: ChatRequest) -> Result<Admission, ErrorFrame> {
@@ -407,28 +454,34 @@ impl RouterState {
             .map(|(name, _)| name.to_string())
     }
 
-    fn candidates(&self, model: &str, now: u64) -> Vec<Candidate> {
+    fn candidates(&self, model: &str, now: u64, cache_key: u64) -> Vec<Candidate> {
         let me = self.me();
-        let mut c = self.view.candidates(model, &me, now);
+        let mut c = self.view.candidates(model, &me, now, Some(cache_key));
         // This node's own figures are fresher than its last announcement.
         for cand in c.iter_mut().filter(|c| c.node == me) {
             cand.slots_free = self.load.slots_total.saturating_sub(self.load.slots_busy);
             cand.slots_total = self.load.slots_total;
             cand.queue_depth = self.load.queue_depth;
+            cand.age_ms = 0;
+            cand.cache_hit = self.load.cache_keys.contains(&cache_key);
         }
         c
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn place(
         &mut self,
+        myself: &ActorRef<RouterMsg>,
         client: NodeId,
         model: String,
         hash: [u8; 32],
         max_tokens: u32,
         exclude: Vec<NodeId>,
+        cache_scope: [u8; 16],
+        cache_key: u64,
     ) -> Result<Placement, ErrorFrame> {
         let now = now_ms();
-        let candidates: Vec<Candidate> = self.candidates(&model, now);
+        let candidates: Vec<Candidate> = self.candidates(&model, now, cache_key);
         let breaker = self
             .shared
             .directory
@@ -450,26 +503,28 @@ impl RouterState {
         .map_err(|_| unavailable("the breaker"))?;
         let request =
             RequestId(random_u128().map_err(|e| error_frame(ErrorCode::Internal, e.to_string()))?);
-        let scoring = &self.shared.config.scoring;
-        let chosen = place(
-            &candidates,
-            &exclude,
-            |n| routable.contains(n),
-            &scoring.weights,
-            scoring.top_k,
+        let config = &self.shared.config;
+        let cfg = config.scoring.placer(config.gossip.heartbeat_ms);
+        // Counted against its target until the serving task drops it, or
+        // for as long as the answer may take at the most.
+        let until_ms =
+            now + config.limits.stall_timeout_ms + u64::from(max_tokens).saturating_mul(1_000);
+        let ask = Ask {
             request,
-        )
-        .ok_or_else(|| {
+            exclude: &exclude,
+            until_ms,
+        };
+        let chosen = self
+            .placer
+            .place(&candidates, |n| routable.contains(n), &ask, &cfg, now)
+            .ok_or_else(|| {
             error_frame(
                 ErrorCode::NoCapacity,
                 format!(
                     "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
                 ),
             )
-        })?;
-        if chosen.node != self.me() {
-            self.view.note_placement(&chosen.node);
-        }
+            })?;
         let addrs = if chosen.node == self.me() {
             self.shared.listen_addrs()
         } else {
@@ -488,6 +543,7 @@ impl RouterState {
                 max_tokens,
                 expires_at_ms: now + self.shared.config.limits.grant_ttl_ms,
                 prompt_hash: hash,
+                cache_scope,
             },
         );
         Ok(Placement {
@@ -495,6 +551,11 @@ impl RouterState {
             addrs,
             grant,
             score: chosen.score,
+            cache_hit: chosen.cache_hit,
+            in_flight: Some(InFlight {
+                request,
+                router: myself.clone(),
+            }),
         })
     }
 
@@ -583,6 +644,7 @@ impl Actor for Router {
             view,
             last_announced: None,
             expected: BTreeMap::new(),
+            placer: Placer::new(),
         };
         ractor::pg::join(
             crate::cluster::ROUTER_GROUP.to_string(),
@@ -597,7 +659,7 @@ impl Actor for Router {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -615,13 +677,28 @@ impl Actor for Router {
                 prompt_hash,
                 max_tokens,
                 exclude,
+                cache_scope,
+                cache_key,
                 reply,
             } => {
-                let _ = reply.send(
-                    st.place(client, model, prompt_hash, max_tokens, exclude)
-                        .await,
-                );
+                let placed = st
+                    .place(
+                        &myself,
+                        client,
+                        model,
+                        prompt_hash,
+                        max_tokens,
+                        exclude,
+                        cache_scope,
+                        cache_key,
+                    )
+                    .await;
+                // A requester that gave up drops the placement, which
+                // counts it done.
+                let _ = reply.send(placed);
             }
+            RouterMsg::Done { request } => st.placer.on_done(request, now_ms()),
+            RouterMsg::Failed { node } => st.placer.on_failure(&node),
             RouterMsg::Settle {
                 credential_id,
                 reserved,
@@ -634,6 +711,9 @@ impl Actor for Router {
             RouterMsg::WorkerLoad(l) => {
                 st.shared.metrics.load(&l);
                 st.load = l;
+                // Fresh figures of this node count its running requests.
+                let me = st.me();
+                st.placer.on_report(&me);
             }
             RouterMsg::Models(reply) => {
                 let _ = reply.send(st.models());
