@@ -27,6 +27,7 @@ pub mod llama;
 pub mod pacing;
 pub mod prompt_cache;
 pub mod queue;
+pub mod sampling;
 mod utf8;
 
 pub use prompt_cache::CacheTag;

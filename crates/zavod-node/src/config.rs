@@ -324,6 +324,7 @@ pub struct Overrides {
     pub model: Option<PathBuf>,
     pub gpu_layers: Option<u32>,
     pub slots: Option<u32>,
+    pub batch_tokens: Option<u32>,
     pub prompt_cache: Option<bool>,
     pub prompt_cache_ram_mib: Option<u64>,
     pub context_tokens: Option<u32>,
@@ -372,6 +373,9 @@ impl NodeConfig {
         }
         if let Some(v) = o.slots {
             self.model.slots = v;
+        }
+        if let Some(v) = o.batch_tokens {
+            self.model.batch_tokens = v;
         }
         if let Some(v) = o.prompt_cache {
             self.model.prompt_cache = v;

@@ -149,6 +149,10 @@ pub struct NodeArgs {
     /// Requests generated at once (continuous batching).
     #[arg(long, env = "ZAVOD_SLOTS", value_name = "N")]
     pub slots: Option<u32>,
+    /// Most tokens one decode step computes (prompt chunks and every
+    /// running answer's next token together).
+    #[arg(long, env = "ZAVOD_BATCH_TOKENS", value_name = "N")]
+    pub batch_tokens: Option<u32>,
     /// Keep finished requests' KV cache, so a conversation's next turn (or
     /// any prompt sharing a prefix) prefills only what is new.
     #[arg(long, env = "ZAVOD_PROMPT_CACHE", value_name = "BOOL", action = clap::ArgAction::Set)]
@@ -271,4 +275,50 @@ pub struct BenchArgs {
     /// Only time routing decisions (no nodes, no model).
     #[arg(long)]
     pub routing_only: bool,
+    /// Workload mode: N clients streaming at once (`--requests` each, one
+    /// after another), a zavod node against llama-server over their OpenAI
+    /// APIs; `--tokens` per answer.
+    #[arg(long, value_name = "N", conflicts_with_all = ["conversation", "mesh"])]
+    pub concurrent: Option<usize>,
+    /// Workload mode: `--clients` chats of K turns each, the whole history
+    /// sent every turn, a zavod node against llama-server. With `--mesh`: a
+    /// conversation through an entry node against one attached to the
+    /// model node directly.
+    #[arg(long, value_name = "K")]
+    pub conversation: Option<usize>,
+    /// Requests each concurrent client sends, one after another.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub requests: usize,
+    /// Words of each concurrent request's prompt (about 1.25 tokens each).
+    #[arg(long, default_value_t = 150, value_name = "N")]
+    pub prompt_words: usize,
+    /// Conversations held at once.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub clients: usize,
+    /// Words of each new user turn in a conversation.
+    #[arg(long, default_value_t = 420, value_name = "N")]
+    pub turn_words: usize,
+    /// Tokens of each answer in a conversation.
+    #[arg(long, default_value_t = 48, value_name = "N")]
+    pub answer_tokens: u32,
+    /// Slots of the servers in a workload bench (llama-server's -np).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub slots: u32,
+    /// Context tokens per slot in a workload bench.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub context_tokens: u32,
+    /// Alternating rounds of a workload bench.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub rounds: u32,
+    /// llama.cpp's llama-server [default: $LLAMA_SERVER, else
+    /// target/llama-server/bin/llama-server from scripts/build-llama-server.sh].
+    #[arg(long, value_name = "PATH")]
+    pub llama_server: Option<PathBuf>,
+    /// Measure only the zavod node in a workload bench.
+    #[arg(long)]
+    pub zavod_only: bool,
+    /// Extra flag for the zavod node(s) of a workload bench (repeatable),
+    /// e.g. --node-flag=--prompt-cache=false to measure without the cache.
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub node_flag: Vec<String>,
 }

@@ -18,6 +18,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         model: args.model,
         gpu_layers: args.gpu_layers,
         slots: args.slots,
+        batch_tokens: args.batch_tokens,
         prompt_cache: args.prompt_cache,
         prompt_cache_ram_mib: args.prompt_cache_ram_mib,
         context_tokens: args.context_tokens,

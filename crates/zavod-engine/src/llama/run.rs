@@ -23,6 +23,7 @@ use super::{LlamaConfig, LoadedModel, MAX_SAVED_STATE_BYTES, backend};
 use crate::pacing::Pacer;
 use crate::prompt_cache::PromptCache;
 use crate::queue::FairQueue;
+use crate::sampling::{self, argmax};
 use crate::utf8::Utf8Stream;
 use crate::{CancelFlag, EngineError, EngineEvent, GenToken, Job};
 use llama_cpp_2::context::LlamaContext;
@@ -31,6 +32,8 @@ use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -65,7 +68,7 @@ struct Seq {
     /// Sampled token still to be fed back.
     next: Option<LlamaToken>,
     logits_idx: Option<i32>,
-    sampler: LlamaSampler,
+    sampler: Sampler,
     max_tokens: u32,
     ignore_eos: bool,
     generated: u32,
@@ -77,23 +80,59 @@ struct Seq {
     pacer: Pacer<GenToken>,
 }
 
-fn sampler_for(p: &zavod_proto::wire::GenParams) -> LlamaSampler {
+/// How a sequence picks its next token (see [`crate::sampling`]).
+enum Sampler {
+    /// Temperature 0: the largest logit.
+    Greedy,
+    /// llama.cpp's top-p, temperature and seeded draw, run on the `top_k`
+    /// most likely tokens (every token when `top_k` is 0).
+    Draw { top_k: usize, chain: LlamaSampler },
+}
+
+fn sampler_for(p: &zavod_proto::wire::GenParams) -> Sampler {
     if p.temperature <= 0.0 {
-        LlamaSampler::greedy()
+        Sampler::Greedy
     } else {
         let seed = (p.seed ^ (p.seed >> 32)) as u32;
-        let mut chain = Vec::with_capacity(4);
-        if p.top_k > 0 {
-            chain.push(LlamaSampler::top_k(
-                i32::try_from(p.top_k).unwrap_or(i32::MAX),
-            ));
+        Sampler::Draw {
+            top_k: p.top_k as usize,
+            chain: LlamaSampler::chain_simple([
+                LlamaSampler::top_p(p.top_p, 1),
+                LlamaSampler::temp(p.temperature),
+                LlamaSampler::dist(seed),
+            ]),
         }
-        chain.extend([
-            LlamaSampler::top_p(p.top_p, 1),
-            LlamaSampler::temp(p.temperature),
-            LlamaSampler::dist(seed),
-        ]);
-        LlamaSampler::chain_simple(chain)
+    }
+}
+
+impl Sampler {
+    /// The next token from the logits of batch position `idx`.
+    fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
+        // `idx` is a position this step asked logits for, so llama.cpp has
+        // them (it panics otherwise).
+        let logits = ctx.get_logits_ith(idx);
+        let top = |i: usize| LlamaToken(i32::try_from(i).unwrap_or(0));
+        match self {
+            Sampler::Greedy => top(argmax(logits).unwrap_or(0)),
+            Sampler::Draw { top_k, chain } => {
+                let picked: Vec<LlamaTokenData> = if *top_k == 0 || *top_k >= logits.len() {
+                    logits
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &x)| LlamaTokenData::new(top(i), x, 0.0))
+                        .collect()
+                } else {
+                    sampling::top_k(logits, *top_k)
+                        .into_iter()
+                        .map(|(i, x)| LlamaTokenData::new(top(i), x, 0.0))
+                        .collect()
+                };
+                let first = picked.first().map_or(LlamaToken(0), LlamaTokenData::id);
+                let mut arr = LlamaTokenDataArray::new(picked, *top_k > 0);
+                arr.apply_sampler(chain);
+                arr.selected_token().unwrap_or(first)
+            }
+        }
     }
 }
 

@@ -7,6 +7,11 @@
 //! memory placement decides; medians are reported with their ratio. Also
 //! the resident memory of an idle node before any model loads.
 
+mod mesh_conversation;
+mod servers;
+mod versus;
+mod workload;
+
 use crate::cli::BenchArgs;
 use anyhow::{Context, Result, bail};
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -496,6 +501,25 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.direct_worker {
         return direct_worker(&args);
+    }
+    if let Some(clients) = args.concurrent {
+        if clients == 0 || args.requests == 0 || args.rounds == 0 || args.tokens == 0 {
+            eprintln!("error: --concurrent, --requests, --rounds and --tokens must be at least 1");
+            std::process::exit(2);
+        }
+        return versus::run_concurrent_bench(&args, clients);
+    }
+    if let Some(turns) = args.conversation {
+        if turns == 0 || args.clients == 0 || args.rounds == 0 || args.answer_tokens == 0 {
+            eprintln!(
+                "error: --conversation, --clients, --rounds and --answer-tokens must be at least 1"
+            );
+            std::process::exit(2);
+        }
+        if args.mesh {
+            return mesh_conversation::run(&args, turns);
+        }
+        return versus::run_conversation_bench(&args, turns);
     }
     if args.tokens < 2 || args.runs == 0 || args.first_token_runs == 0 || args.processes == 0 {
         eprintln!(

@@ -1,0 +1,198 @@
+//! The servers a workload bench runs against, as child processes killed on
+//! drop: a `zavod node` serving the OpenAI API, and llama.cpp's own
+//! `llama-server` on the same model, threads, slots and context.
+
+use super::workload::Endpoint;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process, killed on drop.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl From<Child> for Proc {
+    fn from(c: Child) -> Self {
+        Proc(c)
+    }
+}
+
+impl Proc {
+    pub fn exited(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// A port free on loopback now (a later bind may still race; the servers
+/// then fail to start and say so).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Where llama-server is: `path` if given, else `$LLAMA_SERVER`, else
+/// where `scripts/build-llama-server.sh` puts it.
+pub fn find_llama_server(path: Option<&Path>) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match path {
+        Some(p) => vec![p.to_path_buf()],
+        None => std::env::var_os("LLAMA_SERVER")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([PathBuf::from("target/llama-server/bin/llama-server")])
+            .collect(),
+    };
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "llama-server not found: build it with scripts/build-llama-server.sh (about 10 minutes), \
+         or name it with --llama-server PATH or LLAMA_SERVER; or pass --zavod-only",
+    )
+}
+
+/// Waits until `GET url` answers 200 (or the process exits).
+async fn wait_healthy(
+    http: &reqwest::Client,
+    url: &str,
+    proc: &mut Proc,
+    what: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if proc.exited() {
+            bail!("{what} exited while starting");
+        }
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not become ready within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What every server in a workload bench runs with.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub model: PathBuf,
+    pub threads: u32,
+    pub slots: u32,
+    pub context_tokens: u32,
+}
+
+pub async fn start_llama_server(
+    http: &reqwest::Client,
+    exe: &Path,
+    shape: &Shape,
+) -> Result<(Proc, Endpoint)> {
+    let port = free_port()?;
+    let child = Command::new(exe)
+        .arg("-m")
+        .arg(&shape.model)
+        .args(["-t", &shape.threads.to_string()])
+        .args(["-tb", &shape.threads.to_string()])
+        .args(["-np", &shape.slots.to_string()])
+        .args([
+            "-c",
+            &(shape.slots * shape.context_tokens).to_string(),
+            "--no-webui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let mut proc = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(http, &format!("{base}/health"), &mut proc, "llama-server").await?;
+    let model = zavod_engine::model_name_from_path(&shape.model);
+    Ok((
+        proc,
+        Endpoint {
+            name: "llama-server".into(),
+            base,
+            model,
+            bearer: None,
+        },
+    ))
+}
+
+/// A `zavod node` with the model and the OpenAI API on a free port; `extra`
+/// adds flags (e.g. `--prompt-cache false`).
+pub async fn start_zavod(
+    http: &reqwest::Client,
+    exe: &Path,
+    data_dir: &Path,
+    shape: &Shape,
+    extra: &[String],
+) -> Result<(Proc, Endpoint)> {
+    let port = free_port()?;
+    let child = Command::new(exe)
+        .arg("node")
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(data_dir)
+        .arg("--model")
+        .arg(&shape.model)
+        .args(["--threads", &shape.threads.to_string()])
+        .args(["--slots", &shape.slots.to_string()])
+        .args(["--context-tokens", &shape.context_tokens.to_string()])
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .env_remove("ZAVOD_CONFIG")
+        .env_remove("ZAVOD_MODEL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting zavod node")?;
+    let mut proc = Proc(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(http, &format!("{base}/readyz"), &mut proc, "zavod node").await?;
+    let bearer = issue_token(exe, data_dir)?;
+    Ok((
+        proc,
+        Endpoint {
+            name: "zavod".into(),
+            base,
+            model: zavod_engine::model_name_from_path(&shape.model),
+            bearer: Some(bearer),
+        },
+    ))
+}
+
+/// A capability token from the node's local authority.
+pub fn issue_token(exe: &Path, data_dir: &Path) -> Result<String> {
+    let out = Command::new(exe)
+        .args([
+            "cap",
+            "issue",
+            "--models",
+            "*",
+            "--max-tokens",
+            "1000000000",
+            "--ttl",
+            "7d",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .context("zavod cap issue")?;
+    if !out.status.success() {
+        bail!(
+            "zavod cap issue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
