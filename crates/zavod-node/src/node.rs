@@ -264,6 +264,7 @@ impl Node {
             cluster: cluster.clone(),
             metrics: crate::metrics::Metrics::new(),
             listen_addrs: Default::default(),
+            token_estimates: Default::default(),
         });
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))

@@ -505,7 +505,12 @@ async fn run_chat(
     let expect = |request| {
         let (tx, rx) = oneshot::channel();
         if let Some(router) = dir.get().router {
-            let _ = router.cast(RouterMsg::Expect { request, tx });
+            let _ = router.cast(RouterMsg::Expect {
+                request,
+                tx,
+                model: admission.model.clone(),
+                prompt_bytes: prepared.text_bytes(),
+            });
         }
         rx
     };
@@ -692,6 +697,7 @@ async fn complete(
     sink: &mut impl Sink,
 ) {
     record_outcome(shared, f.target, Outcome::Success);
+    shared.learn_tokens(&admission.model, prepared.text_bytes(), done.prompt_tokens);
     let tokens = f.so_far.tokens() + f.generated;
     reservation.used = Some(tokens);
     if done.stop != StopReason::Cancelled {
@@ -841,6 +847,7 @@ async fn admit_and_assemble(
     .await??;
     params.max_tokens = admission.max_tokens;
     let assembled = call(dir.get().memory, "memory", |reply| MemoryMsg::Assemble {
+        model: admission.model.clone(),
         key: admission.conversation.clone(),
         supplied,
         message,
@@ -1239,6 +1246,7 @@ async fn serve_run(
                         request,
                         answer,
                         receipt,
+                        prompt_tokens: done.prompt_tokens,
                     },
                 ));
             }

@@ -77,6 +77,53 @@ pub fn affinity_key(scope: &[u8; 16], model: &str, turns: &[Turn]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Token counts for texts when no tokenizer is at hand, learnt from what
+/// nodes with the model report: an entry without the model assembles
+/// prompts by estimate, and a crude estimate cuts conversations short (and
+/// with them their cached prefix) long before the model's context is full.
+/// It keeps the sizes of the last prompts it heard of and uses their
+/// bytes per token (weighted by size, so short prompts, where the template
+/// is most of the tokens, count little), less a margin, so it errs towards
+/// counting more. Before it has heard of any, it falls back to
+/// [`estimate_tokens`].
+#[derive(Debug, Clone, Default)]
+pub struct TokenEstimator {
+    /// (bytes, tokens) of recent prompts.
+    seen: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// Prompts whose ratio a [`TokenEstimator`] remembers.
+const ESTIMATOR_WINDOW: usize = 32;
+/// How much the smallest ratio seen is shrunk by, so counts err high.
+const ESTIMATOR_MARGIN: f64 = 1.1;
+
+impl TokenEstimator {
+    /// A prompt of `bytes` bytes of turn text came to `tokens` tokens
+    /// (template included).
+    pub fn observe(&mut self, bytes: usize, tokens: u32) {
+        if tokens == 0 || bytes == 0 {
+            return;
+        }
+        if self.seen.len() >= ESTIMATOR_WINDOW {
+            self.seen.pop_front();
+        }
+        self.seen.push_back((bytes as u64, u64::from(tokens)));
+    }
+
+    /// Tokens `text` is likely to take, erring high.
+    pub fn estimate(&self, text: &str) -> u32 {
+        let (bytes, tokens) = self
+            .seen
+            .iter()
+            .fold((0u64, 0u64), |(b, t), (x, y)| (b + x, t + y));
+        if tokens == 0 {
+            return estimate_tokens(text);
+        }
+        let per = (bytes as f64 / tokens as f64).clamp(1.0, 8.0) / ESTIMATOR_MARGIN;
+        u32::try_from((text.len() as f64 / per.max(1.0)).ceil() as u64).unwrap_or(u32::MAX)
+    }
+}
+
 /// Token count for a text when no tokenizer is at hand: one token per three
 /// bytes, rounded up. Real tokenizers average three to four bytes per token
 /// on prose, so this over-counts and budgets stay safe.
@@ -190,6 +237,27 @@ mod tests {
         assert_ne!(k, affinity_key(&a, "other", &first));
         let other_opening = vec![text(Role::System, "be brief"), text(Role::User, "bye")];
         assert_ne!(k, affinity_key(&a, "m", &other_opening));
+    }
+
+    #[test]
+    fn an_estimator_learns_the_ratio_and_errs_high() {
+        let mut e = TokenEstimator::default();
+        let text = "a".repeat(500);
+        assert_eq!(e.estimate(&text), estimate_tokens(&text));
+        // Long prompts of 5 bytes per token, and a short one where the
+        // template is most of it.
+        e.observe(5_000, 1_000);
+        e.observe(5_000, 1_000);
+        e.observe(40, 20);
+        // 500 bytes at about 5 bytes a token, less the margin: 111.
+        assert_eq!(e.estimate(&text), 111);
+        // Nonsense is ignored; the window forgets old prompts.
+        e.observe(0, 10);
+        e.observe(10, 0);
+        for _ in 0..ESTIMATOR_WINDOW {
+            e.observe(6_000, 1_000);
+        }
+        assert_eq!(e.estimate(&text), 92);
     }
 
     #[test]

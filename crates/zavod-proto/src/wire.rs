@@ -235,6 +235,9 @@ pub struct RunReport {
     pub request: RequestId,
     pub answer: String,
     pub receipt: Receipt,
+    /// Tokens the prompt came to at the target (so an entry without the
+    /// model learns how its texts tokenize).
+    pub prompt_tokens: u32,
 }
 
 /// What a client sends on a run stream to the target named by a redirect.

@@ -7,7 +7,7 @@
 use super::{NodeShared, error_frame};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
-use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble, estimate_tokens};
+use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConvKey;
 
@@ -24,6 +24,11 @@ pub struct PreparedPrompt {
 }
 
 impl PreparedPrompt {
+    /// Bytes of the turns' text (for learning how texts tokenize).
+    pub fn text_bytes(&self) -> usize {
+        self.turns.iter().map(|t| t.text.len()).sum()
+    }
+
     /// The prompt for people to read (`--show-prompt`): as the model will
     /// see it when this node has the model, otherwise the turns one per
     /// line. Rendered only on request, off the first-token path.
@@ -43,6 +48,8 @@ impl PreparedPrompt {
 
 pub enum MemoryMsg {
     Assemble {
+        /// The model the prompt is for (token counts depend on it).
+        model: String,
         key: Option<ConvKey>,
         /// History the client sent with its request (the HTTP API's earlier
         /// messages). Without a conversation it is the whole history; with
@@ -85,6 +92,7 @@ impl Actor for MemoryKeeper {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MemoryMsg::Assemble {
+                model,
                 key,
                 supplied,
                 message,
@@ -94,6 +102,7 @@ impl Actor for MemoryKeeper {
             } => {
                 let _ = reply.send(prepare(
                     shared,
+                    &model,
                     key.as_ref(),
                     supplied,
                     message,
@@ -124,20 +133,28 @@ impl Actor for MemoryKeeper {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     shared: &NodeShared,
+    model: &str,
     key: Option<&ConvKey>,
     supplied: Vec<(Role, String)>,
     message: String,
     answer_tokens: u32,
     context_tokens: u32,
 ) -> Result<PreparedPrompt, ErrorFrame> {
-    let model = shared.model.as_ref();
     let turn = |role: Role, text: String| Turn {
         role,
-        tokens: model.map_or_else(|| estimate_tokens(&text), |m| m.count_tokens(&text)),
+        tokens: shared.count_tokens(model, &text),
         text,
     };
+    // Without the model here, stored counts were estimates made when less
+    // was known of how its texts tokenize: count again. (Answers' counts
+    // are the tokens generated, exact.)
+    let exact = shared
+        .model
+        .as_ref()
+        .is_some_and(|m| m.offer().name == model);
     let history = match key {
         Some(k) => {
             let mut h: Vec<Turn> = supplied
@@ -151,6 +168,11 @@ fn prepare(
                     .recent(k, shared.config.memory.max_history_turns)
                     .map_err(|e| error_frame(ErrorCode::Internal, format!("memory: {e}")))?,
             );
+            if !exact {
+                for t in h.iter_mut().filter(|t| t.role != Role::Assistant) {
+                    t.tokens = shared.count_tokens(model, &t.text);
+                }
+            }
             h
         }
         None => supplied

@@ -15,7 +15,9 @@ use crate::backend::ModelBackend;
 use crate::config::NodeConfig;
 use crate::datadir::NodeIdentity;
 use ractor::ActorRef;
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use zavod_proto::prompt::TokenEstimator;
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConversationStore;
 
@@ -64,6 +66,42 @@ pub struct NodeShared {
     pub metrics: crate::metrics::Metrics,
     /// This node's dialable addresses (with /p2p/), once it listens.
     pub listen_addrs: RwLock<Vec<String>>,
+    /// How texts tokenize for each model this node routes but does not
+    /// serve, learnt from the answers' reports.
+    pub token_estimates: std::sync::Mutex<BTreeMap<String, TokenEstimator>>,
+}
+
+/// Models whose tokenization a node keeps estimates for, at most.
+const MAX_ESTIMATED_MODELS: usize = 64;
+
+impl NodeShared {
+    /// A prompt of `bytes` bytes of turn text came to `tokens` tokens on
+    /// a node serving `model`.
+    pub fn learn_tokens(&self, model: &str, bytes: usize, tokens: u32) {
+        if let Ok(mut m) = self.token_estimates.lock() {
+            if !m.contains_key(model) && m.len() >= MAX_ESTIMATED_MODELS {
+                return;
+            }
+            m.entry(model.to_string())
+                .or_default()
+                .observe(bytes, tokens);
+        }
+    }
+
+    /// The token count of `text` for `model`: exact with the local model,
+    /// else estimated.
+    pub fn count_tokens(&self, model: &str, text: &str) -> u32 {
+        if let Some(m) = &self.model
+            && m.offer().name == model
+        {
+            return m.count_tokens(text);
+        }
+        self.token_estimates
+            .lock()
+            .ok()
+            .and_then(|m| m.get(model).map(|e| e.estimate(text)))
+            .unwrap_or_else(|| zavod_proto::prompt::estimate_tokens(text))
+    }
 }
 
 impl NodeShared {

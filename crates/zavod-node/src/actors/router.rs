@@ -143,6 +143,10 @@ pub enum RouterMsg {
     Expect {
         request: RequestId,
         tx: oneshot::Sender<RunReport>,
+        /// What the prompt was, so the report teaches how the model's
+        /// texts tokenize even when the client finished first.
+        model: String,
+        prompt_bytes: usize,
     },
     /// From another node, over the actor session: the target of a request
     /// this node placed reports the answer with its signed receipt. The
@@ -189,6 +193,13 @@ impl ractor::Message for RouterMsg {
     }
 }
 
+/// A request placed elsewhere, waiting for its target's report.
+pub struct Expected {
+    tx: oneshot::Sender<RunReport>,
+    model: String,
+    prompt_bytes: usize,
+}
+
 /// Most requests placed elsewhere that may wait for a report at once.
 const MAX_EXPECTED: usize = 4_096;
 
@@ -202,7 +213,7 @@ pub struct RouterState {
     /// Figures and time of the last announcement sent.
     last_announced: Option<(Figures, u64)>,
     /// Requests placed elsewhere, waiting for their target's report.
-    expected: BTreeMap<RequestId, oneshot::Sender<RunReport>>,
+    expected: BTreeMap<RequestId, Expected>,
     /// This entry's placements still running, for load estimates.
     placer: Placer,
 }
@@ -744,19 +755,33 @@ impl Actor for Router {
             RouterMsg::IsMember { node, reply } => {
                 let _ = reply.send(st.view.is_member(&node, now_ms()));
             }
-            RouterMsg::Expect { request, tx } => {
+            RouterMsg::Expect {
+                request,
+                tx,
+                model,
+                prompt_bytes,
+            } => {
                 if st.expected.len() >= MAX_EXPECTED {
-                    st.expected.retain(|_, tx| !tx.is_closed());
+                    st.expected.retain(|_, e| !e.tx.is_closed());
                 }
                 // When full, the request simply goes without a report and
                 // relies on the client's.
                 if st.expected.len() < MAX_EXPECTED {
-                    st.expected.insert(request, tx);
+                    st.expected.insert(
+                        request,
+                        Expected {
+                            tx,
+                            model,
+                            prompt_bytes,
+                        },
+                    );
                 }
             }
             RouterMsg::Report(report) => match st.expected.remove(&report.request) {
-                Some(tx) => {
-                    let _ = tx.send(*report);
+                Some(e) => {
+                    st.shared
+                        .learn_tokens(&e.model, e.prompt_bytes, report.prompt_tokens);
+                    let _ = e.tx.send(*report);
                 }
                 None => tracing::debug!(request = %report.request, "report for no waiting request"),
             },
