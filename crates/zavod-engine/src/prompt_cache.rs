@@ -120,21 +120,34 @@ impl PromptCache {
         // At least the last prompt token is computed: its logits start the
         // answer.
         let usable = |n: usize| n.min(prompt.len().saturating_sub(1));
-        let idle = || self.slots.iter().enumerate().filter(|(_, s)| !s.busy);
-        // The idle slot and the saved state sharing the longest prefix.
-        let in_slot = idle()
-            .filter(|(_, s)| self.enabled && self.visible(&tag, &s.tag))
-            .map(|(i, s)| (usable(common_prefix(&s.tokens, prompt)), i))
-            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(i)));
+        let matched = |s: &Slot| {
+            if self.enabled && self.visible(&tag, &s.tag) {
+                usable(common_prefix(&s.tokens, prompt))
+            } else {
+                0
+            }
+        };
+        // A slot this prompt continues: it shares at least half of what the
+        // slot holds (a conversation's next turn shares all of it). A slot
+        // sharing only a little (the chat template's opening) is not taken
+        // over, or the rest of its cache would be lost for nothing.
+        let continued = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (matched(s), i, s.tokens.len()))
+            .filter(|&(n, _, len)| n > 0 && n * 2 >= len)
+            .max_by_key(|&(n, i, _)| (n, std::cmp::Reverse(i)));
         let in_saved = self
             .saved
             .iter()
             .filter(|(_, s)| self.enabled && self.visible(&tag, &s.tag))
             .map(|(id, s)| (usable(common_prefix(&s.tokens, prompt)), *id))
             .max_by_key(|&(n, id)| (n, std::cmp::Reverse(id)));
-        let best_slot = in_slot.map_or(0, |(n, _)| n);
-        let plan = match in_saved {
-            Some((n, id)) if n > best_slot => {
+        let best_slot = continued.map_or(0, |(n, _, _)| n);
+        let plan = match (continued, in_saved) {
+            (_, Some((n, id))) if n > best_slot && n > 0 => {
                 let seq = self.victim()?;
                 Plan {
                     seq,
@@ -143,23 +156,23 @@ impl PromptCache {
                     reuse: n,
                 }
             }
-            _ => match in_slot {
-                Some((n, seq)) if n > 0 => Plan {
-                    seq,
-                    save_first: false,
-                    restore: None,
-                    reuse: n,
-                },
-                _ => {
-                    let seq = self.victim()?;
-                    Plan {
-                        seq,
-                        save_first: self.worth_saving(seq),
-                        restore: None,
-                        reuse: 0,
-                    }
-                }
+            (Some((n, seq, _)), _) => Plan {
+                seq,
+                save_first: false,
+                restore: None,
+                reuse: n,
             },
+            _ => {
+                let seq = self.victim()?;
+                Plan {
+                    seq,
+                    save_first: self.worth_saving(seq),
+                    restore: None,
+                    // What the replaced content shares (saved first when
+                    // worth keeping) is still reused.
+                    reuse: matched(&self.slots[seq]),
+                }
+            }
         };
         let s = &mut self.slots[plan.seq];
         s.busy = true;
@@ -393,6 +406,28 @@ mod tests {
         assert_eq!(c.saved_bytes(), 600);
         // A state larger than the whole budget is not kept.
         assert_eq!(c.saved(0, 5_000), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_slot_sharing_only_an_opening_is_not_taken_over() {
+        // Two conversations start with the same few template tokens.
+        let mut c = PromptCache::new(2, 1_000, false, true);
+        let mut a = vec![1, 2, 3];
+        a.extend(100..200);
+        let mut b = vec![1, 2, 3];
+        b.extend(500..520);
+        c.plan(tag(1), &a);
+        c.release(0, a.clone());
+        // B goes to the empty slot, and A's cache stays whole.
+        let p = c.plan(tag(1), &b).expect("a slot");
+        assert_eq!((p.seq, p.reuse, p.save_first), (1, 0, false));
+        c.release(1, b.clone());
+        // With no empty slot, a third conversation replaces the least
+        // recently used (A), saving it first, and reuses the opening.
+        let mut d = vec![1, 2, 3];
+        d.extend(900..910);
+        let p = c.plan(tag(1), &d).expect("a slot");
+        assert_eq!((p.seq, p.reuse, p.save_first), (0, 3, true));
     }
 
     #[test]
