@@ -91,6 +91,26 @@ pub struct Scenario {
     pub choices: usize,
     /// Draw the fault rates from the seed (swarm testing).
     pub swarm: bool,
+    /// Conversations held at once; each sends a turn, waits for the
+    /// answer, thinks, and sends the next (0: one-off requests arriving at
+    /// `requests_per_s` instead).
+    pub conversations: usize,
+    /// Turns of a conversation; a finished one is replaced by a new one.
+    pub turns: u32,
+    /// Mean pause between an answer and the next turn.
+    pub think_ms: u64,
+    /// New prompt tokens each turn adds.
+    pub turn_prompt_tokens: u32,
+    /// Prompt tokens a node prefills per second.
+    pub prefill_tokens_per_s: f64,
+    /// Conversations whose prompt cache a node keeps (least recently used
+    /// out).
+    pub cache_entries: usize,
+    /// Entries prefer the node holding a conversation's cache.
+    pub affinity: bool,
+    /// Cache hits wanted of the turns after a conversation's first (checked
+    /// at the end of a run; 0 checks nothing).
+    pub min_hit_rate: f64,
     pub max_spread: f64,
     /// Mean active jobs per serving node above which spread is checked.
     pub spread_min_mean: f64,
@@ -128,6 +148,14 @@ impl Default for Scenario {
             pool: PlacerConfig::default().pool,
             choices: PlacerConfig::default().choices,
             swarm: false,
+            conversations: 0,
+            turns: 6,
+            think_ms: 2_000,
+            turn_prompt_tokens: 500,
+            prefill_tokens_per_s: 700.0,
+            cache_entries: 16,
+            affinity: true,
+            min_hit_rate: 0.0,
             max_spread: 4.0,
             spread_min_mean: 2.0,
             agree_within_ms: 6_000,
@@ -206,6 +234,12 @@ pub struct Report {
     pub max_spread: f64,
     pub mean_spread: f64,
     pub gossip_bytes_per_node_per_s: f64,
+    /// Turns after a conversation's first, and of them those whose node
+    /// held the conversation's cache.
+    pub later_turns: u64,
+    pub cache_hits: u64,
+    /// Time to first token of every completed request, in ms.
+    pub first_token_ms: Vec<u64>,
 }
 
 struct Node {
@@ -224,6 +258,9 @@ struct Node {
     seq: u64,
     speed: f64,
     jobs: BTreeMap<u64, Job>,
+    /// Conversations whose prompt cache this node holds, most recent
+    /// first (the cost model's KV cache).
+    cache: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +273,12 @@ struct Job {
     next: u32,
     /// Tokens this job may generate.
     budget: u32,
+}
+
+/// The affinity key of conversation `c` (as the real entry derives one
+/// from a conversation's opening).
+fn cache_key(c: u64) -> u64 {
+    splitmix64(c ^ 0xc0ff_ee00)
 }
 
 /// The text and id of the answer's token `index` (the cost model's
@@ -274,6 +317,12 @@ struct Request {
     tail_ids: Vec<i32>,
     /// The entry that placed the current attempt, and the placement's id.
     placed_by: Option<(usize, RequestId)>,
+    /// The conversation and turn (from 0) this request is, if any.
+    conv: Option<(u64, u32)>,
+    /// When its first token reached the client.
+    first_token_at: Option<u64>,
+    /// Whether its first placement found the conversation's cache.
+    hit: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +334,11 @@ enum Ev {
         ann: Rc<VerifiedAnnouncement>,
     },
     Arrive,
+    /// A conversation's next turn is sent.
+    Turn {
+        conv: u64,
+        turn: u32,
+    },
     Run {
         target: usize,
         request: u64,
@@ -321,6 +375,7 @@ impl Ev {
         matches!(
             self,
             Ev::Run { .. }
+                | Ev::Turn { .. }
                 | Ev::Step { .. }
                 | Ev::Token { .. }
                 | Ev::StallCheck { .. }
@@ -341,6 +396,7 @@ impl Ev {
             Ev::Restart(_) => 9,
             Ev::Sample => 10,
             Ev::CheckAgreement => 11,
+            Ev::Turn { .. } => 12,
         }
     }
 }
@@ -362,6 +418,13 @@ pub struct Sim {
     spreads: Vec<f64>,
     gossip_bytes: u64,
     last_churn_ms: u64,
+    first_token_ms: Vec<u64>,
+    later_turns: u64,
+    cache_hits: u64,
+    /// Conversations started so far (the next one's id).
+    conversations_started: u64,
+    /// The entry each running conversation attached to.
+    conv_entry: BTreeMap<u64, usize>,
 }
 
 const SAMPLE_MS: u64 = 250;
@@ -422,6 +485,7 @@ impl Sim {
                     sc.tokens_per_s
                 },
                 jobs: BTreeMap::new(),
+                cache: Vec::new(),
             });
         }
         let mut sim = Sim {
@@ -440,6 +504,11 @@ impl Sim {
             spreads: Vec::new(),
             gossip_bytes: 0,
             last_churn_ms: 0,
+            first_token_ms: Vec::new(),
+            later_turns: 0,
+            cache_hits: 0,
+            conversations_started: 0,
+            conv_entry: BTreeMap::new(),
         };
         for i in 0..sim.nodes.len() {
             let first = sim.rng.below(sim.sc.gossip_interval_ms);
@@ -447,7 +516,17 @@ impl Sim {
         }
         // Requests start once the first round of gossip has spread.
         let warmup = sim.sc.gossip_interval_ms + 200;
-        sim.at(warmup, Ev::Arrive);
+        if sim.sc.conversations == 0 {
+            sim.at(warmup, Ev::Arrive);
+        } else {
+            // Conversations start spread over the first think time.
+            for _ in 0..sim.sc.conversations {
+                let conv = sim.conversations_started;
+                sim.conversations_started += 1;
+                let t = warmup + sim.rng.below(sim.sc.think_ms.max(1));
+                sim.at(t, Ev::Turn { conv, turn: 0 });
+            }
+        }
         sim.at(warmup, Ev::Sample);
         if sim.sc.crash_per_s > 0.0 {
             let dt = sim.rng.exp(1_000.0 / sim.sc.crash_per_s) as u64;
@@ -505,7 +584,7 @@ impl Sim {
             slots_busy: busy.min(slots),
             queue_depth: busy.saturating_sub(slots),
             tokens_per_s: n.speed as f32,
-            cache_keys: Vec::new(),
+            cache_keys: n.cache.iter().map(|&c| cache_key(c)).collect(),
         };
         let models = if n.has_model {
             vec![ModelOffer {
@@ -563,6 +642,7 @@ impl Sim {
             } => (*target as u64, *request, 0),
             Ev::Token { request, index, .. } => (*request, u64::from(*index), 0),
             Ev::StallCheck { request, attempt } => (*request, u64::from(*attempt), 0),
+            Ev::Turn { conv, turn } => (*conv, u64::from(*turn), 0),
             Ev::Arrive | Ev::Crash | Ev::Sample | Ev::CheckAgreement => (0, 0, 0),
         };
         self.hash.update(self.now.to_le_bytes());
@@ -587,7 +667,8 @@ impl Sim {
                     }
                 }
             }
-            Ev::Arrive => self.arrive(),
+            Ev::Arrive => self.arrive(None),
+            Ev::Turn { conv, turn } => self.arrive(Some((conv, turn))),
             Ev::Run {
                 target,
                 request,
@@ -679,17 +760,36 @@ impl Sim {
             .collect()
     }
 
-    fn arrive(&mut self) {
+    /// A request arrives: a one-off (`conv` None, and the next one-off is
+    /// scheduled) or a conversation's turn.
+    fn arrive(&mut self, conv: Option<(u64, u32)>) {
         if self.now >= self.sc.duration_ms {
             return;
         }
-        let dt = self.rng.exp(1_000.0 / self.sc.requests_per_s).max(1.0) as u64;
-        self.at(self.now + dt, Ev::Arrive);
+        if conv.is_none() {
+            let dt = self.rng.exp(1_000.0 / self.sc.requests_per_s).max(1.0) as u64;
+            self.at(self.now + dt, Ev::Arrive);
+        }
         let entries = self.up_entries();
         if entries.is_empty() {
             return;
         }
-        let entry = entries[self.rng.below(entries.len() as u64) as usize];
+        let drawn = entries[self.rng.below(entries.len() as u64) as usize];
+        // A conversation keeps its entry while it is up, as `zavod chat`
+        // keeps the peer it attached to.
+        let entry = match conv {
+            Some((c, _)) => {
+                let e = self
+                    .conv_entry
+                    .get(&c)
+                    .copied()
+                    .filter(|&e| self.nodes[e].up);
+                let e = e.unwrap_or(drawn);
+                self.conv_entry.insert(c, e);
+                e
+            }
+            None => drawn,
+        };
         let id = self.requests.len() as u64;
         self.requests.push(Request {
             issued_ms: self.now,
@@ -708,6 +808,9 @@ impl Sim {
             tail: String::new(),
             tail_ids: Vec::new(),
             placed_by: None,
+            conv,
+            first_token_at: None,
+            hit: None,
         });
         self.place(id, entry, &[]);
     }
@@ -726,14 +829,19 @@ impl Sim {
             ..PlacerConfig::default()
         };
         let until_ms = now + self.sc.request_bound_ms;
+        let key = self.requests[id as usize]
+            .conv
+            .filter(|_| self.sc.affinity)
+            .map(|(c, _)| cache_key(c));
         let e = &mut self.nodes[entry];
         let me = e.id;
-        let candidates = e.view.candidates(MODEL, &me, now, None);
+        let candidates = e.view.candidates(MODEL, &me, now, key);
         let breakers = &mut e.breakers;
         let ask = Ask {
             request,
             exclude,
             until_ms,
+            cache_key: key,
         };
         let chosen = e.placer.place(
             &candidates,
@@ -816,7 +924,7 @@ impl Sim {
                 epoch,
             },
         );
-        let check_at = now + self.first_token_ms();
+        let check_at = now + self.first_token_ms(id);
         self.at(
             check_at,
             Ev::StallCheck {
@@ -849,8 +957,19 @@ impl Sim {
                 budget,
             },
         );
+        // The prompt: a conversation's whole history, of which only the new
+        // turn is prefilled where its cache is held.
+        let hit = r
+            .conv
+            .is_some_and(|(c, turn)| turn > 0 && n.cache.contains(&c));
+        let hits_now = (r.conv.is_some() && attempt == 0).then_some(hit);
+        let speed = n.speed;
+        let prefill_ms = self.prefill_ms(id, hit);
         // Continuous batching: every active job decodes at the node's speed.
-        let first = self.now + self.sc.prefill_ms + (1_000.0 / n.speed) as u64;
+        let first = self.now + prefill_ms + (1_000.0 / speed) as u64;
+        if hits_now.is_some() {
+            self.requests[id as usize].hit = hits_now;
+        }
         self.at(
             first,
             Ev::Step {
@@ -879,6 +998,14 @@ impl Sim {
         let dt = (1_000.0 / n.speed) as u64;
         if last {
             n.jobs.remove(&id);
+            // The conversation's prompt and answer stay cached here.
+            if let Some((c, _)) = self.requests[id as usize].conv {
+                let cap = self.sc.cache_entries;
+                let n = &mut self.nodes[target];
+                n.cache.retain(|&k| k != c);
+                n.cache.insert(0, c);
+                n.cache.truncate(cap);
+            }
         } else {
             self.at(
                 self.now + dt.max(1),
@@ -907,8 +1034,29 @@ impl Sim {
 
     /// How long a client (or relaying entry) waits for a new target's first
     /// token: a prompt takes a while, and so do the hops.
-    fn first_token_ms(&self) -> u64 {
-        self.sc.stall_ms + self.sc.prefill_ms + 4 * self.sc.latency_ms + 4 * self.sc.jitter_ms
+    fn first_token_ms(&self, id: u64) -> u64 {
+        self.sc.stall_ms
+            + self.prefill_ms(id, false)
+            + 4 * self.sc.latency_ms
+            + 4 * self.sc.jitter_ms
+    }
+
+    /// How long request `id`'s prompt takes to prefill: a conversation's
+    /// whole history, or only its new turn on a node holding its cache.
+    fn prefill_ms(&self, id: u64, hit: bool) -> u64 {
+        let r = &self.requests[id as usize];
+        match r.conv {
+            None => self.sc.prefill_ms,
+            Some((_, turn)) => {
+                let per_turn = u64::from(self.sc.turn_prompt_tokens + r.max_tokens);
+                let tokens = if hit {
+                    u64::from(self.sc.turn_prompt_tokens)
+                } else {
+                    per_turn * u64::from(turn) + u64::from(self.sc.turn_prompt_tokens)
+                };
+                self.sc.prefill_ms + (tokens as f64 * 1_000.0 / self.sc.prefill_tokens_per_s) as u64
+            }
+        }
     }
 
     fn token(&mut self, id: u64, attempt: u32, base: u32, index: u32, last: bool) {
@@ -936,6 +1084,7 @@ impl Sim {
             return;
         }
         r.last_progress_ms = now;
+        r.first_token_at.get_or_insert(now);
         if last || r.stream.tokens() >= r.max_tokens {
             let expected: String = (0..r.stream.tokens()).map(token_text).collect();
             let whole = r.stream.text() == expected;
@@ -964,7 +1113,7 @@ impl Sim {
 
     fn stall_check(&mut self, id: u64, attempt: u32) {
         let now = self.now;
-        let first_token_ms = self.first_token_ms();
+        let first_token_ms = self.first_token_ms(id);
         let r = &self.requests[id as usize];
         if r.state != State::Running || r.attempt != attempt {
             return;
@@ -1087,8 +1236,42 @@ impl Sim {
             self.violation(format!("request {id} ended twice"));
             return;
         }
+        let completed = state == State::Completed;
         r.state = state;
         r.ended_ms = now;
+        let conv = r.conv;
+        if completed {
+            if let Some(first) = r.first_token_at {
+                self.first_token_ms.push(first - r.issued_ms);
+            }
+            if let (Some((_, turn)), Some(hit)) = (conv, r.hit)
+                && turn > 0
+            {
+                self.later_turns += 1;
+                self.cache_hits += u64::from(hit);
+            }
+        }
+        // The conversation goes on (after a failed turn too), or a new one
+        // takes its place.
+        if let Some((c, turn)) = conv {
+            let think = self.rng.exp(self.sc.think_ms as f64).max(1.0) as u64;
+            let next = if turn + 1 < self.sc.turns {
+                (c, turn + 1)
+            } else {
+                self.conv_entry.remove(&c);
+                let c = self.conversations_started;
+                self.conversations_started += 1;
+                (c, 0)
+            };
+            self.at(
+                now + think,
+                Ev::Turn {
+                    conv: next.0,
+                    turn: next.1,
+                },
+            );
+        }
+        let r = &self.requests[id as usize];
         if now - r.issued_ms > self.sc.request_bound_ms {
             let took = now - r.issued_ms;
             self.violation(format!("request {id} took {took} ms to end"));
@@ -1110,6 +1293,7 @@ impl Sim {
         n.up = false;
         n.epoch += 1;
         n.jobs.clear();
+        n.cache.clear();
         self.last_churn_ms = self.now;
         let back = self.now + self.sc.restart_after_ms;
         self.at(back, Ev::Restart(i));
@@ -1190,6 +1374,16 @@ impl Sim {
         for u in unfinished {
             self.violation(u);
         }
+        if self.sc.min_hit_rate > 0.0 && self.later_turns >= 20 {
+            let rate = self.cache_hits as f64 / self.later_turns as f64;
+            if rate < self.sc.min_hit_rate {
+                self.violation(format!(
+                    "cache hits on {:.1}% of later turns, below {:.1}%",
+                    rate * 100.0,
+                    self.sc.min_hit_rate * 100.0
+                ));
+            }
+        }
         let completed = self
             .requests
             .iter()
@@ -1221,6 +1415,9 @@ impl Sim {
             gossip_bytes_per_node_per_s: self.gossip_bytes as f64
                 / self.nodes.len() as f64
                 / seconds,
+            later_turns: self.later_turns,
+            cache_hits: self.cache_hits,
+            first_token_ms: self.first_token_ms,
         }
     }
 }

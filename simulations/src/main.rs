@@ -28,6 +28,9 @@ struct Args {
     /// (for comparing load spread).
     #[arg(long)]
     argmax: bool,
+    /// Route conversations without cache affinity (for comparing hit rates).
+    #[arg(long)]
+    no_affinity: bool,
     /// Skip the second, determinism-checking pass.
     #[arg(long)]
     once: bool,
@@ -52,12 +55,19 @@ fn main() -> Result<()> {
     if args.argmax {
         sc.pool = 1;
     }
+    if args.no_affinity {
+        sc.affinity = false;
+    }
     let name = args.scenario.display().to_string();
     let replay = |seed: u64| {
         format!(
             "cargo run --release -p zavod-sim -- --scenario {name} --seed {seed}{}",
             if args.argmax { " --argmax" } else { "" }
-        )
+        ) + if args.no_affinity {
+            " --no-affinity"
+        } else {
+            ""
+        }
     };
     let seeds: Vec<u64> = match (args.seed, args.seeds) {
         (Some(s), _) => vec![s],
@@ -72,6 +82,8 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut failed = 0usize;
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
+    let (mut later_turns, mut cache_hits) = (0u64, 0u64);
+    let mut first_token_ms: Vec<u64> = Vec::new();
     let mut hashes = Vec::with_capacity(seeds.len());
     for (&seed, r) in seeds.iter().zip(run_all(&pool, &sc, &seeds)) {
         if args.seed.is_some() {
@@ -103,6 +115,9 @@ fn main() -> Result<()> {
         totals.4 = totals.4.max(r.max_spread);
         totals.5 += r.mean_spread;
         totals.6 += r.gossip_bytes_per_node_per_s;
+        later_turns += r.later_turns;
+        cache_hits += r.cache_hits;
+        first_token_ms.extend(&r.first_token_ms);
         hashes.push(r.trace_hash);
     }
     let wall = started.elapsed();
@@ -134,6 +149,27 @@ fn main() -> Result<()> {
         totals.6 / n,
         if args.argmax { " [argmax]" } else { "" }
     );
+    first_token_ms.sort_unstable();
+    let pct = |p: usize| {
+        first_token_ms
+            .get((first_token_ms.len() * p / 100).min(first_token_ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    if !first_token_ms.is_empty() {
+        print!(
+            "  time to first token p50 {} ms, p95 {} ms",
+            pct(50),
+            pct(95)
+        );
+        if later_turns > 0 {
+            print!(
+                "; cache hits {:.1}% of {later_turns} later turns",
+                cache_hits as f64 * 100.0 / later_turns as f64
+            );
+        }
+        println!();
+    }
     if failed > 0 {
         std::process::exit(1);
     }

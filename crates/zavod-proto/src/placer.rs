@@ -16,10 +16,13 @@
 //! The pick is two choices: two candidates drawn at random, weighted by
 //! their MCDA score, from the best `pool` of them; the one less loaded (by
 //! that estimate, as a fraction of its slots) wins. A request whose prompt
-//! a node holds cached (its capacity report's summary says so) makes that
-//! node the first choice, and it wins unless it is busier than the drawn
-//! alternative by more than `cache_slack` of its slots: a cache hit saves
-//! the whole prefill of a conversation, a short queue costs less.
+//! a node holds cached (its capacity report's summary says so, or this
+//! entry sent the same prompt opening there last) makes that node the first
+//! choice, and it wins unless it is busier than the drawn alternative by
+//! more than `cache_slack` of its slots: a cache hit saves the whole
+//! prefill of a conversation, a short queue costs less. This node itself,
+//! when it serves the model, is the first choice otherwise (its figures
+//! are current and running here needs no hop), with `local_slack`.
 //!
 //! Everything is a pure function of the candidates, the request id and what
 //! the placer was told, so the simulator replays it exactly.
@@ -81,7 +84,13 @@ pub struct Ask<'a> {
     pub exclude: &'a [NodeId],
     /// When the placement counts as over even if nobody says so.
     pub until_ms: UnixMs,
+    /// The prompt's affinity key: where this entry last sent it, the cache
+    /// is (even before that node's report says so).
+    pub cache_key: Option<u64>,
 }
+
+/// Affinity keys an entry remembers the node of, at most.
+pub const MAX_REMEMBERED_KEYS: usize = 4_096;
 
 /// The placer's pick.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,6 +121,11 @@ pub struct Placer {
     hold_ms: f64,
     /// Nodes that failed a request since their last report.
     failed: BTreeSet<NodeId>,
+    /// Where this entry last placed each affinity key, and when (a
+    /// counter, for forgetting the oldest).
+    keys: BTreeMap<u64, (NodeId, u64)>,
+    key_order: BTreeMap<u64, u64>,
+    key_tick: u64,
 }
 
 impl Placer {
@@ -238,6 +252,25 @@ impl Placer {
         now_ms: UnixMs,
     ) -> Option<Choice> {
         self.expire(now_ms);
+        let known = ask
+            .cache_key
+            .and_then(|k| self.keys.get(&k))
+            .map(|(n, _)| *n);
+        let marked: Vec<Candidate>;
+        let candidates = match known {
+            Some(n) if candidates.iter().any(|c| c.node == n && !c.cache_hit) => {
+                marked = candidates
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        c.cache_hit |= c.node == n;
+                        c
+                    })
+                    .collect();
+                &marked[..]
+            }
+            _ => candidates,
+        };
         let mut kept: Vec<&Candidate> = candidates
             .iter()
             .filter(|c| !ask.exclude.contains(&c.node) && routable(&c.node))
@@ -272,7 +305,24 @@ impl Placer {
         let scored = score_where(&adjusted, &cfg.weights, None);
         let choice = pick(&scored, &adjusted, &loads, ask.request, cfg);
         self.remember(choice.node, ask, now_ms);
+        if let Some(k) = ask.cache_key {
+            self.remember_key(k, choice.node);
+        }
         Some(choice)
+    }
+
+    fn remember_key(&mut self, key: u64, node: NodeId) {
+        self.key_tick += 1;
+        if let Some((_, old)) = self.keys.insert(key, (node, self.key_tick)) {
+            self.key_order.remove(&old);
+        }
+        self.key_order.insert(self.key_tick, key);
+        while self.keys.len() > MAX_REMEMBERED_KEYS {
+            let Some((_, oldest)) = self.key_order.pop_first() else {
+                break;
+            };
+            self.keys.remove(&oldest);
+        }
     }
 
     fn remember(&mut self, node: NodeId, ask: &Ask<'_>, now_ms: UnixMs) {
@@ -427,6 +477,7 @@ mod tests {
             request: RequestId(r),
             exclude: &[],
             until_ms: 60_000,
+            cache_key: None,
         }
     }
 
@@ -566,6 +617,35 @@ mod tests {
                 .place(&all, |_| false, &ask(3), &cfg, 0)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_entry_sends_a_conversation_back_where_it_sent_it_before_gossip_says() {
+        let cands: Vec<Candidate> = (1..=6).map(|n| cand(n, 4, 4)).collect();
+        let mut p = Placer::new();
+        let turn = |r: u128| Ask {
+            cache_key: Some(77),
+            ..ask(r)
+        };
+        let cfg = PlacerConfig::default();
+        let first = p
+            .place(&cands, |_| true, &turn(1), &cfg, 0)
+            .expect("a node");
+        for r in 2..20 {
+            let c = p
+                .place(&cands, |_| true, &turn(r), &cfg, 0)
+                .expect("a node");
+            assert_eq!(c.node, first.node, "turn {r}");
+            assert!(c.cache_hit);
+            p.on_done(RequestId(r), 1);
+        }
+        // Another conversation is placed on its own merits.
+        let other = Ask {
+            cache_key: Some(78),
+            ..ask(100)
+        };
+        let c = p.place(&cands, |_| true, &other, &cfg, 0).expect("a node");
+        assert!(!c.cache_hit);
     }
 
     #[test]

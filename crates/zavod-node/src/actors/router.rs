@@ -524,6 +524,7 @@ impl RouterState {
             request,
             exclude: &exclude,
             until_ms,
+            cache_key: Some(cache_key),
         };
         let chosen = self
             .placer

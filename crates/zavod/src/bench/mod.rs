@@ -483,6 +483,7 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
             request: zavod_proto::RequestId(r),
             exclude: &[],
             until_ms: 60_000,
+            cache_key: Some(r as u64 % 64),
         };
         let chosen = placer.place(&c, |_| true, &ask, &cfg, 2);
         if r % 10 == 0 {
