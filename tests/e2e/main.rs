@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `zavod` binary, the real model, real sockets
 //! on loopback. One test binary, one module per area.
 
+mod affinity;
 mod bad_input;
 mod chat;
 mod failover;

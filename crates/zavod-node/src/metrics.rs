@@ -36,6 +36,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: &'static str,
 }
@@ -53,6 +58,8 @@ pub struct Metrics {
     pub tokens_generated: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
+    pub queue_wait: Histogram,
+    pub prompt_tokens: Family<SourceLabels, Counter>,
     pub queue_depth: Gauge,
     pub active_jobs: Gauge,
     pub job_slots: Gauge,
@@ -94,6 +101,9 @@ impl Metrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 0.5 ms .. ~4 s
             inter_token: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            // 1 ms .. ~65 s
+            queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            prompt_tokens: Family::default(),
             queue_depth: Gauge::default(),
             active_jobs: Gauge::default(),
             job_slots: Gauge::default(),
@@ -129,6 +139,16 @@ impl Metrics {
             "inter_token_seconds",
             "Time between consecutive tokens of one answer (averaged over tokens handed over together)",
             m.inter_token.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "From a job reaching the model worker to it getting a slot (jobs beyond the slots wait in a queue fair between credentials)",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of this node's jobs: taken from the prompt cache, or computed",
+            m.prompt_tokens.clone(),
         );
         r.register(
             "queue_depth",

@@ -305,7 +305,19 @@ async fn stream_job(
             }
         };
         match ev {
-            EngineEvent::Started { .. } => {}
+            EngineEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                metrics.queue_wait.observe(started.elapsed().as_secs_f64());
+                let counted = |source| {
+                    metrics
+                        .prompt_tokens
+                        .get_or_create(&crate::metrics::SourceLabels { source })
+                };
+                counted("cache").inc_by(u64::from(cached_tokens));
+                counted("computed").inc_by(u64::from(prompt_tokens.saturating_sub(cached_tokens)));
+            }
             EngineEvent::Tokens(tokens) => {
                 // Each batch leaves in one write: one wake-up of the client.
                 let now = tokio::time::Instant::now();

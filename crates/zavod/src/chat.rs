@@ -150,8 +150,9 @@ async fn turn(
 fn report(o: &ChatOutcome) {
     let peer = zavod_net::peer_label(&o.accepted.served_by);
     eprintln!(
-        "[served by {peer}: {} prompt tokens, {} generated ({:?}); first token after {:.0} ms, {:.1} tok/s]",
+        "[served by {peer}: {} prompt tokens ({} from cache), {} generated ({:?}); first token after {:.0} ms, {:.1} tok/s]",
         o.done.prompt_tokens,
+        o.done.cached_tokens,
         o.tokens,
         o.done.stop,
         o.first_token.as_secs_f64() * 1e3,
