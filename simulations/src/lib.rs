@@ -30,9 +30,20 @@
 //! - load spread (max over mean of active jobs among serving nodes) stays
 //!   within `max_spread`.
 //!
+//! Conversations: a scenario with `conversations` holds that many chats,
+//! each attached to one entry; a turn's prefill is the whole history, or
+//! only the new turn on a node whose cost-model cache holds the
+//! conversation (reported in its capacity report's cache summary, as the
+//! real node's engine reports its own). Hit rate and time to first token
+//! are reported.
+//!
 //! Determinism: all randomness comes from the seed; events are ordered by
 //! (time, sequence number); maps are BTreeMaps. The trace hash covers every
 //! event processed, so the same seed and scenario give the same hash.
+//!
+//! Why one file of about 1,400 lines: the event loop and every handler
+//! share the `Sim` state; issue 14 splits it when the entry protocol moves
+//! into zavod-proto and the simulator only pumps it.
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

@@ -18,6 +18,12 @@
 //!
 //! Events leave through each job's bounded channel with `try_send`, so one
 //! slow reader can only fail its own job.
+//!
+//! Why one file of about 700 lines: everything here acts on the one
+//! context this thread owns (admitting, stepping, sampling, finishing,
+//! saving states), through one `Engine` value; the decisions that can be
+//! pure already live beside it (`prompt_cache`, `queue`, `sampling`,
+//! `pacing`).
 
 use super::{LlamaConfig, LoadedModel, MAX_SAVED_STATE_BYTES, backend};
 use crate::pacing::Pacer;

@@ -6,6 +6,12 @@
 //! both alike, over several fresh pairs of processes so no one process's
 //! memory placement decides; medians are reported with their ratio. Also
 //! the resident memory of an idle node before any model loads.
+//!
+//! The workload modes live beside it (`versus` against llama-server,
+//! `mesh_conversation`, with `workload` and `servers`); this file is the
+//! single-stream bench and the `--mesh` one, about 850 lines, which share
+//! its process and timing helpers (to be split when the bench gets its own
+//! crate).
 
 mod mesh_conversation;
 mod servers;
