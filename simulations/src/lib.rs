@@ -42,7 +42,7 @@
 //! event processed, so the same seed and scenario give the same hash.
 //!
 //! Why one file of about 1,400 lines: the event loop and every handler
-//! share the `Sim` state; issue 14 splits it when the entry protocol moves
+//! share the `Sim` state; it splits when the entry protocol moves
 //! into zavod-proto and the simulator only pumps it.
 
 use serde::Deserialize;
