@@ -20,7 +20,7 @@
 use crate::actors::breaker::BreakerMsg;
 use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt};
 use crate::actors::model_worker::{JobStream, WorkerMsg};
-use crate::actors::router::{Admission, Placement, RouterMsg};
+use crate::actors::router::{Admission, PlaceAsk, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame, unavailable};
 use crate::clock::now_ms;
 use libp2p::PeerId;
@@ -898,13 +898,15 @@ async fn place(
 ) -> Result<Placement, ErrorFrame> {
     call(shared.directory.get().router, "the router", |reply| {
         RouterMsg::Place {
-            client,
-            model: admission.model.clone(),
-            prompt_hash: run_hash(turns, &params.resume_tokens),
-            max_tokens: admission.max_tokens,
-            exclude,
-            cache_scope: admission.credential_id,
-            cache_key: affinity_key(&admission.credential_id, &admission.model, turns),
+            ask: PlaceAsk {
+                client,
+                model: admission.model.clone(),
+                prompt_hash: run_hash(turns, &params.resume_tokens),
+                max_tokens: admission.max_tokens,
+                exclude,
+                cache_scope: admission.credential_id,
+                cache_key: affinity_key(&admission.credential_id, &admission.model, turns),
+            },
             reply,
         }
     })

@@ -47,6 +47,23 @@ pub struct Admission {
     pub context_tokens: u32,
 }
 
+/// A request to place, as the serving task asks the Router.
+#[derive(Debug, Clone)]
+pub struct PlaceAsk {
+    /// The key the grant is bound to (the client, or this node when it
+    /// relays).
+    pub client: NodeId,
+    pub model: String,
+    pub prompt_hash: [u8; 32],
+    pub max_tokens: u32,
+    /// Nodes not to place on (they just failed this request).
+    pub exclude: Vec<NodeId>,
+    /// The credential whose prompt cache the request may use.
+    pub cache_scope: [u8; 16],
+    /// The prompt's affinity key (zavod_proto::prompt::affinity_key).
+    pub cache_key: u64,
+}
+
 /// Where a request runs, and its permission to.
 #[derive(Debug)]
 pub struct Placement {
@@ -86,18 +103,7 @@ pub enum RouterMsg {
         reply: RpcReplyPort<Result<Admission, ErrorFrame>>,
     },
     Place {
-        /// The key the grant is bound to (the client, or this node when it
-        /// relays).
-        client: NodeId,
-        model: String,
-        prompt_hash: [u8; 32],
-        max_tokens: u32,
-        /// Nodes not to place on (they just failed this request).
-        exclude: Vec<NodeId>,
-        /// The credential whose prompt cache the request may use.
-        cache_scope: [u8; 16],
-        /// The prompt's affinity key (zavod_proto::prompt::affinity_key).
-        cache_key: u64,
+        ask: PlaceAsk,
         reply: RpcReplyPort<Result<Placement, ErrorFrame>>,
     },
     /// A placement this node made is over (its [`InFlight`] was dropped).
@@ -479,18 +485,20 @@ impl RouterState {
         c
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn place(
         &mut self,
         myself: &ActorRef<RouterMsg>,
-        client: NodeId,
-        model: String,
-        hash: [u8; 32],
-        max_tokens: u32,
-        exclude: Vec<NodeId>,
-        cache_scope: [u8; 16],
-        cache_key: u64,
+        ask: PlaceAsk,
     ) -> Result<Placement, ErrorFrame> {
+        let PlaceAsk {
+            client,
+            model,
+            prompt_hash: hash,
+            max_tokens,
+            exclude,
+            cache_scope,
+            cache_key,
+        } = ask;
         let now = now_ms();
         let candidates: Vec<Candidate> = self.candidates(&model, now, cache_key);
         let breaker = self
@@ -683,28 +691,8 @@ impl Actor for Router {
             } => {
                 let _ = reply.send(st.admit(client, *request));
             }
-            RouterMsg::Place {
-                client,
-                model,
-                prompt_hash,
-                max_tokens,
-                exclude,
-                cache_scope,
-                cache_key,
-                reply,
-            } => {
-                let placed = st
-                    .place(
-                        &myself,
-                        client,
-                        model,
-                        prompt_hash,
-                        max_tokens,
-                        exclude,
-                        cache_scope,
-                        cache_key,
-                    )
-                    .await;
+            RouterMsg::Place { ask, reply } => {
+                let placed = st.place(&myself, ask).await;
                 // A requester that gave up drops the placement, which
                 // counts it done.
                 let _ = reply.send(placed);

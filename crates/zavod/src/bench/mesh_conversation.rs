@@ -7,57 +7,17 @@
 //! often a turn through A landed where its conversation's cache was (its
 //! prompt came mostly from cache).
 
-use super::median;
-use super::servers::Proc;
 use super::workload::Text;
+use super::{NodeProc, median};
 use crate::cli::BenchArgs;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use zavod_node::client::{Ask, ChatClient};
 use zavod_node::datadir::ClientIdentity;
 use zavod_proto::ConversationId;
 use zavod_proto::wire::GenParams;
-
-/// A `zavod node` that prints its libp2p address once ready.
-fn node(exe: &Path, dir: &Path, extra: &[String]) -> Result<(Proc, String)> {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(exe)
-        .arg("node")
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .env_remove("ZAVOD_CONFIG")
-        .env_remove("ZAVOD_MODEL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting zavod node")?;
-    let stdout = child.stdout.take().context("node stdout")?;
-    let proc = Proc::from(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut addr = None;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if addr.is_none()
-                && let Some(a) = line.strip_prefix("listening on ")
-            {
-                addr = Some(a.to_string());
-            }
-            if line.starts_with("ready:") {
-                let _ = tx.send(addr.take());
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(Some(a)) => Ok((proc, a)),
-        _ => bail!("zavod node did not become ready within 120 s"),
-    }
-}
 
 /// One turn as the client saw it.
 struct Turn {
@@ -124,7 +84,7 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let a_dir = tmp.path().join("a");
-    let (_a, a_addr) = node(&exe, &a_dir, &[])?;
+    let a = NodeProc::start(&exe, &a_dir, &[])?;
     let invite = Command::new(&exe)
         .args(["mesh", "invite", "--data-dir"])
         .arg(&a_dir)
@@ -137,7 +97,7 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
         );
     }
     let token = String::from_utf8_lossy(&invite.stdout).trim().to_string();
-    let model_flags = |_: &str| -> Vec<String> {
+    let model_flags = || -> Vec<String> {
         let mut f = vec![
             "--join".into(),
             token.clone(),
@@ -153,8 +113,8 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
         f.extend(args.node_flag.iter().cloned());
         f
     };
-    let (_b, b_addr) = node(&exe, &tmp.path().join("b"), &model_flags("b"))?;
-    let (_c, _c_addr) = node(&exe, &tmp.path().join("c"), &model_flags("c"))?;
+    let b = NodeProc::start(&exe, &tmp.path().join("b"), &model_flags())?;
+    let _c = NodeProc::start(&exe, &tmp.path().join("c"), &model_flags())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -162,13 +122,13 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
     rt.block_on(async {
         let via_a = ChatClient::connect(
             ClientIdentity::load(&a_dir, None)?,
-            a_addr.parse()?,
+            a.addr.parse()?,
             Default::default(),
         )
         .await?;
         let at_b = ChatClient::connect(
             ClientIdentity::load(&a_dir, None)?,
-            b_addr.parse()?,
+            b.addr.parse()?,
             Default::default(),
         )
         .await?;

@@ -18,12 +18,6 @@ impl Drop for Proc {
     }
 }
 
-impl From<Child> for Proc {
-    fn from(c: Child) -> Self {
-        Proc(c)
-    }
-}
-
 impl Proc {
     pub fn exited(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(Some(_)))
