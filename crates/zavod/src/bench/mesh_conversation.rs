@@ -8,11 +8,10 @@
 //! prompt came mostly from cache).
 
 use super::workload::Text;
-use super::{NodeProc, median};
+use super::{NodeProc, median, mesh_invite};
 use crate::cli::BenchArgs;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::json;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use zavod_node::client::{Ask, ChatClient};
 use zavod_node::datadir::ClientIdentity;
@@ -85,18 +84,7 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let a_dir = tmp.path().join("a");
     let a = NodeProc::start(&exe, &a_dir, &[])?;
-    let invite = Command::new(&exe)
-        .args(["mesh", "invite", "--data-dir"])
-        .arg(&a_dir)
-        .output()
-        .context("zavod mesh invite")?;
-    if !invite.status.success() {
-        bail!(
-            "mesh invite failed: {}",
-            String::from_utf8_lossy(&invite.stderr)
-        );
-    }
-    let token = String::from_utf8_lossy(&invite.stdout).trim().to_string();
+    let token = mesh_invite(&exe, &a_dir)?;
     let model_flags = || -> Vec<String> {
         let mut f = vec![
             "--join".into(),

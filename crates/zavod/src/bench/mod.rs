@@ -743,6 +743,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// An invite to the mesh whose founding node keeps its data in `dir`.
+fn mesh_invite(exe: &Path, dir: &Path) -> Result<String> {
+    let invite = Command::new(exe)
+        .args(["mesh", "invite", "--data-dir"])
+        .arg(dir)
+        .output()
+        .context("zavod mesh invite")?;
+    if !invite.status.success() {
+        bail!(
+            "mesh invite failed: {}",
+            String::from_utf8_lossy(&invite.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&invite.stdout).trim().to_string())
+}
+
 /// `zavod bench --mesh`: entry A (no model) routes to C (the model); the
 /// same chats attached to C directly, interleaved.
 fn run_mesh(args: BenchArgs) -> Result<()> {
@@ -752,18 +768,7 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let a_dir = tmp.path().join("a");
     let a = NodeProc::start(&exe, &a_dir, &[])?;
-    let invite = Command::new(&exe)
-        .args(["mesh", "invite", "--data-dir"])
-        .arg(&a_dir)
-        .output()
-        .context("zavod mesh invite")?;
-    if !invite.status.success() {
-        bail!(
-            "mesh invite failed: {}",
-            String::from_utf8_lossy(&invite.stderr)
-        );
-    }
-    let token = String::from_utf8_lossy(&invite.stdout).trim().to_string();
+    let token = mesh_invite(&exe, &a_dir)?;
     let c = NodeProc::start(
         &exe,
         &tmp.path().join("c"),
