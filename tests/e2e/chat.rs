@@ -140,3 +140,27 @@ fn bench_measures_both_paths() {
     let added = j["first_token_added_by_node_ms"].as_f64().unwrap_or(-1.0);
     assert!(added >= 0.0, "{j}");
 }
+
+#[test]
+fn the_chat_model_answers_a_question() {
+    // The model `scripts/run.sh` talks to: instruction-tuned, with its own
+    // chat template, so a question gets an answer rather than more text.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = zavod_tests::chat_model_path();
+    let node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
+    let o = chat(
+        dir.path(),
+        &node.addr,
+        &[
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answer = stdout(&o);
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+}

@@ -71,3 +71,70 @@ fn chats_without_a_valid_credential_are_refused() {
     );
     assert!(again.status.success(), "{}", stderr(&again));
 }
+
+#[test]
+fn the_operator_of_a_joined_node_reads_its_status_and_is_told_how_to_chat() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path();
+    let a = NodeProc::start(&d("a"), &["--model", model.to_str().expect("utf8")]);
+    let token = zavod_tests::invite(&d("a"));
+    let b = NodeProc::start(&d("b"), &["--join", &token]);
+
+    // B's data directory has no credential (only the authority issues
+    // them), yet its operator sees B's status, signed with B's own key.
+    assert!(!d("b").join("client.cred").exists());
+    let s = zavod_tests::status_json(&d("b"), &b.addr);
+    let me = s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["is_self"] == true)
+        .expect("B lists itself");
+    assert_eq!(me["peer_id"], b.peer_id.as_str());
+
+    // B's key does not open A's status.
+    let other = zavod_tests::zavod()
+        .args(["status", "--peer", &a.addr, "--data-dir"])
+        .arg(d("b"))
+        .output()
+        .expect("run zavod status");
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        stderr(&other).contains("not by this node") && stderr(&other).contains("zavod cap issue"),
+        "{}",
+        stderr(&other)
+    );
+
+    // A chat from B's directory says what to run, with the key to bind.
+    let none = chat(&d("b"), &b.addr, &["--prompt", "Hi"]);
+    assert_eq!(none.status.code(), Some(1));
+    let e = stderr(&none);
+    assert!(e.contains("only the mesh's authority issues"), "{e}");
+    let at = e.find("--holder ").expect("names the key") + "--holder ".len();
+    let holder = &e[at..at + 64];
+    assert!(holder.bytes().all(|c| c.is_ascii_hexdigit()), "{e}");
+
+    // Doing what it says makes the chat work through B.
+    let out = d("b").join("client.cred");
+    zavod_tests::cap_issue(
+        &d("a"),
+        &[
+            "--max-tokens",
+            "1000",
+            "--ttl",
+            "1d",
+            "--holder",
+            holder,
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
+    );
+    let serves = zavod_tests::wait_until(std::time::Duration::from_secs(10), || {
+        let s = zavod_tests::status_json(&d("b"), &b.addr);
+        zavod_tests::member_state(&s, &a.peer_id).as_deref() == Some("alive")
+    });
+    assert!(serves.is_some(), "B never heard of A");
+    let ok = chat(&d("b"), &b.addr, &["--prompt", "Hi", "--max-tokens", "4"]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}

@@ -48,6 +48,17 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// The chat model (SmolLM2 135M Instruct), fetched by scripts/setup.sh.
+pub fn chat_model_path() -> PathBuf {
+    let p = workspace_root().join("models/smollm2-135m-instruct-q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
 /// A `zavod` command with a clean environment of our variables.
 pub fn zavod() -> Command {
     zavod_in(None)

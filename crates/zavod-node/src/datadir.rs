@@ -50,10 +50,8 @@ pub enum DataDirError {
     },
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: String, reason: String },
-    #[error(
-        "no client credential in {dir}: start `zavod node` with this data directory once, or pass --credential"
-    )]
-    NoCredential { dir: String },
+    #[error("no client credential in {dir}: {hint}")]
+    NoCredential { dir: String, hint: String },
     #[error("cannot draw random bytes from the OS: {0}")]
     Random(String),
     #[error("{0}")]
@@ -424,9 +422,7 @@ impl ClientIdentity {
                 match std::fs::read_to_string(&p) {
                     Ok(t) => t,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(DataDirError::NoCredential {
-                            dir: dir.display().to_string(),
-                        });
+                        return Err(no_credential(dir));
                     }
                     Err(e) => return Err(io_err(&p)(e)),
                 }
@@ -454,6 +450,46 @@ impl ClientIdentity {
         let key = load_or_create_key(&dir.join(CLIENT_KEY), &mut created)?;
         Ok(ClientIdentity { key, credential })
     }
+}
+
+/// What to do when `dir` holds no credential: a node that joined by invite
+/// cannot issue one (only the authority can), so name the command to run
+/// on the authority's machine, bound to this directory's client key.
+fn no_credential(dir: &Path) -> DataDirError {
+    let shown = dir.display().to_string();
+    let member = dir.join(NODE_KEY).exists() && !dir.join(AUTHORITY_KEY).exists();
+    let hint = if member {
+        let mut created = false;
+        let holder = std::fs::create_dir_all(dir)
+            .map_err(io_err(dir))
+            .and_then(|()| load_or_create_key(&dir.join(CLIENT_KEY), &mut created))
+            .map_or_else(|_| "<client key>".to_string(), |k| k.public().to_hex());
+        format!(
+            "this node joined its mesh by invite, and only the mesh's authority issues \
+             credentials. On the authority's machine run `zavod cap issue --max-tokens 1000000 \
+             --ttl 30d --holder {holder} --out client.cred`, copy that file to \
+             {shown}/client.cred (or pass it with --credential). `zavod status` needs none \
+             to read this node's own status: it signs with the node's key."
+        )
+    } else {
+        "start `zavod node` with this data directory once (a new mesh's first node makes \
+         its operator one), or pass --credential"
+            .to_string()
+    };
+    DataDirError::NoCredential { dir: shown, hint }
+}
+
+/// The node's own key, when `dir` is a node's data directory: the operator's
+/// proof for reading that node's status without a credential.
+pub fn node_key(dir: &Path) -> Result<Option<Keypair>, DataDirError> {
+    read_key(&dir.join(NODE_KEY))
+}
+
+/// The local user's client key in `dir`, created when missing.
+pub fn client_key(dir: &Path) -> Result<Keypair, DataDirError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut created = false;
+    load_or_create_key(&dir.join(CLIENT_KEY), &mut created)
 }
 
 #[cfg(test)]

@@ -1327,7 +1327,7 @@ async fn serve_status(
         Ok(Some(req)) => call(shared.directory.get().router, "the router", |reply| {
             RouterMsg::Status {
                 client,
-                credential: Box::new(req.credential),
+                request: Box::new(req),
                 reply,
             }
         })

@@ -24,6 +24,12 @@ const DOMAIN_GRANT: &[u8] = b"zavod/grant/v1\0";
 const DOMAIN_CAPACITY: &[u8] = b"zavod/capacity/v1\0";
 const DOMAIN_JOIN: &[u8] = b"zavod/join/v1\0";
 const DOMAIN_RECEIPT: &[u8] = b"zavod/receipt/v1\0";
+const DOMAIN_OPERATOR: &[u8] = b"zavod/operator/v1\0";
+
+/// How long an operator proof may be valid at most, from its start to its
+/// end: long enough for clock skew between the command and its node, short
+/// enough that a captured proof is soon worthless.
+pub const MAX_OPERATOR_PROOF_MS: u64 = 10 * 60 * 1000;
 
 /// Prefix of an invite's one-line text form.
 pub const JOIN_TEXT_PREFIX: &str = "zavod-join-1.";
@@ -79,6 +85,10 @@ pub enum AuthError {
     },
     #[error("malformed credential text: {0}")]
     MalformedText(String),
+    #[error("operator proof is signed by node {signer}, not by this node {this}")]
+    NotThisNode { signer: String, this: String },
+    #[error("operator proof is valid for {span_ms} ms, more than the {max_ms} ms allowed")]
+    ProofTooLong { span_ms: u64, max_ms: u64 },
 }
 
 /// An ed25519 signing key of a node, a client or an authority.
@@ -323,6 +333,71 @@ impl Credential {
             .decode(b64)
             .map_err(|e| AuthError::MalformedText(format!("bad base64: {e}")))?;
         crate::wire::decode_unversioned(&bytes).map_err(|e| AuthError::MalformedText(e.to_string()))
+    }
+}
+
+/// What an operator proof says: the key `client` acts for the node that
+/// signed it, between the two times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorBody {
+    pub client: NodeId,
+    pub not_before_ms: UnixMs,
+    pub expires_at_ms: UnixMs,
+}
+
+/// Proof that whoever opened a stream holds a node's own key, so the
+/// operator of any node (a member that joined by invite has no credential
+/// of its own) can read that node's status. It is bound to the key of the
+/// connection that presents it and lives minutes, so a captured proof is
+/// of no use to another key or later; a node accepts only proofs it signed
+/// itself.
+pub type OperatorProof = Signed<OperatorBody>;
+
+impl OperatorProof {
+    /// Signs, with the node's key, a proof for `client` valid from a minute
+    /// ago (clocks differ) to five minutes from now.
+    pub fn issue(node_key: &Keypair, client: NodeId, now_ms: UnixMs) -> Self {
+        node_key.sign_doc(
+            DOMAIN_OPERATOR,
+            &OperatorBody {
+                client,
+                not_before_ms: now_ms.saturating_sub(60_000),
+                expires_at_ms: now_ms.saturating_add(5 * 60_000),
+            },
+        )
+    }
+
+    /// Checks that `this` node signed the proof for the `presenter` key and
+    /// that it is valid now and not for longer than allowed.
+    pub fn verify(
+        &self,
+        this: &NodeId,
+        presenter: &NodeId,
+        now_ms: UnixMs,
+    ) -> Result<(), AuthError> {
+        self.verify_signature(DOMAIN_OPERATOR)?;
+        if self.signer != *this {
+            return Err(AuthError::NotThisNode {
+                signer: self.signer.short(),
+                this: this.short(),
+            });
+        }
+        let b = &self.body;
+        let span_ms = b.expires_at_ms.saturating_sub(b.not_before_ms);
+        if span_ms > MAX_OPERATOR_PROOF_MS {
+            return Err(AuthError::ProofTooLong {
+                span_ms,
+                max_ms: MAX_OPERATOR_PROOF_MS,
+            });
+        }
+        check_window("operator proof", b.not_before_ms, b.expires_at_ms, now_ms)?;
+        if b.client != *presenter {
+            return Err(AuthError::WrongHolder {
+                holder: b.client.short(),
+                presenter: presenter.short(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -758,6 +833,48 @@ mod tests {
 
     fn authorities(a: &Authority) -> BTreeSet<NodeId> {
         [a.id()].into_iter().collect()
+    }
+
+    #[test]
+    fn operator_proofs_bind_the_node_the_client_and_the_time() {
+        let (node, other_node, client, thief) = (key(1), key(2), key(3), key(4));
+        let now = 1_000_000;
+        let p = OperatorProof::issue(&node, client.public(), now);
+        assert!(p.verify(&node.public(), &client.public(), now).is_ok());
+        // Another node's operator cannot read this node's status.
+        assert!(matches!(
+            p.verify(&other_node.public(), &client.public(), now),
+            Err(AuthError::NotThisNode { .. })
+        ));
+        // A proof seen on the wire is no use to another key.
+        assert!(matches!(
+            p.verify(&node.public(), &thief.public(), now),
+            Err(AuthError::WrongHolder { .. })
+        ));
+        assert!(matches!(
+            p.verify(&node.public(), &client.public(), now + 6 * 60_000),
+            Err(AuthError::Expired { .. })
+        ));
+        // A proof made to last longer than allowed is refused, even signed.
+        let long = node.sign_doc(
+            DOMAIN_OPERATOR,
+            &OperatorBody {
+                client: client.public(),
+                not_before_ms: 0,
+                expires_at_ms: u64::MAX,
+            },
+        );
+        assert!(matches!(
+            long.verify(&node.public(), &client.public(), now),
+            Err(AuthError::ProofTooLong { .. })
+        ));
+        // Tampering breaks the signature.
+        let mut bent = p.clone();
+        bent.body.client = thief.public();
+        assert!(matches!(
+            bent.verify(&node.public(), &thief.public(), now),
+            Err(AuthError::BadSignature)
+        ));
     }
 
     #[test]

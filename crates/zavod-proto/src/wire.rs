@@ -7,7 +7,7 @@
 //! panics. Framing (the length prefix) is the network shell's job.
 
 use crate::UnixMs;
-use crate::auth::{Credential, Grant, JoinTicket, Membership, Receipt};
+use crate::auth::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt};
 use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
 use crate::limits::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_TOKENS_PER_REQUEST};
@@ -276,10 +276,12 @@ pub enum JoinReply {
     Refused(ErrorFrame),
 }
 
-/// First frame on a status stream.
+/// First frame on a status stream: a client credential from the mesh's
+/// authority, or the node's own key's say-so for its operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusRequest {
-    pub credential: Credential,
+pub enum StatusRequest {
+    Credential(Credential),
+    Operator(OperatorProof),
 }
 
 /// One node in a status reply.

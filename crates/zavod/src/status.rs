@@ -4,7 +4,8 @@ use crate::cli::StatusArgs;
 use anyhow::{Context, Result, bail};
 use std::time::Duration;
 use zavod_node::config::default_data_dir;
-use zavod_node::datadir::ClientIdentity;
+use zavod_node::datadir::{self, ClientIdentity, DataDirError};
+use zavod_proto::auth::{Keypair, OperatorProof};
 use zavod_proto::wire::{StatusReply, StatusRequest, StatusRow};
 
 fn peer_of(row: &StatusRow) -> String {
@@ -15,16 +16,36 @@ fn gib(b: u64) -> String {
     format!("{:.1}G", b as f64 / (1u64 << 30) as f64)
 }
 
-pub fn run(args: StatusArgs) -> Result<()> {
+/// The key to connect with and what to show the node: the client
+/// credential when there is one (or one was named); else, in a node's own
+/// data directory, a proof signed with the node's key, which that node
+/// accepts from its operator.
+fn authenticate(args: &StatusArgs) -> Result<(Keypair, StatusRequest)> {
     let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
+    match ClientIdentity::load(&dir, args.credential.as_deref()) {
+        Ok(id) => Ok((id.key, StatusRequest::Credential(id.credential))),
+        Err(e @ DataDirError::NoCredential { .. }) => {
+            let Some(node) = datadir::node_key(&dir)? else {
+                return Err(e.into());
+            };
+            let client = datadir::client_key(&dir)?;
+            let proof = OperatorProof::issue(&node, client.public(), zavod_node::clock::now_ms());
+            Ok((client, StatusRequest::Operator(proof)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    let (key, request) = authenticate(&args)?;
+    let as_operator = matches!(request, StatusRequest::Operator(_));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let reply = rt
         .block_on(async {
             let (net, mut events, el) = zavod_net::new(
-                zavod_net::identity_from_secret(identity.key.secret_bytes())?,
+                zavod_net::identity_from_secret(key.secret_bytes())?,
                 Default::default(),
             )?;
             tokio::spawn(el.run());
@@ -32,13 +53,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
             let peer = net.dial(args.peer.clone()).await?;
             let (mut w, mut r) = net.open(peer, zavod_net::STATUS_PROTOCOL).await?.split();
             let t = Duration::from_secs(10);
-            w.send(
-                &StatusRequest {
-                    credential: identity.credential.clone(),
-                },
-                t,
-            )
-            .await?;
+            w.send(&request, t).await?;
             let reply = tokio::time::timeout(t, r.recv::<StatusReply>())
                 .await
                 .context("no status within 10 s")??;
@@ -51,6 +66,12 @@ pub fn run(args: StatusArgs) -> Result<()> {
             rows,
             dropped_non_member,
         }) => (entry, rows, dropped_non_member),
+        Some(StatusReply::Refused(e)) if as_operator => bail!(
+            "the node refused: {} (this data directory holds a node's key, which reads only \
+             that node's own status; for another node, use a credential from the mesh's \
+             authority: `zavod cap issue`, then --credential)",
+            e.message
+        ),
         Some(StatusReply::Refused(e)) => bail!("the node refused: {}", e.message),
         None => bail!("the node closed the stream without answering"),
     };

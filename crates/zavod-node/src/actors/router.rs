@@ -15,15 +15,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
-use zavod_proto::auth::{
-    AuthError, Credential, Grant, GrantBody, UsageLedger, mint_grant, sign_report,
-};
+use zavod_proto::auth::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
 use zavod_proto::breaker::BreakerState;
 use zavod_proto::capacity::{CacheSummary, CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::placer::{Ask, Placer};
 use zavod_proto::score::{Candidate, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
-use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRow};
+use zavod_proto::wire::{
+    ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRequest, StatusRow,
+};
 use zavod_proto::{NodeId, RequestId};
 use zavod_store::ConvKey;
 
@@ -131,7 +131,7 @@ pub enum RouterMsg {
     GossipTick,
     Status {
         client: NodeId,
-        credential: Box<Credential>,
+        request: Box<StatusRequest>,
         reply: RpcReplyPort<StatusReply>,
     },
     /// Models the mesh serves now (alive members), with how many nodes
@@ -579,9 +579,15 @@ impl RouterState {
         })
     }
 
-    async fn status(&mut self, client: NodeId, credential: &Credential) -> StatusReply {
+    async fn status(&mut self, client: NodeId, request: &StatusRequest) -> StatusReply {
         let now = now_ms();
-        if let Err(e) = credential.verify_holder(&self.shared.identity.authorities, &client, now) {
+        let allowed = match request {
+            StatusRequest::Credential(c) => c
+                .verify_holder(&self.shared.identity.authorities, &client, now)
+                .map(|_| ()),
+            StatusRequest::Operator(p) => p.verify(&self.me(), &client, now),
+        };
+        if let Err(e) = allowed {
             return StatusReply::Refused(auth_error(e));
         }
         let breakers: Vec<(NodeId, BreakerState)> = match self.shared.directory.get().breaker {
@@ -736,10 +742,10 @@ impl Actor for Router {
             RouterMsg::GossipTick => st.gossip_tick(),
             RouterMsg::Status {
                 client,
-                credential,
+                request,
                 reply,
             } => {
-                let _ = reply.send(st.status(client, &credential).await);
+                let _ = reply.send(st.status(client, &request).await);
             }
             RouterMsg::IsMember { node, reply } => {
                 let _ = reply.send(st.view.is_member(&node, now_ms()));
