@@ -6,6 +6,7 @@
 #
 #   scripts/build-cuda.sh            # kernels for sm_90 (H100, H200)
 #   ZAVOD_CUDA_ARCHS="89;90" scripts/build-cuda.sh
+#   ZAVOD_CUDA_FA=ON scripts/build-cuda.sh   # with flash-attention kernels
 #
 # The result is target/cuda/release/zavod with llama.cpp's shared libraries
 # beside it (found through an $ORIGIN run path), so the folder can be copied
@@ -14,8 +15,9 @@
 # install, or the same wheels: `pip install nvidia-cuda-runtime nvidia-cublas`
 # and LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib).
 #
-# Only the kernels of the named architectures are built: all of them would
-# take hours on a small machine. With a system CUDA toolkit (nvcc on PATH),
+# Only the kernels of the named architectures are built, and by default no
+# flash-attention kernels (a third of the CUDA sources, the slowest to
+# compile): all of them would take hours on a small machine. With a system CUDA toolkit (nvcc on PATH),
 # that one is used instead of the wheels.
 set -euo pipefail
 
@@ -57,6 +59,7 @@ export CUDA_PATH="$cuda_root"
 export CUDAToolkit_ROOT="$cuda_root"
 export CMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc"
 export CMAKE_CUDA_ARCHITECTURES="$archs"
+export GGML_CUDA_FA="${ZAVOD_CUDA_FA:-OFF}"
 export LIBRARY_PATH="$cuda_root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$cuda_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # A portable CPU baseline (AVX2) rather than this machine's own CPU: the

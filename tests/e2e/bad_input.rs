@@ -38,7 +38,10 @@ fn bad_models_configs_and_addresses_get_clear_errors() {
     std::fs::write(&truncated, &real[..1 << 20]).expect("write");
     let (code, e) = node_fails(&["--model", truncated.to_str().expect("utf8")]);
     assert_eq!(code, Some(1));
-    assert!(e.contains("could not load model"), "{e}");
+    assert!(
+        e.contains("truncated.gguf") && e.contains("truncated or corrupt GGUF"),
+        "{e}"
+    );
 
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[model]\nslotz = 2\n").expect("write");

@@ -10,5 +10,6 @@ mod http;
 mod mdns;
 mod memory;
 mod mesh;
+mod models;
 mod sessions;
 mod trust;

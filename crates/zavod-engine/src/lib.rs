@@ -23,9 +23,12 @@
 //! event is handed over before it.
 
 pub mod cost;
+pub mod family;
+pub mod gguf;
 pub mod llama;
 pub mod pacing;
 pub mod prompt_cache;
+pub mod quantize;
 pub mod queue;
 pub mod sampling;
 mod utf8;
@@ -160,29 +163,13 @@ pub fn model_name_from_path(path: &std::path::Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-/// Guesses the quantization from a GGUF file name (e.g. `..._q4_k_m.gguf`).
-pub fn quant_from_name(name: &str) -> String {
-    const KNOWN: [&str; 14] = [
-        "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "Q3_K_L",
-        "Q3_K_M", "Q2_K", "IQ2_M", "F16", "BF16",
-    ];
-    let upper = name.to_ascii_uppercase();
-    KNOWN
-        .iter()
-        .find(|q| upper.contains(*q))
-        .map_or_else(|| "unknown".into(), |q| (*q).to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn names_and_quants_come_from_the_file_name() {
+    fn names_come_from_the_file_name() {
         let p = std::path::Path::new("/m/gemma-3-270m-q4_k_m.gguf");
         assert_eq!(model_name_from_path(p), "gemma-3-270m-q4_k_m");
-        assert_eq!(quant_from_name("gemma-3-270m-q4_k_m"), "Q4_K_M");
-        assert_eq!(quant_from_name("x-iq2_m"), "IQ2_M");
-        assert_eq!(quant_from_name("plain"), "unknown");
     }
 }

@@ -11,7 +11,6 @@ mod run;
 
 use crate::{
     Engine, EngineError, EngineEvent, JOB_EVENT_BUFFER, Job, ModelInfo, model_name_from_path,
-    quant_from_name,
 };
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -32,6 +31,9 @@ pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub path: PathBuf,
+    /// The name the mesh knows the model by (a family's folder name);
+    /// `None`: the file's stem.
+    pub name: Option<String>,
     /// Layers offloaded to the GPU (needs the `cuda` feature); 0 runs on CPU.
     pub gpu_layers: u32,
     /// Sequences generated at once.
@@ -116,7 +118,7 @@ static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
 /// llama.cpp's backend may be initialised once per process; every engine
 /// shares it.
-fn backend() -> Result<&'static LlamaBackend, EngineError> {
+pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
@@ -138,6 +140,7 @@ pub struct LoadedModel {
     template: Template,
     path: PathBuf,
     size_bytes: u64,
+    quant: String,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -169,6 +172,22 @@ pub fn check_model_file(path: &Path) -> Result<u64, EngineError> {
     Ok(meta.len())
 }
 
+/// The model's parameter count, from its tensor shapes: llama.cpp reads
+/// the file's tensor table without allocating or reading any weights.
+pub fn count_parameters(path: &Path) -> Result<u64, EngineError> {
+    check_model_file(path)?;
+    let backend = backend()?;
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(0)
+        .with_no_alloc(true);
+    let model =
+        LlamaModel::load_from_file(backend, path, &params).map_err(|e| EngineError::Load {
+            path: path.display().to_string(),
+            reason: format!("{e} (the file may be corrupt or of an unsupported architecture)"),
+        })?;
+    Ok(model.n_params())
+}
+
 impl LoadedModel {
     /// Loads a GGUF model; `progress` receives 0.0..=1.0 while it loads.
     pub fn load(
@@ -192,12 +211,26 @@ impl LoadedModel {
             }
         })?;
         let template = choose_template(&model, cfg.chat_template.as_deref())?;
+        // The quantization the file declares (not its name's guess).
+        let quant = model
+            .meta_val_str("general.file_type")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .and_then(crate::gguf::quant_name)
+            .unwrap_or("unknown")
+            .to_string();
         Ok(Arc::new(LoadedModel {
             model,
             template,
             path: cfg.path.clone(),
             size_bytes,
+            quant,
         }))
+    }
+
+    /// The quantization named by the file's `general.file_type`.
+    pub fn quant(&self) -> &str {
+        &self.quant
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -315,9 +348,12 @@ impl LlamaEngine {
     /// once the context exists.
     pub fn start(model: Arc<LoadedModel>, cfg: &LlamaConfig) -> Result<Self, EngineError> {
         cfg.check()?;
-        let name = model_name_from_path(&model.path);
+        let name = cfg
+            .name
+            .clone()
+            .unwrap_or_else(|| model_name_from_path(&model.path));
         let info = ModelInfo {
-            quant: quant_from_name(&name),
+            quant: model.quant().to_string(),
             name,
             path: model.path.display().to_string(),
             size_bytes: model.size_bytes,

@@ -22,6 +22,7 @@ fn model_path() -> PathBuf {
 fn config(slots: u32) -> LlamaConfig {
     LlamaConfig {
         path: model_path(),
+        name: None,
         gpu_layers: 0,
         slots,
         context_tokens_per_seq: 1024,

@@ -19,6 +19,7 @@ fn config(slots: u32, prompt_cache: bool) -> LlamaConfig {
     );
     LlamaConfig {
         path,
+        name: None,
         gpu_layers: 0,
         slots,
         context_tokens_per_seq: 2048,

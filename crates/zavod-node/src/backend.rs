@@ -3,9 +3,10 @@
 //! (used by ModelWorker, again after every restart). The model's weights are
 //! loaded once and shared across engine restarts.
 
+use crate::model_choice::ModelSelection;
 use std::sync::Arc;
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
-use zavod_engine::{Engine, EngineError, model_name_from_path, quant_from_name};
+use zavod_engine::{Engine, EngineError, model_name_from_path};
 use zavod_proto::capacity::ModelOffer;
 use zavod_proto::prompt::Turn;
 
@@ -14,19 +15,28 @@ pub trait ModelBackend: Send + Sync {
     fn count_tokens(&self, text: &str) -> u32;
     fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError>;
     fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError>;
+    /// How the file was chosen from its family, when it was.
+    fn selection(&self) -> Option<&ModelSelection> {
+        None
+    }
 }
 
 /// llama.cpp with a model loaded once.
 pub struct LlamaBackendHandle {
     pub model: Arc<LoadedModel>,
     pub cfg: LlamaConfig,
+    pub selection: Option<ModelSelection>,
 }
 
 impl ModelBackend for LlamaBackendHandle {
     fn offer(&self) -> ModelOffer {
-        let name = model_name_from_path(&self.cfg.path);
+        let name = self
+            .cfg
+            .name
+            .clone()
+            .unwrap_or_else(|| model_name_from_path(&self.cfg.path));
         ModelOffer {
-            quant: quant_from_name(&name),
+            quant: self.model.quant().to_string(),
             name,
             context_tokens: self.cfg.context_tokens_per_seq,
         }
@@ -45,5 +55,9 @@ impl ModelBackend for LlamaBackendHandle {
             Arc::clone(&self.model),
             &self.cfg,
         )?))
+    }
+
+    fn selection(&self) -> Option<&ModelSelection> {
+        self.selection.as_ref()
     }
 }

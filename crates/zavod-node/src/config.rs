@@ -121,8 +121,16 @@ impl Default for NodeSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// GGUF file to serve; none makes this node an entry and router only.
+    /// GGUF file to serve, or a family folder of GGUF files of one model at
+    /// several quantizations (the best that fits is loaded); none makes
+    /// this node an entry and router only.
     pub path: Option<PathBuf>,
+    /// In a family folder, load this quantization (e.g. "Q8_0") instead of
+    /// the best that fits.
+    pub quant: Option<String>,
+    /// Choose a family's file as if this much memory were free, instead of
+    /// measuring it (for tests, and for machines shared with other work).
+    pub assume_free_memory_mib: Option<u64>,
     pub gpu_layers: u32,
     /// Requests generated at once (continuous batching).
     pub slots: u32,
@@ -155,6 +163,8 @@ impl Default for ModelSection {
     fn default() -> Self {
         ModelSection {
             path: None,
+            quant: None,
+            assume_free_memory_mib: None,
             gpu_layers: 0,
             slots: 4,
             context_tokens: 4096,
@@ -322,6 +332,8 @@ pub struct Overrides {
     pub bootstrap: Vec<String>,
     pub data_dir: Option<PathBuf>,
     pub model: Option<PathBuf>,
+    pub quant: Option<String>,
+    pub assume_free_memory_mib: Option<u64>,
     pub gpu_layers: Option<u32>,
     pub slots: Option<u32>,
     pub batch_tokens: Option<u32>,
@@ -367,6 +379,12 @@ impl NodeConfig {
         }
         if let Some(v) = o.model {
             self.model.path = Some(v);
+        }
+        if let Some(v) = o.quant {
+            self.model.quant = Some(v);
+        }
+        if let Some(v) = o.assume_free_memory_mib {
+            self.model.assume_free_memory_mib = Some(v);
         }
         if let Some(v) = o.gpu_layers {
             self.model.gpu_layers = v;

@@ -748,19 +748,31 @@ async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Respo
             format!("router: {e}"),
         )
     })?;
+    // This node's own choice of file, where it serves the model.
+    let own = st.shared.model.as_ref().and_then(|m| {
+        let sel = m.selection()?;
+        Some((m.offer().name, sel.reason.clone()))
+    });
     let data: Vec<serde_json::Value> = list
         .into_iter()
         .filter(|(offer, _)| cred.models.matches(&offer.name))
         .map(|(offer, nodes)| {
-            json!({
+            let mut v = json!({
                 "id": offer.name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "zavod",
                 "quantization": offer.quant,
+                "tier": zavod_proto::tiers::tier_of(&offer.quant).map(|t| t.name()),
                 "context_length": offer.context_tokens,
                 "nodes": nodes,
-            })
+            });
+            if let Some((name, why)) = &own
+                && *name == offer.name
+            {
+                v["selected_here"] = json!(why);
+            }
+            v
         })
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())

@@ -20,6 +20,7 @@ pub mod config;
 pub mod datadir;
 pub mod http;
 pub mod metrics;
+pub mod model_choice;
 pub mod node;
 pub mod serve;
 

@@ -166,6 +166,7 @@ pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
     let m = &cfg.model;
     m.path.as_ref().map(|path| LlamaConfig {
         path: path.clone(),
+        name: None,
         gpu_layers: m.gpu_layers,
         slots: m.slots,
         context_tokens_per_seq: m.context_tokens,
@@ -183,12 +184,14 @@ pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
 /// Loads the configured GGUF model (blocking; run off the async runtime).
 pub fn load_llama(
     cfg: &LlamaConfig,
+    selection: Option<crate::model_choice::ModelSelection>,
     progress: impl FnMut(f32) + 'static,
 ) -> Result<Arc<dyn ModelBackend>, EngineError> {
     let model = LoadedModel::load(cfg, progress)?;
     Ok(Arc::new(LlamaBackendHandle {
         model,
         cfg: cfg.clone(),
+        selection,
     }))
 }
 

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod placer;
 pub mod prompt;
 pub mod score;
+pub mod tiers;
 pub mod view;
 pub mod wire;
 

@@ -425,7 +425,8 @@ fn pick(
         choices.push(ranked[0]);
     }
     // The least loaded wins (the cache holder with its slack), then the
-    // better score, then the earlier choice.
+    // better file of the model, then the better score, then the earlier
+    // choice.
     let load = |i: usize| {
         if Some(i) == hit {
             loads[i] - cfg.cache_slack
@@ -438,7 +439,12 @@ fn pick(
     let mut best = choices[0];
     for &i in &choices[1..] {
         let (li, lb) = (load(i), load(best));
-        if li < lb - 1e-9 || ((li - lb).abs() <= 1e-9 && scored[i].score > scored[best].score) {
+        let tie = (li - lb).abs() <= 1e-9;
+        let (qi, qb) = (cands[i].quality, cands[best].quality);
+        if li < lb - 1e-9
+            || (tie && qi > qb)
+            || (tie && qi == qb && scored[i].score > scored[best].score)
+        {
             best = i;
         }
     }
@@ -469,6 +475,7 @@ mod tests {
             cache_hit: false,
             age_ms: 0,
             is_self: false,
+            quality: 0,
         }
     }
 
@@ -485,6 +492,24 @@ mod tests {
         p.place(cands, |_| true, &ask(r), &PlacerConfig::default(), 0)
             .expect("a node")
             .node
+    }
+
+    #[test]
+    fn among_equally_loaded_nodes_the_better_file_wins() {
+        // Two idle nodes serve the model: one a Q8_0 file, one a Q2_K.
+        let mut good = cand(1, 4, 4);
+        good.quality = crate::tiers::quality("Q8_0");
+        let mut poor = cand(2, 4, 4);
+        poor.quality = crate::tiers::quality("Q2_K");
+        let cands = [poor, good];
+        for r in 0..50 {
+            assert_eq!(place(&mut Placer::new(), &cands, r), node(1), "request {r}");
+        }
+        // Load still comes first: a busy Q8_0 node loses to an idle Q2_K.
+        let mut p = Placer::new();
+        let first = place(&mut p, &cands, 0);
+        assert_eq!(first, node(1));
+        assert_eq!(place(&mut p, &cands, 1), node(2));
     }
 
     #[test]

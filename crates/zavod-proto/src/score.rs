@@ -92,6 +92,9 @@ pub struct Candidate {
     pub age_ms: u64,
     /// The node deciding (its figures are its own, not gossip).
     pub is_self: bool,
+    /// How good its file of the model is ([`crate::tiers::quality`]):
+    /// among equally loaded nodes the better file wins.
+    pub quality: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,6 +227,7 @@ mod tests {
             cache_hit: false,
             age_ms: 0,
             is_self: false,
+            quality: 0,
         }
     }
 

@@ -179,6 +179,8 @@ struct Row {
     heard_at_ms: UnixMs,
     membership_expires_ms: UnixMs,
     cached: CacheSummary,
+    /// Quality of the member's file of the table's model.
+    quality: u8,
 }
 
 impl Row {
@@ -194,6 +196,7 @@ impl Row {
             heard_at_ms: m.heard_at_ms,
             membership_expires_ms: m.membership_expires_ms,
             cached: m.report.cached.clone(),
+            quality: 0,
         }
     }
 }
@@ -211,6 +214,7 @@ impl From<&Row> for Candidate {
             cache_hit: false,
             age_ms: 0,
             is_self: false,
+            quality: r.quality,
         }
     }
 }
@@ -472,11 +476,15 @@ impl MeshView {
 fn refresh_rows(tables: &mut BTreeMap<String, Table>, m: &Member) {
     let row = Row::of(m);
     for o in &m.report.models {
+        let row = Row {
+            quality: crate::tiers::quality(&o.quant),
+            ..row.clone()
+        };
         match tables.get_mut(&o.name) {
-            Some(t) => t.upsert(row.clone()),
+            Some(t) => t.upsert(row),
             None => {
                 let mut t = Table::default();
-                t.upsert(row.clone());
+                t.upsert(row);
                 tables.insert(o.name.clone(), t);
             }
         }

@@ -38,6 +38,40 @@ pub enum Command {
     Cap(CapCommand),
     /// Measure decode speed and first-token time through a node against llama.cpp driven directly.
     Bench(BenchArgs),
+    /// Inspect, list and quantize model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Print what a GGUF file says about itself: architecture, parameters,
+    /// quantization (from its metadata, not its name), shape, context.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file of another quantization with llama.cpp's quantizer
+    /// (requantizing an already quantized file is allowed).
+    Quantize {
+        src: PathBuf,
+        /// Target quantization, e.g. Q8_0, Q4_K_M, Q2_K.
+        #[arg(long = "type", value_name = "TYPE")]
+        quant: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// CPU threads (0 = all cores).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        threads: u32,
+    },
+    /// List the model families in a folder (sub-folders of GGUF files, and
+    /// loose GGUF files) with each file's quantization, tier and size.
+    List {
+        #[arg(default_value = "models", value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,9 +159,19 @@ pub struct NodeArgs {
     /// Config profile (TOML); without it the built-in mesh-config/local.toml applies.
     #[arg(long, env = "ZAVOD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// GGUF model to serve. Without one the node only routes.
+    /// GGUF model to serve, or a family folder holding one model's files at
+    /// several quantizations (the best that fits free memory is loaded).
+    /// Without one the node only routes.
     #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH")]
     pub model: Option<PathBuf>,
+    /// In a family folder, load this quantization (e.g. Q8_0) rather than
+    /// the best that fits.
+    #[arg(long, env = "ZAVOD_QUANT", value_name = "TYPE")]
+    pub quant: Option<String>,
+    /// Choose a family's file as if this much memory (MiB) were free rather
+    /// than measuring it.
+    #[arg(long, env = "ZAVOD_ASSUME_FREE_MEMORY_MIB", value_name = "MIB")]
+    pub assume_free_memory_mib: Option<u64>,
     /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/7070.
     #[arg(long, env = "ZAVOD_LISTEN", value_name = "MULTIADDR", value_parser = parse_multiaddr, value_delimiter = ',')]
     pub listen: Vec<Multiaddr>,

@@ -8,6 +8,7 @@ mod bench;
 mod chat;
 mod cli;
 mod mesh;
+mod model;
 mod node;
 mod output;
 mod status;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         cli::Command::Status(args) => status::run(args),
         cli::Command::Mesh(cmd) => mesh::run_mesh(cmd),
         cli::Command::Cap(cmd) => mesh::run_cap(cmd),
+        cli::Command::Model(cmd) => model::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

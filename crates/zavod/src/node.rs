@@ -16,6 +16,8 @@ pub fn run(args: NodeArgs) -> Result<()> {
         bootstrap: args.bootstrap.iter().map(ToString::to_string).collect(),
         data_dir: args.data_dir,
         model: args.model,
+        quant: args.quant,
+        assume_free_memory_mib: args.assume_free_memory_mib,
         gpu_layers: args.gpu_layers,
         slots: args.slots,
         batch_tokens: args.batch_tokens,
@@ -103,9 +105,26 @@ pub fn run(args: NodeArgs) -> Result<()> {
     out.flush()?;
     drop(out);
 
+    let selection = zavod_node::model_choice::select(&config)?;
+    if let Some(sel) = selection
+        .as_ref()
+        .filter(|s| s.files > 1 || config.model.quant.is_some())
+    {
+        println!(
+            "model {}: chose {} of {} files, {}",
+            sel.name,
+            sel.path.display(),
+            sel.files,
+            sel.reason
+        );
+    }
     let model = match llama_config(&config) {
-        Some(lcfg) => {
-            let name = zavod_engine::model_name_from_path(&lcfg.path);
+        Some(mut lcfg) => {
+            if let Some(sel) = &selection {
+                lcfg.path = sel.path.clone();
+                lcfg.name = Some(sel.name.clone());
+            }
+            let name = lcfg.name.clone().unwrap_or_default();
             let bar = ProgressBar::new(100).with_message(format!("loading {name}"));
             bar.set_style(
                 ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
@@ -114,14 +133,17 @@ pub fn run(args: NodeArgs) -> Result<()> {
             );
             let t0 = Instant::now();
             let b = bar.clone();
-            let loaded = load_llama(&lcfg, move |p| b.set_position((p * 100.0) as u64));
+            let loaded = load_llama(&lcfg, selection.clone(), move |p| {
+                b.set_position((p * 100.0) as u64)
+            });
             bar.finish_and_clear();
             let loaded = loaded?;
             let offer = loaded.offer();
             println!(
-                "model {} ({}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
+                "model {} ({}, {}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
                 offer.name,
                 offer.quant,
+                zavod_proto::tiers::tier_of(&offer.quant).map_or("no tier", |t| t.name()),
                 t0.elapsed().as_secs_f64(),
                 lcfg.slots,
                 lcfg.context_tokens_per_seq,

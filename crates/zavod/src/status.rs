@@ -85,7 +85,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
                     "node_key": r.node.to_hex(),
                     "is_self": r.is_self,
                     "addrs": r.addrs,
-                    "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "quant": m.quant, "context_tokens": m.context_tokens})).collect::<Vec<_>>(),
+                    "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "quant": m.quant, "tier": zavod_proto::tiers::tier_of(&m.quant).map(|t| t.name()), "context_tokens": m.context_tokens})).collect::<Vec<_>>(),
                     "on_gpu": r.on_gpu,
                     "mem_free_bytes": r.mem_free_bytes,
                     "mem_total_bytes": r.mem_total_bytes,
@@ -115,7 +115,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<54} {:<8} {:<26} {:>9} {:>7} {:>7} {:>8} {:<9} {:>6}  ADDRESS",
+        "{:<54} {:<8} {:<36} {:>9} {:>7} {:>7} {:>8} {:<9} {:>6}  ADDRESS",
         "PEER", "STATE", "MODELS", "FREE MEM", "JOBS", "TOK/S", "RTT", "BREAKER", "SCORE"
     );
     for r in &rows {
@@ -124,13 +124,13 @@ pub fn run(args: StatusArgs) -> Result<()> {
         } else {
             r.models
                 .iter()
-                .map(|m| m.name.as_str())
+                .map(|m| format!("{} ({})", m.name, m.quant))
                 .collect::<Vec<_>>()
                 .join(",")
         };
         let mark = if r.is_self { "*" } else { " " };
         println!(
-            "{:<54} {:<8} {:<26} {:>9} {:>7} {:>7.1} {:>8} {:<9} {:>6.3}  {}",
+            "{:<54} {:<8} {:<36} {:>9} {:>7} {:>7.1} {:>8} {:<9} {:>6.3}  {}",
             format!("{}{mark}", peer_of(r)),
             r.liveness,
             models,

@@ -216,6 +216,7 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let cfg = LlamaConfig {
         path: args.model.clone(),
+        name: None,
         gpu_layers: 0,
         slots: 1,
         context_tokens_per_seq: CONTEXT_TOKENS,

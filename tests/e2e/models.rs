@@ -1,0 +1,157 @@
+//! Model families: files made by `zavod model quantize`, read back by
+//! `zavod model inspect` and `list`, and a node choosing the file that fits
+//! the memory it is told it has.
+
+use zavod_tests::{NodeProc, model_path, status_json, stderr, stdout, zavod};
+
+fn run_ok(args: &[&str]) -> String {
+    let o = zavod().args(args).output().expect("run zavod");
+    assert!(o.status.success(), "zavod {args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// The quantization of this node's own model, as its status reports it.
+fn own_quant(node: &NodeProc) -> String {
+    let s = status_json(&node.data_dir, &node.addr);
+    let me = s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["is_self"] == true)
+        .expect("lists itself")
+        .clone();
+    me["models"][0]["quant"]
+        .as_str()
+        .expect("quant")
+        .to_string()
+}
+
+#[test]
+fn a_family_is_made_inspected_listed_and_the_file_that_fits_is_loaded() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fam = root.path().join("gemma-3-270m");
+    std::fs::create_dir(&fam).expect("family dir");
+    let src = model_path();
+    let src = src.to_str().expect("utf8");
+    // Names that say nothing: the quantization must come from the files.
+    let (a, b) = (fam.join("weights-a.gguf"), fam.join("weights-b.gguf"));
+    run_ok(&[
+        "model",
+        "quantize",
+        src,
+        "--type",
+        "Q8_0",
+        "--out",
+        a.to_str().expect("utf8"),
+    ]);
+    run_ok(&[
+        "model",
+        "quantize",
+        src,
+        "--type",
+        "q2_k",
+        "--out",
+        b.to_str().expect("utf8"),
+    ]);
+    std::os::unix::fs::symlink(&*model_path(), fam.join("weights-c.gguf")).expect("link");
+
+    let j: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "model",
+        "inspect",
+        "--json",
+        b.to_str().expect("utf8"),
+    ]))
+    .expect("inspect JSON");
+    assert_eq!(j["quantization"], "Q2_K");
+    assert_eq!(j["tier"], "Emergency");
+    assert_eq!(j["architecture"], "gemma3");
+    let params = j["parameters"].as_u64().expect("parameters");
+    assert!((250_000_000..300_000_000).contains(&params), "{params}");
+
+    let listed = run_ok(&["model", "list", root.path().to_str().expect("utf8")]);
+    assert!(listed.contains("gemma-3-270m (3 files)"), "{listed}");
+    for q in ["Q8_0", "Q4_K_M", "Q2_K"] {
+        assert!(listed.contains(q), "{listed}");
+    }
+
+    // With 1 slot of 512 tokens the KV cache is 9 MiB; each file needs its
+    // size + 64 MiB margin + that: Q8_0 about 351 MiB, Q4_K_M 314, Q2_K 299.
+    let fam_s = fam.to_str().expect("utf8");
+    let node = |free_mib: &str, dir: &str| {
+        NodeProc::start(
+            &root.path().join(dir),
+            &[
+                "--model",
+                fam_s,
+                "--slots",
+                "1",
+                "--context-tokens",
+                "512",
+                "--assume-free-memory-mib",
+                free_mib,
+            ],
+        )
+    };
+    for (free, dir, want) in [
+        ("4096", "big", "Q8_0"),
+        ("330", "mid", "Q4_K_M"),
+        ("305", "small", "Q2_K"),
+    ] {
+        let n = node(free, dir);
+        assert!(
+            n.stdout
+                .iter()
+                .any(|l| l.starts_with("model gemma-3-270m: chose") && l.contains(want)),
+            "{free} MiB: {:#?}",
+            n.stdout
+        );
+        assert_eq!(own_quant(&n), want, "{free} MiB free");
+        // The mesh knows the model by its family's name.
+        let o = zavod_tests::chat(
+            &n.data_dir,
+            &n.addr,
+            &[
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+                "--model",
+                "gemma-3-270m",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
+    // Too little memory for any file: the node says what it would need.
+    let o = zavod()
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(root.path().join("tiny"))
+        .args(["--model", fam_s, "--slots", "1", "--context-tokens", "512"])
+        .args(["--assume-free-memory-mib", "200"])
+        .output()
+        .expect("run zavod node");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no file fits in 200 MiB free"),
+        "{}",
+        stderr(&o)
+    );
+
+    // --quant takes the named file whatever the memory.
+    let forced = NodeProc::start(
+        &root.path().join("forced"),
+        &[
+            "--model",
+            fam_s,
+            "--slots",
+            "1",
+            "--context-tokens",
+            "512",
+            "--quant",
+            "Q8_0",
+            "--assume-free-memory-mib",
+            "1",
+        ],
+    );
+    assert_eq!(own_quant(&forced), "Q8_0");
+}
