@@ -73,6 +73,8 @@ pub struct Metrics {
     pub vram_total_bytes: Family<GpuLabels, Gauge>,
     pub vram_free_bytes: Family<GpuLabels, Gauge>,
     pub gpu_utilization_percent: Family<GpuLabels, Gauge>,
+    pub gpu_temperature_celsius: Family<GpuLabels, Gauge>,
+    pub gpu_power_watts: Family<GpuLabels, GaugeF>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +119,8 @@ impl Metrics {
             vram_total_bytes: Family::default(),
             vram_free_bytes: Family::default(),
             gpu_utilization_percent: Family::default(),
+            gpu_temperature_celsius: Family::default(),
+            gpu_power_watts: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -211,6 +215,16 @@ impl Metrics {
             "Utilisation per GPU",
             m.gpu_utilization_percent.clone(),
         );
+        r.register(
+            "gpu_temperature_celsius",
+            "Temperature per GPU",
+            m.gpu_temperature_celsius.clone(),
+        );
+        r.register(
+            "gpu_power_watts",
+            "Power draw per GPU",
+            m.gpu_power_watts.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -238,6 +252,12 @@ impl Metrics {
             self.gpu_utilization_percent
                 .get_or_create(&l)
                 .set(i64::from(g.utilization_percent));
+            self.gpu_temperature_celsius
+                .get_or_create(&l)
+                .set(i64::from(g.temperature_c));
+            self.gpu_power_watts
+                .get_or_create(&l)
+                .set(f64::from(g.power_milliwatts) / 1000.0);
         }
     }
 

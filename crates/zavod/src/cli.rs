@@ -279,6 +279,10 @@ pub struct BenchArgs {
     /// CPU threads, the same for the node and for llama.cpp direct (0 = all cores).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: u32,
+    /// Model layers offloaded to the GPU, the same for the node and for
+    /// llama.cpp direct (needs a CUDA build; 0 runs on the CPU).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub gpu_layers: u32,
     /// Tokens generated per run.
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub tokens: u32,

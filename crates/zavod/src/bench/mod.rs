@@ -105,14 +105,16 @@ impl NodeProc {
     }
 }
 
-/// Flags for a node that serves `model` on `threads` CPU threads with one
-/// slot, as every bench's model node does.
-fn model_node_args(model: &Path, threads: u32) -> Vec<String> {
+/// Flags for a node that serves `model` on `threads` CPU threads (and
+/// `gpu_layers` offloaded) with one slot, as every bench's model node does.
+fn model_node_args(model: &Path, threads: u32, gpu_layers: u32) -> Vec<String> {
     vec![
         "--model".into(),
         model.display().to_string(),
         "--threads".into(),
         threads.to_string(),
+        "--gpu-layers".into(),
+        gpu_layers.to_string(),
         "--slots".into(),
         "1".into(),
         // Every run sends the same prompt; the direct side computes it
@@ -143,10 +145,18 @@ impl Drop for DirectProc {
 const DIRECT_RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl DirectProc {
-    fn start(exe: &Path, model: &Path, threads: u32, prompt: &str) -> Result<Self> {
+    fn start(
+        exe: &Path,
+        model: &Path,
+        threads: u32,
+        gpu_layers: u32,
+        prompt: &str,
+    ) -> Result<Self> {
         let mut child = Command::new(exe)
             .args(["bench", "--direct-worker", "--threads"])
             .arg(threads.to_string())
+            .arg("--gpu-layers")
+            .arg(gpu_layers.to_string())
             .arg("--model")
             .arg(model)
             .arg("--prompt")
@@ -217,7 +227,7 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
     let cfg = LlamaConfig {
         path: args.model.clone(),
         name: None,
-        gpu_layers: 0,
+        gpu_layers: args.gpu_layers,
         slots: 1,
         context_tokens_per_seq: CONTEXT_TOKENS,
         threads,
@@ -574,13 +584,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // its speed by a few percent (two identical nodes, side by side,
         // differed by 4%), more than the difference being measured.
         let node_dir = tmp.path().join(format!("node{p}"));
-        let mut node_args = model_node_args(&args.model, threads);
+        let mut node_args = model_node_args(&args.model, threads, args.gpu_layers);
         node_args.extend(["--context-tokens".into(), CONTEXT_TOKENS.to_string()]);
         let node = NodeProc::start(&exe, &node_dir, &node_args)?;
         if p == 0 {
             loaded_rss = node.rss_bytes()?;
         }
-        let mut direct = DirectProc::start(&exe, &args.model, threads, &args.prompt)?;
+        let mut direct =
+            DirectProc::start(&exe, &args.model, threads, args.gpu_layers, &args.prompt)?;
         prompt_tokens = direct.prompt_tokens;
         let client = rt.block_on(ChatClient::connect(
             ClientIdentity::load(&node_dir, None)?,
@@ -659,6 +670,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let j = serde_json::json!({
             "model": name,
             "threads": threads,
+            "gpu_layers": args.gpu_layers,
             "tokens": args.tokens,
             "runs": args.runs,
             "first_token_runs": args.first_token_runs,
@@ -775,7 +787,7 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
         &tmp.path().join("c"),
         &[
             vec!["--join".into(), token],
-            model_node_args(&args.model, threads),
+            model_node_args(&args.model, threads, args.gpu_layers),
         ]
         .concat(),
     )?;
@@ -841,6 +853,7 @@ fn run_mesh(args: BenchArgs) -> Result<()> {
         let j = serde_json::json!({
             "mode": "mesh",
             "threads": threads,
+            "gpu_layers": args.gpu_layers,
             "tokens": args.tokens,
             "runs": args.runs,
             "attached_to_model_node": {"decode_tok_s": direct_tps, "first_token_ms": direct_ttft},
