@@ -5,7 +5,8 @@
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs, FinishReason,
+    StopConfiguration,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -257,6 +258,55 @@ fn the_openai_api_answers_through_the_mesh_streaming_and_not() {
             }
         }
         assert_eq!(via_lib, whole, "the client library saw another answer");
+
+        // Stop sequences, through the client library: the answer ends
+        // before the first one, which is not sent.
+        let chars: Vec<char> = whole.chars().collect();
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+        let cut_at = whole.find(&stop).expect("stop is in the text");
+        let stopped = client
+            .chat()
+            .create(
+                CreateChatCompletionRequestArgs::default()
+                    .model(MODEL)
+                    .max_completion_tokens(12u32)
+                    .temperature(0.0)
+                    .stop(StopConfiguration::StringArray(vec!["\u{1}never".into(), stop.clone()]))
+                    .messages([ChatCompletionRequestUserMessageArgs::default()
+                        .content("Name three colours.")
+                        .build()
+                        .expect("message")
+                        .into()])
+                    .build()
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        let choice = &stopped.choices[0];
+        assert_eq!(
+            choice.message.content.as_deref(),
+            Some(&whole[..cut_at]),
+            "stop {stop:?}"
+        );
+        assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
+        // What the library cannot do here is refused by name, not ignored.
+        let penalised = client
+            .chat()
+            .create(
+                CreateChatCompletionRequestArgs::default()
+                    .model(MODEL)
+                    .presence_penalty(0.5)
+                    .messages([ChatCompletionRequestUserMessageArgs::default()
+                        .content("Hi")
+                        .build()
+                        .expect("message")
+                        .into()])
+                    .build()
+                    .expect("request"),
+            )
+            .await
+            .expect_err("refused");
+        assert!(penalised.to_string().contains("presence_penalty"), "{penalised}");
 
         // Plain completions continue the text as is.
         let (s, _, body) = api

@@ -31,6 +31,7 @@ pub mod prompt_cache;
 pub mod quantize;
 pub mod queue;
 pub mod sampling;
+pub mod stops;
 mod utf8;
 
 pub use prompt_cache::CacheTag;

@@ -256,6 +256,35 @@ fn paced_tokens_leave_in_batches_and_the_answer_is_unchanged() {
 }
 
 #[test]
+fn a_stop_sequence_ends_the_answer_before_it() {
+    let e = engine(1);
+    let greedy = GenParams {
+        temperature: 0.0,
+        max_tokens: 40,
+        ignore_eos: true,
+        ..GenParams::default()
+    };
+    let whole = run(&e, "The capital of France is", greedy.clone());
+    // A stop sequence taken from the middle of the greedy answer.
+    let chars: Vec<char> = whole.text.chars().collect();
+    assert!(chars.len() > 20, "{:?}", whole.text);
+    let stop: String = chars[12..16].iter().collect();
+    let at = whole.text.find(&stop).expect("in the text");
+    let cut = run(
+        &e,
+        "The capital of France is",
+        GenParams {
+            stop: vec!["never appears \u{1}".into(), stop.clone()],
+            ..greedy
+        },
+    );
+    assert_eq!(cut.text, whole.text[..at], "stop {stop:?}");
+    assert_eq!(cut.stop, StopReason::EndOfGeneration);
+    assert!(cut.tokens < whole.tokens);
+    assert_eq!(cut.ids[..], whole.ids[..cut.ids.len()]);
+}
+
+#[test]
 fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     let e = Arc::new(engine(4));
     let sampled = GenParams {
@@ -266,6 +295,7 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
         max_tokens: 20,
         ignore_eos: true,
         raw: false,
+        stop: Vec::new(),
         resume_tokens: Vec::new(),
     };
     let s1 = run(&e, "Once upon a time", sampled.clone());

@@ -286,6 +286,20 @@ struct Common {
     /// tokens (for benchmarks).
     #[serde(default)]
     ignore_eos: bool,
+    /// One stop sequence or several.
+    stop: Option<Stop>,
+    // Read only to refuse them by name rather than ignore them.
+    logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    response_format: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,6 +383,32 @@ fn chat_request(
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_field("n", "only n = 1 is supported"));
     }
+    if common.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(ApiError::bad_field(
+            "logit_bias",
+            "logit_bias is not supported; leave it out",
+        ));
+    }
+    for (field, v) in [
+        ("presence_penalty", common.presence_penalty),
+        ("frequency_penalty", common.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::bad_field(
+                field,
+                format!("{field} is not supported; leave it out or send 0"),
+            ));
+        }
+    }
+    if let Some(f) = &common.response_format {
+        let kind = f.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        if kind != "text" {
+            return Err(ApiError::bad_field(
+                "response_format",
+                format!("response_format of type {kind:?} is not supported yet; only \"text\""),
+            ));
+        }
+    }
     let mut params = GenParams {
         raw,
         temperature: 1.0,
@@ -392,6 +432,11 @@ fn chat_request(
     if let Some(m) = common.max_completion_tokens.or(common.max_tokens) {
         params.max_tokens = m;
     }
+    params.stop = match &common.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
     params.check().map_err(|m| {
         let field = m.split_whitespace().next().unwrap_or("").to_string();
         ApiError::bad_field(field, m)

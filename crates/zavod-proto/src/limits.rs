@@ -21,3 +21,12 @@ pub const MAX_TRACKED_CREDENTIALS: usize = 100_000;
 /// The most placements an entry remembers as running (each is forgotten
 /// when it ends, or by its deadline at the latest).
 pub const MAX_PLACEMENTS_REMEMBERED: usize = 65_536;
+
+/// The most stop sequences one request may give (as OpenAI's API allows).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+
+/// The most bytes one stop sequence may have.
+pub const MAX_STOP_BYTES: usize = 128;
+
+// Stop sequences ride in a request frame beside the message.
+const _: () = assert!(MAX_MESSAGE_BYTES + MAX_STOP_SEQUENCES * MAX_STOP_BYTES < MAX_FRAME_BYTES);

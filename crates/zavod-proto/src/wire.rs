@@ -10,7 +10,9 @@ use crate::UnixMs;
 use crate::auth::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt};
 use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
-use crate::limits::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_TOKENS_PER_REQUEST};
+use crate::limits::{
+    MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_BYTES, MAX_STOP_SEQUENCES, MAX_TOKENS_PER_REQUEST,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The protocol version this build speaks.
@@ -99,6 +101,9 @@ pub struct GenParams {
     /// Continue the turns' text as is, without the chat template (plain
     /// completions).
     pub raw: bool,
+    /// Generation ends where the answer's text first contains one of
+    /// these, which is not sent (see `zavod_engine::stops`).
+    pub stop: Vec<String>,
     /// Token ids of the answer so far, streamed by a node that then
     /// failed: generation continues after them rather than starting anew.
     /// Ids, not text, so the continuation sees exactly what the failed
@@ -116,6 +121,7 @@ impl Default for GenParams {
             max_tokens: 256,
             ignore_eos: false,
             raw: false,
+            stop: Vec::new(),
             resume_tokens: Vec::new(),
         }
     }
@@ -145,6 +151,18 @@ impl GenParams {
             return Err(format!(
                 "top_p must be above 0 and at most 1, got {}",
                 self.top_p
+            ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(format!(
+                "stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {}",
+                self.stop.len()
+            ));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(format!(
+                "stop sequences may be at most {MAX_STOP_BYTES} bytes, got one of {}",
+                s.len()
             ));
         }
         if self.resume_tokens.len() > MAX_TOKENS_PER_REQUEST as usize {

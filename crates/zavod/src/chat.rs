@@ -39,6 +39,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         ignore_eos: false,
         raw: false,
+        stop: args.stop.clone(),
         resume_tokens: Vec::new(),
     };
     if let Err(m) = params.check() {

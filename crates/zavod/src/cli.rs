@@ -246,6 +246,10 @@ pub struct ChatArgs {
     /// Nucleus sampling threshold.
     #[arg(long, default_value_t = 0.95, value_name = "P")]
     pub top_p: f32,
+    /// End the answer where it first contains TEXT, which is not shown
+    /// (repeatable, at most 4).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
     /// Most tokens to generate per answer.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_tokens: u32,

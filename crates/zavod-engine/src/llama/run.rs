@@ -30,6 +30,7 @@ use crate::pacing::Pacer;
 use crate::prompt_cache::PromptCache;
 use crate::queue::FairQueue;
 use crate::sampling::{self, argmax};
+use crate::stops::StopMatcher;
 use crate::utf8::Utf8Stream;
 use crate::{CancelFlag, EngineError, EngineEvent, GenToken, Job};
 use llama_cpp_2::context::LlamaContext;
@@ -84,6 +85,8 @@ struct Seq {
     last_at: Option<Instant>,
     /// Tokens made but not yet handed over.
     pacer: Pacer<GenToken>,
+    /// Holds back text that may begin a stop sequence.
+    stops: StopMatcher,
 }
 
 /// How a sequence picks its next token (see [`crate::sampling`]).
@@ -164,9 +167,11 @@ fn send(tx: &tokio::sync::mpsc::Sender<EngineEvent>, ev: EngineEvent) -> Sent {
     }
 }
 
-/// Hands over the tokens a sequence still holds, if any.
+/// Hands over the tokens a sequence still holds, if any: those kept back
+/// for a possible stop sequence (none matched), then the paced ones.
 fn release_held(s: &mut Seq) {
-    let held: Vec<GenToken> = s.pacer.release().collect();
+    let mut held: Vec<GenToken> = s.pacer.release().collect();
+    held.extend(s.stops.finish());
     if !held.is_empty() {
         let _ = send(&s.events, EngineEvent::Tokens(held));
     }
@@ -440,6 +445,7 @@ impl Engine {
             pacer: Pacer::new(Duration::from_millis(u64::from(
                 self.cfg.stream_interval_ms,
             ))),
+            stops: StopMatcher::new(&job.params.stop),
         };
         let at = self.active.partition_point(|a| a.seq_id < s.seq_id);
         self.active.insert(at, s);
@@ -592,11 +598,23 @@ impl Engine {
                     text,
                     id: tok.0,
                 };
+                let step = s.stops.push(made);
+                if step.stopped {
+                    // The answer is what was sent: the tokens holding the
+                    // stop sequence are not part of it.
+                    s.generated -= step.dropped.min(s.generated);
+                    stop = Some(StopReason::EndOfGeneration);
+                }
                 // One event per release: each event wakes the node.
-                let sent = match s.pacer.push(now, made) {
-                    Some(due) => send(&s.events, EngineEvent::Tokens(due.collect())),
-                    None => Sent::Ok,
-                };
+                let mut sent = Sent::Ok;
+                for t in step.release {
+                    if let Some(due) = s.pacer.push(now, t) {
+                        sent = send(&s.events, EngineEvent::Tokens(due.collect()));
+                        if !matches!(sent, Sent::Ok) {
+                            break;
+                        }
+                    }
+                }
                 match sent {
                     Sent::Ok => {}
                     Sent::Gone => stop = Some(StopReason::Cancelled),
