@@ -155,3 +155,92 @@ fn a_family_is_made_inspected_listed_and_the_file_that_fits_is_loaded() {
     );
     assert_eq!(own_quant(&forced), "Q8_0");
 }
+
+#[test]
+fn a_mesh_serves_two_models_by_name_through_a_third_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let gemma = model_path();
+    let smol = zavod_tests::chat_model_path();
+    let entry = NodeProc::start(&d("entry"), &[]);
+    let token = zavod_tests::invite(&d("entry"));
+    let g = NodeProc::start(
+        &d("g"),
+        &["--join", &token, "--model", gemma.to_str().expect("utf8")],
+    );
+    let s = NodeProc::start(
+        &d("s"),
+        &["--join", &token, "--model", smol.to_str().expect("utf8")],
+    );
+    let both = zavod_tests::wait_until(std::time::Duration::from_secs(10), || {
+        let st = status_json(&d("entry"), &entry.addr);
+        [&g.peer_id, &s.peer_id]
+            .iter()
+            .all(|p| zavod_tests::member_state(&st, p).as_deref() == Some("alive"))
+    });
+    assert!(both.is_some(), "the entry never saw both model nodes");
+
+    // Each model by name, through the entry, from the node that has it.
+    let ask = |model: &str, prompt: &str| {
+        zavod_tests::chat(
+            &d("entry"),
+            &entry.addr,
+            &[
+                "--model",
+                model,
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "16",
+                "--verbose",
+            ],
+        )
+    };
+    let o = ask(
+        "smollm2-135m-instruct-q4_1",
+        "What is the capital of France?",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
+    assert_eq!(
+        zavod_tests::served_by(&o).as_deref(),
+        Some(s.peer_id.as_str())
+    );
+    let o = ask("gemma-3-270m-q4_k_m", "The sky is");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        zavod_tests::served_by(&o).as_deref(),
+        Some(g.peer_id.as_str())
+    );
+
+    // The entry's status lists both models.
+    let st = status_json(&d("entry"), &entry.addr);
+    let names: Vec<String> = st["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .flat_map(|m| m["models"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["name"].as_str().map(String::from))
+        .collect();
+    assert!(
+        names.contains(&"smollm2-135m-instruct-q4_1".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"gemma-3-270m-q4_k_m".to_string()),
+        "{names:?}"
+    );
+
+    // A model nobody serves: the error lists what the mesh serves.
+    let o = ask("llama-3-8b", "Hi");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("llama-3-8b")
+            && e.contains("gemma-3-270m-q4_k_m")
+            && e.contains("smollm2-135m-instruct-q4_1"),
+        "{e}"
+    );
+}

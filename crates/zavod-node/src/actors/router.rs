@@ -417,9 +417,14 @@ impl RouterState {
             if self.models().is_empty() {
                 return Err(nothing_served());
             }
+            let served: Vec<String> = self.models().into_iter().map(|(o, _)| o.name).collect();
             return Err(error_frame(
                 ErrorCode::ModelUnavailable,
-                format!("no node in the mesh serves model {model:?}"),
+                format!(
+                    "no alive node in the mesh serves model {model:?}; it serves {} \
+                     (ask for one with --model NAME, or the OpenAI `model` field)",
+                    served.join(", ")
+                ),
             ));
         }
         let context_tokens = self.context_tokens(&model, now);
