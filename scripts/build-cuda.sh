@@ -72,5 +72,12 @@ log "building zavod with CUDA kernels for sm_$archs (this takes a while)"
 cd "$root"
 cargo build --release --locked -p zavod --features cuda
 out="$CARGO_TARGET_DIR/release"
+# Cargo links only the unversioned names beside the binary, as symbolic
+# links that point nowhere there; the binary asks for the sonames.
+lib_dir="$(ls -td "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/lib | head -1)"
+for so in "$lib_dir"/lib*.so.[0-9]; do
+  rm -f "$out/$(basename "$so")"
+  cp -L "$so" "$out/$(basename "$so")"
+done
 log "built $out/zavod; shared libraries beside it:"
-ls -1 "$out"/lib*.so* >&2
+ls -1 "$out"/lib*.so.[0-9] >&2

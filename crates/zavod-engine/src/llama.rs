@@ -332,9 +332,24 @@ struct Shared {
 pub struct LlamaEngine {
     info: ModelInfo,
     model: Arc<LoadedModel>,
-    tx: SyncSender<Job>,
+    /// `None` only while dropping: closing it tells the thread to finish.
+    tx: Option<SyncSender<Job>>,
     queue_capacity: usize,
     shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LlamaEngine {
+    /// Closes the job channel and waits for the engine thread to free its
+    /// context. Returning first would let a process exit while the thread
+    /// still frees GPU memory, which the CUDA runtime, already shutting
+    /// down, answers with an abort.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for LlamaEngine {
@@ -370,7 +385,7 @@ impl LlamaEngine {
         let thread_model = Arc::clone(&model);
         let thread_cfg = cfg.clone();
         let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("zavod-engine".into())
             .spawn(move || {
                 let _alive = AliveGuard(Arc::clone(&thread_shared));
@@ -381,9 +396,10 @@ impl LlamaEngine {
             Ok(Ok(())) => Ok(LlamaEngine {
                 info,
                 model,
-                tx,
+                tx: Some(tx),
                 queue_capacity: cfg.queue_capacity,
                 shared,
+                thread: Some(thread),
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(EngineError::Context(
@@ -420,7 +436,11 @@ impl Engine for LlamaEngine {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull(self.queue_capacity));
         }
-        match self.tx.try_send(job) {
+        let Some(tx) = &self.tx else {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        };
+        match tx.try_send(job) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.shared.queued.fetch_sub(1, Ordering::SeqCst);
