@@ -6,7 +6,7 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs, FinishReason,
-    StopConfiguration,
+    ResponseFormat, ResponseFormatJsonSchema, StopConfiguration,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -540,5 +540,98 @@ fn http_errors_have_the_openai_shape_and_fitting_status() {
                 "{key} not counted"
             );
         }
+    });
+}
+
+#[test]
+fn json_output_follows_the_requested_schema() {
+    // The chat model, asked through an OpenAI client library for JSON.
+    let root = tempfile::tempdir().expect("tempdir");
+    let smol = zavod_tests::chat_model_path();
+    let node = NodeProc::start(
+        root.path(),
+        &[
+            "--model",
+            smol.to_str().expect("utf8"),
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
+    let token = cap_issue(
+        root.path(),
+        &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],
+    );
+    let base = node.http.clone().expect("http");
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{base}/v1"))
+            .with_api_key(token.clone()),
+    );
+    let ask = |format: ResponseFormat| {
+        CreateChatCompletionRequestArgs::default()
+            .model("smollm2-135m-instruct-q4_1")
+            .max_completion_tokens(96u32)
+            .temperature(0.0)
+            .response_format(format)
+            .messages([ChatCompletionRequestUserMessageArgs::default()
+                .content("What is the capital of France? Answer in JSON.")
+                .build()
+                .expect("message")
+                .into()])
+            .build()
+            .expect("request")
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let schema = json!({
+            "type": "object",
+            "properties": {"capital": {"type": "string", "maxLength": 24}},
+            "required": ["capital"],
+            "additionalProperties": false,
+        });
+        let r = client
+            .chat()
+            .create(ask(ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema {
+                    description: None,
+                    name: "capital".into(),
+                    schema: schema.clone(),
+                    strict: Some(true),
+                },
+            }))
+            .await
+            .expect("answer");
+        let text = r.choices[0].message.content.clone().expect("content");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let obj = v.as_object().expect("an object");
+        assert_eq!(obj.len(), 1, "{text}");
+        assert!(obj["capital"].is_string(), "{text}");
+        eprintln!("json_schema answer: {text}");
+
+        let r = client
+            .chat()
+            .create(ask(ResponseFormat::JsonObject))
+            .await
+            .expect("answer");
+        let text = r.choices[0].message.content.clone().expect("content");
+        assert!(text.trim_start().starts_with('{'), "{text:?}");
+        if r.choices[0].finish_reason == Some(FinishReason::Stop) {
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+            assert!(v.is_object(), "{text}");
+        }
+        eprintln!("json_object answer: {text}");
+
+        // A format that is not one is refused by name.
+        let api = Api::new(&base, &token);
+        let mut body = chat_body("Hi", 4, false);
+        body["model"] = json!("smollm2-135m-instruct-q4_1");
+        body["response_format"] = json!({"type": "xml"});
+        let (s, _, b) = api.post("/v1/chat/completions", &body).await;
+        assert_eq!(s, 400, "{b}");
+        assert!(b.contains("response_format"), "{b}");
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "x"}});
+        let (s, _, b) = api.post("/v1/chat/completions", &body).await;
+        assert_eq!(s, 400, "{b}");
+        assert!(b.contains("schema"), "{b}");
     });
 }

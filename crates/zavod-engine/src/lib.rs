@@ -25,6 +25,7 @@
 pub mod cost;
 pub mod family;
 pub mod gguf;
+pub mod grammar;
 pub mod llama;
 pub mod pacing;
 pub mod prompt_cache;

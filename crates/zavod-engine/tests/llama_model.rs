@@ -296,6 +296,7 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
         ignore_eos: true,
         raw: false,
         stop: Vec::new(),
+        grammar: None,
         resume_tokens: Vec::new(),
     };
     let s1 = run(&e, "Once upon a time", sampled.clone());

@@ -372,6 +372,29 @@ fn split_messages(messages: Vec<Message>) -> Result<(String, Vec<(Role, String)>
     Ok((message, history))
 }
 
+/// The grammar a `response_format` asks for: none for text, any JSON
+/// object for `json_object`, the schema's documents for `json_schema`.
+fn output_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
+    let bad = |m: String| ApiError::bad_field("response_format", m);
+    match f.get("type").and_then(|t| t.as_str()) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(zavod_engine::grammar::JSON_OBJECT.to_string())),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("json_schema needs a `schema` object".into()))?;
+            zavod_engine::grammar::json_schema(&schema.to_string())
+                .map(Some)
+                .map_err(|e| bad(e.to_string()))
+        }
+        other => Err(bad(format!(
+            "response_format type {:?} is not one of \"text\", \"json_object\", \"json_schema\"",
+            other.unwrap_or("")
+        ))),
+    }
+}
+
 /// The mesh request for a body, and how to answer it.
 fn chat_request(
     common: &Common,
@@ -400,15 +423,10 @@ fn chat_request(
             ));
         }
     }
-    if let Some(f) = &common.response_format {
-        let kind = f.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        if kind != "text" {
-            return Err(ApiError::bad_field(
-                "response_format",
-                format!("response_format of type {kind:?} is not supported yet; only \"text\""),
-            ));
-        }
-    }
+    let grammar = match &common.response_format {
+        None => None,
+        Some(f) => output_grammar(f)?,
+    };
     let mut params = GenParams {
         raw,
         temperature: 1.0,
@@ -432,6 +450,7 @@ fn chat_request(
     if let Some(m) = common.max_completion_tokens.or(common.max_tokens) {
         params.max_tokens = m;
     }
+    params.grammar = grammar;
     params.stop = match &common.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],

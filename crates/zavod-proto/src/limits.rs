@@ -28,5 +28,11 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 /// The most bytes one stop sequence may have.
 pub const MAX_STOP_BYTES: usize = 128;
 
-// Stop sequences ride in a request frame beside the message.
-const _: () = assert!(MAX_MESSAGE_BYTES + MAX_STOP_SEQUENCES * MAX_STOP_BYTES < MAX_FRAME_BYTES);
+/// The most bytes of an output grammar (a JSON schema's grammar is a few
+/// KiB).
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+
+// Stop sequences and the grammar ride in a request frame beside the message.
+const _: () = assert!(
+    MAX_MESSAGE_BYTES + MAX_STOP_SEQUENCES * MAX_STOP_BYTES + MAX_GRAMMAR_BYTES < MAX_FRAME_BYTES
+);

@@ -11,7 +11,8 @@ use crate::auth::{Credential, Grant, JoinTicket, Membership, OperatorProof, Rece
 use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
 use crate::limits::{
-    MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_BYTES, MAX_STOP_SEQUENCES, MAX_TOKENS_PER_REQUEST,
+    MAX_FRAME_BYTES, MAX_GRAMMAR_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
+    MAX_TOKENS_PER_REQUEST,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -104,6 +105,9 @@ pub struct GenParams {
     /// Generation ends where the answer's text first contains one of
     /// these, which is not sent (see `zavod_engine::stops`).
     pub stop: Vec<String>,
+    /// A GBNF grammar (llama.cpp's format, rule `root`) the answer must
+    /// follow: how JSON output is asked for.
+    pub grammar: Option<String>,
     /// Token ids of the answer so far, streamed by a node that then
     /// failed: generation continues after them rather than starting anew.
     /// Ids, not text, so the continuation sees exactly what the failed
@@ -122,6 +126,7 @@ impl Default for GenParams {
             ignore_eos: false,
             raw: false,
             stop: Vec::new(),
+            grammar: None,
             resume_tokens: Vec::new(),
         }
     }
@@ -163,6 +168,16 @@ impl GenParams {
             return Err(format!(
                 "stop sequences may be at most {MAX_STOP_BYTES} bytes, got one of {}",
                 s.len()
+            ));
+        }
+        if let Some(g) = self
+            .grammar
+            .as_ref()
+            .filter(|g| g.len() > MAX_GRAMMAR_BYTES)
+        {
+            return Err(format!(
+                "grammar of {} bytes is over the {MAX_GRAMMAR_BYTES}-byte limit",
+                g.len()
             ));
         }
         if self.resume_tokens.len() > MAX_TOKENS_PER_REQUEST as usize {

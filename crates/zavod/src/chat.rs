@@ -40,6 +40,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         ignore_eos: false,
         raw: false,
         stop: args.stop.clone(),
+        grammar: None,
         resume_tokens: Vec::new(),
     };
     if let Err(m) = params.check() {

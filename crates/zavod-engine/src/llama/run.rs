@@ -96,10 +96,33 @@ enum Sampler {
     /// llama.cpp's top-p, temperature and seeded draw, run on the `top_k`
     /// most likely tokens (every token when `top_k` is 0).
     Draw { top_k: usize, chain: LlamaSampler },
+    /// Output held to a grammar (JSON): llama.cpp's whole chain, the
+    /// grammar first, over the whole vocabulary, since the likeliest
+    /// tokens may all be ones the grammar forbids.
+    Constrained(LlamaSampler),
 }
 
-fn sampler_for(p: &zavod_proto::wire::GenParams) -> Sampler {
-    if p.temperature <= 0.0 {
+fn sampler_for(model: &LoadedModel, p: &zavod_proto::wire::GenParams) -> Result<Sampler, String> {
+    let seed = (p.seed ^ (p.seed >> 32)) as u32;
+    if let Some(g) = &p.grammar {
+        let grammar = LlamaSampler::grammar(model.model(), g, "root")
+            .map_err(|e| format!("the output grammar does not parse: {e}"))?;
+        let mut chain = vec![grammar];
+        if p.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if p.top_k > 0 {
+                chain.push(LlamaSampler::top_k(
+                    i32::try_from(p.top_k).unwrap_or(i32::MAX),
+                ));
+            }
+            chain.push(LlamaSampler::top_p(p.top_p, 1));
+            chain.push(LlamaSampler::temp(p.temperature));
+            chain.push(LlamaSampler::dist(seed));
+        }
+        return Ok(Sampler::Constrained(LlamaSampler::chain_simple(chain)));
+    }
+    Ok(if p.temperature <= 0.0 {
         Sampler::Greedy
     } else {
         let seed = (p.seed ^ (p.seed >> 32)) as u32;
@@ -111,7 +134,7 @@ fn sampler_for(p: &zavod_proto::wire::GenParams) -> Sampler {
                 LlamaSampler::dist(seed),
             ]),
         }
-    }
+    })
 }
 
 impl Sampler {
@@ -119,6 +142,10 @@ impl Sampler {
     fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
         // `idx` is a position this step asked logits for, so llama.cpp has
         // them (it panics otherwise).
+        if let Sampler::Constrained(chain) = self {
+            // Samples and accepts, so the grammar moves on.
+            return chain.sample(ctx, idx);
+        }
         let logits = ctx.get_logits_ith(idx);
         let top = |i: usize| LlamaToken(i32::try_from(i).unwrap_or(0));
         match self {
@@ -141,6 +168,7 @@ impl Sampler {
                 arr.apply_sampler(chain);
                 arr.selected_token().unwrap_or(first)
             }
+            Sampler::Constrained(_) => LlamaToken(0),
         }
     }
 }
@@ -345,6 +373,13 @@ impl Engine {
 
     /// Starts a job in the slot the prompt cache picks.
     fn admit(&mut self, ctx: &mut LlamaContext<'_>, job: Job) {
+        let sampler = match sampler_for(&self.model, &job.params) {
+            Ok(s) => s,
+            Err(m) => {
+                let _ = send(&job.events, EngineEvent::Failed(m));
+                return;
+            }
+        };
         let vocab = self.model.model().vocab();
         let prompt = vocab.tokenize(job.prompt.as_bytes(), true, true);
         // A resumed answer goes on after the tokens already streamed.
@@ -434,7 +469,7 @@ impl Engine {
             n_past: reuse as i32,
             next: None,
             logits_idx: None,
-            sampler: sampler_for(&job.params),
+            sampler,
             max_tokens: job.params.max_tokens,
             ignore_eos: job.params.ignore_eos,
             generated: 0,
@@ -577,6 +612,10 @@ impl Engine {
                 continue;
             };
             if let Some(tok) = s.forced.pop_front() {
+                // A grammar follows the resumed tokens as if it had picked them.
+                if let Sampler::Constrained(chain) = &mut s.sampler {
+                    chain.accept(tok);
+                }
                 s.next = Some(tok);
                 i += 1;
                 continue;
