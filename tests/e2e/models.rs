@@ -151,9 +151,41 @@ fn a_family_is_made_inspected_listed_and_the_file_that_fits_is_loaded() {
             "Q8_0",
             "--assume-free-memory-mib",
             "1",
+            "--http",
+            "127.0.0.1:0",
         ],
     );
     assert_eq!(own_quant(&forced), "Q8_0");
+    // /v1/models says which file was chosen and why.
+    let token = zavod_tests::cap_issue(
+        &root.path().join("forced"),
+        &["--max-tokens", "100", "--ttl", "1h"],
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let models: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/v1/models",
+                forced.http.as_deref().expect("http")
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("GET /v1/models")
+            .json()
+            .await
+            .expect("JSON")
+    });
+    let m = &models["data"][0];
+    assert_eq!(m["id"], "gemma-3-270m", "{models}");
+    assert_eq!(m["quantization"], "Q8_0", "{models}");
+    assert_eq!(m["tier"], "Premium", "{models}");
+    assert!(
+        m["selected_here"]
+            .as_str()
+            .is_some_and(|w| w.contains("--quant")),
+        "{models}"
+    );
 }
 
 #[test]
