@@ -289,15 +289,18 @@ fn the_openai_api_answers_through_the_mesh_streaming_and_not() {
             "stop {stop:?}"
         );
         assert_eq!(choice.finish_reason, Some(FinishReason::Stop));
-        // What the library cannot do here is refused by name, not ignored.
+        // Penalties are honoured (their effect is tested in the engine).
         let penalised = client
             .chat()
             .create(
                 CreateChatCompletionRequestArgs::default()
                     .model(MODEL)
-                    .presence_penalty(0.5)
+                    .max_completion_tokens(12u32)
+                    .temperature(0.0)
+                    .presence_penalty(1.5)
+                    .frequency_penalty(1.5)
                     .messages([ChatCompletionRequestUserMessageArgs::default()
-                        .content("Hi")
+                        .content("Name three colours.")
                         .build()
                         .expect("message")
                         .into()])
@@ -305,8 +308,19 @@ fn the_openai_api_answers_through_the_mesh_streaming_and_not() {
                     .expect("request"),
             )
             .await
-            .expect_err("refused");
-        assert!(penalised.to_string().contains("presence_penalty"), "{penalised}");
+            .expect("penalties are honoured");
+        assert!(penalised.choices[0].message.content.is_some());
+        // Out of range, or not token ids: refused by name.
+        let mut b = chat_body("Hi", 2, false);
+        b["presence_penalty"] = json!(3.0);
+        let (s, _, body) = api.post("/v1/chat/completions", &b).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains("presence_penalty"), "{body}");
+        let mut b = chat_body("Hi", 2, false);
+        b["logit_bias"] = json!({"hello": 5});
+        let (s, _, body) = api.post("/v1/chat/completions", &b).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains("logit_bias"), "{body}");
 
         // Plain completions continue the text as is.
         let (s, _, body) = api

@@ -285,6 +285,70 @@ fn a_stop_sequence_ends_the_answer_before_it() {
 }
 
 #[test]
+fn logit_bias_and_penalties_change_the_greedy_answer() {
+    let e = engine(1);
+    let greedy = GenParams {
+        temperature: 0.0,
+        max_tokens: 40,
+        ignore_eos: true,
+        ..GenParams::default()
+    };
+    let prompt = "One, two, three, four,";
+    let plain = run(&e, prompt, greedy.clone());
+    // Pushing the greedy first token down makes another one first.
+    let biased = run(
+        &e,
+        prompt,
+        GenParams {
+            logit_bias: vec![(plain.ids[0], -100.0)],
+            ..greedy.clone()
+        },
+    );
+    assert_ne!(biased.ids[0], plain.ids[0]);
+    // Penalising repeats: no token comes back as often as without.
+    let most = |ids: &[i32]| {
+        let mut c = std::collections::BTreeMap::new();
+        for i in ids {
+            *c.entry(*i).or_insert(0u32) += 1;
+        }
+        c.into_values().max().unwrap_or(0)
+    };
+    let penalised = run(
+        &e,
+        prompt,
+        GenParams {
+            frequency_penalty: 2.0,
+            presence_penalty: 2.0,
+            ..greedy.clone()
+        },
+    );
+    assert!(
+        most(&penalised.ids) < most(&plain.ids),
+        "plain {:?} / penalised {:?}",
+        plain.text,
+        penalised.text
+    );
+    // A token id outside the vocabulary is an error naming it.
+    let (tx, mut rx) = job_channel();
+    e.submit(Job {
+        id: RequestId(9),
+        prompt: prompt.into(),
+        params: GenParams {
+            logit_bias: vec![(i32::MAX, 1.0)],
+            ..greedy
+        },
+        events: tx,
+        cancel: CancelFlag::default(),
+        cache: CacheTag::default(),
+    })
+    .expect("queued");
+    match rx.blocking_recv() {
+        Some(EngineEvent::Failed(m)) => assert!(m.contains("logit_bias"), "{m}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
 fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     let e = Arc::new(engine(4));
     let sampled = GenParams {
@@ -297,6 +361,9 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
         raw: false,
         stop: Vec::new(),
         grammar: None,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
         resume_tokens: Vec::new(),
     };
     let s1 = run(&e, "Once upon a time", sampled.clone());

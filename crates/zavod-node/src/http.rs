@@ -288,7 +288,7 @@ struct Common {
     ignore_eos: bool,
     /// One stop sequence or several.
     stop: Option<Stop>,
-    // Read only to refuse them by name rather than ignore them.
+    /// Token id (as text) to a bias added to its logit.
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
@@ -406,23 +406,6 @@ fn chat_request(
     if common.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_field("n", "only n = 1 is supported"));
     }
-    if common.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::bad_field(
-            "logit_bias",
-            "logit_bias is not supported; leave it out",
-        ));
-    }
-    for (field, v) in [
-        ("presence_penalty", common.presence_penalty),
-        ("frequency_penalty", common.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::bad_field(
-                field,
-                format!("{field} is not supported; leave it out or send 0"),
-            ));
-        }
-    }
     let grammar = match &common.response_format {
         None => None,
         Some(f) => output_grammar(f)?,
@@ -451,6 +434,28 @@ fn chat_request(
         params.max_tokens = m;
     }
     params.grammar = grammar;
+    params.presence_penalty = common.presence_penalty.unwrap_or(0.0);
+    params.frequency_penalty = common.frequency_penalty.unwrap_or(0.0);
+    if let Some(map) = &common.logit_bias {
+        params.logit_bias = map
+            .iter()
+            .map(|(k, v)| {
+                let token = k.parse::<i32>().map_err(|_| {
+                    ApiError::bad_field(
+                        "logit_bias",
+                        format!("logit_bias keys are token ids, got {k:?}"),
+                    )
+                })?;
+                let bias = v.as_f64().ok_or_else(|| {
+                    ApiError::bad_field(
+                        "logit_bias",
+                        format!("logit_bias values are numbers, got {v} for {k}"),
+                    )
+                })?;
+                Ok((token, bias as f32))
+            })
+            .collect::<Result<_, ApiError>>()?;
+    }
     params.stop = match &common.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],

@@ -32,7 +32,15 @@ pub const MAX_STOP_BYTES: usize = 128;
 /// KiB).
 pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 
-// Stop sequences and the grammar ride in a request frame beside the message.
+/// The most tokens one request's logit bias may name.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+// Stop sequences, the grammar and the logit bias (8 bytes an entry) ride
+// in a request frame beside the message.
 const _: () = assert!(
-    MAX_MESSAGE_BYTES + MAX_STOP_SEQUENCES * MAX_STOP_BYTES + MAX_GRAMMAR_BYTES < MAX_FRAME_BYTES
+    MAX_MESSAGE_BYTES
+        + MAX_STOP_SEQUENCES * MAX_STOP_BYTES
+        + MAX_GRAMMAR_BYTES
+        + MAX_LOGIT_BIAS * 8
+        < MAX_FRAME_BYTES
 );

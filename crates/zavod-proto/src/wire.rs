@@ -11,8 +11,8 @@ use crate::auth::{Credential, Grant, JoinTicket, Membership, OperatorProof, Rece
 use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
 use crate::limits::{
-    MAX_FRAME_BYTES, MAX_GRAMMAR_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_BYTES, MAX_STOP_SEQUENCES,
-    MAX_TOKENS_PER_REQUEST,
+    MAX_FRAME_BYTES, MAX_GRAMMAR_BYTES, MAX_LOGIT_BIAS, MAX_MESSAGE_BYTES, MAX_STOP_BYTES,
+    MAX_STOP_SEQUENCES, MAX_TOKENS_PER_REQUEST,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -108,6 +108,13 @@ pub struct GenParams {
     /// A GBNF grammar (llama.cpp's format, rule `root`) the answer must
     /// follow: how JSON output is asked for.
     pub grammar: Option<String>,
+    /// OpenAI's penalties on tokens already in the answer: the presence
+    /// penalty once per token seen, the frequency penalty per occurrence
+    /// (both -2 to 2; 0 is off).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given token ids (-100 to 100).
+    pub logit_bias: Vec<(i32, f32)>,
     /// Token ids of the answer so far, streamed by a node that then
     /// failed: generation continues after them rather than starting anew.
     /// Ids, not text, so the continuation sees exactly what the failed
@@ -127,6 +134,9 @@ impl Default for GenParams {
             raw: false,
             stop: Vec::new(),
             grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             resume_tokens: Vec::new(),
         }
     }
@@ -168,6 +178,29 @@ impl GenParams {
             return Err(format!(
                 "stop sequences may be at most {MAX_STOP_BYTES} bytes, got one of {}",
                 s.len()
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(format!(
+                "logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {}",
+                self.logit_bias.len()
+            ));
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(t, b)| *t < 0 || !b.is_finite() || !(-100.0..=100.0).contains(b))
+        {
+            return Err(format!(
+                "logit_bias must map token ids to -100..100, got {t}: {b}"
             ));
         }
         if let Some(g) = self

@@ -41,6 +41,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
         raw: false,
         stop: args.stop.clone(),
         grammar: None,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
         resume_tokens: Vec::new(),
     };
     if let Err(m) = params.check() {

@@ -41,6 +41,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -96,18 +97,48 @@ enum Sampler {
     /// llama.cpp's top-p, temperature and seeded draw, run on the `top_k`
     /// most likely tokens (every token when `top_k` is 0).
     Draw { top_k: usize, chain: LlamaSampler },
-    /// Output held to a grammar (JSON): llama.cpp's whole chain, the
-    /// grammar first, over the whole vocabulary, since the likeliest
-    /// tokens may all be ones the grammar forbids.
+    /// Output held to a grammar (JSON), penalised or biased: llama.cpp's
+    /// whole chain over the whole vocabulary, since the likeliest tokens
+    /// may all be ones the grammar forbids or the bias pushes down.
     Constrained(LlamaSampler),
 }
 
 fn sampler_for(model: &LoadedModel, p: &zavod_proto::wire::GenParams) -> Result<Sampler, String> {
     let seed = (p.seed ^ (p.seed >> 32)) as u32;
-    if let Some(g) = &p.grammar {
-        let grammar = LlamaSampler::grammar(model.model(), g, "root")
-            .map_err(|e| format!("the output grammar does not parse: {e}"))?;
-        let mut chain = vec![grammar];
+    let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+    if p.grammar.is_some() || penalised || !p.logit_bias.is_empty() {
+        let n_vocab = model.model().n_vocab();
+        let mut chain = Vec::new();
+        if !p.logit_bias.is_empty() {
+            if let Some((t, _)) = p.logit_bias.iter().find(|(t, _)| *t >= n_vocab) {
+                return Err(format!(
+                    "logit_bias names token {t}, not in this model's vocabulary of {n_vocab}"
+                ));
+            }
+            let biases: Vec<LlamaLogitBias> = p
+                .logit_bias
+                .iter()
+                .map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t), b))
+                .collect();
+            chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+        }
+        if penalised {
+            // Over the whole answer: every token it accepted so far.
+            let last_n = i32::try_from(p.max_tokens).unwrap_or(i32::MAX);
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                last_n,
+                1.0,
+                p.frequency_penalty,
+                p.presence_penalty,
+            ));
+        }
+        if let Some(g) = &p.grammar {
+            chain.push(
+                LlamaSampler::grammar(model.model(), g, "root")
+                    .map_err(|e| format!("the output grammar does not parse: {e}"))?,
+            );
+        }
         if p.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
         } else {
@@ -612,7 +643,8 @@ impl Engine {
                 continue;
             };
             if let Some(tok) = s.forced.pop_front() {
-                // A grammar follows the resumed tokens as if it had picked them.
+                // A grammar (and the penalties) follow the resumed tokens as
+                // if they had picked them.
                 if let Sampler::Constrained(chain) = &mut s.sampler {
                     chain.accept(tok);
                 }
