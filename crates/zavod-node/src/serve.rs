@@ -927,7 +927,7 @@ async fn run_local(
             issuer_membership: issuer_membership.map(Box::new),
             client,
             turns: turns.to_vec(),
-            params: params.clone(),
+            params: Box::new(params.clone()),
             reply,
         }
     })

@@ -42,7 +42,7 @@ pub enum WorkerMsg {
         issuer_membership: Option<Box<Membership>>,
         client: NodeId,
         turns: Vec<Turn>,
-        params: GenParams,
+        params: Box<GenParams>,
         reply: RpcReplyPort<Result<JobStream, ErrorFrame>>,
     },
     Load(RpcReplyPort<WorkerLoad>),
@@ -122,7 +122,7 @@ impl Actor for ModelWorker {
                     issuer_membership.as_deref(),
                     client,
                     turns,
-                    params,
+                    *params,
                 );
                 let _ = reply.send(r);
                 if !st.engine.is_alive() {
