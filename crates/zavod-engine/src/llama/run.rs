@@ -173,15 +173,13 @@ impl Sampler {
     fn sample(&mut self, ctx: &LlamaContext<'_>, idx: i32) -> LlamaToken {
         // `idx` is a position this step asked logits for, so llama.cpp has
         // them (it panics otherwise).
-        if let Sampler::Constrained(chain) = self {
-            // Samples and accepts, so the grammar moves on.
-            return chain.sample(ctx, idx);
-        }
-        let logits = ctx.get_logits_ith(idx);
         let top = |i: usize| LlamaToken(i32::try_from(i).unwrap_or(0));
         match self {
-            Sampler::Greedy => top(argmax(logits).unwrap_or(0)),
+            // Samples and accepts, so the grammar and penalties move on.
+            Sampler::Constrained(chain) => chain.sample(ctx, idx),
+            Sampler::Greedy => top(argmax(ctx.get_logits_ith(idx)).unwrap_or(0)),
             Sampler::Draw { top_k, chain } => {
+                let logits = ctx.get_logits_ith(idx);
                 let picked: Vec<LlamaTokenData> = if *top_k == 0 || *top_k >= logits.len() {
                     logits
                         .iter()
@@ -199,7 +197,6 @@ impl Sampler {
                 arr.apply_sampler(chain);
                 arr.selected_token().unwrap_or(first)
             }
-            Sampler::Constrained(_) => LlamaToken(0),
         }
     }
 }
