@@ -597,16 +597,12 @@ impl Sim {
             tokens_per_s: n.speed as f32,
             cache_keys: n.cache.iter().map(|&c| cache_key(c)).collect(),
         };
-        let models = if n.has_model {
-            vec![ModelOffer {
-                name: MODEL.into(),
-                quant: "Q4_K_M".into(),
-                context_tokens: 4096,
-            }]
+        let served = if n.has_model {
+            vec![(ModelOffer::new(MODEL, "Q4_K_M", 4096), load)]
         } else {
             Vec::new()
         };
-        let report = CapacityReport::build(n.id, n.seq, self.now, &resources, &load, models);
+        let report = CapacityReport::build(n.id, n.seq, self.now, &resources, &served);
         Announcement {
             report: sign_report(&n.key, report),
             membership: n.membership.clone(),

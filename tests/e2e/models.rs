@@ -10,6 +10,22 @@ fn run_ok(args: &[&str]) -> String {
     stdout(&o)
 }
 
+/// `GET /v1/models` with a bearer credential.
+fn v1_models(http: &str, token: &str) -> serde_json::Value {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{http}/v1/models"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /v1/models")
+            .json()
+            .await
+            .expect("JSON")
+    })
+}
+
 /// The quantization of this node's own model, as its status reports it.
 fn own_quant(node: &NodeProc) -> String {
     let s = status_json(&node.data_dir, &node.addr);
@@ -161,21 +177,7 @@ fn a_family_is_made_inspected_listed_and_the_file_that_fits_is_loaded() {
         &root.path().join("forced"),
         &["--max-tokens", "100", "--ttl", "1h"],
     );
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let models: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .get(format!(
-                "{}/v1/models",
-                forced.http.as_deref().expect("http")
-            ))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("GET /v1/models")
-            .json()
-            .await
-            .expect("JSON")
-    });
+    let models = v1_models(forced.http.as_deref().expect("http"), &token);
     let m = &models["data"][0];
     assert_eq!(m["id"], "gemma-3-270m", "{models}");
     assert_eq!(m["quantization"], "Q8_0", "{models}");
@@ -274,5 +276,119 @@ fn a_mesh_serves_two_models_by_name_through_a_third_node() {
             && e.contains("gemma-3-270m-q4_k_m")
             && e.contains("smollm2-135m-instruct-q4_1"),
         "{e}"
+    );
+}
+
+/// This node's own row of its status.
+fn own_row(node: &NodeProc) -> serde_json::Value {
+    let s = status_json(&node.data_dir, &node.addr);
+    s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["is_self"] == true)
+        .expect("lists itself")
+        .clone()
+}
+
+#[test]
+fn one_node_serves_several_models_each_with_its_own_slots() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let gemma = model_path();
+    let smol = zavod_tests::chat_model_path();
+    let (g, s) = (gemma.to_str().expect("utf8"), smol.to_str().expect("utf8"));
+    // --model repeated.
+    let node = NodeProc::start(
+        &root.path().join("a"),
+        &[
+            "--model",
+            g,
+            "--model",
+            s,
+            "--slots",
+            "2",
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
+    let me = own_row(&node);
+    let models = me["models"].as_array().expect("models");
+    let names: Vec<&str> = models.iter().filter_map(|m| m["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["gemma-3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"],
+        "{me}"
+    );
+    for m in models {
+        assert_eq!(m["slots_total"], 2, "{me}");
+    }
+    assert_eq!(me["slots_total"], 4, "the node's slots are the sum: {me}");
+
+    // Each model answers on this one node.
+    let ask = |model: &str, prompt: &str| {
+        zavod_tests::chat(
+            &node.data_dir,
+            &node.addr,
+            &[
+                "--model",
+                model,
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "16",
+            ],
+        )
+    };
+    let o = ask(
+        "smollm2-135m-instruct-q4_1",
+        "What is the capital of France?",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
+    let o = ask("gemma-3-270m-q4_k_m", "The sky is");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+
+    // The OpenAI API lists both.
+    let http = node.http.clone().expect("http");
+    let cred = zavod_tests::cap_issue(&node.data_dir, &["--max-tokens", "100", "--ttl", "1h"]);
+    let models = v1_models(&http, &cred);
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"gemma-3-270m-q4_k_m") && ids.contains(&"smollm2-135m-instruct-q4_1"),
+        "{models}"
+    );
+
+    // A models folder: every model in it.
+    let dir = root.path().join("models");
+    std::fs::create_dir(&dir).expect("models dir");
+    std::os::unix::fs::symlink(&*gemma, dir.join("gemma-3-270m-q4_k_m.gguf")).expect("link");
+    std::os::unix::fs::symlink(&*smol, dir.join("smollm2-135m-instruct-q4_1.gguf")).expect("link");
+    let b = NodeProc::start(
+        &root.path().join("b"),
+        &["--models-dir", dir.to_str().expect("utf8"), "--slots", "1"],
+    );
+    let me = own_row(&b);
+    assert_eq!(me["models"].as_array().map(Vec::len), Some(2), "{me}");
+
+    // The same model twice is refused, naming it.
+    let o = zavod()
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(root.path().join("c"))
+        .args(["--model", g, "--models-dir", dir.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("gemma-3-270m-q4_k_m") && stderr(&o).contains("once"),
+        "{}",
+        stderr(&o)
     );
 }

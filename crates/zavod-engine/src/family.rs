@@ -81,15 +81,7 @@ impl Family {
         free_bytes: u64,
         forced: Option<&str>,
     ) -> Result<TierChoice, EngineError> {
-        let tokens = u64::from(slots) * u64::from(context_tokens);
-        // Files of one family share the attention shape; take the largest
-        // estimate in case one file lacks it.
-        let kv_bytes = self
-            .files
-            .iter()
-            .filter_map(|f| f.facts.kv_bytes(tokens))
-            .max()
-            .unwrap_or(0);
+        let kv_bytes = self.kv_bytes(slots, context_tokens);
         let files: Vec<TierFile> = self
             .files
             .iter()
@@ -107,6 +99,33 @@ impl Family {
             forced,
         )
         .map_err(|e| EngineError::Config(format!("model {}: {e}", self.name)))
+    }
+}
+
+impl Family {
+    /// The KV cache of `slots` sequences of `context_tokens` each. Files of
+    /// one family share the attention shape; the largest estimate is taken
+    /// in case one file lacks it.
+    pub fn kv_bytes(&self, slots: u32, context_tokens: u32) -> u64 {
+        let tokens = u64::from(slots) * u64::from(context_tokens);
+        self.files
+            .iter()
+            .filter_map(|f| f.facts.kv_bytes(tokens))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Memory the file at `index` needs loaded with that KV cache.
+    pub fn need_bytes(&self, index: usize, slots: u32, context_tokens: u32) -> u64 {
+        self.files.get(index).map_or(0, |f| {
+            zavod_proto::tiers::need_bytes(
+                &TierFile {
+                    quant: f.facts.quant.clone(),
+                    size_bytes: f.size_bytes,
+                },
+                self.kv_bytes(slots, context_tokens),
+            )
+        })
     }
 }
 

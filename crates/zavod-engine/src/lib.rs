@@ -134,11 +134,11 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     pub fn offer(&self) -> ModelOffer {
-        ModelOffer {
-            name: self.name.clone(),
-            quant: self.quant.clone(),
-            context_tokens: self.context_tokens_per_seq,
-        }
+        ModelOffer::new(
+            self.name.clone(),
+            self.quant.clone(),
+            self.context_tokens_per_seq,
+        )
     }
 }
 

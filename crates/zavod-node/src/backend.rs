@@ -35,11 +35,7 @@ impl ModelBackend for LlamaBackendHandle {
             .name
             .clone()
             .unwrap_or_else(|| model_name_from_path(&self.cfg.path));
-        ModelOffer {
-            quant: self.model.quant().to_string(),
-            name,
-            context_tokens: self.cfg.context_tokens_per_seq,
-        }
+        ModelOffer::new(name, self.model.quant(), self.cfg.context_tokens_per_seq)
     }
 
     fn count_tokens(&self, text: &str) -> u32 {

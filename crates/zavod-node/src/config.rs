@@ -121,10 +121,15 @@ impl Default for NodeSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// GGUF file to serve, or a family folder of GGUF files of one model at
-    /// several quantizations (the best that fits is loaded); none makes
-    /// this node an entry and router only.
-    pub path: Option<PathBuf>,
+    /// GGUF files to serve, or family folders of GGUF files of one model
+    /// at several quantizations (the best that fits is loaded): one path or
+    /// a list, each model with its own slots. With none (and no `dir`) the
+    /// node is an entry and router only.
+    #[serde(deserialize_with = "one_or_many")]
+    pub path: Vec<PathBuf>,
+    /// A folder of models: every family in it (as `zavod model list`
+    /// shows them) is served, besides those `path` names.
+    pub dir: Option<PathBuf>,
     /// In a family folder, load this quantization (e.g. "Q8_0") instead of
     /// the best that fits.
     pub quant: Option<String>,
@@ -159,10 +164,32 @@ pub struct ModelSection {
     pub share_prompt_cache: bool,
 }
 
+impl ModelSection {
+    /// Whether this node is to serve any model.
+    pub fn serves_any(&self) -> bool {
+        !self.path.is_empty() || self.dir.is_some()
+    }
+}
+
+/// `path = "a.gguf"` or `path = ["a.gguf", "b/"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         ModelSection {
-            path: None,
+            path: Vec::new(),
+            dir: None,
             quant: None,
             assume_free_memory_mib: None,
             gpu_layers: 0,
@@ -331,7 +358,9 @@ pub struct Overrides {
     /// Added to the profile's bootstrap list.
     pub bootstrap: Vec<String>,
     pub data_dir: Option<PathBuf>,
-    pub model: Option<PathBuf>,
+    /// Replaces the profile's model paths when not empty.
+    pub model: Vec<PathBuf>,
+    pub models_dir: Option<PathBuf>,
     pub quant: Option<String>,
     pub assume_free_memory_mib: Option<u64>,
     pub gpu_layers: Option<u32>,
@@ -377,8 +406,11 @@ impl NodeConfig {
         if let Some(v) = o.data_dir {
             self.node.data_dir = Some(v);
         }
-        if let Some(v) = o.model {
-            self.model.path = Some(v);
+        if !o.model.is_empty() {
+            self.model.path = o.model;
+        }
+        if let Some(v) = o.models_dir {
+            self.model.dir = Some(v);
         }
         if let Some(v) = o.quant {
             self.model.quant = Some(v);
@@ -431,11 +463,13 @@ impl NodeConfig {
             return self.node.runtime_threads as usize;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let inference = match &self.model.path {
-            None => 0,
+        let inference = if !self.model.serves_any() {
+            0
+        } else if self.model.gpu_layers > 0 {
             // With layers on the GPU the CPU threads mostly wait for it.
-            Some(_) if self.model.gpu_layers > 0 => 1,
-            Some(_) => zavod_engine::llama::resolve_threads(self.model.threads) as usize,
+            1
+        } else {
+            zavod_engine::llama::resolve_threads(self.model.threads) as usize
         };
         cores.saturating_sub(inference).clamp(1, 4)
     }
@@ -618,7 +652,7 @@ mod tests {
         // A routing-only node has every core for networking (up to 4).
         assert_eq!(c.runtime_threads(), cores.clamp(1, 4));
         // A CPU model on all cores leaves one thread for the rest.
-        c.model.path = Some("m.gguf".into());
+        c.model.path = vec!["m.gguf".into()];
         assert_eq!(c.runtime_threads(), 1);
         c.model.threads = 1;
         assert_eq!(c.runtime_threads(), (cores - 1).clamp(1, 4));
@@ -651,7 +685,7 @@ mod tests {
     fn streams_are_paced_only_when_inference_takes_every_core() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut c = NodeConfig::default();
-        c.model.path = Some("m.gguf".into());
+        c.model.path = vec!["m.gguf".into()];
         // threads = 0: every core runs the model.
         assert_eq!(c.stream_interval_ms(), AUTO_STREAM_INTERVAL_MS);
         c.model.gpu_layers = 99;
@@ -679,10 +713,21 @@ mod tests {
         let mut c = NodeConfig::default();
         c.apply(Overrides {
             slots: Some(2),
-            model: Some("m.gguf".into()),
+            model: vec!["m.gguf".into()],
             ..Default::default()
         });
         assert_eq!(c.model.slots, 2);
-        assert_eq!(c.model.path, Some(PathBuf::from("m.gguf")));
+        assert_eq!(c.model.path, vec![PathBuf::from("m.gguf")]);
+        // One path or a list, in a profile.
+        let one = NodeConfig::from_toml("[model]\npath = \"a.gguf\"\n", "x.toml").expect("one");
+        assert_eq!(one.model.path, vec![PathBuf::from("a.gguf")]);
+        let two = NodeConfig::from_toml(
+            "[model]\npath = [\"a.gguf\", \"fam/\"]\ndir = \"models\"\n",
+            "x.toml",
+        )
+        .expect("list");
+        assert_eq!(two.model.path.len(), 2);
+        assert_eq!(two.model.dir, Some(PathBuf::from("models")));
+        assert!(NodeConfig::from_toml("[model]\npath = 3\n", "x.toml").is_err());
     }
 }

@@ -817,11 +817,13 @@ async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Respo
             format!("router: {e}"),
         )
     })?;
-    // This node's own choice of file, where it serves the model.
-    let own = st.shared.model.as_ref().and_then(|m| {
-        let sel = m.selection()?;
-        Some((m.offer().name, sel.reason.clone()))
-    });
+    // This node's own choice of file, for each model it serves.
+    let own: Vec<(String, String)> = st
+        .shared
+        .models
+        .iter()
+        .filter_map(|m| Some((m.offer().name, m.selection()?.reason.clone())))
+        .collect();
     let data: Vec<serde_json::Value> = list
         .into_iter()
         .filter(|(offer, _)| cred.models.matches(&offer.name))
@@ -836,9 +838,7 @@ async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Respo
                 "context_length": offer.context_tokens,
                 "nodes": nodes,
             });
-            if let Some((name, why)) = &own
-                && *name == offer.name
-            {
+            if let Some((_, why)) = own.iter().find(|(name, _)| *name == offer.name) {
                 v["selected_here"] = json!(why);
             }
             v

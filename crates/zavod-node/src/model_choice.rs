@@ -1,9 +1,11 @@
-//! Which file a node loads when `model.path` names a family folder: the
-//! best quantization tier that fits the memory free at start (VRAM of GPU
-//! 0 when layers are offloaded, available RAM otherwise) with the KV cache
-//! of the configured slots, or the quantization `model.quant` names. The
-//! choice itself is the pure [`zavod_proto::tiers::choose`]; this file
-//! measures and reports.
+//! Which files a node loads: each path of `model.path` and every family in
+//! `model.dir`, and for a family folder the best quantization tier that
+//! fits the memory free at start (VRAM of GPU 0 when layers are offloaded,
+//! available RAM otherwise) with the KV cache of the configured slots, or
+//! the quantization `model.quant` names. Models are chosen in order and
+//! each one's need is taken from the memory left for the next. The choice
+//! itself is the pure [`zavod_proto::tiers::choose`]; this file measures
+//! and reports.
 
 use crate::config::NodeConfig;
 use std::path::PathBuf;
@@ -50,34 +52,86 @@ fn free_memory(cfg: &NodeConfig) -> Result<(u64, String), EngineError> {
     Ok((sys.available_memory(), "available RAM".into()))
 }
 
-/// Resolves `model.path` to the file to load. `None` when the node serves
-/// no model.
-pub fn select(cfg: &NodeConfig) -> Result<Option<ModelSelection>, EngineError> {
-    let Some(path) = &cfg.model.path else {
-        return Ok(None);
-    };
-    let family = Family::open(path)?;
-    let forced = cfg.model.quant.as_deref();
-    if family.files.len() == 1 && forced.is_none() {
-        let f = &family.files[0];
-        return Ok(Some(ModelSelection {
-            name: family.name.clone(),
-            path: f.path.clone(),
-            quant: f.facts.quant.clone(),
-            tier: zavod_proto::tiers::tier_of(&f.facts.quant),
-            files: 1,
-            reason: "the only file".into(),
-        }));
+/// The families the config names: its paths in order, then the families
+/// of its models folder.
+fn families(cfg: &NodeConfig) -> Result<Vec<Family>, EngineError> {
+    let mut out = cfg
+        .model
+        .path
+        .iter()
+        .map(|p| Family::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(dir) = &cfg.model.dir {
+        let (found, errors) = zavod_engine::family::list(dir)?;
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
+        if found.is_empty() {
+            return Err(EngineError::ModelFile {
+                path: dir.display().to_string(),
+                reason: "the models folder holds no .gguf files or family folders".into(),
+            });
+        }
+        out.extend(found);
     }
-    let (free, source) = free_memory(cfg)?;
-    let choice = family.choose(cfg.model.slots, cfg.model.context_tokens, free, forced)?;
-    let file = &family.files[choice.index];
-    Ok(Some(ModelSelection {
-        name: family.name.clone(),
-        path: file.path.clone(),
-        quant: choice.quant,
-        tier: choice.tier,
-        files: family.files.len(),
-        reason: format!("{} ({source})", choice.reason),
-    }))
+    Ok(out)
+}
+
+/// Resolves the config's models to the files to load; empty when the node
+/// serves none. Two models of one name are refused.
+pub fn select(cfg: &NodeConfig) -> Result<Vec<ModelSelection>, EngineError> {
+    let families = families(cfg)?;
+    let mut names = std::collections::BTreeSet::new();
+    for f in &families {
+        if !names.insert(f.name.as_str()) {
+            return Err(EngineError::Config(format!(
+                "two models are both named {}; serve each model once",
+                f.name
+            )));
+        }
+    }
+    let (slots, context) = (cfg.model.slots, cfg.model.context_tokens);
+    let forced = cfg.model.quant.as_deref();
+    // Memory is measured once, when a choice first depends on it; the
+    // models chosen before and since take their share of it.
+    let mut measured: Option<(u64, String)> = None;
+    let mut taken: u64 = 0;
+    let mut out = Vec::with_capacity(families.len());
+    for family in &families {
+        if family.files.len() == 1 && forced.is_none() {
+            let f = &family.files[0];
+            taken = taken.saturating_add(family.need_bytes(0, slots, context));
+            out.push(ModelSelection {
+                name: family.name.clone(),
+                path: f.path.clone(),
+                quant: f.facts.quant.clone(),
+                tier: zavod_proto::tiers::tier_of(&f.facts.quant),
+                files: 1,
+                reason: "the only file".into(),
+            });
+            continue;
+        }
+        if measured.is_none() {
+            measured = Some(free_memory(cfg)?);
+        }
+        let (free, source) = measured.clone().unwrap_or_default();
+        let left = free.saturating_sub(taken);
+        let choice = family.choose(slots, context, left, forced)?;
+        let file = &family.files[choice.index];
+        taken = taken.saturating_add(family.need_bytes(choice.index, slots, context));
+        let source = if taken > 0 && left < free {
+            format!("{source}, less what the models before it need")
+        } else {
+            source
+        };
+        out.push(ModelSelection {
+            name: family.name.clone(),
+            path: file.path.clone(),
+            quant: choice.quant,
+            tier: choice.tier,
+            files: family.files.len(),
+            reason: format!("{} ({source})", choice.reason),
+        });
+    }
+    Ok(out)
 }

@@ -50,8 +50,9 @@ pub enum NodeError {
 pub struct StartOptions {
     pub config: NodeConfig,
     pub identity: NodeIdentity,
-    /// The model; `None` runs an entry/router-only node.
-    pub model: Option<Arc<dyn ModelBackend>>,
+    /// The models to serve, each with its own worker; none runs an
+    /// entry/router-only node. Names must differ.
+    pub models: Vec<Arc<dyn ModelBackend>>,
 }
 
 /// Whether the Router's view holds `peer` as a member.
@@ -161,12 +162,15 @@ pub async fn join_mesh(
     Err(NodeError::Join(last))
 }
 
-/// The llama.cpp settings a config asks for.
-pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
+/// The llama.cpp settings a config asks for, for the file chosen.
+pub fn llama_config(
+    cfg: &NodeConfig,
+    selection: &crate::model_choice::ModelSelection,
+) -> LlamaConfig {
     let m = &cfg.model;
-    m.path.as_ref().map(|path| LlamaConfig {
-        path: path.clone(),
-        name: None,
+    LlamaConfig {
+        path: selection.path.clone(),
+        name: Some(selection.name.clone()),
         gpu_layers: m.gpu_layers,
         slots: m.slots,
         context_tokens_per_seq: m.context_tokens,
@@ -178,7 +182,7 @@ pub fn llama_config(cfg: &NodeConfig) -> Option<LlamaConfig> {
         prompt_cache: m.prompt_cache,
         prompt_cache_ram_bytes: m.prompt_cache_ram_mib << 20,
         share_prompt_cache: m.share_prompt_cache,
-    })
+    }
 }
 
 /// Loads the configured GGUF model (blocking; run off the async runtime).
@@ -220,9 +224,18 @@ impl Node {
         let StartOptions {
             config,
             identity,
-            model,
+            models,
         } = opts;
         config.check()?;
+        let mut names = std::collections::BTreeSet::new();
+        for m in &models {
+            let name = m.offer().name;
+            if !names.insert(name.clone()) {
+                return Err(NodeError::Config(ConfigError::Invalid(format!(
+                    "two models are both named {name}; serve each model once"
+                ))));
+            }
+        }
         let parse = |a: &String| {
             a.parse::<Multiaddr>().map_err(|e| NodeError::ListenAddr {
                 addr: a.clone(),
@@ -261,7 +274,7 @@ impl Node {
             config,
             identity,
             directory: Directory::default(),
-            model,
+            models,
             store: store.clone(),
             net: net.clone(),
             cluster: cluster.clone(),

@@ -468,7 +468,8 @@ async fn run_chat(
             model: admission.model.clone(),
             history_turns: prepared.history_turns,
             grant: p.grant.clone(),
-            prompt: show_prompt.then(|| prepared.display(shared.model.as_deref())),
+            prompt: show_prompt
+                .then(|| prepared.display(shared.model(&admission.model).map(|m| &**m))),
         }))
     };
 
@@ -921,15 +922,16 @@ async fn run_local(
     turns: &[Turn],
     params: &GenParams,
 ) -> Result<JobStream, ErrorFrame> {
-    let r = call(shared.directory.get().worker, "the model worker", |reply| {
-        WorkerMsg::Run {
-            grant: Box::new(placement.grant.clone()),
-            issuer_membership: issuer_membership.map(Box::new),
-            client,
-            turns: turns.to_vec(),
-            params: Box::new(params.clone()),
-            reply,
-        }
+    let worker = shared
+        .model_index(&placement.grant.body.model)
+        .and_then(|i| shared.directory.get().workers.get(&i).cloned());
+    let r = call(worker, "the model worker", |reply| WorkerMsg::Run {
+        grant: Box::new(placement.grant.clone()),
+        issuer_membership: issuer_membership.map(Box::new),
+        client,
+        turns: turns.to_vec(),
+        params: Box::new(params.clone()),
+        reply,
     })
     .await;
     match r {

@@ -50,11 +50,7 @@ struct Backend(CostEngineConfig);
 
 impl ModelBackend for Backend {
     fn offer(&self) -> ModelOffer {
-        ModelOffer {
-            name: self.0.name.clone(),
-            quant: "none".into(),
-            context_tokens: 4096,
-        }
+        ModelOffer::new(self.0.name.clone(), "none", 4096)
     }
     fn count_tokens(&self, text: &str) -> u32 {
         text.split_whitespace().count() as u32
@@ -123,7 +119,7 @@ async fn a_panicking_model_worker_is_restarted_and_the_node_keeps_serving() {
     let node = Node::start(StartOptions {
         config,
         identity,
-        model: Some(model),
+        models: vec![model],
     })
     .await
     .expect("node starts");
@@ -149,7 +145,7 @@ async fn a_panicking_model_worker_is_restarted_and_the_node_keeps_serving() {
         after, before,
         "same prompt, same deterministic answer after restart"
     );
-    assert!(node.restarts().await[&Child::ModelWorker] >= 1);
+    assert!(node.restarts().await[&Child::ModelWorker(0)] >= 1);
 
     // 2. The engine thread dies under the worker mid-request.
     let err = ask(&client, "kill-engine-thread please")
@@ -167,7 +163,7 @@ async fn a_panicking_model_worker_is_restarted_and_the_node_keeps_serving() {
     );
     let again = ask_until_served(&client, "hello there").await;
     assert_eq!(again, before);
-    assert!(node.restarts().await[&Child::ModelWorker] >= 2);
+    assert!(node.restarts().await[&Child::ModelWorker(0)] >= 2);
 
     node.shutdown().await.expect("clean shutdown");
 }

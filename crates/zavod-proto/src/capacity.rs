@@ -48,13 +48,41 @@ impl Resources {
     }
 }
 
-/// A model a node has loaded and serves.
+/// A model a node has loaded and serves. A node may serve several, each
+/// with its own engine, so each offer carries its own slots and queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelOffer {
     pub name: String,
     /// Quantization, e.g. `Q4_K_M`.
     pub quant: String,
     pub context_tokens: u32,
+    pub slots_free: u32,
+    pub slots_total: u32,
+    pub queue_depth: u32,
+}
+
+impl ModelOffer {
+    /// The static facts of a model; its load is filled in by
+    /// [`ModelOffer::with_load`] when a report is built.
+    pub fn new(name: impl Into<String>, quant: impl Into<String>, context_tokens: u32) -> Self {
+        ModelOffer {
+            name: name.into(),
+            quant: quant.into(),
+            context_tokens,
+            slots_free: 0,
+            slots_total: 0,
+            queue_depth: 0,
+        }
+    }
+
+    pub fn with_load(self, load: &WorkerLoad) -> Self {
+        ModelOffer {
+            slots_free: load.slots_total.saturating_sub(load.slots_busy),
+            slots_total: load.slots_total,
+            queue_depth: load.queue_depth,
+            ..self
+        }
+    }
 }
 
 /// Load figures a model worker reports.
@@ -143,14 +171,18 @@ pub struct CapacityReport {
 }
 
 impl CapacityReport {
+    /// The report of a node serving `served` (each model with its worker's
+    /// load; empty on an entry-only node). The node-wide figures are the
+    /// sums over its models.
     pub fn build(
         node: NodeId,
         seq: u64,
         at_ms: UnixMs,
         res: &Resources,
-        load: &WorkerLoad,
-        models: Vec<ModelOffer>,
+        served: &[(ModelOffer, WorkerLoad)],
     ) -> Self {
+        let load = total_load(served.iter().map(|(_, l)| l));
+        let models = served.iter().map(|(o, l)| o.clone().with_load(l)).collect();
         CapacityReport {
             node,
             seq,
@@ -170,6 +202,29 @@ impl CapacityReport {
     pub fn serves(&self, model: &str) -> bool {
         self.models.iter().any(|m| m.name == model)
     }
+}
+
+/// One node's load over all its models: slots and queues add up, the rate
+/// is the best stream rate, and the cache keys are interleaved (each
+/// model's most recent first) so a summary cut at its limit keeps the
+/// newest of every model.
+pub fn total_load<'a>(loads: impl Iterator<Item = &'a WorkerLoad> + Clone) -> WorkerLoad {
+    let mut total = WorkerLoad::default();
+    for l in loads.clone() {
+        total.slots_total = total.slots_total.saturating_add(l.slots_total);
+        total.slots_busy = total.slots_busy.saturating_add(l.slots_busy);
+        total.queue_depth = total.queue_depth.saturating_add(l.queue_depth);
+        total.tokens_per_s = total.tokens_per_s.max(l.tokens_per_s);
+    }
+    let longest = loads.clone().map(|l| l.cache_keys.len()).max().unwrap_or(0);
+    for i in 0..longest.min(CACHE_SUMMARY_MAX_KEYS) {
+        for l in loads.clone() {
+            if let Some(k) = l.cache_keys.get(i) {
+                total.cache_keys.push(*k);
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -200,11 +255,54 @@ mod tests {
             tokens_per_s: 60.0,
             cache_keys: vec![7, 9],
         };
-        let rep = CapacityReport::build(NodeId([1; 32]), 1, 5, &r, &load, vec![]);
+        let offer = ModelOffer::new("m", "Q4_K_M", 4096);
+        let rep = CapacityReport::build(NodeId([1; 32]), 1, 5, &r, &[(offer, load)]);
         assert!(rep.on_gpu);
         assert_eq!(rep.slots_free, 3);
+        assert_eq!(rep.models[0].slots_free, 3);
         assert_eq!(rep.mem_total_bytes, 80);
         assert!(rep.cached.may_hold(7) && rep.cached.may_hold(9));
+    }
+
+    #[test]
+    fn a_node_serving_two_models_reports_each_models_slots_and_the_sum() {
+        let a = WorkerLoad {
+            slots_total: 4,
+            slots_busy: 4,
+            queue_depth: 2,
+            tokens_per_s: 30.0,
+            cache_keys: vec![1, 2, 3],
+        };
+        let b = WorkerLoad {
+            slots_total: 2,
+            slots_busy: 0,
+            queue_depth: 0,
+            tokens_per_s: 50.0,
+            cache_keys: vec![10],
+        };
+        let served = [
+            (ModelOffer::new("big", "Q8_0", 4096), a),
+            (ModelOffer::new("small", "Q4_K_M", 2048), b),
+        ];
+        let rep = CapacityReport::build(NodeId([1; 32]), 1, 5, &Resources::default(), &served);
+        assert_eq!(
+            (rep.slots_total, rep.slots_free, rep.queue_depth),
+            (6, 2, 2)
+        );
+        assert_eq!(rep.tokens_per_s, 50.0);
+        let big = &rep.models[0];
+        assert_eq!(
+            (big.slots_total, big.slots_free, big.queue_depth),
+            (4, 0, 2)
+        );
+        let small = &rep.models[1];
+        assert_eq!((small.slots_total, small.slots_free), (2, 2));
+        for k in [1, 2, 3, 10] {
+            assert!(rep.cached.may_hold(k));
+        }
+        // Interleaved: the newest key of every model comes first.
+        let total = total_load(served.iter().map(|(_, l)| l));
+        assert_eq!(total.cache_keys, vec![1, 10, 2, 3]);
     }
 
     #[test]
@@ -221,9 +319,10 @@ mod tests {
             queue_depth: 100,
             tokens_per_s: 100.0,
             models: vec![ModelOffer {
-                name: "gemma-3-270m-q4_k_m".into(),
-                quant: "Q4_K_M".into(),
-                context_tokens: 32768,
+                slots_free: 64,
+                slots_total: 64,
+                queue_depth: 100,
+                ..ModelOffer::new("gemma-3-270m-q4_k_m", "Q4_K_M", 32768)
             }],
             cached: CacheSummary::default(),
         };

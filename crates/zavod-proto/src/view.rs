@@ -476,8 +476,13 @@ impl MeshView {
 fn refresh_rows(tables: &mut BTreeMap<String, Table>, m: &Member) {
     let row = Row::of(m);
     for o in &m.report.models {
+        // Each model has its own engine: its slots and queue, not the
+        // node's sum, say whether it can take a request.
         let row = Row {
             quality: crate::tiers::quality(&o.quant),
+            slots_free: o.slots_free,
+            slots_total: o.slots_total,
+            queue_depth: o.queue_depth,
             ..row.clone()
         };
         match tables.get_mut(&o.name) {
@@ -545,9 +550,9 @@ mod tests {
                 models: model
                     .map(|m| {
                         vec![ModelOffer {
-                            name: m.into(),
-                            quant: "Q4_K_M".into(),
-                            context_tokens: 4096,
+                            slots_free: 4,
+                            slots_total: 4,
+                            ..ModelOffer::new(m, "Q4_K_M", 4096)
                         }]
                     })
                     .unwrap_or_default(),
@@ -650,6 +655,29 @@ mod tests {
         assert!(v.candidates("other", &b.public(), 1, None).is_empty());
         v.on_rtt(&a.public(), f64::NAN);
         assert_eq!(v.get(&a.public()).and_then(|m| m.rtt_ms), Some(4.0));
+    }
+
+    #[test]
+    fn each_model_of_a_node_is_routed_by_its_own_slots() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let a = key(1);
+        let mut ann = f.announce(&a, 1, Some("busy"));
+        let mut report = ann.report.body.clone();
+        report.models[0].slots_free = 0;
+        report.models.push(ModelOffer {
+            slots_free: 2,
+            slots_total: 2,
+            ..ModelOffer::new("idle", "Q8_0", 2048)
+        });
+        ann.report = sign_report(&a, report);
+        v.on_announcement(&ann, 0).expect("a");
+        let me = key(9).public();
+        let busy = v.candidates("busy", &me, 1, None);
+        let idle = v.candidates("idle", &me, 1, None);
+        assert_eq!((busy[0].slots_free, busy[0].slots_total), (0, 4));
+        assert_eq!((idle[0].slots_free, idle[0].slots_total), (2, 2));
+        assert!(idle[0].quality > busy[0].quality);
     }
 
     #[test]

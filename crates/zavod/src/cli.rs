@@ -161,11 +161,16 @@ pub struct NodeArgs {
     pub config: Option<PathBuf>,
     /// GGUF model to serve, or a family folder holding one model's files at
     /// several quantizations (the best that fits free memory is loaded).
-    /// Without one the node only routes.
-    #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH")]
-    pub model: Option<PathBuf>,
+    /// Repeat it (or separate paths with commas) to serve several models,
+    /// each with its own slots. Without one the node only routes.
+    #[arg(long, env = "ZAVOD_MODEL", value_name = "PATH", value_delimiter = ',')]
+    pub model: Vec<PathBuf>,
+    /// Serve every model in this folder (its GGUF files and family
+    /// folders, as `zavod model list` shows them).
+    #[arg(long, env = "ZAVOD_MODELS_DIR", value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
     /// In a family folder, load this quantization (e.g. Q8_0) rather than
-    /// the best that fits.
+    /// the best that fits (with several models: in each of them).
     #[arg(long, env = "ZAVOD_QUANT", value_name = "TYPE")]
     pub quant: Option<String>,
     /// Choose a family's file as if this much memory (MiB) were free rather

@@ -16,6 +16,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         bootstrap: args.bootstrap.iter().map(ToString::to_string).collect(),
         data_dir: args.data_dir,
         model: args.model,
+        models_dir: args.models_dir,
         quant: args.quant,
         assume_free_memory_mib: args.assume_free_memory_mib,
         gpu_layers: args.gpu_layers,
@@ -105,68 +106,59 @@ pub fn run(args: NodeArgs) -> Result<()> {
     out.flush()?;
     drop(out);
 
-    let selection = zavod_node::model_choice::select(&config)?;
-    if let Some(sel) = selection
-        .as_ref()
-        .filter(|s| s.files > 1 || config.model.quant.is_some())
-    {
-        println!(
-            "model {}: chose {} of {} files, {}",
-            sel.name,
-            sel.path.display(),
-            sel.files,
-            sel.reason
-        );
+    let selections = zavod_node::model_choice::select(&config)?;
+    if selections.is_empty() {
+        println!("no model given: this node only routes (pass --model PATH to serve one)");
     }
-    let model = match llama_config(&config) {
-        Some(mut lcfg) => {
-            if let Some(sel) = &selection {
-                lcfg.path = sel.path.clone();
-                lcfg.name = Some(sel.name.clone());
-            }
-            let name = lcfg.name.clone().unwrap_or_default();
-            let bar = ProgressBar::new(100).with_message(format!("loading {name}"));
-            bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            let t0 = Instant::now();
-            let b = bar.clone();
-            let loaded = load_llama(&lcfg, selection.clone(), move |p| {
-                b.set_position((p * 100.0) as u64)
-            });
-            bar.finish_and_clear();
-            let loaded = loaded?;
-            let offer = loaded.offer();
+    let mut models = Vec::with_capacity(selections.len());
+    for sel in selections {
+        if sel.files > 1 || config.model.quant.is_some() {
             println!(
-                "model {} ({}, {}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
-                offer.name,
-                offer.quant,
-                zavod_proto::tiers::tier_of(&offer.quant).map_or("no tier", |t| t.name()),
-                t0.elapsed().as_secs_f64(),
-                lcfg.slots,
-                lcfg.context_tokens_per_seq,
-                lcfg.effective_threads(),
-                if lcfg.gpu_layers > 0 {
-                    format!(", {} layers on the GPU", lcfg.gpu_layers)
-                } else {
-                    String::new()
-                }
+                "model {}: chose {} of {} files, {}",
+                sel.name,
+                sel.path.display(),
+                sel.files,
+                sel.reason
             );
-            Some(loaded)
         }
-        None => {
-            println!("no model given: this node only routes (pass --model PATH to serve one)");
-            None
-        }
-    };
+        let lcfg = llama_config(&config, &sel);
+        let bar = ProgressBar::new(100).with_message(format!("loading {}", sel.name));
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        let t0 = Instant::now();
+        let b = bar.clone();
+        let loaded = load_llama(&lcfg, Some(sel), move |p| {
+            b.set_position((p * 100.0) as u64)
+        });
+        bar.finish_and_clear();
+        let loaded = loaded?;
+        let offer = loaded.offer();
+        println!(
+            "model {} ({}, {}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
+            offer.name,
+            offer.quant,
+            zavod_proto::tiers::tier_of(&offer.quant).map_or("no tier", |t| t.name()),
+            t0.elapsed().as_secs_f64(),
+            lcfg.slots,
+            lcfg.context_tokens_per_seq,
+            lcfg.effective_threads(),
+            if lcfg.gpu_layers > 0 {
+                format!(", {} layers on the GPU", lcfg.gpu_layers)
+            } else {
+                String::new()
+            }
+        );
+        models.push(loaded);
+    }
 
     rt.block_on(async move {
         let node = Node::start(StartOptions {
             config,
             identity,
-            model,
+            models,
         })
         .await?;
         let addrs = node.listen_addrs().await?;

@@ -151,10 +151,7 @@ fn prepare(
     // Without the model here, stored counts were estimates made when less
     // was known of how its texts tokenize: count again. (Answers' counts
     // are the tokens generated, exact.)
-    let exact = shared
-        .model
-        .as_ref()
-        .is_some_and(|m| m.offer().name == model);
+    let exact = shared.model(model).is_some();
     let history = match key {
         Some(k) => {
             let mut h: Vec<Turn> = supplied

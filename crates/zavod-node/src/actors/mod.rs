@@ -24,7 +24,9 @@ use zavod_store::ConversationStore;
 #[derive(Default, Clone)]
 pub struct Refs {
     pub router: Option<ActorRef<router::RouterMsg>>,
-    pub worker: Option<ActorRef<model_worker::WorkerMsg>>,
+    /// The worker of each served model, by its index in
+    /// [`NodeShared::models`].
+    pub workers: BTreeMap<usize, ActorRef<model_worker::WorkerMsg>>,
     pub memory: Option<ActorRef<memory_keeper::MemoryMsg>>,
     pub breaker: Option<ActorRef<breaker::BreakerMsg>>,
     pub monitor: Option<ActorRef<gpu_monitor::MonitorMsg>>,
@@ -58,7 +60,9 @@ pub struct NodeShared {
     pub config: NodeConfig,
     pub identity: NodeIdentity,
     pub directory: Directory,
-    pub model: Option<Arc<dyn ModelBackend>>,
+    /// The models this node serves, each with its own worker and engine;
+    /// names are unique (checked at start). Empty on an entry-only node.
+    pub models: Vec<Arc<dyn ModelBackend>>,
     pub store: Arc<dyn ConversationStore>,
     pub net: zavod_net::Client,
     /// Actor sessions with other nodes.
@@ -88,12 +92,20 @@ impl NodeShared {
         }
     }
 
-    /// The token count of `text` for `model`: exact with the local model,
+    /// Where `model` is in [`NodeShared::models`], when this node serves it.
+    pub fn model_index(&self, model: &str) -> Option<usize> {
+        self.models.iter().position(|m| m.offer().name == model)
+    }
+
+    /// The local model named `model`, when this node serves it.
+    pub fn model(&self, model: &str) -> Option<&Arc<dyn ModelBackend>> {
+        self.model_index(model).map(|i| &self.models[i])
+    }
+
+    /// The token count of `text` for `model`: exact with a local model,
     /// else estimated.
     pub fn count_tokens(&self, model: &str, text: &str) -> u32 {
-        if let Some(m) = &self.model
-            && m.offer().name == model
-        {
+        if let Some(m) = self.model(model) {
             return m.count_tokens(text);
         }
         self.token_estimates

@@ -53,6 +53,8 @@ impl ractor::Message for WorkerMsg {}
 
 pub struct WorkerState {
     shared: Arc<NodeShared>,
+    /// Which of the node's models this worker serves.
+    index: usize,
     engine: Box<dyn Engine>,
     replay: ReplayGuard,
     members: BTreeSet<NodeId>,
@@ -71,17 +73,18 @@ fn grant_error(e: AuthError) -> ErrorFrame {
 impl Actor for ModelWorker {
     type Msg = WorkerMsg;
     type State = WorkerState;
-    type Arguments = Arc<NodeShared>;
+    type Arguments = (Arc<NodeShared>, usize);
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        shared: Arc<NodeShared>,
+        (shared, index): (Arc<NodeShared>, usize),
     ) -> Result<Self::State, ActorProcessingErr> {
         let model: Arc<dyn ModelBackend> = shared
-            .model
-            .clone()
-            .ok_or("model worker started on a node without a model")?;
+            .models
+            .get(index)
+            .cloned()
+            .ok_or("model worker started for a model the node does not have")?;
         let engine = tokio::task::spawn_blocking(move || model.start_engine()).await??;
         // Members whose grants this worker honours. A single node trusts
         // itself when it holds a valid membership certificate.
@@ -95,6 +98,7 @@ impl Actor for ModelWorker {
         tracing::info!(model = %engine.info().name, slots = engine.info().slots, "model worker ready");
         Ok(WorkerState {
             shared,
+            index,
             engine,
             replay: ReplayGuard::default(),
             members,
@@ -138,7 +142,10 @@ impl Actor for ModelWorker {
                     return Err("engine thread died".into());
                 }
                 if let Some(r) = st.shared.directory.get().router {
-                    let _ = r.cast(RouterMsg::WorkerLoad(st.engine.load()));
+                    let _ = r.cast(RouterMsg::WorkerLoad {
+                        model: st.index,
+                        load: st.engine.load(),
+                    });
                 }
             }
         }

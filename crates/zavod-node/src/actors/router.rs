@@ -122,7 +122,12 @@ pub enum RouterMsg {
         used: u32,
     },
     Resources(Resources),
-    WorkerLoad(WorkerLoad),
+    /// The load of the worker of the model at this index of
+    /// `NodeShared::models`.
+    WorkerLoad {
+        model: usize,
+        load: WorkerLoad,
+    },
     Announce(Box<Announcement>),
     Rtt {
         node: NodeId,
@@ -213,7 +218,8 @@ pub struct RouterState {
     shared: Arc<NodeShared>,
     ledger: UsageLedger,
     resources: Resources,
-    load: WorkerLoad,
+    /// The latest load of each local model's worker, by index.
+    loads: Vec<WorkerLoad>,
     seq: u64,
     view: MeshView,
     /// Figures and time of the last announcement sent.
@@ -269,20 +275,14 @@ impl RouterState {
 
     fn self_report(&mut self) -> CapacityReport {
         self.seq += 1;
-        let models = self
+        let served: Vec<(ModelOffer, WorkerLoad)> = self
             .shared
-            .model
-            .as_ref()
-            .map(|m| vec![m.offer()])
-            .unwrap_or_default();
-        CapacityReport::build(
-            self.me(),
-            self.seq,
-            now_ms(),
-            &self.resources,
-            &self.load,
-            models,
-        )
+            .models
+            .iter()
+            .zip(&self.loads)
+            .map(|(m, l)| (m.offer(), l.clone()))
+            .collect();
+        CapacityReport::build(self.me(), self.seq, now_ms(), &self.resources, &served)
     }
 
     /// Announces this node when its figures moved or the heartbeat is due.
@@ -459,7 +459,7 @@ impl RouterState {
 
     /// This node's model, else the model most alive members serve.
     fn default_model(&self, now: u64) -> Option<String> {
-        if let Some(m) = &self.shared.model {
+        if let Some(m) = self.shared.models.first() {
             return Some(m.offer().name);
         }
         let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -480,12 +480,17 @@ impl RouterState {
         let me = self.me();
         let mut c = self.view.candidates(model, &me, now, Some(cache_key));
         // This node's own figures are fresher than its last announcement.
+        let own = self
+            .shared
+            .model_index(model)
+            .and_then(|i| self.loads.get(i));
         for cand in c.iter_mut().filter(|c| c.node == me) {
-            cand.slots_free = self.load.slots_total.saturating_sub(self.load.slots_busy);
-            cand.slots_total = self.load.slots_total;
-            cand.queue_depth = self.load.queue_depth;
+            let Some(load) = own else { continue };
+            cand.slots_free = load.slots_total.saturating_sub(load.slots_busy);
+            cand.slots_total = load.slots_total;
+            cand.queue_depth = load.queue_depth;
             cand.age_ms = 0;
-            cand.cache_hit = self.load.cache_keys.contains(&cache_key);
+            cand.cache_hit = load.cache_keys.contains(&cache_key);
         }
         c
     }
@@ -651,10 +656,13 @@ impl Actor for Router {
         myself: ActorRef<Self::Msg>,
         shared: Arc<NodeShared>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let slots = shared
-            .model
-            .as_ref()
-            .map_or(0, |_| shared.config.model.slots);
+        let loads = vec![
+            WorkerLoad {
+                slots_total: shared.config.model.slots,
+                ..Default::default()
+            };
+            shared.models.len()
+        ];
         let view = MeshView::new(
             shared.identity.authorities.clone(),
             shared.config.view.clone(),
@@ -667,10 +675,7 @@ impl Actor for Router {
             shared,
             ledger: UsageLedger::default(),
             resources: Resources::default(),
-            load: WorkerLoad {
-                slots_total: slots,
-                ..Default::default()
-            },
+            loads,
             seq: 0,
             view,
             last_announced: None,
@@ -719,9 +724,13 @@ impl Actor for Router {
                 st.shared.metrics.resources(&r);
                 st.resources = r;
             }
-            RouterMsg::WorkerLoad(l) => {
-                st.shared.metrics.load(&l);
-                st.load = l;
+            RouterMsg::WorkerLoad { model, load } => {
+                if let Some(l) = st.loads.get_mut(model) {
+                    *l = load;
+                }
+                st.shared
+                    .metrics
+                    .load(&zavod_proto::capacity::total_load(st.loads.iter()));
                 // Fresh figures of this node count its running requests.
                 let me = st.me();
                 st.placer.on_report(&me);

@@ -22,7 +22,8 @@ pub enum Child {
     Breaker,
     MemoryKeeper,
     Router,
-    ModelWorker,
+    /// The worker of the model at this index of `NodeShared::models`.
+    ModelWorker(usize),
 }
 
 impl Child {
@@ -32,7 +33,7 @@ impl Child {
             Child::Breaker => "Breaker",
             Child::MemoryKeeper => "MemoryKeeper",
             Child::Router => "Router",
-            Child::ModelWorker => "ModelWorker",
+            Child::ModelWorker(_) => "ModelWorker",
         }
     }
 }
@@ -87,9 +88,11 @@ async fn spawn_child(
             shared.directory.update(|d| d.router = Some(r.clone()));
             r.get_cell()
         }
-        Child::ModelWorker => {
-            let (r, _) = Actor::spawn_linked(None, ModelWorker, s, sup).await?;
-            shared.directory.update(|d| d.worker = Some(r.clone()));
+        Child::ModelWorker(i) => {
+            let (r, _) = Actor::spawn_linked(None, ModelWorker, (s, i), sup).await?;
+            shared.directory.update(|d| {
+                d.workers.insert(i, r.clone());
+            });
             r.get_cell()
         }
     };
@@ -103,7 +106,9 @@ impl SupervisorState {
             Child::Breaker => d.breaker = None,
             Child::MemoryKeeper => d.memory = None,
             Child::Router => d.router = None,
-            Child::ModelWorker => d.worker = None,
+            Child::ModelWorker(i) => {
+                d.workers.remove(&i);
+            }
         });
     }
 
@@ -153,9 +158,7 @@ impl Actor for NodeSupervisor {
             Child::Router,
             Child::GpuMonitor,
         ];
-        if st.shared.model.is_some() {
-            kids.push(Child::ModelWorker);
-        }
+        kids.extend((0..st.shared.models.len()).map(Child::ModelWorker));
         for child in kids {
             // At start every child must come up; a node that cannot start
             // its engine reports why instead of retrying silently.

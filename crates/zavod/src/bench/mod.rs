@@ -462,13 +462,9 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
             queue_depth: 0,
             tokens_per_s: 20.0 + (i % 50) as f32,
             models: vec![ModelOffer {
-                name: if i % 4 == 0 {
-                    "other".into()
-                } else {
-                    "m".into()
-                },
-                quant: "Q4_K_M".into(),
-                context_tokens: 4096,
+                slots_free: (i % 9) as u32,
+                slots_total: 8,
+                ..ModelOffer::new(if i % 4 == 0 { "other" } else { "m" }, "Q4_K_M", 4096)
             }],
             cached: CacheSummary::of(&[i as u64]),
         };
