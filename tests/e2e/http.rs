@@ -649,3 +649,127 @@ fn json_output_follows_the_requested_schema() {
         assert!(b.contains("schema"), "{b}");
     });
 }
+
+#[test]
+fn embeddings_are_routed_through_the_mesh_with_an_openai_client() {
+    use async_openai::types::embeddings::{
+        CreateEmbeddingRequestArgs, EmbeddingInput, EncodingFormat,
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    // A routes only; B serves the model; the vectors come from B through A.
+    let a = NodeProc::start(&d("a"), &["--http", "127.0.0.1:0"]);
+    let b = NodeProc::start(
+        &d("b"),
+        &["--join", &invite(&d("a")), "--model", &model_arg()],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            member_state(&status_json(&d("a"), &a.addr), &b.peer_id).as_deref() == Some("alive")
+        })
+        .is_some(),
+        "B never alive in A's view"
+    );
+    let token = cap_issue(
+        &d("a"),
+        &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],
+    );
+    let base = a.http.clone().expect("A serves HTTP");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = Client::with_config(
+            OpenAIConfig::new()
+                .with_api_base(format!("{base}/v1"))
+                .with_api_key(token.clone()),
+        );
+        let texts = [
+            "The cat sat on the mat.",
+            "A cat was sitting on a rug.",
+            "Quarterly tax revenue rose by four percent.",
+            "The cat sat on the mat.",
+        ];
+        let request = CreateEmbeddingRequestArgs::default()
+            .model(MODEL)
+            .input(EmbeddingInput::StringArray(
+                texts.iter().map(ToString::to_string).collect(),
+            ))
+            .build()
+            .expect("request");
+        let r = client
+            .embeddings()
+            .create(request.clone())
+            .await
+            .expect("embeddings");
+        assert_eq!(r.model, MODEL);
+        assert_eq!(r.data.len(), 4);
+        assert!(r.usage.prompt_tokens >= 20, "{:?}", r.usage);
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        for (i, e) in r.data.iter().enumerate() {
+            assert_eq!(e.index as usize, i);
+            assert_eq!(e.embedding.len(), 640, "Gemma 3 270M's width");
+            assert!((dot(&e.embedding, &e.embedding) - 1.0).abs() < 1e-3);
+        }
+        let v: Vec<&[f32]> = r.data.iter().map(|e| e.embedding.as_slice()).collect();
+        assert!(dot(v[0], v[3]) > 0.9999, "the same text, the same vector");
+        assert!(
+            dot(v[0], v[1]) > dot(v[0], v[2]),
+            "related texts are closer"
+        );
+
+        // base64, as OpenAI's Python client asks by default: the same floats.
+        let mut request = request;
+        request.encoding_format = Some(EncodingFormat::Base64);
+        let r64 = client
+            .embeddings()
+            .create_base64(request)
+            .await
+            .expect("base64 embeddings");
+        let first: Vec<f32> = r64.data[0].embedding.clone().into();
+        assert_eq!(first.len(), 640);
+        assert!(dot(&first, v[0]) > 0.9999);
+
+        // Served by B, said in a header; errors are OpenAI-shaped and named.
+        let api = Api::new(&base, &token);
+        let (s, headers, body) = api
+            .post("/v1/embeddings", &json!({"model": MODEL, "input": "hello"}))
+            .await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(
+            headers["x-zavod-served-by"].to_str().expect("header"),
+            b.peer_id
+        );
+        for (bad, field) in [
+            (json!({"model": MODEL, "input": [1, 2, 3]}), "input"),
+            (json!({"model": MODEL, "input": ""}), "input"),
+            (
+                json!({"model": MODEL, "input": "x", "dimensions": 8}),
+                "dimensions",
+            ),
+            (
+                json!({"model": MODEL, "input": "x", "encoding_format": "hex"}),
+                "encoding_format",
+            ),
+            (json!({"model": MODEL, "input": vec!["x"; 33]}), "input"),
+        ] {
+            let (s, _, body) = api.post("/v1/embeddings", &bad).await;
+            assert_eq!(s, 400, "{bad}: {body}");
+            let e: Value = serde_json::from_str(&body).expect("json");
+            assert_eq!(e["error"]["param"], field, "{body}");
+        }
+        let (s, _, body) = api
+            .post(
+                "/v1/embeddings",
+                &json!({"model": "llama-3-8b", "input": "x"}),
+            )
+            .await;
+        assert_eq!(s, 404, "{body}");
+        assert!(body.contains(MODEL), "{body}");
+        // Too long for the embedder: a 400 from B, passed on by A.
+        let long = "word ".repeat(3000);
+        let (s, _, body) = api
+            .post("/v1/embeddings", &json!({"model": MODEL, "input": long}))
+            .await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains("tokens"), "{body}");
+    });
+}

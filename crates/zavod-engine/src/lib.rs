@@ -23,6 +23,7 @@
 //! event is handed over before it.
 
 pub mod cost;
+pub mod embed;
 pub mod family;
 pub mod gguf;
 pub mod grammar;

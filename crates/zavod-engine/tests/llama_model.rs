@@ -494,3 +494,47 @@ fn missing_and_corrupt_model_files_are_named() {
     let err = LoadedModel::load(&cfg, |_| {}).expect_err("truncated");
     assert!(matches!(err, EngineError::Load { .. }), "{err}");
 }
+
+#[test]
+fn embeddings_are_unit_vectors_that_rank_related_texts_closer() {
+    use zavod_engine::embed::Embedder;
+    let cfg = config(1);
+    let model = LoadedModel::load(&cfg, |_| {}).expect("model loads");
+    let n_embd = model.model().n_embd() as usize;
+    let e = Embedder::start(Arc::clone(&model), 64, cfg.effective_threads()).expect("embedder");
+    let texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on a rug.",
+        "Quarterly tax revenue rose by four percent.",
+        "The cat sat on the mat.",
+    ];
+    let out = e
+        .submit(texts.iter().map(ToString::to_string).collect())
+        .expect("queued")
+        .blocking_recv()
+        .expect("answered")
+        .expect("embedded");
+    assert_eq!(out.vectors.len(), 4);
+    assert!(out.prompt_tokens >= 4 * 5, "{}", out.prompt_tokens);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for v in &out.vectors {
+        assert_eq!(v.len(), n_embd);
+        assert!((dot(v, v) - 1.0).abs() < 1e-3);
+    }
+    // The same text gives the same vector; a related one is closer than
+    // an unrelated one.
+    assert!(dot(&out.vectors[0], &out.vectors[3]) > 0.9999);
+    let related = dot(&out.vectors[0], &out.vectors[1]);
+    let unrelated = dot(&out.vectors[0], &out.vectors[2]);
+    assert!(related > unrelated, "{related} vs {unrelated}");
+
+    // Too long for the embedder's context: refused, naming the input.
+    let long = "word ".repeat(200);
+    let err = e
+        .submit(vec!["short".into(), long])
+        .expect("queued")
+        .blocking_recv()
+        .expect("answered")
+        .expect_err("too long");
+    assert!(err.to_string().contains("input 1"), "{err}");
+}

@@ -43,6 +43,8 @@ pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/join/1");
 pub const STATUS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/status/1");
 /// Stream protocol for running a granted request on its target node.
 pub const RUN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/run/1");
+/// An entry asks the node it placed an embedding request on for vectors.
+pub const EMBED_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/embed/1");
 /// Node to node actor sessions (ractor_cluster), one per pair of nodes.
 pub const ACTORS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/actors/1");
 const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";

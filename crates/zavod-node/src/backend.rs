@@ -4,7 +4,8 @@
 //! loaded once and shared across engine restarts.
 
 use crate::model_choice::ModelSelection;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use zavod_engine::embed::{EmbedReply, Embedder};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
 use zavod_engine::{Engine, EngineError, model_name_from_path};
 use zavod_proto::capacity::ModelOffer;
@@ -19,6 +20,13 @@ pub trait ModelBackend: Send + Sync {
     fn selection(&self) -> Option<&ModelSelection> {
         None
     }
+    /// Queues texts for embedding (blocking on first use while the
+    /// embedder starts; call off the async runtime).
+    fn embed(&self, _inputs: Vec<String>) -> Result<EmbedReply, EngineError> {
+        Err(EngineError::Config(
+            "this model does not make embeddings".into(),
+        ))
+    }
 }
 
 /// llama.cpp with a model loaded once.
@@ -26,6 +34,8 @@ pub struct LlamaBackendHandle {
     pub model: Arc<LoadedModel>,
     pub cfg: LlamaConfig,
     pub selection: Option<ModelSelection>,
+    /// Started on the first embedding request.
+    pub embedder: Mutex<Option<Arc<Embedder>>>,
 }
 
 impl ModelBackend for LlamaBackendHandle {
@@ -55,5 +65,25 @@ impl ModelBackend for LlamaBackendHandle {
 
     fn selection(&self) -> Option<&ModelSelection> {
         self.selection.as_ref()
+    }
+
+    fn embed(&self, inputs: Vec<String>) -> Result<EmbedReply, EngineError> {
+        let embedder = {
+            // A poisoned lock means a start panicked; starting again is safe.
+            let mut slot = self.embedder.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(e) => Arc::clone(e),
+                None => {
+                    let e = Arc::new(Embedder::start(
+                        Arc::clone(&self.model),
+                        self.cfg.context_tokens_per_seq,
+                        self.cfg.effective_threads(),
+                    )?);
+                    *slot = Some(Arc::clone(&e));
+                    e
+                }
+            }
+        };
+        embedder.submit(inputs)
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP face of a node (axum): an OpenAI-compatible API
-//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`), Prometheus
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//! `/v1/embeddings`), Prometheus
 //! metrics on `/metrics`, and `/healthz` and `/readyz`.
 //!
 //! Requests take the same path as chats over the mesh protocol, with this
@@ -39,6 +40,8 @@ use zavod_proto::wire::{
     Accepted, ChatRequest, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame, StopReason,
 };
 
+mod embeddings;
+
 /// Frames buffered between the request task and the HTTP response.
 const FRAME_BUFFER: usize = 64;
 /// Deadline for the actors' answers to a scrape or a model listing.
@@ -58,6 +61,7 @@ pub fn router(shared: Arc<NodeShared>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -144,7 +148,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; this node serves /v1/chat/completions, /v1/completions, /v1/models, /metrics, /healthz and /readyz",
+        "no such endpoint; this node serves /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /metrics, /healthz and /readyz",
     )
 }
 

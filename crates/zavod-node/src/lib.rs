@@ -18,6 +18,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod datadir;
+pub mod embed;
 pub mod http;
 pub mod metrics;
 pub mod model_choice;

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use zavod_engine::EngineError;
 use zavod_engine::llama::{LlamaConfig, LoadedModel};
@@ -196,6 +196,7 @@ pub fn load_llama(
         model,
         cfg: cfg.clone(),
         selection,
+        embedder: Mutex::new(None),
     }))
 }
 
@@ -326,6 +327,7 @@ impl Node {
             (zavod_net::RUN_PROTOCOL, Kind::Run),
             (zavod_net::JOIN_PROTOCOL, Kind::Join),
             (zavod_net::STATUS_PROTOCOL, Kind::Status),
+            (zavod_net::EMBED_PROTOCOL, Kind::Embed),
         ] {
             let mut incoming = net.accept(protocol)?;
             let s = Arc::clone(&shared);

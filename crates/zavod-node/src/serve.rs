@@ -56,6 +56,7 @@ pub enum Kind {
     Run,
     Join,
     Status,
+    Embed,
 }
 
 /// Serves one inbound stream to completion.
@@ -78,6 +79,10 @@ pub async fn serve_stream(
             Kind::Join => writer.send(&JoinReply::Refused(busy), wt).await,
             Kind::Status => writer.send(&StatusReply::Refused(busy), wt).await,
             Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(busy), wt).await,
+            Kind::Embed => {
+                let reply = zavod_proto::embed::EmbedReply::Refused(busy);
+                writer.send(&reply, wt).await
+            }
         };
         return;
     };
@@ -92,11 +97,14 @@ pub async fn serve_stream(
         Kind::Run => serve_run(&shared, remote, &mut writer, &mut reader, first).await,
         Kind::Join => serve_join(&shared, remote, &mut writer, &mut reader, first).await,
         Kind::Status => serve_status(&shared, remote, &mut writer, &mut reader, first).await,
+        Kind::Embed => {
+            crate::embed::serve_embed(&shared, remote, &mut writer, &mut reader, first).await
+        }
     }
     let _ = writer.close().await;
 }
 
-async fn first_frame<T: serde::de::DeserializeOwned>(
+pub(crate) async fn first_frame<T: serde::de::DeserializeOwned>(
     reader: &mut FrameReader,
     timeout: Duration,
 ) -> Result<Option<T>, ErrorFrame> {
@@ -110,7 +118,7 @@ async fn first_frame<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn net_error_frame(e: NetError) -> ErrorFrame {
+pub(crate) fn net_error_frame(e: NetError) -> ErrorFrame {
     match e {
         NetError::FrameTooLarge { .. } => error_frame(ErrorCode::FrameTooLarge, e.to_string()),
         NetError::Wire(w) => ErrorFrame::from(w),
@@ -119,7 +127,7 @@ fn net_error_frame(e: NetError) -> ErrorFrame {
     }
 }
 
-async fn call<M, T>(
+pub(crate) async fn call<M, T>(
     actor: Option<ractor::ActorRef<M>>,
     what: &str,
     make: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
@@ -144,10 +152,10 @@ where
 
 /// A reservation that is settled exactly once, whatever path the request
 /// takes; unless told what was used, the whole reservation is charged.
-struct Reservation<'a> {
-    shared: &'a NodeShared,
-    admission: &'a Admission,
-    used: Option<u32>,
+pub(crate) struct Reservation<'a> {
+    pub(crate) shared: &'a NodeShared,
+    pub(crate) admission: &'a Admission,
+    pub(crate) used: Option<u32>,
 }
 
 impl Drop for Reservation<'_> {
@@ -162,7 +170,7 @@ impl Drop for Reservation<'_> {
     }
 }
 
-fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
+pub(crate) fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
     let dir = shared.directory.get();
     if let Some(b) = dir.breaker {
         let _ = b.cast(BreakerMsg::Record { node, outcome });

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod breaker;
 pub mod capacity;
+pub mod embed;
 pub mod failover;
 pub mod ids;
 pub mod limits;

@@ -44,3 +44,15 @@ const _: () = assert!(
         + MAX_LOGIT_BIAS * 8
         < MAX_FRAME_BYTES
 );
+
+/// The most texts one embedding request may carry (OpenAI's API allows
+/// more; a mesh answers them in one frame, so it takes fewer).
+pub const MAX_EMBED_INPUTS: usize = 32;
+
+/// The most dimensions an embedding from a peer may have.
+pub const MAX_EMBED_DIMENSIONS: usize = 4096;
+
+// An embedding reply (4 bytes a dimension) fits one frame with room for
+// its framing, and the request's texts fit a message's budget.
+const _: () = assert!(MAX_EMBED_INPUTS * MAX_EMBED_DIMENSIONS * 4 + 64 * 1024 <= MAX_FRAME_BYTES);
+const _: () = assert!(MAX_MESSAGE_BYTES + 64 * 1024 <= MAX_FRAME_BYTES);

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use zavod_engine::llama::job_channel;
 use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::NodeId;
-use zavod_proto::auth::{AuthError, Grant, GrantCheck, Membership, ReplayGuard};
+use zavod_proto::auth::{AuthError, Grant, GrantBody, GrantCheck, Membership, ReplayGuard};
 use zavod_proto::capacity::WorkerLoad;
 use zavod_proto::prompt::{Turn, affinity_key, run_hash};
 use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
@@ -44,6 +44,16 @@ pub enum WorkerMsg {
         turns: Vec<Turn>,
         params: Box<GenParams>,
         reply: RpcReplyPort<Result<JobStream, ErrorFrame>>,
+    },
+    /// Checks an embedding request's grant (bound to the texts by
+    /// `embed_hash`) and hands back the model, so the caller embeds off
+    /// this actor: the embedder has its own thread and queue.
+    Embed {
+        grant: Box<Grant>,
+        issuer_membership: Option<Box<Membership>>,
+        client: NodeId,
+        inputs_hash: [u8; 32],
+        reply: RpcReplyPort<Result<Arc<dyn ModelBackend>, ErrorFrame>>,
     },
     Load(RpcReplyPort<WorkerLoad>),
     Tick,
@@ -134,6 +144,30 @@ impl Actor for ModelWorker {
                     return Err("engine stopped".into());
                 }
             }
+            WorkerMsg::Embed {
+                grant,
+                issuer_membership,
+                client,
+                inputs_hash,
+                reply,
+            } => {
+                let r = admit_grant(
+                    st,
+                    &grant,
+                    issuer_membership.as_deref(),
+                    client,
+                    inputs_hash,
+                    0,
+                )
+                .and_then(|_| {
+                    st.shared
+                        .models
+                        .get(st.index)
+                        .cloned()
+                        .ok_or_else(|| super::unavailable("the model"))
+                });
+                let _ = reply.send(r);
+            }
             WorkerMsg::Load(reply) => {
                 let _ = reply.send(st.engine.load());
             }
@@ -153,14 +187,17 @@ impl Actor for ModelWorker {
     }
 }
 
-fn run(
+/// Checks a grant for this worker's model (signature, issuer membership,
+/// expiry, binding to this node, the client, the prompt and the token
+/// budget) and spends it.
+fn admit_grant(
     st: &mut WorkerState,
-    grant: Box<Grant>,
+    grant: &Grant,
     issuer_membership: Option<&Membership>,
     client: NodeId,
-    turns: Vec<Turn>,
-    params: GenParams,
-) -> Result<JobStream, ErrorFrame> {
+    prompt_hash: [u8; 32],
+    max_tokens: u32,
+) -> Result<GrantBody, ErrorFrame> {
     let now = now_ms();
     let this = st.shared.identity.id();
     let model = st.engine.info().name.clone();
@@ -168,8 +205,8 @@ fn run(
         this_node: &this,
         client: &client,
         model: &model,
-        prompt_hash: run_hash(&turns, &params.resume_tokens),
-        max_tokens: params.max_tokens,
+        prompt_hash,
+        max_tokens,
     };
     let members = &st.members;
     let authorities = &st.shared.identity.authorities;
@@ -182,6 +219,26 @@ fn run(
     };
     let body = grant.verify(is_member, &check, now).map_err(grant_error)?;
     st.replay.admit(body, now).map_err(grant_error)?;
+    Ok(body.clone())
+}
+
+fn run(
+    st: &mut WorkerState,
+    grant: Box<Grant>,
+    issuer_membership: Option<&Membership>,
+    client: NodeId,
+    turns: Vec<Turn>,
+    params: GenParams,
+) -> Result<JobStream, ErrorFrame> {
+    let body = admit_grant(
+        st,
+        &grant,
+        issuer_membership,
+        client,
+        run_hash(&turns, &params.resume_tokens),
+        params.max_tokens,
+    )?;
+    let model = st.engine.info().name.clone();
     params
         .check()
         .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
