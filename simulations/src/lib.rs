@@ -327,7 +327,9 @@ struct Request {
     tail: String,
     tail_ids: Vec<i32>,
     /// The entry that placed the current attempt, and the placement's id.
-    placed_by: Option<(usize, RequestId)>,
+    /// The entry that placed the request, the request id it minted and
+    /// the target it chose.
+    placed_by: Option<(usize, RequestId, NodeId)>,
     /// The conversation and turn (from 0) this request is, if any.
     conv: Option<(u64, u32)>,
     /// When its first token reached the client.
@@ -843,25 +845,31 @@ impl Sim {
         let e = &mut self.nodes[entry];
         let me = e.id;
         let candidates = e.view.candidates(MODEL, &me, now, key);
-        let breakers = &mut e.breakers;
         let ask = Ask {
             request,
             exclude,
             until_ms,
             cache_key: key,
         };
-        let chosen = e.placer.place(
-            &candidates,
-            |n| breakers.try_acquire(n, now),
-            &ask,
-            &cfg,
-            now,
-        );
+        // As the node's Router does: the placer chooses among the routable,
+        // then the breaker confirms the choice (a half-open peer's single
+        // probe slot).
+        let breakers = &e.breakers;
+        let chosen = e
+            .placer
+            .place(
+                &candidates,
+                |n| breakers.is_routable(n, now),
+                &ask,
+                &cfg,
+                now,
+            )
+            .filter(|c| e.breakers.try_acquire(&c.node, request, now, until_ms));
         let Some(chosen) = chosen else {
             self.end(id, State::Failed("no node can serve now".into()));
             return;
         };
-        self.requests[id as usize].placed_by = Some((entry, request));
+        self.requests[id as usize].placed_by = Some((entry, request, chosen.node));
         let target = match self.nodes.iter().position(|n| n.id == chosen.node) {
             Some(t) => t,
             None => {
@@ -1229,8 +1237,11 @@ impl Sim {
     /// over (answered, failed, or replaced).
     fn done_placing(&mut self, id: u64) {
         let now = self.now;
-        if let Some((entry, request)) = self.requests[id as usize].placed_by.take() {
+        if let Some((entry, request, target)) = self.requests[id as usize].placed_by.take() {
             self.nodes[entry].placer.on_done(request, now);
+            // A probe that ended without an outcome frees its slot (after
+            // an outcome this changes nothing).
+            self.nodes[entry].breakers.release(&target, request);
         }
     }
 

@@ -460,7 +460,7 @@ fn http_errors_have_the_openai_shape_and_fitting_status() {
         unknown["model"] = json!("no-such-model");
         expect(api.post(path, &unknown).await, 404, "no-such-model");
         expect(
-            api.post("/v1/embeddings", &unknown).await,
+            api.post("/v1/images/generations", &unknown).await,
             404,
             "no such endpoint",
         );

@@ -5,7 +5,7 @@
 //! success closes it, a probe failure opens it again. Time is passed in.
 
 use crate::UnixMs;
-use crate::ids::NodeId;
+use crate::ids::{NodeId, RequestId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -42,43 +42,71 @@ impl BreakerState {
     }
 }
 
+/// The request holding a half-open peer's single probe slot, and when the
+/// slot frees itself if no outcome is ever recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    request: RequestId,
+    until_ms: UnixMs,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Breaker {
     state: BreakerState,
+    /// Set only while half-open: the probe let through.
+    probe: Option<Probe>,
 }
 
 impl Default for Breaker {
     fn default() -> Self {
         Breaker {
             state: BreakerState::Closed { failures: 0 },
+            probe: None,
         }
     }
 }
 
 impl Breaker {
     /// The state as of `now` (an open circuit whose cool-down passed reads
-    /// as half-open).
+    /// as half-open; a probe past its deadline no longer holds the slot).
     pub fn state(&self, now_ms: UnixMs) -> BreakerState {
         match self.state {
             BreakerState::Open { until_ms } if now_ms >= until_ms => BreakerState::HalfOpen {
                 probe_in_flight: false,
             },
+            BreakerState::HalfOpen { .. } => BreakerState::HalfOpen {
+                probe_in_flight: self.probe.is_some_and(|p| now_ms < p.until_ms),
+            },
             s => s,
         }
     }
 
-    /// Whether a request may go to this peer now. In half-open this admits
-    /// exactly one probe until its outcome is recorded.
-    pub fn try_acquire(&mut self, now_ms: UnixMs) -> bool {
+    /// Lets `request` go to this peer if it may: always when closed, never
+    /// when open, and when half-open only as the single probe, which holds
+    /// the slot until its outcome is recorded, it is released, or
+    /// `until_ms` passes.
+    pub fn try_acquire(&mut self, request: RequestId, now_ms: UnixMs, until_ms: UnixMs) -> bool {
         match self.state(now_ms) {
             BreakerState::Closed { .. } => true,
             BreakerState::Open { .. } => false,
             BreakerState::HalfOpen { probe_in_flight } => {
+                if probe_in_flight {
+                    return false;
+                }
                 self.state = BreakerState::HalfOpen {
                     probe_in_flight: true,
                 };
-                !probe_in_flight
+                self.probe = Some(Probe { request, until_ms });
+                true
             }
+        }
+    }
+
+    /// `request` ended without an outcome (cancelled, or refused for its
+    /// own input): if it held the probe slot, the next request may probe.
+    pub fn release(&mut self, request: RequestId) {
+        if self.probe.is_some_and(|p| p.request == request) {
+            self.probe = None;
         }
     }
 
@@ -93,6 +121,7 @@ impl Breaker {
 
     pub fn on_success(&mut self, _now_ms: UnixMs) {
         self.state = BreakerState::Closed { failures: 0 };
+        self.probe = None;
     }
 
     pub fn on_failure(&mut self, cfg: &BreakerConfig, now_ms: UnixMs) {
@@ -111,6 +140,7 @@ impl Breaker {
             BreakerState::HalfOpen { .. } => open,
             s @ BreakerState::Open { .. } => s,
         };
+        self.probe = None;
     }
 }
 
@@ -149,8 +179,27 @@ impl BreakerBoard {
         self.peers.get(peer).is_none_or(|b| b.is_routable(now_ms))
     }
 
-    pub fn try_acquire(&mut self, peer: &NodeId, now_ms: UnixMs) -> bool {
-        self.entry(peer).try_acquire(now_ms)
+    /// See [`Breaker::try_acquire`]; the placer's choice is confirmed
+    /// through this, so a half-open peer gets one probe however many
+    /// requests arrive at once.
+    pub fn try_acquire(
+        &mut self,
+        peer: &NodeId,
+        request: RequestId,
+        now_ms: UnixMs,
+        until_ms: UnixMs,
+    ) -> bool {
+        if !self.peers.contains_key(peer) {
+            return true;
+        }
+        self.entry(peer).try_acquire(request, now_ms, until_ms)
+    }
+
+    /// See [`Breaker::release`].
+    pub fn release(&mut self, peer: &NodeId, request: RequestId) {
+        if let Some(b) = self.peers.get_mut(peer) {
+            b.release(request);
+        }
     }
 
     pub fn record(&mut self, peer: &NodeId, outcome: Outcome, now_ms: UnixMs) {
@@ -187,6 +236,44 @@ mod tests {
         failure_threshold: 3,
         open_ms: 1_000,
     };
+    const R1: RequestId = RequestId(1);
+    const R2: RequestId = RequestId(2);
+
+    #[test]
+    fn a_probe_that_ends_without_an_outcome_frees_the_slot() {
+        let mut b = Breaker::default();
+        for t in 0..3 {
+            b.on_failure(&CFG, t);
+        }
+        assert!(b.try_acquire(R1, 1_002, 5_000));
+        // Another request's end frees nothing.
+        b.release(R2);
+        assert!(!b.try_acquire(R2, 1_003, 5_000));
+        // The probe was cancelled: the next request probes.
+        b.release(R1);
+        assert!(b.try_acquire(R2, 1_004, 5_000));
+        // A probe never heard of again frees the slot at its deadline.
+        assert!(!b.is_routable(4_999));
+        assert!(b.is_routable(5_000));
+        assert!(b.try_acquire(R1, 5_000, 9_000));
+    }
+
+    #[test]
+    fn a_closed_peer_takes_every_request_and_the_board_creates_nothing() {
+        let mut board = BreakerBoard::new(CFG);
+        let a = NodeId([1; 32]);
+        assert!(board.try_acquire(&a, R1, 0, 10));
+        assert!(board.try_acquire(&a, R2, 0, 10));
+        assert!(board.states(0).is_empty());
+        for _ in 0..3 {
+            board.record(&a, Outcome::Failure, 0);
+        }
+        assert!(!board.try_acquire(&a, R1, 10, 100), "open");
+        assert!(board.try_acquire(&a, R1, 1_000, 3_000), "the probe");
+        assert!(!board.try_acquire(&a, R2, 1_001, 3_000), "one at a time");
+        board.release(&a, R1);
+        assert!(board.try_acquire(&a, R2, 1_002, 3_000));
+    }
 
     #[test]
     fn opens_after_threshold_and_recovers_through_half_open() {
@@ -196,12 +283,13 @@ mod tests {
         assert_eq!(b.state(1), BreakerState::Closed { failures: 2 });
         b.on_failure(&CFG, 2);
         assert_eq!(b.state(2), BreakerState::Open { until_ms: 1_002 });
-        assert!(!b.try_acquire(500));
+        assert!(!b.try_acquire(R1, 500, 5_000));
         assert!(!b.is_routable(1_001));
         // Cool-down over: one probe.
         assert!(b.is_routable(1_002));
-        assert!(b.try_acquire(1_002));
-        assert!(!b.try_acquire(1_003), "only one probe at a time");
+        assert!(b.try_acquire(R1, 1_002, 5_000));
+        assert!(!b.is_routable(1_003));
+        assert!(!b.try_acquire(R2, 1_003, 5_000), "only one probe at a time");
         b.on_success(1_010);
         assert_eq!(b.state(1_010), BreakerState::Closed { failures: 0 });
     }
@@ -212,7 +300,7 @@ mod tests {
         for t in 0..3 {
             b.on_failure(&CFG, t);
         }
-        assert!(b.try_acquire(2_000));
+        assert!(b.try_acquire(R1, 2_000, 9_000));
         b.on_failure(&CFG, 2_001);
         assert_eq!(b.state(2_001), BreakerState::Open { until_ms: 3_001 });
     }

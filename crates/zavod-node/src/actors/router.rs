@@ -85,6 +85,7 @@ pub struct Placement {
 #[derive(Debug)]
 pub struct InFlight {
     request: RequestId,
+    target: NodeId,
     router: ActorRef<RouterMsg>,
 }
 
@@ -92,6 +93,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let _ = self.router.cast(RouterMsg::Done {
             request: self.request,
+            target: self.target,
         });
     }
 }
@@ -109,6 +111,7 @@ pub enum RouterMsg {
     /// A placement this node made is over (its [`InFlight`] was dropped).
     Done {
         request: RequestId,
+        target: NodeId,
     },
     /// A node failed a request this node placed: the placer passes it
     /// over until it reports again.
@@ -517,8 +520,9 @@ impl RouterState {
             .get()
             .breaker
             .ok_or_else(|| unavailable("the breaker"))?;
-        // The Breaker answers which may be tried (taking a half-open peer's
-        // single probe slot); the decision itself is zavod_proto's.
+        // The Breaker answers which may be tried; the decision itself is
+        // zavod_proto's; then the Breaker confirms it (a half-open peer
+        // takes one probe at a time).
         let nodes: Vec<NodeId> = candidates
             .iter()
             .map(|c| c.node)
@@ -538,23 +542,49 @@ impl RouterState {
         // for as long as the answer may take at the most.
         let until_ms =
             now + config.limits.stall_timeout_ms + u64::from(max_tokens).saturating_mul(1_000);
-        let ask = Ask {
-            request,
-            exclude: &exclude,
-            until_ms,
-            cache_key: Some(cache_key),
-        };
-        let chosen = self
-            .placer
-            .place(&candidates, |n| routable.contains(n), &ask, &cfg, now)
-            .ok_or_else(|| {
-            error_frame(
-                ErrorCode::NoCapacity,
-                format!(
-                    "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
-                ),
+        let mut refused: Vec<NodeId> = Vec::new();
+        let chosen = loop {
+            let ask = Ask {
+                request,
+                exclude: &exclude,
+                until_ms,
+                cache_key: Some(cache_key),
+            };
+            let placed = self.placer.place(
+                &candidates,
+                |n| routable.contains(n) && !refused.contains(n),
+                &ask,
+                &cfg,
+                now,
+            );
+            let Some(chosen) = placed else {
+                return Err(error_frame(
+                    ErrorCode::NoCapacity,
+                    format!(
+                        "no node can serve {model:?} now (none alive with it loaded, or their circuits are open)"
+                    ),
+                ));
+            };
+            let node = chosen.node;
+            let confirmed = ractor::call_t!(
+                breaker,
+                |reply| BreakerMsg::Acquire {
+                    node,
+                    request,
+                    until_ms,
+                    reply,
+                },
+                BREAKER_TIMEOUT_MS
             )
-            })?;
+            .map_err(|_| unavailable("the breaker"))?;
+            if confirmed {
+                break chosen;
+            }
+            // Its circuit opened, or its probe went out, since the filter:
+            // the placer counted the request on it, so take it back.
+            self.placer.on_done(request, now);
+            refused.push(node);
+        };
         let addrs = if chosen.node == self.me() {
             self.shared.listen_addrs()
         } else {
@@ -584,6 +614,7 @@ impl RouterState {
             cache_hit: chosen.cache_hit,
             in_flight: Some(InFlight {
                 request,
+                target: chosen.node,
                 router: myself.clone(),
             }),
         })
@@ -713,7 +744,17 @@ impl Actor for Router {
                 // counts it done.
                 let _ = reply.send(placed);
             }
-            RouterMsg::Done { request } => st.placer.on_done(request, now_ms()),
+            RouterMsg::Done { request, target } => {
+                st.placer.on_done(request, now_ms());
+                // A half-open probe that ended without an outcome frees
+                // its slot (after an outcome this changes nothing).
+                if let Some(b) = st.shared.directory.get().breaker {
+                    let _ = b.cast(BreakerMsg::Release {
+                        node: target,
+                        request,
+                    });
+                }
+            }
             RouterMsg::Failed { node } => st.placer.on_failure(&node),
             RouterMsg::Settle {
                 credential_id,
