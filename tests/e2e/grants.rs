@@ -142,3 +142,84 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
         assert!(e.contains("expired"), "{e}");
     });
 }
+
+/// B's breaker as A shows it.
+fn breaker_of(status: &serde_json::Value, peer: &str) -> String {
+    status["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["peer_id"] == peer))
+        .and_then(|m| m["breaker"].as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[test]
+fn clients_cannot_open_a_peers_breaker_with_claims_or_bad_input() {
+    use zavod_proto::wire::ClientFrame;
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &["--http", "127.0.0.1:0"]);
+    let b = NodeProc::start(&d("b"), &["--join", &invite(&d("a")), "--model", &model]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            member_state(&status_json(&d("a"), &a.addr), &b.peer_id).as_deref() == Some("alive")
+        })
+        .is_some(),
+        "B never alive in A's view"
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = chat_client(&d("a"), &a.addr).await;
+        // Four times the breaker's threshold: a redirect, then at once a
+        // Resume with nothing in it, claiming B failed.
+        for _ in 0..4 {
+            let (_r, mut s) = redirect(&client).await;
+            s.send(&ClientFrame::Resume {
+                reason: "B failed (it did not)".into(),
+                answer: String::new(),
+                tokens: 0,
+                ids: Vec::new(),
+            })
+            .await
+            .expect("send");
+            // A places the rest elsewhere; with B excluded there is none.
+            let _ = s.recv::<ServerFrame>(T).await;
+        }
+    });
+    // A checked B itself (reachable), so nothing counts against it.
+    std::thread::sleep(Duration::from_millis(500));
+    let st = status_json(&d("a"), &a.addr);
+    assert_eq!(breaker_of(&st, &b.peer_id), "closed", "{st}");
+
+    // Over HTTP A relays; B refuses content with a NUL byte as bad input:
+    // the client's 400, and not B's fault.
+    let token = zavod_tests::cap_issue(&d("a"), &["--max-tokens", "10000", "--ttl", "1h"]);
+    let http = a.http.clone().expect("http");
+    rt.block_on(async {
+        let post = |content: &str| {
+            reqwest::Client::new()
+                .post(format!("{http}/v1/chat/completions"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({
+                    "model": "gemma-3-270m-q4_k_m",
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": content}],
+                }))
+                .send()
+        };
+        for _ in 0..4 {
+            let r = post("bad\u{0}input").await.expect("send");
+            assert_eq!(
+                r.status().as_u16(),
+                400,
+                "{}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+        let r = post("Hello").await.expect("send");
+        assert_eq!(r.status().as_u16(), 200, "B still serves");
+    });
+    let st = status_json(&d("a"), &a.addr);
+    assert_eq!(breaker_of(&st, &b.peer_id), "closed", "{st}");
+}

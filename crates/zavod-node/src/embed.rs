@@ -24,7 +24,7 @@ use zavod_engine::EngineError;
 use zavod_net::{EMBED_PROTOCOL, FrameReader, FrameWriter};
 use zavod_proto::NodeId;
 use zavod_proto::auth::{Credential, Grant, Membership};
-use zavod_proto::breaker::Outcome;
+use zavod_proto::breaker::{Fault, Outcome, fault_of};
 use zavod_proto::embed::{EmbedReply, EmbedRequest, check_inputs, check_vectors, embed_hash};
 use zavod_proto::limits::MAX_TOKENS_PER_REQUEST;
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, GenParams};
@@ -147,14 +147,12 @@ enum Failed {
 }
 
 impl Failed {
-    /// Sorts a refusal: only an internal failure or a timeout is the
-    /// target's fault (a refused grant may only mean it has not heard of
-    /// this node yet).
+    /// Sorts a refusal by [`fault_of`].
     fn of(e: ErrorFrame) -> Failed {
-        match e.code {
-            ErrorCode::BadRequest | ErrorCode::FrameTooLarge => Failed::Input(e),
-            ErrorCode::Internal | ErrorCode::Timeout => Failed::Target(e),
-            _ => Failed::Busy(e),
+        match fault_of(e.code) {
+            Fault::Request => Failed::Input(e),
+            Fault::Target => Failed::Target(e),
+            Fault::Busy => Failed::Busy(e),
         }
     }
 }

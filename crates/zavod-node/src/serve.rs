@@ -31,7 +31,7 @@ use zavod_engine::EngineEvent;
 use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, RUN_PROTOCOL, node_id_of};
 use zavod_proto::NodeId;
 use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
-use zavod_proto::breaker::Outcome;
+use zavod_proto::breaker::{Fault, Outcome, fault_of};
 use zavod_proto::failover::{ResumeRequest, Resumption};
 use zavod_proto::prompt::{Role, Turn, affinity_key, run_hash};
 use zavod_proto::wire::{
@@ -592,7 +592,9 @@ async fn run_chat(
                     so_far
                         .on_resume(placement.target, ResumeRequest { answer, tokens, ids })
                         .map_err(|e| error_frame(ErrorCode::BadRequest, format!("cannot resume this answer: {e}")))?;
-                    record_outcome(shared, placement.target, Outcome::Failure);
+                    // The client's word excludes the target from this
+                    // answer only; its breaker counts what this node sees.
+                    check_target(shared, placement.target);
                     let rest = so_far.params(&params);
                     let next = place(shared, client, &admission, &prepared.turns, &rest, so_far.exclude().to_vec()).await?;
                     if writer.send(&accepted(&next), wt).await.is_err() {
@@ -653,6 +655,30 @@ async fn run_chat(
     // Neither the client nor the target reported: the reservation is
     // charged in full, since only the target knows what it generated.
     Ok(())
+}
+
+/// A client says its target failed. The entry takes no one's word for a
+/// peer's failure: it opens a stream to the target itself, and counts a
+/// failure against its breaker only if that fails.
+fn check_target(shared: &Arc<NodeShared>, target: NodeId) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let Some(peer) = zavod_net::peer_id_of(&target) else {
+            return;
+        };
+        let limit = Duration::from_millis(shared.config.limits.dial_timeout_ms);
+        let open = shared.net.open(peer, zavod_net::STATUS_PROTOCOL);
+        match tokio::time::timeout(limit, open).await {
+            // Closed at once: the target sees a status stream with no
+            // request, which ends it quietly.
+            Ok(Ok(stream)) => drop(stream),
+            Ok(Err(e)) => {
+                tracing::info!(target = %target.short(), error = %e, "the target a client gave up on is unreachable from here too");
+                record_outcome(&shared, target, Outcome::Failure);
+            }
+            Err(_) => record_outcome(&shared, target, Outcome::Failure),
+        }
+    });
 }
 
 /// Shifts token indices so a resumed answer goes on counting where the
@@ -1057,13 +1083,23 @@ async fn relay(
                 return Ok(());
             }
             Ok(Fetched::ClientGone) => return Ok(()),
-            Err(Failed {
-                error,
-                tokens,
-                answer,
-                ids,
-            }) => {
-                record_outcome(shared, target, Outcome::Failure);
+            Err(failed) => {
+                let fault = failed.fault();
+                let Failed {
+                    error,
+                    tokens,
+                    answer,
+                    ids,
+                    ..
+                } = failed;
+                match fault {
+                    // The target refused the request itself (bad input,
+                    // over budget): the client's answer, and no one's
+                    // fault; another target would refuse it too.
+                    Fault::Request if tokens == 0 => return Err(error),
+                    Fault::Request | Fault::Busy => {}
+                    Fault::Target => record_outcome(shared, target, Outcome::Failure),
+                }
                 tracing::warn!(target = %target.short(), error = %error.message, tokens, "relay attempt failed");
                 if let Err(why) = so_far.on_fetch_failed(target, &answer, &ids) {
                     tracing::warn!(error = %why, "relay gives up");
@@ -1078,9 +1114,23 @@ async fn relay(
 /// How a remote run failed, and what it had streamed by then.
 struct Failed {
     error: ErrorFrame,
+    /// The target answered with this error (to be sorted by `fault_of`);
+    /// otherwise this node saw the fault itself (no connection, stall,
+    /// broken stream or receipt).
+    from_target: bool,
     tokens: u32,
     answer: String,
     ids: Vec<i32>,
+}
+
+impl Failed {
+    fn fault(&self) -> Fault {
+        if self.from_target {
+            fault_of(self.error.code)
+        } else {
+            Fault::Target
+        }
+    }
 }
 
 enum Fetched {
@@ -1105,6 +1155,7 @@ async fn fetch_remote(
     let stall = Duration::from_millis(shared.config.limits.stall_timeout_ms);
     let fail = |code, m: String| Failed {
         error: error_frame(code, m),
+        from_target: false,
         tokens: 0,
         answer: String::new(),
         ids: Vec::new(),
@@ -1144,6 +1195,7 @@ async fn fetch_remote(
     let mut answer = String::new();
     let mut ids = Vec::new();
     let mut sent = 0u32;
+    let mut from_target = false;
     let error = loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(stall, tr.recv::<ServerFrame>()) => f,
@@ -1182,7 +1234,10 @@ async fn fetch_remote(
                     None => break error_frame(ErrorCode::Internal, "target sent no receipt"),
                 }
             }
-            Ok(Ok(Some(ServerFrame::Error(error)))) => break error,
+            Ok(Ok(Some(ServerFrame::Error(error)))) => {
+                from_target = true;
+                break error;
+            }
             Ok(Ok(Some(_))) => {
                 break error_frame(ErrorCode::Internal, "target broke the protocol");
             }
@@ -1199,6 +1254,7 @@ async fn fetch_remote(
     };
     Err(Failed {
         error,
+        from_target,
         tokens: sent,
         answer,
         ids,

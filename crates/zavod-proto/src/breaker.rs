@@ -155,6 +155,38 @@ pub struct BreakerBoard {
     peers: BTreeMap<NodeId, Breaker>,
 }
 
+/// Whose an error a target answered with is, for its breaker: an entry
+/// counts only faults it observed (it could not connect or open a stream,
+/// the target stalled or broke the stream, or said it failed inside),
+/// never a refusal of the request's own input, a full or restarting
+/// target, or a client's say-so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The request itself was refused: the client's to fix; trying another
+    /// target would get the same answer.
+    Request,
+    /// The target could not take it now (full, restarting, not yet aware of
+    /// this entry): try another, count nothing.
+    Busy,
+    /// The target failed: counts against its breaker.
+    Target,
+}
+
+/// Sorts an error a target answered with (see [`Fault`]).
+pub fn fault_of(code: crate::wire::ErrorCode) -> Fault {
+    use crate::wire::ErrorCode as C;
+    match code {
+        C::BadRequest | C::FrameTooLarge | C::BudgetExhausted => Fault::Request,
+        C::Internal | C::Timeout => Fault::Target,
+        C::Unauthorized
+        | C::Forbidden
+        | C::RateLimited
+        | C::ModelUnavailable
+        | C::NoCapacity
+        | C::UnsupportedVersion => Fault::Busy,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
@@ -313,6 +345,18 @@ mod tests {
         b.on_success(0);
         b.on_failure(&CFG, 0);
         assert_eq!(b.state(0), BreakerState::Closed { failures: 1 });
+    }
+
+    #[test]
+    fn only_a_targets_own_failure_counts_against_it() {
+        use crate::wire::ErrorCode as C;
+        assert_eq!(fault_of(C::BadRequest), Fault::Request);
+        assert_eq!(fault_of(C::FrameTooLarge), Fault::Request);
+        assert_eq!(fault_of(C::Internal), Fault::Target);
+        assert_eq!(fault_of(C::Timeout), Fault::Target);
+        for c in [C::NoCapacity, C::Unauthorized, C::Forbidden, C::RateLimited] {
+            assert_eq!(fault_of(c), Fault::Busy);
+        }
     }
 
     #[test]
