@@ -11,5 +11,6 @@ mod mdns;
 mod memory;
 mod mesh;
 mod models;
+mod relay;
 mod sessions;
 mod trust;

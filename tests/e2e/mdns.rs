@@ -2,51 +2,8 @@
 //! pair (a two-host LAN on this machine) find each other by mDNS, with no
 //! address given, when the profile enables it.
 
-use std::process::Command;
 use std::time::Duration;
-use zavod_tests::{NodeProc, invite, member_state, status_json_in, wait_until};
-
-/// Two namespaces and a veth pair between them; removed on drop.
-struct Lan {
-    names: [String; 2],
-}
-
-impl Lan {
-    fn new() -> Option<Lan> {
-        let tag = std::process::id();
-        let names = [format!("zva{tag}"), format!("zvb{tag}")];
-        let run = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !run(&["netns", "add", &names[0]]) {
-            return None;
-        }
-        let lan = Lan { names };
-        let [a, b] = &lan.names;
-        let ok = run(&["netns", "add", b])
-            && run(&[
-                "link", "add", "zv0", "netns", a, "type", "veth", "peer", "name", "zv1", "netns", b,
-            ])
-            && run(&["-n", a, "addr", "add", "10.77.0.1/24", "dev", "zv0"])
-            && run(&["-n", b, "addr", "add", "10.77.0.2/24", "dev", "zv1"])
-            && run(&["-n", a, "link", "set", "zv0", "up"])
-            && run(&["-n", b, "link", "set", "zv1", "up"])
-            && run(&["-n", a, "link", "set", "lo", "up"])
-            && run(&["-n", b, "link", "set", "lo", "up"]);
-        ok.then_some(lan)
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
+use zavod_tests::{Lan, NodeProc, invite, member_state, status_json_in, wait_until};
 
 fn status_in(ns: &str, dir: &std::path::Path, addr: &str) -> serde_json::Value {
     status_json_in(Some(ns), dir, addr)
@@ -54,7 +11,7 @@ fn status_in(ns: &str, dir: &std::path::Path, addr: &str) -> serde_json::Value {
 
 #[test]
 fn nodes_on_a_lan_find_each_other_by_mdns() {
-    let Some(lan) = Lan::new() else {
+    let Some(lan) = Lan::new(77) else {
         // Network namespaces need root (CAP_NET_ADMIN) and iproute2.
         eprintln!("SKIPPED: cannot create network namespaces here (needs root and `ip`)");
         return;

@@ -365,3 +365,50 @@ pub async fn ask_for_redirect(
         }
     }
 }
+
+/// Two network namespaces joined by a veth pair (two hosts on a LAN on
+/// this machine): the first is 10.N.0.1, the second 10.N.0.2, each with its
+/// own loopback. Removed on drop. `None` where namespaces cannot be made
+/// (they need root and iproute2).
+pub struct Lan {
+    pub names: [String; 2],
+}
+
+impl Lan {
+    pub fn new(subnet: u8) -> Option<Lan> {
+        let tag = std::process::id();
+        let names = [format!("zva{subnet}x{tag}"), format!("zvb{subnet}x{tag}")];
+        let run = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !run(&["netns", "add", &names[0]]) {
+            return None;
+        }
+        let lan = Lan { names };
+        let [a, b] = &lan.names;
+        let (va, vb) = (format!("zv{subnet}a"), format!("zv{subnet}b"));
+        let (ip_a, ip_b) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
+        let ok = run(&["netns", "add", b])
+            && run(&[
+                "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
+            ])
+            && run(&["-n", a, "addr", "add", &ip_a, "dev", &va])
+            && run(&["-n", b, "addr", "add", &ip_b, "dev", &vb])
+            && run(&["-n", a, "link", "set", &va, "up"])
+            && run(&["-n", b, "link", "set", &vb, "up"])
+            && run(&["-n", a, "link", "set", "lo", "up"])
+            && run(&["-n", b, "link", "set", "lo", "up"]);
+        ok.then_some(lan)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}

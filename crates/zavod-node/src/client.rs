@@ -284,13 +284,10 @@ impl ChatClient {
                             match progress.stream.on_failure(refused) {
                                 // Not reachable from here: ask the entry to relay.
                                 OnFailure::Relay => {
-                                    w.send(
-                                        &ClientFrame::Relay {
-                                            reason: e.to_string(),
-                                        },
-                                        self.frame_timeout,
-                                    )
-                                    .await?;
+                                    let reason = e.to_string();
+                                    on_event(ChatEvent::Relayed { reason: &reason });
+                                    w.send(&ClientFrame::Relay { reason }, self.frame_timeout)
+                                        .await?;
                                 }
                                 // A target that died or stalled is replaced.
                                 OnFailure::Resume(ResumeRequest {
