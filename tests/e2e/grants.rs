@@ -113,7 +113,28 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
         let e = run_on(net, &addr_of(&t), &r.run)
             .await
             .expect_err("prompt swapped");
-        assert!(e.contains("prompt differs"), "{e}");
+        assert!(e.contains("prompt or generation parameters differs"), "{e}");
+
+        // The same prompt with other sampling: the grant binds those too.
+        for tamper in [
+            |r: &mut Redirect| r.run.params.temperature = 1.5,
+            |r: &mut Redirect| r.run.params.seed ^= 1,
+            |r: &mut Redirect| r.run.params.ignore_eos = true,
+            |r: &mut Redirect| r.run.params.raw = true,
+        ] {
+            let (mut r, _s) = redirect(&client).await;
+            let t = target(&r);
+            tamper(&mut r);
+            let e = run_on(net, &addr_of(&t), &r.run)
+                .await
+                .expect_err("sampling changed");
+            assert!(e.contains("generation parameters differs"), "{e}");
+        }
+        // Asking for fewer tokens than granted is fine.
+        let (mut r, _s) = redirect(&client).await;
+        let t = target(&r);
+        r.run.params.max_tokens = 1;
+        assert_eq!(run_on(net, &addr_of(&t), &r.run).await.expect("fewer"), 1);
 
         // The grant is bound to the client's key: another key cannot use it.
         let (r, _s5) = redirect(&client).await;

@@ -8,6 +8,16 @@ pub struct Utf8Stream {
 }
 
 impl Utf8Stream {
+    /// The decoder of an answer resumed after `sent` bytes (the pieces of
+    /// the tokens another node streamed before it failed): their complete
+    /// text was delivered already, but a character they end inside of is
+    /// held, so the next token completes it instead of losing its bytes.
+    pub fn resumed_after(sent: &[u8]) -> Self {
+        let mut s = Utf8Stream::default();
+        let _ = s.push(sent);
+        s
+    }
+
     /// Adds bytes and returns the text that is now complete.
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
@@ -52,5 +62,16 @@ mod tests {
         assert_eq!(s.push(&e[3..]), "€");
         assert_eq!(s.push(&[0xff, b'a']), "\u{FFFD}a");
         assert_eq!(s.push(&[0xe2]), "");
+    }
+
+    #[test]
+    fn a_character_split_across_a_failover_keeps_its_bytes() {
+        let clef = "a𝄞".as_bytes();
+        // The failed node streamed "a" and the first two bytes of the clef.
+        let mut s = Utf8Stream::resumed_after(&clef[..3]);
+        assert_eq!(s.push(&clef[3..]), "𝄞");
+        // Nothing was pending: nothing is held.
+        let mut s = Utf8Stream::resumed_after("done".as_bytes());
+        assert_eq!(s.push(b"!"), "!");
     }
 }

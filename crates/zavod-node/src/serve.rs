@@ -936,7 +936,7 @@ async fn place(
             ask: PlaceAsk {
                 client,
                 model: admission.model.clone(),
-                prompt_hash: run_hash(turns, &params.resume_tokens),
+                prompt_hash: run_hash(turns, params),
                 max_tokens: admission.max_tokens,
                 exclude,
                 cache_scope: admission.credential_id,

@@ -653,7 +653,7 @@ impl Grant {
             return Err(AuthError::GrantMismatch("model"));
         }
         if b.prompt_hash != check.prompt_hash {
-            return Err(AuthError::GrantMismatch("prompt"));
+            return Err(AuthError::GrantMismatch("prompt or generation parameters"));
         }
         if check.max_tokens > b.max_tokens {
             return Err(AuthError::GrantMismatch("max_tokens"));
@@ -1086,7 +1086,7 @@ mod tests {
                 },
                 1_000
             ),
-            Err(AuthError::GrantMismatch("prompt"))
+            Err(AuthError::GrantMismatch("prompt or generation parameters"))
         );
         assert_eq!(
             grant.verify(

@@ -113,7 +113,10 @@ mod tests {
             text: "hello".into(),
             tokens: 1,
         }];
-        assert_ne!(embed_hash(&texts), crate::prompt::run_hash(&turns, &[]));
+        assert_ne!(
+            embed_hash(&texts),
+            crate::prompt::run_hash(&turns, &Default::default())
+        );
         assert_ne!(embed_hash(&texts), embed_hash(&["hello!".to_string()]));
     }
 

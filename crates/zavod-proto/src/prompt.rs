@@ -31,19 +31,22 @@ pub struct Turn {
     pub tokens: u32,
 }
 
-/// The hash a grant binds a prompt's turns with: sha256 of their canonical
-/// encoding, so the node that formats them for its model can check them.
-pub fn turns_hash(turns: &[Turn]) -> [u8; 32] {
-    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&turns))
-}
-
-/// What a grant binds: the turns, and the tokens of a resumed answer when
-/// there are any (so a grant to continue one answer continues no other).
-pub fn run_hash(turns: &[Turn], resume_tokens: &[i32]) -> [u8; 32] {
-    if resume_tokens.is_empty() {
-        return turns_hash(turns);
-    }
-    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&(turns, resume_tokens)))
+/// What a grant binds: the turns and every generation parameter the
+/// entry set (sampling, seed, stops, grammar, penalties, and the tokens of
+/// a resumed answer, so a grant to continue one answer continues no
+/// other), except `max_tokens`, which the grant bounds on its own (a
+/// client may ask for fewer). A client cannot change any of them at the
+/// target.
+pub fn run_hash(turns: &[Turn], params: &crate::wire::GenParams) -> [u8; 32] {
+    let bound = crate::wire::GenParams {
+        max_tokens: 0,
+        ..params.clone()
+    };
+    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&(
+        "zavod-run-2",
+        turns,
+        bound,
+    )))
 }
 
 /// The key a prompt's KV cache is known by in the mesh (capacity reports

@@ -475,6 +475,13 @@ impl Engine {
         }
         reuse = self.keep_prefix(ctx, seq, reuse);
         self.cache.truncate(plan.seq, reuse);
+        // A character the failed node's last tokens ended inside of is
+        // completed by this node's first ones.
+        let sent: Vec<u8> = forced
+            .iter()
+            .flat_map(|&t| self.model.model().vocab().token_to_piece(t, false, None))
+            .collect();
+        let utf8 = Utf8Stream::resumed_after(&sent);
         let prompt_tokens = (prompt.len() + forced.len()) as u32;
         let started = EngineEvent::Started {
             prompt_tokens,
@@ -501,7 +508,7 @@ impl Engine {
             max_tokens: job.params.max_tokens,
             ignore_eos: job.params.ignore_eos,
             generated: 0,
-            utf8: Utf8Stream::default(),
+            utf8,
             submitted: Instant::now(),
             first_at: None,
             last_at: None,

@@ -235,7 +235,7 @@ fn run(
         &grant,
         issuer_membership,
         client,
-        run_hash(&turns, &params.resume_tokens),
+        run_hash(&turns, &params),
         params.max_tokens,
     )?;
     let model = st.engine.info().name.clone();
