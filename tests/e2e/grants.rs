@@ -244,3 +244,119 @@ fn clients_cannot_open_a_peers_breaker_with_claims_or_bad_input() {
     let st = status_json(&d("a"), &a.addr);
     assert_eq!(breaker_of(&st, &b.peer_id), "closed", "{st}");
 }
+
+/// Runs a granted request on `addr` to its end: the answer, its token
+/// count and the target's receipt.
+async fn run_whole(
+    net: &zavod_net::Client,
+    addr: &str,
+    run: &RunRequest,
+) -> (String, u32, zavod_proto::auth::Receipt) {
+    let peer = net.dial(addr.parse().expect("addr")).await.expect("dial");
+    let mut s = net
+        .open(peer, zavod_net::RUN_PROTOCOL)
+        .await
+        .expect("open run");
+    s.send(run).await.expect("send");
+    let mut answer = String::new();
+    loop {
+        match s.recv::<ServerFrame>(T).await.expect("frame") {
+            Some(ServerFrame::Token { text, .. }) => answer.push_str(&text),
+            Some(ServerFrame::Done(d)) => {
+                return (answer, d.generated_tokens, d.receipt.expect("receipt"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_target_the_client_leaves_mid_answer_is_still_charged() {
+    use zavod_proto::wire::ClientFrame;
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &[]);
+    let token = invite(&d("a"));
+    let b = NodeProc::start(&d("b"), &["--join", &token, "--model", &model]);
+    let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = status_json(&d("a"), &a.addr);
+            member_state(&s, &b.peer_id).as_deref() == Some("alive")
+                && member_state(&s, &c.peer_id).as_deref() == Some("alive")
+        })
+        .is_some(),
+        "B and C never both alive in A's view"
+    );
+    let addr_of = |peer: &str| {
+        if peer == b.peer_id {
+            b.addr.clone()
+        } else {
+            c.addr.clone()
+        }
+    };
+    // A budget of 21 tokens; each answer may take 20.
+    let cap = zavod_tests::cap_issue(&d("a"), &["--max-tokens", "21", "--ttl", "1h"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = ChatClient::connect(
+            zavod_node::datadir::ClientIdentity::load(&d("a"), Some(&cap)).expect("identity"),
+            a.addr.parse().expect("addr"),
+            Default::default(),
+        )
+        .await
+        .expect("connect");
+        let net = client.net();
+        let target = |r: &Redirect| zavod_net::peer_id_of(&r.target).expect("peer").to_string();
+        let prompt = "Count from one to one hundred in words, separated by commas.";
+        let (first, mut s) = ask_for_redirect(&client, prompt, None, 20).await;
+        // At once, before running it: "the target failed with nothing".
+        s.send(&ClientFrame::Resume {
+            reason: "pretend".into(),
+            answer: String::new(),
+            tokens: 0,
+            ids: Vec::new(),
+        })
+        .await
+        .expect("send");
+        let second = loop {
+            match s.recv::<ServerFrame>(T).await.expect("frame") {
+                Some(ServerFrame::Accepted(_)) => {}
+                Some(ServerFrame::Redirect(r)) => break *r,
+                other => panic!("expected a second redirect, got {other:?}"),
+            }
+        };
+        assert_ne!(
+            target(&first),
+            target(&second),
+            "the claimed failure is excluded"
+        );
+        // The client runs both anyway: twice the work for one answer.
+        let (_, n1, _) = run_whole(net, &addr_of(&target(&first)), &first.run).await;
+        let (answer, n2, receipt) = run_whole(net, &addr_of(&target(&second)), &second.run).await;
+        assert!(n1 + n2 >= 21, "both answers ran long enough ({n1} + {n2})");
+        s.send(&ClientFrame::Finished {
+            answer,
+            receipt: Box::new(receipt),
+        })
+        .await
+        .expect("send");
+        let _ = s.recv::<ServerFrame>(Duration::from_secs(5)).await;
+        drop(s);
+        // Both targets' work is charged (the first from its own report,
+        // which reached A long ago): nothing is left for another answer.
+        // One try only: a try that is let through spends the rest itself.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let o = zavod_tests::chat(
+            &d("a"),
+            &a.addr,
+            &["--credential", &cap, "--prompt", "Hi", "--max-tokens", "4"],
+        );
+        let err = zavod_tests::stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("budget is spent"),
+            "the abandoned run went uncharged: {err}"
+        );
+    });
+}

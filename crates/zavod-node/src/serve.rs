@@ -536,6 +536,13 @@ async fn run_chat(
         rx
     };
     let mut report_rx = expect(placement.grant.body.request);
+    // Targets the client left while they may still be generating: each
+    // is charged from its own report, whenever it comes.
+    let mut abandoned = Abandoned {
+        shared: Arc::clone(shared),
+        credential_id: admission.credential_id,
+        pending: Vec::new(),
+    };
     if writer.send(&accepted(&placement), wt).await.is_err()
         || writer
             .send(&redirect(&placement, &prepared.turns, &params), wt)
@@ -576,6 +583,7 @@ async fn run_chat(
                 }
                 Ok(Some(ClientFrame::Relay { reason })) if !recorded && so_far.tokens() == 0 => {
                     tracing::info!(target = %placement.target.short(), %reason, "client cannot reach the target; relaying");
+                    abandoned.add(report_rx, &placement, 0, deadline);
                     return relay(
                         shared,
                         &admission,
@@ -589,12 +597,17 @@ async fn run_chat(
                 }
                 Ok(Some(ClientFrame::Resume { reason, answer, tokens, ids })) if !recorded => {
                     tracing::warn!(target = %placement.target.short(), %reason, tokens, "target failed mid-answer; resuming elsewhere");
+                    let before = so_far.tokens();
                     so_far
                         .on_resume(placement.target, ResumeRequest { answer, tokens, ids })
                         .map_err(|e| error_frame(ErrorCode::BadRequest, format!("cannot resume this answer: {e}")))?;
                     // The client's word excludes the target from this
-                    // answer only; its breaker counts what this node sees.
+                    // answer only; its breaker counts what this node sees,
+                    // and its work is charged from its own report.
                     check_target(shared, placement.target);
+                    let claimed = so_far.tokens().saturating_sub(before);
+                    let old_report = std::mem::replace(&mut report_rx, oneshot::channel().1);
+                    abandoned.add(old_report, &placement, claimed, deadline);
                     let rest = so_far.params(&params);
                     let next = place(shared, client, &admission, &prepared.turns, &rest, so_far.exclude().to_vec()).await?;
                     if writer.send(&accepted(&next), wt).await.is_err() {
@@ -655,6 +668,76 @@ async fn run_chat(
     // Neither the client nor the target reported: the reservation is
     // charged in full, since only the target knows what it generated.
     Ok(())
+}
+
+/// Reports still due from targets a client left mid-answer (by a Resume
+/// or a Relay): when this entry is done with the request, a task waits for
+/// them until the answer's deadline and charges the credential what each
+/// target's receipt shows it generated beyond what the client claimed.
+struct Abandoned {
+    shared: Arc<NodeShared>,
+    credential_id: [u8; 16],
+    pending: Vec<AbandonedRun>,
+}
+
+struct AbandonedRun {
+    report: oneshot::Receiver<RunReport>,
+    target: NodeId,
+    request: zavod_proto::RequestId,
+    claimed: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl Abandoned {
+    fn add(
+        &mut self,
+        report: oneshot::Receiver<RunReport>,
+        placement: &Placement,
+        claimed: u32,
+        deadline: tokio::time::Instant,
+    ) {
+        self.pending.push(AbandonedRun {
+            report,
+            target: placement.target,
+            request: placement.grant.body.request,
+            claimed,
+            deadline,
+        });
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let credential_id = self.credential_id;
+        tokio::spawn(async move {
+            for run in pending {
+                let Ok(Ok(report)) = tokio::time::timeout_at(run.deadline, run.report).await else {
+                    continue;
+                };
+                let Ok(body) = report
+                    .receipt
+                    .verify(&run.target, run.request, &report.answer)
+                else {
+                    continue;
+                };
+                let extra = body.generated_tokens.saturating_sub(run.claimed);
+                if extra > 0
+                    && let Some(router) = shared.directory.get().router
+                {
+                    tracing::info!(target = %run.target.short(), extra, "charging a run the client left mid-answer");
+                    let _ = router.cast(RouterMsg::Charge {
+                        credential_id,
+                        tokens: extra,
+                    });
+                }
+            }
+        });
+    }
 }
 
 /// A client says its target failed. The entry takes no one's word for a

@@ -788,6 +788,15 @@ impl UsageLedger {
         }
     }
 
+    /// Charges tokens a request's reservation did not cover: what a target
+    /// the client left mid-answer generated beyond what the client said it
+    /// had (known only from that target's later report).
+    pub fn charge(&mut self, cred_id: &[u8; 16], tokens: u32) {
+        if let Some(u) = self.by_credential.get_mut(cred_id) {
+            u.tokens_used = u.tokens_used.saturating_add(u64::from(tokens));
+        }
+    }
+
     pub fn tokens_used(&self, cred_id: &[u8; 16]) -> u64 {
         self.by_credential.get(cred_id).map_or(0, |u| u.tokens_used)
     }

@@ -259,6 +259,12 @@ impl ChatRequest {
         {
             return Err("model name must have 1 to 256 bytes".into());
         }
+        // Only an entry continues an answer, from what a failed target
+        // streamed (and the grant binds it): tokens a client names would be
+        // computed for free.
+        if !self.params.resume_tokens.is_empty() {
+            return Err("resume_tokens are set by the entry node, never by a client".into());
+        }
         self.params.check()
     }
 }
@@ -495,6 +501,15 @@ mod tests {
             params: GenParams::default(),
             show_prompt: false,
         }
+    }
+
+    #[test]
+    fn a_client_cannot_name_resume_tokens() {
+        let mut r = request();
+        assert!(r.check().is_ok());
+        r.params.resume_tokens = vec![1, 2, 3];
+        let e = r.check().expect_err("client resume tokens");
+        assert!(e.contains("entry"), "{e}");
     }
 
     #[test]

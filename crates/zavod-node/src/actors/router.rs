@@ -118,6 +118,12 @@ pub enum RouterMsg {
     Failed {
         node: NodeId,
     },
+    /// Charges tokens beyond a request's reservation (a target the client
+    /// left mid-answer reported more than the client said it had).
+    Charge {
+        credential_id: [u8; 16],
+        tokens: u32,
+    },
     /// Returns unused reserved tokens when a request ends.
     Settle {
         credential_id: [u8; 16],
@@ -761,6 +767,10 @@ impl Actor for Router {
                 reserved,
                 used,
             } => st.ledger.settle(&credential_id, reserved, used),
+            RouterMsg::Charge {
+                credential_id,
+                tokens,
+            } => st.ledger.charge(&credential_id, tokens),
             RouterMsg::Resources(r) => {
                 st.shared.metrics.resources(&r);
                 st.resources = r;
