@@ -360,3 +360,77 @@ fn a_target_the_client_leaves_mid_answer_is_still_charged() {
         );
     });
 }
+
+#[test]
+fn a_cancelled_answer_is_not_kept_whichever_node_ran_it() {
+    use zavod_proto::ids::ConversationId;
+    use zavod_proto::wire::ClientFrame;
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &[]);
+    let b = NodeProc::start(&d("b"), &["--join", &invite(&d("a")), "--model", &model]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            member_state(&status_json(&d("a"), &a.addr), &b.peer_id).as_deref() == Some("alive")
+        })
+        .is_some(),
+        "B never alive in A's view"
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = chat_client(&d("a"), &a.addr).await;
+        let net = client.net();
+        let conv = ConversationId::parse("cancel-me").expect("id");
+        let (r, entry) =
+            ask_for_redirect(&client, "Tell me a long story.", Some(conv.clone()), 64).await;
+        // Run it at B and cancel after the first tokens.
+        let peer = net.dial(b.addr.parse().expect("addr")).await.expect("dial");
+        let mut s = net
+            .open(peer, zavod_net::RUN_PROTOCOL)
+            .await
+            .expect("open run");
+        s.send(&r.run).await.expect("send");
+        let mut seen = 0;
+        let stop = loop {
+            match s.recv::<ServerFrame>(T).await.expect("frame") {
+                Some(ServerFrame::Token { .. }) => {
+                    seen += 1;
+                    if seen == 2 {
+                        s.send(&ClientFrame::Cancel).await.expect("cancel");
+                    }
+                }
+                Some(ServerFrame::Done(d)) => break d.stop,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(stop, zavod_proto::wire::StopReason::Cancelled);
+        // The client leaves A without a receipt: B's report books it.
+        drop(entry);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The next turn of the conversation has no history: the cancelled
+        // answer was charged but not kept, as when A runs one itself.
+        let mut e2 = client.net().open_chat(client.peer()).await.expect("open");
+        e2.send(&ClientFrame::Chat(Box::new(
+            zavod_proto::wire::ChatRequest {
+                credential: client.identity().credential.clone(),
+                model: None,
+                conversation: Some(conv),
+                message: "And then?".into(),
+                params: zavod_proto::wire::GenParams {
+                    max_tokens: 4,
+                    ..Default::default()
+                },
+                show_prompt: false,
+            },
+        )))
+        .await
+        .expect("send");
+        match e2.recv::<ServerFrame>(T).await.expect("frame") {
+            Some(ServerFrame::Accepted(acc)) => {
+                assert_eq!(acc.history_turns, 0, "the cancelled turn was kept");
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    });
+}

@@ -577,8 +577,8 @@ async fn run_chat(
                     let body = receipt
                         .verify(&placement.target, placement.grant.body.request, tail)
                         .map_err(|e| bad(format!("the receipt does not match the answer: {e}")))?;
-                    let tokens = so_far.tokens() + body.generated_tokens;
-                    settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
+                    let answered = Answered { target: placement.target, so_far: &so_far, tail, tail_tokens: body.generated_tokens, stop: None };
+                    book_answer(shared, &admission, &prepared, answered, &mut reservation).await;
                     return Ok(());
                 }
                 Ok(Some(ClientFrame::Relay { reason })) if !recorded && so_far.tokens() == 0 => {
@@ -644,9 +644,8 @@ async fn run_chat(
             report = &mut report_rx, if report_open && !recorded => match report {
                 Ok(r) => match r.receipt.verify(&placement.target, placement.grant.body.request, &r.answer) {
                     Ok(body) => {
-                        let tokens = so_far.tokens() + body.generated_tokens;
-                        let answer = so_far.whole(&r.answer);
-                        settle_turn(shared, &admission, &prepared, &placement, &mut reservation, &answer, tokens).await;
+                        let answered = Answered { target: placement.target, so_far: &so_far, tail: &r.answer, tail_tokens: body.generated_tokens, stop: Some(r.stop) };
+                        book_answer(shared, &admission, &prepared, answered, &mut reservation).await;
                         recorded = true;
                     }
                     Err(e) => {
@@ -807,34 +806,50 @@ impl<S: Sink> Sink for OffsetSink<S> {
 }
 
 /// An answer that ended well: who generated its last part, what came
-/// before it from failed nodes, and that part's text and token count.
-struct Finished<'a> {
+/// before it from failed nodes, that part's text and token count, and how
+/// it ended (`None` when only the client's receipt tells).
+struct Answered<'a> {
     target: NodeId,
     so_far: &'a Resumption,
-    answer: &'a str,
-    generated: u32,
+    tail: &'a str,
+    tail_tokens: u32,
+    stop: Option<StopReason>,
 }
 
-/// Books a finished answer (breaker, usage, the turn, whole) and tells the
-/// client it is done.
+/// Books a finished answer by the one rule, whichever way it finished
+/// ([`Resumption::book`]): its last target succeeded, the credential is
+/// charged every part, and the turn is kept whole unless cancelled.
+async fn book_answer(
+    shared: &NodeShared,
+    admission: &Admission,
+    prepared: &PreparedPrompt,
+    a: Answered<'_>,
+    reservation: &mut Reservation<'_>,
+) -> zavod_proto::failover::Booking {
+    record_outcome(shared, a.target, Outcome::Success);
+    let booking = a.so_far.book(a.tail_tokens, a.stop);
+    reservation.used = Some(booking.charged_tokens);
+    if booking.record {
+        let whole = a.so_far.whole(a.tail);
+        record_turn(shared, admission, prepared, &whole, booking.answer_tokens).await;
+    }
+    booking
+}
+
+/// Books an answer this node streamed itself (see [`book_answer`]) and
+/// tells the client it is done.
 async fn complete(
     shared: &NodeShared,
     admission: &Admission,
     prepared: &PreparedPrompt,
-    f: Finished<'_>,
+    a: Answered<'_>,
     mut done: DoneInfo,
     reservation: &mut Reservation<'_>,
     sink: &mut impl Sink,
 ) {
-    record_outcome(shared, f.target, Outcome::Success);
     shared.learn_tokens(&admission.model, prepared.text_bytes(), done.prompt_tokens);
-    let tokens = f.so_far.tokens() + f.generated;
-    reservation.used = Some(tokens);
-    if done.stop != StopReason::Cancelled {
-        let whole = f.so_far.whole(f.answer);
-        record_turn(shared, admission, prepared, &whole, tokens).await;
-    }
-    done.generated_tokens = tokens;
+    let booking = book_answer(shared, admission, prepared, a, reservation).await;
+    done.generated_tokens = booking.answer_tokens;
     let _ = sink.send(&ServerFrame::Done(done)).await;
 }
 
@@ -855,11 +870,12 @@ async fn finish_local(
 ) -> Result<(), ErrorFrame> {
     match stream_job(shared, job, sink, watch).await {
         Ok(Some(Streamed { answer, done })) => {
-            let finished = Finished {
+            let finished = Answered {
                 target: placement.target,
                 so_far,
-                answer: &answer,
-                generated: done.generated_tokens,
+                tail: &answer,
+                tail_tokens: done.generated_tokens,
+                stop: Some(done.stop),
             };
             complete(
                 shared,
@@ -932,21 +948,6 @@ async fn in_process(
         &mut reservation,
     )
     .await
-}
-
-/// Records a remotely served turn once its receipt checked out.
-async fn settle_turn(
-    shared: &NodeShared,
-    admission: &Admission,
-    prepared: &PreparedPrompt,
-    placement: &Placement,
-    reservation: &mut Reservation<'_>,
-    answer: &str,
-    generated_tokens: u32,
-) {
-    record_outcome(shared, placement.target, Outcome::Success);
-    reservation.used = Some(generated_tokens.min(admission.max_tokens));
-    record_turn(shared, admission, prepared, answer, generated_tokens).await;
 }
 
 /// An admitted request with its prompt assembled.
@@ -1147,11 +1148,12 @@ async fn relay(
                 done,
                 receipt_tokens,
             }) => {
-                let finished = Finished {
+                let finished = Answered {
                     target,
                     so_far: &so_far,
-                    answer: &answer,
-                    generated: receipt_tokens,
+                    tail: &answer,
+                    tail_tokens: receipt_tokens,
+                    stop: Some(done.stop),
                 };
                 complete(
                     shared,
@@ -1410,6 +1412,7 @@ async fn serve_run(
                         answer,
                         receipt,
                         prompt_tokens: done.prompt_tokens,
+                        stop: done.stop,
                     },
                 ));
             }

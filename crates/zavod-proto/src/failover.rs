@@ -15,7 +15,7 @@
 //! - resumes are bounded on both sides.
 
 use crate::NodeId;
-use crate::wire::GenParams;
+use crate::wire::{GenParams, StopReason};
 
 /// A token that arrived out of order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -284,11 +284,66 @@ impl Resumption {
     pub fn whole(&self, tail: &str) -> String {
         format!("{}{tail}", self.answer)
     }
+
+    /// How the answer is booked once its last target finished with
+    /// `tail_tokens` tokens (see [`Booking`]); `stop` is how it ended,
+    /// `None` when only the client's receipt says it ended.
+    pub fn book(&self, tail_tokens: u32, stop: Option<StopReason>) -> Booking {
+        let tokens = self.tokens.saturating_add(tail_tokens);
+        Booking {
+            charged_tokens: tokens.min(self.max_tokens),
+            answer_tokens: tokens,
+            record: stop != Some(StopReason::Cancelled),
+        }
+    }
+}
+
+/// The one rule for a finished answer, whichever way it finished (run by
+/// the entry, fetched from a target by the entry, or fetched by the
+/// client and reported by receipt or by the target): the credential is
+/// charged every part's tokens within the answer's reservation, and the
+/// turn is kept, whole, unless the answer was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Booking {
+    pub charged_tokens: u32,
+    /// The whole answer's tokens, as the turn records them.
+    pub answer_tokens: u32,
+    pub record: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_path_books_an_answer_by_one_rule() {
+        let mut r = Resumption::new(20, 3);
+        let fresh = r.book(7, Some(StopReason::EndOfGeneration));
+        assert_eq!(
+            fresh,
+            Booking {
+                charged_tokens: 7,
+                answer_tokens: 7,
+                record: true
+            }
+        );
+        // Cancelled: charged, not kept.
+        assert!(!r.book(7, Some(StopReason::Cancelled)).record);
+        // Only a receipt: kept.
+        assert!(r.book(7, None).record);
+        // After a failover both parts count, within the reservation.
+        r.on_resume(
+            node(1),
+            ResumeRequest {
+                answer: "abc".into(),
+                tokens: 12,
+                ids: vec![1; 12],
+            },
+        )
+        .expect("resume");
+        let b = r.book(15, Some(StopReason::MaxTokens));
+        assert_eq!((b.charged_tokens, b.answer_tokens), (20, 27));
+    }
 
     fn node(n: u8) -> NodeId {
         NodeId([n; 32])

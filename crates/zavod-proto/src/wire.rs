@@ -310,6 +310,8 @@ pub struct RunReport {
     /// Tokens the prompt came to at the target (so an entry without the
     /// model learns how its texts tokenize).
     pub prompt_tokens: u32,
+    /// How the answer ended (a cancelled one is charged, not kept).
+    pub stop: StopReason,
 }
 
 /// What a client sends on a run stream to the target named by a redirect.

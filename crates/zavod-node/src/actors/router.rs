@@ -175,7 +175,7 @@ pub enum RouterMsg {
 }
 
 /// Name under which [`RouterMsg::Report`] travels between nodes.
-const REPORT_VARIANT: &str = "zavod.report.1";
+const REPORT_VARIANT: &str = "zavod.report.2";
 
 // Only `Report` is ever sent to a remote Router; every other variant
 // carries local reply ports and fails to serialize. Decoding is parse,
