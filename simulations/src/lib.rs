@@ -49,6 +49,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use zavod_proto::announcer::Announcer;
 use zavod_proto::auth::{
     Authority, GrantBody, GrantCheck, Keypair, Membership, MembershipBody, mint_grant, sign_report,
 };
@@ -81,6 +82,9 @@ pub struct Scenario {
     pub tokens_per_s: f64,
     pub prefill_ms: u64,
     pub gossip_interval_ms: u64,
+    /// A node with nothing new announces this often (0: twice the gossip
+    /// interval, as the node's defaults have it).
+    pub heartbeat_ms: u64,
     pub latency_ms: u64,
     pub jitter_ms: u64,
     /// Probability a gossip message is lost / delivered twice.
@@ -145,6 +149,7 @@ impl Default for Scenario {
             tokens_per_s: 40.0,
             prefill_ms: 80,
             gossip_interval_ms: 1_000,
+            heartbeat_ms: 0,
             latency_ms: 2,
             jitter_ms: 8,
             loss: 0.0,
@@ -187,6 +192,15 @@ pub struct Partition {
 }
 
 impl Scenario {
+    /// How often a node with nothing new announces.
+    pub fn heartbeat(&self) -> u64 {
+        if self.heartbeat_ms > 0 {
+            self.heartbeat_ms
+        } else {
+            2 * self.gossip_interval_ms
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
         if s.nodes == 0 || s.nodes + s.entries == 0 {
@@ -266,6 +280,8 @@ struct Node {
     breakers: BreakerBoard,
     /// What this node, as an entry, placed and is still running.
     placer: Placer,
+    /// When it announces: the node's own announcer.
+    announcer: Announcer,
     seq: u64,
     speed: f64,
     jobs: BTreeMap<u64, Job>,
@@ -491,6 +507,7 @@ impl Sim {
                 view: MeshView::new(authorities.clone(), sc.view.clone()),
                 breakers: BreakerBoard::new(sc.breaker.clone()),
                 placer: Placer::new(),
+                announcer: Announcer::new(sc.heartbeat()),
                 seq: 0,
                 speed: if slow {
                     sc.tokens_per_s * sc.slow_factor
@@ -704,6 +721,7 @@ impl Sim {
                 n.view = MeshView::new(self.authorities.clone(), self.sc.view.clone());
                 n.breakers = BreakerBoard::new(self.sc.breaker.clone());
                 n.placer = Placer::new();
+                n.announcer.reset();
                 // Sequence numbers outlive restarts (the real node starts
                 // from the clock).
                 n.seq = n.seq.max(self.now);
@@ -722,6 +740,13 @@ impl Sim {
         }
         self.at(next, Ev::Gossip(i));
         let ann = self.report_of(i);
+        let now = self.now;
+        if !self.nodes[i]
+            .announcer
+            .poll(&ann.report.body, &ann.addrs, now)
+        {
+            return;
+        }
         self.gossip_bytes += zavod_proto::wire::encode(&ann).map_or(0, |b| b.len() as u64);
         // Signatures are checked once here rather than by every receiver;
         // a non-member's announcement fails and reaches no view.
@@ -834,7 +859,7 @@ impl Sim {
             weights: Weights::default(),
             pool: self.sc.pool,
             choices: self.sc.choices,
-            report_every_ms: self.sc.gossip_interval_ms,
+            report_every_ms: self.sc.heartbeat(),
             ..PlacerConfig::default()
         };
         let until_ms = now + self.sc.request_bound_ms;
@@ -1158,7 +1183,8 @@ impl Sim {
                 Some(tid) => r.resumption.on_fetch_failed(tid, &tail, &tail_ids),
                 None => Ok(()),
             };
-            self.after_failure(id, entry, failed, taken);
+            // The entry fetched itself: it saw the fault.
+            self.after_failure(id, entry, failed, true, taken);
             return;
         }
         // The client's source failed (a target, or the relaying entry).
@@ -1195,26 +1221,37 @@ impl Sim {
                     Some(tid) => r.resumption.on_resume(tid, req),
                     None => Ok(()),
                 };
-                self.after_failure(id, entry, failed, taken);
+                // The client's word only: as the node does, the entry
+                // checks the target itself and counts a failure only if it
+                // cannot reach it (down, or cut off from the entry).
+                let observed = failed.is_some_and(|tid| {
+                    self.nodes
+                        .iter()
+                        .position(|n| n.id == tid)
+                        .is_none_or(|t| !self.nodes[t].up || self.cut(entry, t))
+                });
+                self.after_failure(id, entry, failed, observed, taken);
             }
         }
     }
 
     /// The entry took (or refused) the failure of `failed`: a refusal ends
-    /// the request with its reason; otherwise the failure counts in the
-    /// entry's breaker and the rest is placed elsewhere.
+    /// the request with its reason; otherwise the rest is placed elsewhere,
+    /// and the failure counts in the entry's breaker if the entry
+    /// `observed` it.
     fn after_failure(
         &mut self,
         id: u64,
         entry: usize,
         failed: Option<NodeId>,
+        observed: bool,
         taken: Result<(), ResumeError>,
     ) {
         if let Err(e) = taken {
             self.end(id, State::Failed(e.to_string()));
             return;
         }
-        if let Some(tid) = failed {
+        if let Some(tid) = failed.filter(|_| observed) {
             let now = self.now;
             let e = &mut self.nodes[entry];
             e.breakers.record(&tid, Outcome::Failure, now);

@@ -11,6 +11,7 @@
 //! [`wire::decode`] (size-bounded, versioned), and every verification returns
 //! an error value; nothing here panics on peer input.
 
+pub mod announcer;
 pub mod auth;
 pub mod breaker;
 pub mod capacity;

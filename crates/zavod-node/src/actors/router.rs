@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use zavod_proto::auth::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
 use zavod_proto::breaker::BreakerState;
-use zavod_proto::capacity::{CacheSummary, CapacityReport, ModelOffer, Resources, WorkerLoad};
+use zavod_proto::announcer::Announcer;
+use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::placer::{Ask, Placer};
 use zavod_proto::score::{Candidate, rank};
 use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
@@ -29,10 +30,6 @@ use zavod_store::ConvKey;
 
 /// How long the Router waits for the Breaker.
 const BREAKER_TIMEOUT_MS: u64 = 2_000;
-/// Free memory is compared in steps of this size when deciding whether
-/// figures moved (RAM readings jitter by kilobytes every second).
-const MEM_STEP_BYTES: u64 = 64 << 20;
-
 pub struct Router;
 
 /// An admitted request.
@@ -231,40 +228,12 @@ pub struct RouterState {
     loads: Vec<WorkerLoad>,
     seq: u64,
     view: MeshView,
-    /// Figures and time of the last announcement sent.
-    last_announced: Option<(Figures, u64)>,
+    /// When this node announces (zavod_proto::announcer).
+    announcer: Announcer,
     /// Requests placed elsewhere, waiting for their target's report.
     expected: BTreeMap<RequestId, Expected>,
     /// This entry's placements still running, for load estimates.
     placer: Placer,
-}
-
-/// The parts of a report whose change is worth announcing.
-#[derive(Debug, Clone, PartialEq)]
-struct Figures {
-    mem_step: u64,
-    slots_free: u32,
-    slots_total: u32,
-    queue_depth: u32,
-    tokens_per_s_tenths: i64,
-    models: Vec<String>,
-    addrs: Vec<String>,
-    cached: CacheSummary,
-}
-
-impl Figures {
-    fn of(r: &CapacityReport, addrs: Vec<String>) -> Self {
-        Figures {
-            mem_step: r.mem_free_bytes / MEM_STEP_BYTES,
-            slots_free: r.slots_free,
-            slots_total: r.slots_total,
-            queue_depth: r.queue_depth,
-            tokens_per_s_tenths: (r.tokens_per_s * 10.0) as i64,
-            models: r.models.iter().map(|m| m.name.clone()).collect(),
-            addrs,
-            cached: r.cached.clone(),
-        }
-    }
 }
 
 fn auth_error(e: AuthError) -> ErrorFrame {
@@ -303,14 +272,7 @@ impl RouterState {
         };
         let report = self.self_report();
         let addrs = self.shared.listen_addrs();
-        // New addresses (the node has just started listening) are news too.
-        let figures = Figures::of(&report, addrs.clone());
-        let heartbeat = self.shared.config.gossip.heartbeat_ms;
-        let due = match &self.last_announced {
-            None => true,
-            Some((f, at)) => *f != figures || now.saturating_sub(*at) >= heartbeat,
-        };
-        if !due {
+        if !self.announcer.poll(&report, &addrs, now) {
             return;
         }
         let a = Announcement {
@@ -332,7 +294,6 @@ impl RouterState {
             }
             Err(e) => tracing::warn!(error = %e, "cannot encode announcement"),
         }
-        self.last_announced = Some((figures, now));
     }
 
     fn on_announce(&mut self, a: &Announcement) {
@@ -708,6 +669,7 @@ impl Actor for Router {
             Duration::from_millis(shared.config.gossip.interval_ms),
             || RouterMsg::GossipTick,
         );
+        let heartbeat_ms = shared.config.gossip.heartbeat_ms;
         let mut st = RouterState {
             shared,
             ledger: UsageLedger::default(),
@@ -715,7 +677,7 @@ impl Actor for Router {
             loads,
             seq: 0,
             view,
-            last_announced: None,
+            announcer: Announcer::new(heartbeat_ms),
             expected: BTreeMap::new(),
             placer: Placer::new(),
         };
