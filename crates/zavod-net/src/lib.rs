@@ -295,6 +295,7 @@ pub fn new(
             events: ev_tx,
             pending_listen: HashMap::new(),
             pending_dial: HashMap::new(),
+            joined_dial: HashMap::new(),
         },
     ))
 }
@@ -452,7 +453,13 @@ pub struct EventLoop {
     pending_listen:
         HashMap<libp2p::core::transport::ListenerId, oneshot::Sender<Result<Multiaddr, NetError>>>,
     pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>,
+    /// Dials of a peer another dial was already connecting to (two
+    /// addresses of one bootstrap node): answered with that dial's outcome.
+    joined_dial: HashMap<PeerId, Vec<(Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>>,
 }
+
+/// Dials that may wait on another dial of the same peer, per peer.
+const MAX_JOINED_DIALS: usize = 16;
 
 impl EventLoop {
     /// Runs until every [`Client`] is dropped.
@@ -517,6 +524,18 @@ impl EventLoop {
                     Ok(()) => {
                         self.pending_dial.insert(id, (addr, reply));
                     }
+                    // Already being dialled (another address of it): this
+                    // dial succeeds or fails with that one.
+                    Err(libp2p::swarm::DialError::DialPeerConditionFalse(_))
+                        if addr::split_peer(&addr).1.is_some() =>
+                    {
+                        if let (_, Some(peer)) = addr::split_peer(&addr) {
+                            let waiting = self.joined_dial.entry(peer).or_default();
+                            if waiting.len() < MAX_JOINED_DIALS {
+                                waiting.push((addr, reply));
+                            }
+                        }
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(NetError::Dial {
                             addr: addr.to_string(),
@@ -554,6 +573,10 @@ impl EventLoop {
         }
         // Replies whose asker timed out are dropped here, keeping the maps bounded.
         self.pending_dial.retain(|_, (_, r)| !r.is_closed());
+        self.joined_dial.retain(|_, v| {
+            v.retain(|(_, r)| !r.is_closed());
+            !v.is_empty()
+        });
         self.pending_listen.retain(|_, r| !r.is_closed());
     }
 
@@ -585,6 +608,9 @@ impl EventLoop {
                 if let Some((_, reply)) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                for (_, reply) in self.joined_dial.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(peer_id));
+                }
                 let addr = match endpoint {
                     ConnectedPoint::Dialer { address, .. } => address,
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
@@ -596,14 +622,26 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
+                peer_id,
                 error,
-                ..
             } => {
                 if let Some((addr, reply)) = self.pending_dial.remove(&connection_id) {
                     let _ = reply.send(Err(NetError::Dial {
                         addr: addr.to_string(),
                         reason: error.to_string(),
                     }));
+                }
+                // Those waiting on it retry on their own (their address may
+                // still work) unless the peer is connected meanwhile.
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    for (addr, reply) in self.joined_dial.remove(&peer).unwrap_or_default() {
+                        let _ = reply.send(Err(NetError::Dial {
+                            addr: addr.to_string(),
+                            reason: format!("another dial of this peer failed: {error}"),
+                        }));
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {
