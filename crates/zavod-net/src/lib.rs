@@ -452,11 +452,14 @@ pub struct EventLoop {
     events: mpsc::Sender<Event>,
     pending_listen:
         HashMap<libp2p::core::transport::ListenerId, oneshot::Sender<Result<Multiaddr, NetError>>>,
-    pending_dial: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>,
+    pending_dial: HashMap<ConnectionId, (Multiaddr, DialReply)>,
     /// Dials of a peer another dial was already connecting to (two
     /// addresses of one bootstrap node): answered with that dial's outcome.
-    joined_dial: HashMap<PeerId, Vec<(Multiaddr, oneshot::Sender<Result<PeerId, NetError>>)>>,
+    joined_dial: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
 }
+
+/// Where a dial's outcome goes.
+type DialReply = oneshot::Sender<Result<PeerId, NetError>>;
 
 /// Dials that may wait on another dial of the same peer, per peer.
 const MAX_JOINED_DIALS: usize = 16;
