@@ -501,20 +501,26 @@ struct Running {
     _permit: OwnedSemaphorePermit,
 }
 
-async fn start(
-    st: &Http,
-    bearer: &Bearer,
-    request: ChatRequest,
-    history: Vec<(Role, String)>,
-) -> Result<Running, ApiError> {
-    let permit = Arc::clone(&st.in_flight).try_acquire_owned().map_err(|_| {
+/// A place among the requests this node serves at once, or the 503 that
+/// says it has none.
+fn in_flight_permit(st: &Http) -> Result<OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&st.in_flight).try_acquire_owned().map_err(|_| {
         st.shared.metrics.request("http", "no_capacity");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_capacity",
             "this node is serving as many requests as it allows; retry later or use another node",
         )
-    })?;
+    })
+}
+
+async fn start(
+    st: &Http,
+    bearer: &Bearer,
+    request: ChatRequest,
+    history: Vec<(Role, String)>,
+) -> Result<Running, ApiError> {
+    let permit = in_flight_permit(st)?;
     let (tx, mut rx) = mpsc::channel(FRAME_BUFFER);
     let shared = Arc::clone(&st.shared);
     let client = bearer.key.public();

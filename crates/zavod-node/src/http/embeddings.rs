@@ -5,12 +5,12 @@
 //! f32, as OpenAI's Python client asks by default); `dimensions` is
 //! refused, since zavod's vectors have the model's own width.
 
-use super::{ApiError, Http, bearer, counted, parse_body};
+use super::{ApiError, Http, bearer, counted, in_flight_permit, parse_body};
 use crate::metrics::outcome_of;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -90,14 +90,7 @@ pub(super) async fn embeddings(
         zavod_proto::embed::check_inputs(&inputs).map_err(|m| ApiError::bad_field("input", m))?;
         Ok((bearer, body, inputs, encoding))
     })?;
-    let _permit = Arc::clone(&st.in_flight).try_acquire_owned().map_err(|_| {
-        st.shared.metrics.request("http", "no_capacity");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_capacity",
-            "this node is serving as many requests as it allows; retry later or use another node",
-        )
-    })?;
+    let _permit = in_flight_permit(&st)?;
     let out = crate::embed::embed(
         &st.shared,
         bearer.key.public(),
