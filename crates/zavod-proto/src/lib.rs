@@ -16,6 +16,7 @@ pub mod auth;
 pub mod breaker;
 pub mod capacity;
 pub mod embed;
+pub mod entry;
 pub mod failover;
 pub mod ids;
 pub mod limits;
