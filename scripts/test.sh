@@ -20,6 +20,6 @@ cargo test --release --workspace --locked
 # check the trace hashes repeat; seeds run on every CPU. The 1,000-node mesh
 # is most of this (about 4 s per seed per core).
 echo "test: simulations" >&2
-for s in steady partition-heal crash-storm slow-node stale-gossip-herd conversations mesh-1000; do
+for s in steady partition-heal crash-storm slow-node stale-gossip-herd conversations adversarial mesh-1000; do
   ./target/release/zavod-sim --scenario "simulations/$s.toml" --seeds 200
 done

@@ -2,21 +2,18 @@
 //!
 //! Virtual nodes are built from the zavod-proto state machines the real
 //! node runs: the membership-gated `MeshView` fed by signed capacity
-//! announcements, the `BreakerBoard`, and the placement decision
-//! (`score::place`: MCDA rank, request-id keyed pick) with signed grants.
-//! They run over a simulated network (seeded latency and jitter, so
-//! reordering; loss; duplication; partitions; crashes and restarts; slow
+//! announcements (sent by the node's own `Announcer`), the `BreakerBoard`,
+//! the `Placer`, and for every request the entry machine
+//! (`zavod_proto::entry::Entry`) the node pumps: redirect, relay, local
+//! run, resume after failure, breaker outcomes, settlement and booking are
+//! its decisions, carried out here over a simulated network (seeded latency
+//! and jitter; loss; duplication; partitions; crashes and restarts; slow
 //! nodes) with a cost-model engine (a prefill delay, then one token per
-//! `1/tokens_per_s`) and a virtual clock. Failover runs the real node's
-//! machines from `zavod_proto::failover`: the client keeps its answer in an
-//! `AnswerStream` and the entry in a `Resumption`. A first target silent
-//! before its first token makes the client ask the entry to relay (the
-//! entry then fetches, and replaces failed targets itself); a target that
-//! stalls mid-answer makes the client ask the entry to resume, which
-//! records the failure in its breaker and places the rest elsewhere,
-//! continuing from the tokens already received. Every token has a text
-//! derived from its index, and a completed answer must be exactly the
-//! concatenation of its tokens' texts.
+//! `1/tokens_per_s`) and a virtual clock. Clients keep their answer in an
+//! `AnswerStream`, as `zavod chat` does; a share of them is adversarial
+//! (see [`requests`]). Every token has a text derived from its index, and
+//! a completed answer must be exactly the concatenation of its tokens'
+//! texts.
 //!
 //! Invariants are checked as events are processed (and at the end):
 //! - every request ends exactly once, completed or with an error, within
@@ -25,6 +22,9 @@
 //!   failovers;
 //! - no request is placed on a node whose breaker is open at the entry, that
 //!   the entry's view holds gone, or that is not a member;
+//! - breakers count only faults the entry saw; one probe per half-open
+//!   peer; every generated token charged once; a turn recorded at most
+//!   once (see [`requests`]);
 //! - after a partition heals, every view agrees on who is in the mesh (not
 //!   gone) within `agree_within_ms`;
 //! - load spread (max over mean of active jobs among serving nodes) stays
@@ -41,10 +41,13 @@
 //! (time, sequence number); maps are BTreeMaps. The trace hash covers every
 //! event processed, so the same seed and scenario give the same hash.
 //!
-//! Why one file of about 1,400 lines: the event loop and every handler
-//! share the `Sim` state; it splits when the entry protocol moves
-//! into zavod-proto and the simulator only pumps it.
+//! Why this file passes 600 lines: the scenario, the event loop, gossip,
+//! crashes and the checks share the `Sim` state; requests live in
+//! [`requests`].
 
+mod requests;
+
+use requests::{Adversary, SimAttempt};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,11 +58,13 @@ use zavod_proto::auth::{
 };
 use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::failover::{AnswerStream, OnFailure, ResumeError, Resumption};
+use zavod_proto::entry::{AttemptId, Entry};
+use zavod_proto::failover::{AnswerStream, OnFailure};
 use zavod_proto::ids::{NodeId, RequestId};
 use zavod_proto::placer::{Ask, Placer, PlacerConfig};
 use zavod_proto::score::{Weights, splitmix64};
 use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
+use zavod_proto::wire::StopReason;
 
 const MODEL: &str = "sim-model";
 
@@ -131,6 +136,9 @@ pub struct Scenario {
     pub spread_min_mean: f64,
     pub agree_within_ms: u64,
     pub request_bound_ms: u64,
+    /// Share of clients that misbehave (forged resumes, relays while the
+    /// target streams, input every target refuses).
+    pub adversarial: f64,
     pub view: ViewConfig,
     pub breaker: BreakerConfig,
 }
@@ -176,6 +184,7 @@ impl Default for Scenario {
             spread_min_mean: 2.0,
             agree_within_ms: 6_000,
             request_bound_ms: 30_000,
+            adversarial: 0.0,
             view: ViewConfig::default(),
             breaker: BreakerConfig::default(),
         }
@@ -284,7 +293,9 @@ struct Node {
     announcer: Announcer,
     seq: u64,
     speed: f64,
-    jobs: BTreeMap<u64, Job>,
+    jobs: BTreeMap<(u64, AttemptId), Job>,
+    /// As an entry: the request holding each half-open peer's probe.
+    probes: BTreeMap<NodeId, RequestId>,
     /// Conversations whose prompt cache this node holds, most recent
     /// first (the cost model's KV cache).
     cache: Vec<u64>,
@@ -292,10 +303,6 @@ struct Node {
 
 #[derive(Debug, Clone)]
 struct Job {
-    request: u64,
-    attempt: u32,
-    /// The answer's index of this job's first token (tokens resumed from).
-    base: u32,
     /// Next token, counted from this job's start (as a target counts).
     next: u32,
     /// Tokens this job may generate.
@@ -321,37 +328,44 @@ enum State {
     Failed(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Request {
     issued_ms: u64,
     max_tokens: u32,
-    attempt: u32,
     entry: usize,
-    target: Option<usize>,
-    last_progress_ms: u64,
+    /// The entry's epoch when the request arrived: a crash loses it.
+    entry_epoch: u32,
     state: State,
     ends: u32,
     ended_ms: u64,
     failovers: u32,
     /// The client's answer so far.
     stream: AnswerStream,
-    /// The entry's record of failed targets and what they streamed.
-    resumption: Resumption,
-    /// The entry fetches from the target and passes tokens on.
-    relayed: bool,
-    /// In a relay: the current target's part, as the entry received it.
-    tail: String,
-    tail_ids: Vec<i32>,
-    /// The entry that placed the current attempt, and the placement's id.
-    /// The entry that placed the request, the request id it minted and
-    /// the target it chose.
-    placed_by: Option<(usize, RequestId, NodeId)>,
+    /// The entry's machine for this request, while the entry has it.
+    machine: Option<Entry>,
+    attempts: BTreeMap<AttemptId, SimAttempt>,
+    /// The redirected run the client streams from.
+    source: Option<AttemptId>,
+    client_progress_ms: u64,
     /// The conversation and turn (from 0) this request is, if any.
     conv: Option<(u64, u32)>,
     /// When its first token reached the client.
     first_token_at: Option<u64>,
     /// Whether its first placement found the conversation's cache.
     hit: Option<bool>,
+    adversary: Option<Adversary>,
+    /// Tokens the entry charged (settled and charged).
+    charged: u64,
+    settles: u32,
+    records: u32,
+    /// Nodes the entry saw fail for this request (ground truth the sim
+    /// fed it).
+    faulty: BTreeSet<NodeId>,
+    timer_at: Option<u64>,
+    /// An adversary's next token from the entry starts its answer over.
+    fresh_source: bool,
+    /// The entry crashed or ran out of time: its books cannot be checked.
+    books_lost: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -371,25 +385,34 @@ enum Ev {
     Run {
         target: usize,
         request: u64,
-        attempt: u32,
+        attempt: AttemptId,
         epoch: u32,
     },
     Step {
         target: usize,
         request: u64,
+        attempt: AttemptId,
         epoch: u32,
     },
-    /// A target's token `index` (counted from its start at `base`).
+    /// A run's token `index` (counted from its start), or with `stop` its
+    /// end (`index` `u32::MAX`: an end with no token).
     Token {
         request: u64,
-        attempt: u32,
-        base: u32,
+        attempt: AttemptId,
         index: u32,
-        last: bool,
+        stop: Option<StopReason>,
     },
     StallCheck {
         request: u64,
-        attempt: u32,
+        attempt: AttemptId,
+    },
+    /// A redirected run's report reaches its entry.
+    Report {
+        request: u64,
+        attempt: AttemptId,
+    },
+    EntryTimer {
+        request: u64,
     },
     Crash,
     Restart(usize),
@@ -408,6 +431,8 @@ impl Ev {
                 | Ev::Step { .. }
                 | Ev::Token { .. }
                 | Ev::StallCheck { .. }
+                | Ev::Report { .. }
+                | Ev::EntryTimer { .. }
                 | Ev::CheckAgreement
         )
     }
@@ -426,6 +451,8 @@ impl Ev {
             Ev::Sample => 10,
             Ev::CheckAgreement => 11,
             Ev::Turn { .. } => 12,
+            Ev::Report { .. } => 13,
+            Ev::EntryTimer { .. } => 14,
         }
     }
 }
@@ -515,6 +542,7 @@ impl Sim {
                     sc.tokens_per_s
                 },
                 jobs: BTreeMap::new(),
+                probes: BTreeMap::new(),
                 cache: Vec::new(),
             });
         }
@@ -662,12 +690,23 @@ impl Sim {
                 request,
                 attempt,
                 ..
-            } => (*target as u64, *request, u64::from(*attempt)),
+            } => (*target as u64, *request, *attempt as u64),
             Ev::Step {
-                target, request, ..
-            } => (*target as u64, *request, 0),
-            Ev::Token { request, index, .. } => (*request, u64::from(*index), 0),
-            Ev::StallCheck { request, attempt } => (*request, u64::from(*attempt), 0),
+                target,
+                request,
+                attempt,
+                ..
+            } => (*target as u64, *request, *attempt as u64),
+            Ev::Token {
+                request,
+                attempt,
+                index,
+                ..
+            } => (*request, u64::from(*index), *attempt as u64),
+            Ev::StallCheck { request, attempt } | Ev::Report { request, attempt } => {
+                (*request, *attempt as u64, 0)
+            }
+            Ev::EntryTimer { request } => (*request, 0, 0),
             Ev::Turn { conv, turn } => (*conv, u64::from(*turn), 0),
             Ev::Arrive | Ev::Crash | Ev::Sample | Ev::CheckAgreement => (0, 0, 0),
         };
@@ -704,16 +743,18 @@ impl Sim {
             Ev::Step {
                 target,
                 request,
+                attempt,
                 epoch,
-            } => self.job_step(target, request, epoch),
+            } => self.job_step(target, request, attempt, epoch),
             Ev::Token {
                 request,
                 attempt,
-                base,
                 index,
-                last,
-            } => self.token(request, attempt, base, index, last),
+                stop,
+            } => self.token(request, attempt, index, stop),
             Ev::StallCheck { request, attempt } => self.stall_check(request, attempt),
+            Ev::Report { request, attempt } => self.report(request, attempt),
+            Ev::EntryTimer { request } => self.entry_timer(request),
             Ev::Crash => self.crash(),
             Ev::Restart(i) => {
                 let n = &mut self.nodes[i];
@@ -721,6 +762,7 @@ impl Sim {
                 n.view = MeshView::new(self.authorities.clone(), self.sc.view.clone());
                 n.breakers = BreakerBoard::new(self.sc.breaker.clone());
                 n.placer = Placer::new();
+                n.probes.clear();
                 n.announcer.reset();
                 // Sequence numbers outlive restarts (the real node starts
                 // from the clock).
@@ -794,284 +836,6 @@ impl Sim {
             .collect()
     }
 
-    /// A request arrives: a one-off (`conv` None, and the next one-off is
-    /// scheduled) or a conversation's turn.
-    fn arrive(&mut self, conv: Option<(u64, u32)>) {
-        if self.now >= self.sc.duration_ms {
-            return;
-        }
-        if conv.is_none() {
-            let dt = self.rng.exp(1_000.0 / self.sc.requests_per_s).max(1.0) as u64;
-            self.at(self.now + dt, Ev::Arrive);
-        }
-        let entries = self.up_entries();
-        if entries.is_empty() {
-            return;
-        }
-        let drawn = entries[self.rng.below(entries.len() as u64) as usize];
-        // A conversation keeps its entry while it is up, as `zavod chat`
-        // keeps the peer it attached to.
-        let entry = match conv {
-            Some((c, _)) => {
-                let e = self
-                    .conv_entry
-                    .get(&c)
-                    .copied()
-                    .filter(|&e| self.nodes[e].up);
-                let e = e.unwrap_or(drawn);
-                self.conv_entry.insert(c, e);
-                e
-            }
-            None => drawn,
-        };
-        let id = self.requests.len() as u64;
-        self.requests.push(Request {
-            issued_ms: self.now,
-            max_tokens: self.sc.max_tokens,
-            attempt: 0,
-            entry,
-            target: None,
-            last_progress_ms: self.now,
-            state: State::Running,
-            ends: 0,
-            ended_ms: 0,
-            failovers: 0,
-            stream: AnswerStream::new(self.sc.max_failovers),
-            resumption: self.fresh_resumption(),
-            relayed: false,
-            tail: String::new(),
-            tail_ids: Vec::new(),
-            placed_by: None,
-            conv,
-            first_token_at: None,
-            hit: None,
-        });
-        self.place(id, entry, &[]);
-    }
-
-    /// The entry's decision: the same code path as the real Router.
-    fn place(&mut self, id: u64, entry: usize, exclude: &[NodeId]) {
-        let now = self.now;
-        let request =
-            RequestId(u128::from(id) << 32 | u128::from(self.requests[id as usize].attempt));
-        self.done_placing(id);
-        let cfg = PlacerConfig {
-            weights: Weights::default(),
-            pool: self.sc.pool,
-            choices: self.sc.choices,
-            report_every_ms: self.sc.heartbeat(),
-            ..PlacerConfig::default()
-        };
-        let until_ms = now + self.sc.request_bound_ms;
-        let key = self.requests[id as usize]
-            .conv
-            .filter(|_| self.sc.affinity)
-            .map(|(c, _)| cache_key(c));
-        let e = &mut self.nodes[entry];
-        let me = e.id;
-        let candidates = e.view.candidates(MODEL, &me, now, key);
-        let ask = Ask {
-            request,
-            exclude,
-            until_ms,
-            cache_key: key,
-        };
-        // As the node's Router does: the placer chooses among the routable,
-        // then the breaker confirms the choice (a half-open peer's single
-        // probe slot).
-        let breakers = &e.breakers;
-        let chosen = e
-            .placer
-            .place(
-                &candidates,
-                |n| breakers.is_routable(n, now),
-                &ask,
-                &cfg,
-                now,
-            )
-            .filter(|c| e.breakers.try_acquire(&c.node, request, now, until_ms));
-        let Some(chosen) = chosen else {
-            self.end(id, State::Failed("no node can serve now".into()));
-            return;
-        };
-        self.requests[id as usize].placed_by = Some((entry, request, chosen.node));
-        let target = match self.nodes.iter().position(|n| n.id == chosen.node) {
-            Some(t) => t,
-            None => {
-                self.violation(format!("request {id} placed on an unknown node"));
-                return;
-            }
-        };
-        // Invariant: never an open breaker, a gone node or a non-member.
-        let e = &self.nodes[entry];
-        let open = matches!(
-            e.breakers.state(&chosen.node, now),
-            BreakerState::Open { .. }
-        );
-        let gone = e.view.liveness(&chosen.node, now) == Some(Liveness::Gone);
-        if open {
-            self.violation(format!(
-                "request {id} placed on a node with an open breaker"
-            ));
-        }
-        if gone {
-            self.violation(format!("request {id} placed on a gone node"));
-        }
-        if !self.nodes[target].member {
-            self.violation(format!("request {id} placed on a non-member"));
-        }
-        // The grant the entry signs, checked as the target would.
-        let body = GrantBody {
-            request,
-            client: me,
-            target: chosen.node,
-            model: MODEL.into(),
-            max_tokens: self.sc.max_tokens,
-            expires_at_ms: now + 30_000,
-            prompt_hash: [0; 32],
-            cache_scope: [0; 16],
-        };
-        let grant = mint_grant(&self.nodes[entry].key, body);
-        let check = GrantCheck {
-            this_node: &chosen.node,
-            client: &me,
-            model: MODEL,
-            prompt_hash: [0; 32],
-            max_tokens: self.sc.max_tokens,
-        };
-        if let Err(err) = grant.verify(|n| *n == me, &check, now) {
-            self.violation(format!("request {id}: its grant does not verify: {err}"));
-        }
-        let r = &mut self.requests[id as usize];
-        r.target = Some(target);
-        r.entry = entry;
-        r.last_progress_ms = now;
-        if r.relayed {
-            r.tail.clear();
-            r.tail_ids.clear();
-        } else {
-            r.stream.start_source();
-        }
-        let attempt = r.attempt;
-        let epoch = self.nodes[target].epoch;
-        let t = now + 2 * self.latency();
-        self.at(
-            t,
-            Ev::Run {
-                target,
-                request: id,
-                attempt,
-                epoch,
-            },
-        );
-        let check_at = now + self.first_token_ms(id);
-        self.at(
-            check_at,
-            Ev::StallCheck {
-                request: id,
-                attempt,
-            },
-        );
-    }
-
-    fn run_job(&mut self, target: usize, id: u64, attempt: u32, epoch: u32) {
-        let n = &mut self.nodes[target];
-        if !n.up || n.epoch != epoch {
-            return;
-        }
-        let r = &self.requests[id as usize];
-        if r.state != State::Running || r.attempt != attempt {
-            return;
-        }
-        // What the grant allows: the rest of the budget, after the tokens
-        // the entry resumes from.
-        let base = r.resumption.tokens();
-        let budget = r.max_tokens.saturating_sub(base).max(1);
-        n.jobs.insert(
-            id,
-            Job {
-                request: id,
-                attempt,
-                base,
-                next: 0,
-                budget,
-            },
-        );
-        // The prompt: a conversation's whole history, of which only the new
-        // turn is prefilled where its cache is held.
-        let hit = r
-            .conv
-            .is_some_and(|(c, turn)| turn > 0 && n.cache.contains(&c));
-        let hits_now = (r.conv.is_some() && attempt == 0).then_some(hit);
-        let speed = n.speed;
-        let prefill_ms = self.prefill_ms(id, hit);
-        // Continuous batching: every active job decodes at the node's speed.
-        let first = self.now + prefill_ms + (1_000.0 / speed) as u64;
-        if hits_now.is_some() {
-            self.requests[id as usize].hit = hits_now;
-        }
-        self.at(
-            first,
-            Ev::Step {
-                target,
-                request: id,
-                epoch,
-            },
-        );
-    }
-
-    fn job_step(&mut self, target: usize, id: u64, epoch: u32) {
-        let lat = self.latency();
-        let n = &mut self.nodes[target];
-        if !n.up || n.epoch != epoch {
-            return;
-        }
-        let Some(job) = n.jobs.get_mut(&id) else {
-            return;
-        };
-        let index = job.next;
-        let base = job.base;
-        job.next += 1;
-        let last = job.next >= job.budget;
-        let attempt = job.attempt;
-        let request = job.request;
-        let dt = (1_000.0 / n.speed) as u64;
-        if last {
-            n.jobs.remove(&id);
-            // The conversation's prompt and answer stay cached here.
-            if let Some((c, _)) = self.requests[id as usize].conv {
-                let cap = self.sc.cache_entries;
-                let n = &mut self.nodes[target];
-                n.cache.retain(|&k| k != c);
-                n.cache.insert(0, c);
-                n.cache.truncate(cap);
-            }
-        } else {
-            self.at(
-                self.now + dt.max(1),
-                Ev::Step {
-                    target,
-                    request: id,
-                    epoch,
-                },
-            );
-        }
-        self.at(
-            self.now + lat,
-            Ev::Token {
-                request,
-                attempt,
-                base,
-                index,
-                last,
-            },
-        );
-    }
-
-    fn fresh_resumption(&self) -> Resumption {
-        Resumption::new(self.sc.max_tokens, self.sc.max_failovers as usize)
-    }
-
     /// How long a client (or relaying entry) waits for a new target's first
     /// token: a prompt takes a while, and so do the hops.
     fn first_token_ms(&self, id: u64) -> u64 {
@@ -1099,191 +863,7 @@ impl Sim {
         }
     }
 
-    fn token(&mut self, id: u64, attempt: u32, base: u32, index: u32, last: bool) {
-        let now = self.now;
-        let r = &mut self.requests[id as usize];
-        // Tokens of an abandoned attempt arrive on a stream the client (or
-        // the relaying entry) has closed: they never reach it.
-        if r.state != State::Running || r.attempt != attempt {
-            return;
-        }
-        let abs = base.saturating_add(index);
-        let (text, tid) = (token_text(abs), abs as i32);
-        let got = if r.relayed {
-            // The entry keeps the target's part and passes the token on,
-            // counted in the whole answer.
-            r.tail.push_str(&text);
-            r.tail_ids.push(tid);
-            let whole = r.resumption.tokens().saturating_add(index);
-            r.stream.on_token(whole, &text, tid)
-        } else {
-            r.stream.on_source_token(index, &text, tid)
-        };
-        if let Err(e) = got {
-            self.violation(format!("request {id}: {e}"));
-            return;
-        }
-        r.last_progress_ms = now;
-        r.first_token_at.get_or_insert(now);
-        if last || r.stream.tokens() >= r.max_tokens {
-            let expected: String = (0..r.stream.tokens()).map(token_text).collect();
-            let whole = r.stream.text() == expected;
-            let (entry, target) = (r.entry, r.target);
-            if !whole {
-                self.violation(format!("request {id}: the answer's text is not whole"));
-            }
-            if let Some(t) = target {
-                let tid = self.nodes[t].id;
-                self.nodes[entry]
-                    .breakers
-                    .record(&tid, Outcome::Success, now);
-            }
-            self.end(id, State::Completed);
-        } else {
-            let check_at = now + self.sc.stall_ms;
-            self.at(
-                check_at,
-                Ev::StallCheck {
-                    request: id,
-                    attempt,
-                },
-            );
-        }
-    }
-
-    fn stall_check(&mut self, id: u64, attempt: u32) {
-        let now = self.now;
-        let first_token_ms = self.first_token_ms(id);
-        let r = &self.requests[id as usize];
-        if r.state != State::Running || r.attempt != attempt {
-            return;
-        }
-        let stall_ms = self.sc.stall_ms;
-        let wait = if !r.relayed {
-            r.stream.wait_ms(first_token_ms, stall_ms)
-        } else if r.tail_ids.is_empty() {
-            first_token_ms
-        } else {
-            stall_ms
-        };
-        if now.saturating_sub(r.last_progress_ms) < wait {
-            return;
-        }
-        let entry = r.entry;
-        let target = r.target;
-        if let Some(t) = target {
-            self.nodes[t].jobs.remove(&id);
-        }
-        let failed = target.map(|t| self.nodes[t].id);
-        if r.relayed && self.nodes[entry].up {
-            // The relaying entry saw its target fail: it replaces it.
-            let r = &mut self.requests[id as usize];
-            let (tail, tail_ids) = (std::mem::take(&mut r.tail), std::mem::take(&mut r.tail_ids));
-            let taken = match failed {
-                Some(tid) => r.resumption.on_fetch_failed(tid, &tail, &tail_ids),
-                None => Ok(()),
-            };
-            // The entry fetched itself: it saw the fault.
-            self.after_failure(id, entry, failed, true, taken);
-            return;
-        }
-        // The client's source failed (a target, or the relaying entry).
-        let decision = self.requests[id as usize].stream.on_failure(false);
-        let entry = if self.nodes[entry].up {
-            entry
-        } else {
-            // The client goes through an entry it can reach; a new one
-            // knows nothing of the answer but what the client tells it.
-            let up = self.up_entries();
-            if up.is_empty() {
-                self.end(id, State::Failed("no node reachable".into()));
-                return;
-            }
-            let e = up[self.rng.below(up.len() as u64) as usize];
-            let fresh = self.fresh_resumption();
-            let r = &mut self.requests[id as usize];
-            r.resumption = fresh;
-            r.relayed = false;
-            e
-        };
-        match decision {
-            OnFailure::GiveUp => {
-                self.end(id, State::Failed("gave up after repeated failovers".into()));
-            }
-            OnFailure::Relay => {
-                self.requests[id as usize].relayed = true;
-                self.retry(id, entry);
-            }
-            OnFailure::Resume(req) => {
-                let r = &mut self.requests[id as usize];
-                r.relayed = false;
-                let taken = match failed {
-                    Some(tid) => r.resumption.on_resume(tid, req),
-                    None => Ok(()),
-                };
-                // The client's word only: as the node does, the entry
-                // checks the target itself and counts a failure only if it
-                // cannot reach it (down, or cut off from the entry).
-                let observed = failed.is_some_and(|tid| {
-                    self.nodes
-                        .iter()
-                        .position(|n| n.id == tid)
-                        .is_none_or(|t| !self.nodes[t].up || self.cut(entry, t))
-                });
-                self.after_failure(id, entry, failed, observed, taken);
-            }
-        }
-    }
-
-    /// The entry took (or refused) the failure of `failed`: a refusal ends
-    /// the request with its reason; otherwise the rest is placed elsewhere,
-    /// and the failure counts in the entry's breaker if the entry
-    /// `observed` it.
-    fn after_failure(
-        &mut self,
-        id: u64,
-        entry: usize,
-        failed: Option<NodeId>,
-        observed: bool,
-        taken: Result<(), ResumeError>,
-    ) {
-        if let Err(e) = taken {
-            self.end(id, State::Failed(e.to_string()));
-            return;
-        }
-        if let Some(tid) = failed.filter(|_| observed) {
-            let now = self.now;
-            let e = &mut self.nodes[entry];
-            e.breakers.record(&tid, Outcome::Failure, now);
-            e.placer.on_failure(&tid);
-        }
-        self.retry(id, entry);
-    }
-
-    /// Places the request again through `entry`, away from the targets
-    /// that failed it.
-    fn retry(&mut self, id: u64, entry: usize) {
-        let r = &mut self.requests[id as usize];
-        r.attempt += 1;
-        r.failovers += 1;
-        let exclude = r.resumption.exclude().to_vec();
-        self.place(id, entry, &exclude);
-    }
-
-    /// The entry that placed the request's current attempt learns it is
-    /// over (answered, failed, or replaced).
-    fn done_placing(&mut self, id: u64) {
-        let now = self.now;
-        if let Some((entry, request, target)) = self.requests[id as usize].placed_by.take() {
-            self.nodes[entry].placer.on_done(request, now);
-            // A probe that ended without an outcome frees its slot (after
-            // an outcome this changes nothing).
-            self.nodes[entry].breakers.release(&target, request);
-        }
-    }
-
     fn end(&mut self, id: u64, state: State) {
-        self.done_placing(id);
         let now = self.now;
         let r = &mut self.requests[id as usize];
         r.ends += 1;
@@ -1347,8 +927,15 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.up = false;
         n.epoch += 1;
-        n.jobs.clear();
+        // What its runs generated beyond what was delivered is lost.
+        let jobs = std::mem::take(&mut n.jobs);
         n.cache.clear();
+        for (id, attempt) in jobs.into_keys() {
+            if let Some(a) = self.requests[id as usize].attempts.get_mut(&attempt) {
+                a.lost = true;
+            }
+        }
+        self.entry_crashed(i);
         self.last_churn_ms = self.now;
         let back = self.now + self.sc.restart_after_ms;
         self.at(back, Ev::Restart(i));

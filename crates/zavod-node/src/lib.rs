@@ -13,6 +13,7 @@
 
 pub mod actors;
 pub mod backend;
+pub(crate) mod chat_entry;
 pub mod client;
 pub mod clock;
 pub mod cluster;
