@@ -4,7 +4,7 @@
 //! node runs: the membership-gated `MeshView` fed by signed capacity
 //! announcements (sent by the node's own `Announcer`), the `BreakerBoard`,
 //! the `Placer`, and for every request the entry machine
-//! (`zavod_proto::entry::Entry`) the node pumps: redirect, relay, local
+//! (`zavod_proto::chat::entry::Entry`) the node pumps: redirect, relay, local
 //! run, resume after failure, breaker outcomes, settlement and booking are
 //! its decisions, carried out here over a simulated network (seeded latency
 //! and jitter; loss; duplication; partitions; crashes and restarts; slow
@@ -52,18 +52,18 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
-use zavod_proto::announcer::Announcer;
-use zavod_proto::auth::{
+use zavod_proto::chat::entry::{AttemptId, Entry};
+use zavod_proto::chat::failover::{AnswerStream, OnFailure};
+use zavod_proto::ids::{NodeId, RequestId};
+use zavod_proto::mesh::announcer::Announcer;
+use zavod_proto::mesh::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
+use zavod_proto::mesh::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
+use zavod_proto::mesh::placer::{Ask, Placer, PlacerConfig};
+use zavod_proto::mesh::score::{Weights, splitmix64};
+use zavod_proto::mesh::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
+use zavod_proto::trust::{
     Authority, GrantBody, GrantCheck, Keypair, Membership, MembershipBody, mint_grant, sign_report,
 };
-use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
-use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::entry::{AttemptId, Entry};
-use zavod_proto::failover::{AnswerStream, OnFailure};
-use zavod_proto::ids::{NodeId, RequestId};
-use zavod_proto::placer::{Ask, Placer, PlacerConfig};
-use zavod_proto::score::{Weights, splitmix64};
-use zavod_proto::view::{Announcement, Liveness, MeshView, VerifiedAnnouncement, ViewConfig};
 use zavod_proto::wire::StopReason;
 
 const MODEL: &str = "sim-model";

@@ -1,7 +1,7 @@
 //! Requests in the simulator: clients, entries and targets.
 //!
 //! The entry is the real one: each request's entry node runs
-//! `zavod_proto::entry::Entry`, the machine the node pumps, and this file
+//! `zavod_proto::chat::entry::Entry`, the machine the node pumps, and this file
 //! only carries out its outputs over the virtual network (placement by the
 //! entry's own `Placer` and `BreakerBoard`, grants minted and checked,
 //! frames to the client, runs at targets, reports and checks) and feeds
@@ -25,10 +25,10 @@
 //! - a turn is recorded at most once, and only for a completed answer.
 
 use super::*;
-use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
-use zavod_proto::entry::{
+use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
+use zavod_proto::trust::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::wire::{
     ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, RunReport, ServerFrame,
 };
@@ -754,7 +754,7 @@ impl Sim {
         id: u64,
         attempt: AttemptId,
         n: u32,
-    ) -> Option<(String, zavod_proto::auth::Receipt)> {
+    ) -> Option<(String, zavod_proto::trust::Receipt)> {
         let r = &self.requests[id as usize];
         let a = r.attempts.get(&attempt)?;
         let text: String = (a.base..a.base + n).map(token_text).collect();

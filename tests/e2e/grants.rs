@@ -251,7 +251,7 @@ async fn run_whole(
     net: &zavod_net::Client,
     addr: &str,
     run: &RunRequest,
-) -> (String, u32, zavod_proto::auth::Receipt) {
+) -> (String, u32, zavod_proto::trust::Receipt) {
     let peer = net.dial(addr.parse().expect("addr")).await.expect("dial");
     let mut s = net
         .open(peer, zavod_net::RUN_PROTOCOL)

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use zavod_proto::capacity::WorkerLoad;
-use zavod_proto::prompt::Turn;
-use zavod_proto::score::splitmix64;
+use zavod_proto::chat::prompt::Turn;
+use zavod_proto::mesh::capacity::WorkerLoad;
+use zavod_proto::mesh::score::splitmix64;
 use zavod_proto::wire::{DoneInfo, StopReason};
 
 /// Timing of a model on some hardware.

@@ -9,7 +9,7 @@
 use crate::EngineError;
 use crate::gguf::{GgufFacts, read_facts};
 use std::path::{Path, PathBuf};
-use zavod_proto::tiers::{Room, TierChoice, TierFile, choose};
+use zavod_proto::mesh::tiers::{Room, TierChoice, TierFile, choose};
 
 /// Most files read from one family folder: a guard against pointing the
 /// node at a folder of thousands of files, far above any real family.
@@ -118,7 +118,7 @@ impl Family {
     /// Memory the file at `index` needs loaded with that KV cache.
     pub fn need_bytes(&self, index: usize, slots: u32, context_tokens: u32) -> u64 {
         self.files.get(index).map_or(0, |f| {
-            zavod_proto::tiers::need_bytes(
+            zavod_proto::mesh::tiers::need_bytes(
                 &TierFile {
                     quant: f.facts.quant.clone(),
                     size_bytes: f.size_bytes,

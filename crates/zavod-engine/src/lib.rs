@@ -42,8 +42,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 use zavod_proto::RequestId;
-use zavod_proto::capacity::{ModelOffer, WorkerLoad};
-use zavod_proto::prompt::Turn;
+use zavod_proto::chat::prompt::Turn;
+use zavod_proto::mesh::capacity::{ModelOffer, WorkerLoad};
 use zavod_proto::wire::{DoneInfo, GenParams};
 
 /// Tokens buffered per job before a receiver counts as too slow.

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
-use zavod_proto::capacity::WorkerLoad;
-use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::chat::prompt::{Role, Turn};
+use zavod_proto::mesh::capacity::WorkerLoad;
 
 /// Longest pacing interval accepted: past this a stream reads as stalled.
 pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;

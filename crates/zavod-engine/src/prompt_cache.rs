@@ -26,7 +26,7 @@ pub struct CacheTag {
     /// Prompts are reused only within one partition (a credential), so no
     /// one can learn another's prompts from how fast theirs start.
     pub partition: u64,
-    /// The prompt's affinity key (`zavod_proto::prompt::affinity_key`),
+    /// The prompt's affinity key (`zavod_proto::chat::prompt::affinity_key`),
     /// reported to the mesh so conversations return here.
     pub key: u64,
 }

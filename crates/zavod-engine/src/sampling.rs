@@ -89,7 +89,7 @@ mod tests {
     #[test]
     fn top_k_is_the_head_of_a_full_sort() {
         let logits: Vec<f32> = (0..10_000u64)
-            .map(|i| (zavod_proto::score::splitmix64(i) % 1000) as f32 / 7.0)
+            .map(|i| (zavod_proto::mesh::score::splitmix64(i) % 1000) as f32 / 7.0)
             .collect();
         for k in [1, 5, 40, 10_000, 20_000] {
             let mut all: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();

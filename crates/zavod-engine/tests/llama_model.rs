@@ -6,7 +6,7 @@ use std::sync::Arc;
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel, job_channel};
 use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::RequestId;
-use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::wire::{GenParams, StopReason};
 
 fn model_path() -> PathBuf {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel, job_channel};
 use zavod_engine::{CacheTag, CancelFlag, Engine, EngineEvent, Job};
 use zavod_proto::RequestId;
-use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::wire::{GenParams, StopReason};
 
 fn config(slots: u32, prompt_cache: bool) -> LlamaConfig {

@@ -665,7 +665,7 @@ impl EventLoop {
                 for a in info
                     .listen_addrs
                     .into_iter()
-                    .take(zavod_proto::view::MAX_ADDRS)
+                    .take(zavod_proto::mesh::view::MAX_ADDRS)
                 {
                     self.learn(peer_id, a);
                 }
@@ -701,7 +701,7 @@ mod tests {
         let kp = identity_from_secret([3; 32]).expect("key");
         let peer = kp.public().to_peer_id();
         let node = node_id_of(&peer).expect("ed25519");
-        let zk = zavod_proto::auth::Keypair::from_secret([3; 32]);
+        let zk = zavod_proto::trust::Keypair::from_secret([3; 32]);
         assert_eq!(node, zk.public());
         assert_eq!(peer_id_of(&node), Some(peer));
     }

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use zavod_engine::embed::{EmbedReply, Embedder};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
 use zavod_engine::{Engine, EngineError, model_name_from_path};
-use zavod_proto::capacity::ModelOffer;
-use zavod_proto::prompt::Turn;
+use zavod_proto::chat::prompt::Turn;
+use zavod_proto::mesh::capacity::ModelOffer;
 
 pub trait ModelBackend: Send + Sync {
     fn offer(&self) -> ModelOffer;

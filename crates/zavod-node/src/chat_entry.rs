@@ -1,5 +1,5 @@
 //! The entry's side of a chat request, carried out: this module pumps
-//! [`zavod_proto::entry::Entry`] over real streams and actors. It decides
+//! [`zavod_proto::chat::entry::Entry`] over real streams and actors. It decides
 //! nothing itself; every rule (redirect, relay, local run, resume,
 //! breaker outcomes, settlement, booking) is the machine's, and the
 //! simulator pumps the same machine.
@@ -29,10 +29,10 @@ use tokio::task::JoinSet;
 use zavod_engine::{CancelFlag, EngineEvent};
 use zavod_net::{FrameReader, FrameWriter, RUN_PROTOCOL};
 use zavod_proto::NodeId;
-use zavod_proto::entry::{
+use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
-use zavod_proto::prompt::{Role, Turn, affinity_key, run_hash};
+use zavod_proto::chat::prompt::{Role, Turn, affinity_key, run_hash};
 use zavod_proto::wire::{
     ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, RunRequest, ServerFrame,
 };
@@ -702,8 +702,8 @@ async fn admit_and_assemble(
 /// Asks this node's model worker to run a granted request.
 pub(crate) async fn run_local(
     shared: &NodeShared,
-    grant: zavod_proto::auth::Grant,
-    issuer_membership: Option<zavod_proto::auth::Membership>,
+    grant: zavod_proto::trust::Grant,
+    issuer_membership: Option<zavod_proto::trust::Membership>,
     client: NodeId,
     turns: &[Turn],
     params: &GenParams,

@@ -6,7 +6,7 @@ use crate::datadir::ClientIdentity;
 use libp2p::{Multiaddr, PeerId};
 use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
-use zavod_proto::failover::{AnswerStream, OnFailure, ResumeRequest};
+use zavod_proto::chat::failover::{AnswerStream, OnFailure, ResumeRequest};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,

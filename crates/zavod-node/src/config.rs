@@ -5,10 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use zavod_proto::breaker::BreakerConfig;
-use zavod_proto::placer::PlacerConfig;
-use zavod_proto::score::Weights;
-use zavod_proto::view::ViewConfig;
+use zavod_proto::mesh::breaker::BreakerConfig;
+use zavod_proto::mesh::placer::PlacerConfig;
+use zavod_proto::mesh::score::Weights;
+use zavod_proto::mesh::view::ViewConfig;
 
 /// The automatic stream interval when inference takes every core: 20
 /// updates a second still read as a smooth stream.

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use zavod_proto::NodeId;
 use zavod_proto::UnixMs;
-use zavod_proto::auth::{
+use zavod_proto::trust::{
     Authority, CAP_TEXT_PREFIX, CapabilityToken, Credential, CredentialBody, JoinTicket,
     JoinTicketBody, Keypair, Membership, MembershipBody, ModelPattern,
 };
@@ -411,7 +411,7 @@ impl ClientIdentity {
         let cred_text = match credential {
             Some(c)
                 if c.trim_start()
-                    .starts_with(zavod_proto::auth::CREDENTIAL_TEXT_PREFIX)
+                    .starts_with(zavod_proto::trust::CREDENTIAL_TEXT_PREFIX)
                     || c.trim_start().starts_with(CAP_TEXT_PREFIX) =>
             {
                 c.to_string()

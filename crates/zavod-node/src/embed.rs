@@ -23,10 +23,10 @@ use std::time::Duration;
 use zavod_engine::EngineError;
 use zavod_net::{EMBED_PROTOCOL, FrameReader, FrameWriter};
 use zavod_proto::NodeId;
-use zavod_proto::auth::{Credential, Grant, Membership};
-use zavod_proto::breaker::{Fault, Outcome, fault_of};
-use zavod_proto::embed::{EmbedReply, EmbedRequest, check_inputs, check_vectors, embed_hash};
 use zavod_proto::limits::MAX_TOKENS_PER_REQUEST;
+use zavod_proto::mesh::breaker::{Fault, Outcome, fault_of};
+use zavod_proto::trust::{Credential, Grant, Membership};
+use zavod_proto::wire::embed::{EmbedReply, EmbedRequest, check_inputs, check_vectors, embed_hash};
 use zavod_proto::wire::{ChatRequest, ErrorCode, ErrorFrame, GenParams};
 
 /// Most targets tried for one request.
@@ -55,7 +55,7 @@ pub async fn embed(
     // come to is charged when the vectors arrive.
     let estimate: u64 = inputs
         .iter()
-        .map(|t| u64::from(zavod_proto::prompt::estimate_tokens(t)) + 2)
+        .map(|t| u64::from(zavod_proto::chat::prompt::estimate_tokens(t)) + 2)
         .sum();
     let want = u32::try_from(estimate)
         .unwrap_or(u32::MAX)

@@ -33,9 +33,9 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use zavod_proto::auth::{CAP_TEXT_PREFIX, CREDENTIAL_TEXT_PREFIX, CapabilityToken, Keypair};
+use zavod_proto::chat::prompt::Role;
 use zavod_proto::ids::ConversationId;
-use zavod_proto::prompt::Role;
+use zavod_proto::trust::{CAP_TEXT_PREFIX, CREDENTIAL_TEXT_PREFIX, CapabilityToken, Keypair};
 use zavod_proto::wire::{
     Accepted, ChatRequest, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame, StopReason,
 };
@@ -403,7 +403,7 @@ fn output_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
 fn chat_request(
     common: &Common,
     headers: &HeaderMap,
-    credential: zavod_proto::auth::Credential,
+    credential: zavod_proto::trust::Credential,
     message: String,
     raw: bool,
 ) -> Result<ChatRequest, ApiError> {
@@ -844,7 +844,7 @@ async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Respo
                 "created": 0,
                 "owned_by": "zavod",
                 "quantization": offer.quant,
-                "tier": zavod_proto::tiers::tier_of(&offer.quant).map(|t| t.name()),
+                "tier": zavod_proto::mesh::tiers::tier_of(&offer.quant).map(|t| t.name()),
                 "context_length": offer.context_tokens,
                 "nodes": nodes,
             });

@@ -4,14 +4,14 @@
 //! available RAM otherwise) with the KV cache of the configured slots, or
 //! the quantization `model.quant` names. Models are chosen in order and
 //! each one's need is taken from the memory left for the next. The choice
-//! itself is the pure [`zavod_proto::tiers::choose`]; this file measures
+//! itself is the pure [`zavod_proto::mesh::tiers::choose`]; this file measures
 //! and reports.
 
 use crate::config::NodeConfig;
 use std::path::PathBuf;
 use zavod_engine::EngineError;
 use zavod_engine::family::Family;
-use zavod_proto::tiers::Tier;
+use zavod_proto::mesh::tiers::Tier;
 
 /// The file chosen and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +105,7 @@ pub fn select(cfg: &NodeConfig) -> Result<Vec<ModelSelection>, EngineError> {
                 name: family.name.clone(),
                 path: f.path.clone(),
                 quant: f.facts.quant.clone(),
-                tier: zavod_proto::tiers::tier_of(&f.facts.quant),
+                tier: zavod_proto::mesh::tiers::tier_of(&f.facts.quant),
                 files: 1,
                 reason: "the only file".into(),
             });

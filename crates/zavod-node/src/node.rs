@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use zavod_engine::EngineError;
 use zavod_engine::llama::{LlamaConfig, LoadedModel};
 use zavod_net::{NetConfig, NetError};
-use zavod_proto::view::Announcement;
+use zavod_proto::mesh::view::Announcement;
 use zavod_store::{SledStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,7 @@ async fn dial_until_connected(net: zavod_net::Client, addr: Multiaddr) {
 /// this node's membership, and stores it in the data directory.
 pub async fn join_mesh(
     identity: &mut NodeIdentity,
-    ticket: &zavod_proto::auth::JoinTicket,
+    ticket: &zavod_proto::trust::JoinTicket,
     limits: &crate::config::LimitsSection,
 ) -> Result<(), NodeError> {
     use zavod_proto::wire::{JoinReply, JoinRequest};

@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use zavod_engine::EngineEvent;
 use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, node_id_of};
 use zavod_proto::NodeId;
-use zavod_proto::auth::{ReceiptBody, prompt_hash, sign_receipt};
-use zavod_proto::breaker::Outcome;
+use zavod_proto::mesh::breaker::Outcome;
+use zavod_proto::trust::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::wire::{
     ClientFrame, DoneInfo, ErrorCode, ErrorFrame, JoinReply, JoinRequest, RunReport, RunRequest,
     ServerFrame, StatusReply, StatusRequest,
@@ -66,7 +66,7 @@ pub async fn serve_stream(
             Kind::Status => writer.send(&StatusReply::Refused(busy), wt).await,
             Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(busy), wt).await,
             Kind::Embed => {
-                let reply = zavod_proto::embed::EmbedReply::Refused(busy);
+                let reply = zavod_proto::wire::embed::EmbedReply::Refused(busy);
                 writer.send(&reply, wt).await
             }
         };

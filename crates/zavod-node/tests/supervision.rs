@@ -13,8 +13,8 @@ use zavod_node::backend::ModelBackend;
 use zavod_node::client::{Ask, ChatClient, ChatError};
 use zavod_node::datadir::ClientIdentity;
 use zavod_node::{Node, NodeConfig, StartOptions};
-use zavod_proto::capacity::{ModelOffer, WorkerLoad};
-use zavod_proto::prompt::Turn;
+use zavod_proto::chat::prompt::Turn;
+use zavod_proto::mesh::capacity::{ModelOffer, WorkerLoad};
 use zavod_proto::wire::{ErrorCode, GenParams};
 
 /// An engine whose `submit` panics — inside the ModelWorker's handler —

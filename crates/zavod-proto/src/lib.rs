@@ -11,20 +11,11 @@
 //! [`wire::decode`] (size-bounded, versioned), and every verification returns
 //! an error value; nothing here panics on peer input.
 
-pub mod announcer;
-pub mod auth;
-pub mod breaker;
-pub mod capacity;
-pub mod embed;
-pub mod entry;
-pub mod failover;
+pub mod chat;
 pub mod ids;
 pub mod limits;
-pub mod placer;
-pub mod prompt;
-pub mod score;
-pub mod tiers;
-pub mod view;
+pub mod mesh;
+pub mod trust;
 pub mod wire;
 
 pub use ids::{ConversationId, NodeId, RequestId};

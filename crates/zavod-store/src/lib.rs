@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use zavod_proto::NodeId;
+use zavod_proto::chat::prompt::Turn;
 use zavod_proto::ids::ConversationId;
-use zavod_proto::prompt::Turn;
 
 /// Turns kept per conversation; older ones are dropped.
 pub const MAX_TURNS_PER_CONVERSATION: usize = 2_000;
@@ -200,7 +200,7 @@ impl ConversationStore for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zavod_proto::prompt::Role;
+    use zavod_proto::chat::prompt::Role;
 
     fn key(owner: u8, c: &str) -> ConvKey {
         ConvKey {

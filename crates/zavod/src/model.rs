@@ -7,7 +7,7 @@ use std::path::Path;
 use zavod_engine::family;
 use zavod_engine::gguf::read_facts;
 use zavod_engine::llama::count_parameters;
-use zavod_proto::tiers::tier_of;
+use zavod_proto::mesh::tiers::tier_of;
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {

@@ -32,7 +32,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
     });
     let ticket = match &args.join {
         Some(t) => Some(
-            zavod_proto::auth::JoinTicket::from_text(t)
+            zavod_proto::trust::JoinTicket::from_text(t)
                 .map_err(|e| anyhow::anyhow!("--join: {e}"))?,
         ),
         None => None,
@@ -140,7 +140,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
             "model {} ({}, {}) loaded in {:.1} s: {} slots x {} context tokens, {} threads{}",
             offer.name,
             offer.quant,
-            zavod_proto::tiers::tier_of(&offer.quant).map_or("no tier", |t| t.name()),
+            zavod_proto::mesh::tiers::tier_of(&offer.quant).map_or("no tier", |t| t.name()),
             t0.elapsed().as_secs_f64(),
             lcfg.slots,
             lcfg.context_tokens_per_seq,

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::time::Duration;
 use zavod_node::config::default_data_dir;
 use zavod_node::datadir::{self, ClientIdentity, DataDirError};
-use zavod_proto::auth::{Keypair, OperatorProof};
+use zavod_proto::trust::{Keypair, OperatorProof};
 use zavod_proto::wire::{StatusReply, StatusRequest, StatusRow};
 
 fn peer_of(row: &StatusRow) -> String {
@@ -88,7 +88,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
                     "models": r.models.iter().map(|m| serde_json::json!({
                         "name": m.name,
                         "quant": m.quant,
-                        "tier": zavod_proto::tiers::tier_of(&m.quant).map(|t| t.name()),
+                        "tier": zavod_proto::mesh::tiers::tier_of(&m.quant).map(|t| t.name()),
                         "context_tokens": m.context_tokens,
                         "slots_free": m.slots_free,
                         "slots_total": m.slots_total,

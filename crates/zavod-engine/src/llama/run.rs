@@ -49,7 +49,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::error::TrySendError as EvTrySendError;
-use zavod_proto::capacity::CACHE_SUMMARY_MAX_KEYS;
+use zavod_proto::mesh::capacity::CACHE_SUMMARY_MAX_KEYS;
 use zavod_proto::wire::{DoneInfo, StopReason};
 
 use super::Shared;

@@ -1,11 +1,11 @@
-//! Breaker: one circuit per peer (zavod_proto::breaker). The Router asks
+//! Breaker: one circuit per peer (zavod_proto::mesh::breaker). The Router asks
 //! which candidates are routable, places among them, then confirms its
 //! choice here, which takes a half-open peer's single probe slot; request
 //! outcomes are recorded here, and a placement that ends without one
 //! releases the slot it held.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use zavod_proto::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
+use zavod_proto::mesh::breaker::{BreakerBoard, BreakerConfig, BreakerState, Outcome};
 use zavod_proto::{NodeId, RequestId};
 
 use crate::clock::now_ms;

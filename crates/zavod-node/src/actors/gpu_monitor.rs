@@ -11,7 +11,7 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
 use std::time::Duration;
-use zavod_proto::capacity::{GpuSample, Resources};
+use zavod_proto::mesh::capacity::{GpuSample, Resources};
 
 pub struct GpuMonitor;
 

@@ -1,13 +1,13 @@
 //! MemoryKeeper: each conversation's turns in the store (sled), and prompt
 //! assembly: the newest turns that fit the context budget
-//! (zavod_proto::prompt::assemble). Tokens are counted with this node's
+//! (zavod_proto::chat::prompt::assemble). Tokens are counted with this node's
 //! model when it has one, else estimated on the safe side; the node that
 //! generates formats the turns with its model's chat template.
 
 use super::{NodeShared, error_frame};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
-use zavod_proto::prompt::{PromptBudget, Role, Turn, assemble};
+use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConvKey;
 

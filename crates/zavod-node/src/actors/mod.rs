@@ -17,7 +17,7 @@ use crate::datadir::NodeIdentity;
 use ractor::ActorRef;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use zavod_proto::prompt::TokenEstimator;
+use zavod_proto::chat::prompt::TokenEstimator;
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConversationStore;
 
@@ -112,7 +112,7 @@ impl NodeShared {
             .lock()
             .ok()
             .and_then(|m| m.get(model).map(|e| e.estimate(text)))
-            .unwrap_or_else(|| zavod_proto::prompt::estimate_tokens(text))
+            .unwrap_or_else(|| zavod_proto::chat::prompt::estimate_tokens(text))
     }
 }
 

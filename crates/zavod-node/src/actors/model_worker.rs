@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use zavod_engine::llama::job_channel;
 use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
 use zavod_proto::NodeId;
-use zavod_proto::auth::{AuthError, Grant, GrantBody, GrantCheck, Membership, ReplayGuard};
-use zavod_proto::capacity::WorkerLoad;
-use zavod_proto::prompt::{Turn, affinity_key, run_hash};
+use zavod_proto::chat::prompt::{Turn, affinity_key, run_hash};
+use zavod_proto::mesh::capacity::WorkerLoad;
+use zavod_proto::trust::{AuthError, Grant, GrantBody, GrantCheck, Membership, ReplayGuard};
 use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
 
 /// How often the worker checks its engine and reports load.

@@ -1,7 +1,7 @@
 //! Router: admits requests (credential, scope, rate and budget through
-//! zavod_proto::auth), keeps the mesh view (zavod_proto::view) fed by
+//! zavod_proto::trust), keeps the mesh view (zavod_proto::mesh::view) fed by
 //! gossip, announces this node, places requests with the placer
-//! (zavod_proto::placer: MCDA score, this entry's running placements,
+//! (zavod_proto::mesh::placer: MCDA score, this entry's running placements,
 //! cache affinity, two choices) among alive members whose breaker allows
 //! it, and mints the per-request grant.
 
@@ -15,13 +15,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
-use zavod_proto::announcer::Announcer;
-use zavod_proto::auth::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
-use zavod_proto::breaker::BreakerState;
-use zavod_proto::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::placer::{Ask, Placer};
-use zavod_proto::score::{Candidate, rank};
-use zavod_proto::view::{Accepted, Announcement, Liveness, MeshView};
+use zavod_proto::mesh::announcer::Announcer;
+use zavod_proto::mesh::breaker::BreakerState;
+use zavod_proto::mesh::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
+use zavod_proto::mesh::placer::{Ask, Placer};
+use zavod_proto::mesh::score::{Candidate, rank};
+use zavod_proto::mesh::view::{Accepted, Announcement, Liveness, MeshView};
+use zavod_proto::trust::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
 use zavod_proto::wire::{
     ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRequest, StatusRow,
 };
@@ -57,7 +57,7 @@ pub struct PlaceAsk {
     pub exclude: Vec<NodeId>,
     /// The credential whose prompt cache the request may use.
     pub cache_scope: [u8; 16],
-    /// The prompt's affinity key (zavod_proto::prompt::affinity_key).
+    /// The prompt's affinity key (zavod_proto::chat::prompt::affinity_key).
     pub cache_key: u64,
 }
 
@@ -228,7 +228,7 @@ pub struct RouterState {
     loads: Vec<WorkerLoad>,
     seq: u64,
     view: MeshView,
-    /// When this node announces (zavod_proto::announcer).
+    /// When this node announces (zavod_proto::mesh::announcer).
     announcer: Announcer,
     /// Requests placed elsewhere, waiting for their target's report.
     expected: BTreeMap<RequestId, Expected>,
@@ -743,7 +743,7 @@ impl Actor for Router {
                 }
                 st.shared
                     .metrics
-                    .load(&zavod_proto::capacity::total_load(st.loads.iter()));
+                    .load(&zavod_proto::mesh::capacity::total_load(st.loads.iter()));
                 // Fresh figures of this node count its running requests.
                 let me = st.me();
                 st.placer.on_report(&me);

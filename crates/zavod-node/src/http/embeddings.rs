@@ -87,7 +87,8 @@ pub(super) async fn embeddings(
             }
         };
         let inputs = texts(std::mem::take(&mut body.input))?;
-        zavod_proto::embed::check_inputs(&inputs).map_err(|m| ApiError::bad_field("input", m))?;
+        zavod_proto::wire::embed::check_inputs(&inputs)
+            .map_err(|m| ApiError::bad_field("input", m))?;
         Ok((bearer, body, inputs, encoding))
     })?;
     let _permit = in_flight_permit(&st)?;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use zavod_engine::llama::{LlamaConfig, LoadedModel, shared_backend, tokenize_prompt};
 use zavod_node::client::{Ask, ChatClient, ChatEvent};
 use zavod_node::datadir::ClientIdentity;
-use zavod_proto::prompt::{Role, Turn};
+use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::wire::GenParams;
 
 /// Context of the node's single slot and of the direct context alike.
@@ -434,10 +434,10 @@ fn direct_run(
 /// over a view of `n` synthetic members; returns (p50, p99) in
 /// microseconds.
 fn routing_decision_us(n: usize) -> (f64, f64) {
-    use zavod_proto::auth::{Authority, Keypair, MembershipBody, sign_report};
-    use zavod_proto::capacity::{CacheSummary, CapacityReport, ModelOffer};
-    use zavod_proto::placer::{Ask, Placer, PlacerConfig};
-    use zavod_proto::view::{Announcement, MeshView, ViewConfig};
+    use zavod_proto::mesh::capacity::{CacheSummary, CapacityReport, ModelOffer};
+    use zavod_proto::mesh::placer::{Ask, Placer, PlacerConfig};
+    use zavod_proto::mesh::view::{Announcement, MeshView, ViewConfig};
+    use zavod_proto::trust::{Authority, Keypair, MembershipBody, sign_report};
     let authority = Authority::new(Keypair::from_secret([1; 32]));
     let mut view = MeshView::new(
         [authority.id()].into_iter().collect(),

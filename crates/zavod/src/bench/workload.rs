@@ -114,7 +114,7 @@ impl Text {
 
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        zavod_proto::score::splitmix64(self.0)
+        zavod_proto::mesh::score::splitmix64(self.0)
     }
 
     /// `words` words of prose-like text, in sentences.

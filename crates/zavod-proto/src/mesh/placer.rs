@@ -34,7 +34,7 @@
 use crate::UnixMs;
 use crate::ids::{NodeId, RequestId};
 use crate::limits::MAX_PLACEMENTS_REMEMBERED;
-use crate::score::{Candidate, Scored, Weights, score_where, splitmix64};
+use crate::mesh::score::{Candidate, Scored, Weights, score_where, splitmix64};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A report this many heartbeats old is overdue.
@@ -498,9 +498,9 @@ mod tests {
     fn among_equally_loaded_nodes_the_better_file_wins() {
         // Two idle nodes serve the model: one a Q8_0 file, one a Q2_K.
         let mut good = cand(1, 4, 4);
-        good.quality = crate::tiers::quality("Q8_0");
+        good.quality = crate::mesh::tiers::quality("Q8_0");
         let mut poor = cand(2, 4, 4);
-        poor.quality = crate::tiers::quality("Q2_K");
+        poor.quality = crate::mesh::tiers::quality("Q2_K");
         let cands = [poor, good];
         for r in 0..50 {
             assert_eq!(place(&mut Placer::new(), &cands, r), node(1), "request {r}");

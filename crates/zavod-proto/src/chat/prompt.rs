@@ -42,7 +42,7 @@ pub fn run_hash(turns: &[Turn], params: &crate::wire::GenParams) -> [u8; 32] {
         max_tokens: 0,
         ..params.clone()
     };
-    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&(
+    crate::trust::prompt_hash_bytes(&crate::wire::encode_unversioned(&(
         "zavod-run-2",
         turns,
         bound,

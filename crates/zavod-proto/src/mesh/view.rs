@@ -12,10 +12,10 @@
 //! memory is bounded whatever peers send.
 
 use crate::UnixMs;
-use crate::auth::{AuthError, Membership, SignedReport};
-use crate::capacity::{CacheSummary, CapacityReport};
 use crate::ids::NodeId;
-use crate::score::Candidate;
+use crate::mesh::capacity::{CacheSummary, CapacityReport};
+use crate::mesh::score::Candidate;
+use crate::trust::{AuthError, Membership, SignedReport};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -479,7 +479,7 @@ fn refresh_rows(tables: &mut BTreeMap<String, Table>, m: &Member) {
         // Each model has its own engine: its slots and queue, not the
         // node's sum, say whether it can take a request.
         let row = Row {
-            quality: crate::tiers::quality(&o.quant),
+            quality: crate::mesh::tiers::quality(&o.quant),
             slots_free: o.slots_free,
             slots_total: o.slots_total,
             queue_depth: o.queue_depth,
@@ -499,8 +499,8 @@ fn refresh_rows(tables: &mut BTreeMap<String, Table>, m: &Member) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{Authority, Keypair, MembershipBody, sign_report};
-    use crate::capacity::ModelOffer;
+    use crate::mesh::capacity::ModelOffer;
+    use crate::trust::{Authority, Keypair, MembershipBody, sign_report};
 
     struct Fixture {
         authority: Authority,

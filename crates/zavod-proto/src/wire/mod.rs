@@ -6,14 +6,16 @@
 //! versions, trailing bytes and malformed data with a [`WireError`]; it never
 //! panics. Framing (the length prefix) is the network shell's job.
 
+pub mod embed;
+
 use crate::UnixMs;
-use crate::auth::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt};
-use crate::capacity::ModelOffer;
 use crate::ids::{ConversationId, NodeId, RequestId};
 use crate::limits::{
     MAX_FRAME_BYTES, MAX_GRAMMAR_BYTES, MAX_LOGIT_BIAS, MAX_MESSAGE_BYTES, MAX_STOP_BYTES,
     MAX_STOP_SEQUENCES, MAX_TOKENS_PER_REQUEST,
 };
+use crate::mesh::capacity::ModelOffer;
+use crate::trust::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The protocol version this build speaks.
@@ -323,7 +325,7 @@ pub struct RunRequest {
     pub issuer_membership: Membership,
     /// The conversation turns to answer; the target formats them with its
     /// model's chat template. The grant binds their hash.
-    pub turns: Vec<crate::prompt::Turn>,
+    pub turns: Vec<crate::chat::prompt::Turn>,
     pub params: GenParams,
 }
 
@@ -483,7 +485,7 @@ impl From<WireError> for ErrorFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{Authority, CredentialBody, Keypair, ModelPattern};
+    use crate::trust::{Authority, CredentialBody, Keypair, ModelPattern};
 
     fn request() -> ChatRequest {
         let auth = Authority::new(Keypair::from_secret([1; 32]));

@@ -2,7 +2,7 @@
 //!
 //! Every node computes the same ranking from the same view: scores are pure
 //! functions of the candidates and ties break by node id. The pick among
-//! the ranked candidates is [`crate::placer`]'s.
+//! the ranked candidates is [`crate::mesh::placer`]'s.
 
 use crate::ids::NodeId;
 use serde::{Deserialize, Serialize};
@@ -92,7 +92,7 @@ pub struct Candidate {
     pub age_ms: u64,
     /// The node deciding (its figures are its own, not gossip).
     pub is_self: bool,
-    /// How good its file of the model is ([`crate::tiers::quality`]):
+    /// How good its file of the model is ([`crate::mesh::tiers::quality`]):
     /// among equally loaded nodes the better file wins.
     pub quality: u8,
 }

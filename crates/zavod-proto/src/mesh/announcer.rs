@@ -6,7 +6,7 @@
 //! announcer; neither decides on its own.
 
 use crate::UnixMs;
-use crate::capacity::{CacheSummary, CapacityReport, ModelOffer};
+use crate::mesh::capacity::{CacheSummary, CapacityReport, ModelOffer};
 
 /// Free memory is compared in steps of this size (RAM readings jitter by
 /// kilobytes every second).
@@ -78,8 +78,8 @@ impl Announcer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capacity::{Resources, WorkerLoad};
     use crate::ids::NodeId;
+    use crate::mesh::capacity::{Resources, WorkerLoad};
 
     fn report(slots_busy: u32, free: u64) -> CapacityReport {
         let res = Resources {

@@ -4,8 +4,8 @@
 //! sizes, finite numbers), so a bad peer's reply is an error, never a
 //! panic or an allocation past the limits.
 
-use crate::auth::{Grant, Membership};
 use crate::limits::{MAX_EMBED_DIMENSIONS, MAX_EMBED_INPUTS, MAX_MESSAGE_BYTES};
+use crate::trust::{Grant, Membership};
 use crate::wire::ErrorFrame;
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +34,7 @@ pub enum EmbedReply {
 /// What a grant for embeddings binds: the texts, under a tag of their own
 /// so the hash of an embedding request is never that of a chat prompt.
 pub fn embed_hash(inputs: &[String]) -> [u8; 32] {
-    crate::auth::prompt_hash_bytes(&crate::wire::encode_unversioned(&("zavod-embed-1", inputs)))
+    crate::trust::prompt_hash_bytes(&crate::wire::encode_unversioned(&("zavod-embed-1", inputs)))
 }
 
 /// Checks the texts of a request: 1 to [`MAX_EMBED_INPUTS`] of them, none
@@ -108,14 +108,14 @@ mod tests {
     #[test]
     fn an_embedding_grant_never_binds_a_chat_prompt() {
         let texts = vec!["hello".to_string()];
-        let turns = [crate::prompt::Turn {
-            role: crate::prompt::Role::User,
+        let turns = [crate::chat::prompt::Turn {
+            role: crate::chat::prompt::Role::User,
             text: "hello".into(),
             tokens: 1,
         }];
         assert_ne!(
             embed_hash(&texts),
-            crate::prompt::run_hash(&turns, &Default::default())
+            crate::chat::prompt::run_hash(&turns, &Default::default())
         );
         assert_ne!(embed_hash(&texts), embed_hash(&["hello!".to_string()]));
     }

@@ -31,10 +31,10 @@
 use crate::NodeId;
 use crate::RequestId;
 use crate::UnixMs;
-use crate::auth::{Grant, Membership};
-use crate::breaker::{Fault, Outcome, fault_of};
-use crate::failover::{ResumeRequest, Resumption};
-use crate::prompt::Turn;
+use crate::chat::failover::{ResumeRequest, Resumption};
+use crate::chat::prompt::Turn;
+use crate::mesh::breaker::{Fault, Outcome, fault_of};
+use crate::trust::{Grant, Membership};
 use crate::wire::{
     Accepted, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect, RunReport,
     RunRequest, ServerFrame,
@@ -743,7 +743,7 @@ impl Entry {
     }
 
     /// The client's receipt for a redirected attempt's whole answer.
-    fn on_finished(&mut self, attempt: AttemptId, answer: &str, receipt: &crate::auth::Receipt) {
+    fn on_finished(&mut self, attempt: AttemptId, answer: &str, receipt: &crate::trust::Receipt) {
         let a = &self.attempts[attempt];
         let (Some(target), Some(request)) = (a.target(), a.request()) else {
             return;
@@ -921,16 +921,16 @@ impl Entry {
 }
 
 /// Protocol tests: an entry machine, targets that sign real receipts and
-/// a client's [`crate::failover::AnswerStream`], stepped by hand with no
+/// a client's [`crate::chat::failover::AnswerStream`], stepped by hand with no
 /// network.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{
+    use crate::chat::failover::{AnswerStream, OnFailure};
+    use crate::trust::{
         Authority, GrantBody, Keypair, MembershipBody, ReceiptBody, mint_grant, prompt_hash,
         sign_receipt,
     };
-    use crate::failover::{AnswerStream, OnFailure};
     use crate::wire::StopReason;
 
     struct Mesh {
@@ -1031,7 +1031,7 @@ mod tests {
         }
     }
 
-    use crate::auth::Receipt;
+    use crate::trust::Receipt;
 
     fn drain(e: &mut Entry) -> Vec<Output> {
         std::iter::from_fn(|| e.poll()).collect()

@@ -93,7 +93,7 @@ pub struct WorkerLoad {
     pub queue_depth: u32,
     /// Recent decode rate, tokens per second per stream.
     pub tokens_per_s: f32,
-    /// Affinity keys (see [`crate::prompt::affinity_key`]) of the prompts
+    /// Affinity keys (see [`crate::chat::prompt::affinity_key`]) of the prompts
     /// whose KV cache the worker keeps, most recently used first; at most
     /// [`CACHE_SUMMARY_MAX_KEYS`].
     pub cache_keys: Vec<u64>,
@@ -146,8 +146,9 @@ impl CacheSummary {
 
     fn bits(key: u64) -> impl Iterator<Item = usize> {
         let total = (CACHE_SUMMARY_WORDS * 64) as u64;
-        (0..CACHE_SUMMARY_BITS_PER_KEY)
-            .map(move |i| (crate::score::splitmix64(key ^ i.wrapping_mul(0x9e37)) % total) as usize)
+        (0..CACHE_SUMMARY_BITS_PER_KEY).map(move |i| {
+            (crate::mesh::score::splitmix64(key ^ i.wrapping_mul(0x9e37)) % total) as usize
+        })
     }
 }
 
@@ -342,12 +343,12 @@ mod tests {
     #[test]
     fn a_cache_summary_holds_its_keys_and_rarely_others() {
         let keys: Vec<u64> = (0..CACHE_SUMMARY_MAX_KEYS as u64)
-            .map(|k| crate::score::splitmix64(k + 1000))
+            .map(|k| crate::mesh::score::splitmix64(k + 1000))
             .collect();
         let s = CacheSummary::of(&keys);
         assert!(keys.iter().all(|k| s.may_hold(*k)));
         let false_hits = (0..10_000u64)
-            .map(|k| crate::score::splitmix64(k + 1_000_000))
+            .map(|k| crate::mesh::score::splitmix64(k + 1_000_000))
             .filter(|k| s.may_hold(*k))
             .count();
         assert!(false_hits < 250, "{false_hits} false hits in 10,000");

@@ -1,0 +1,7 @@
+//! A chat request's life: prompt assembly, the client's answer stream and
+//! the entry's machine (placement, redirect, relay, resume, settlement,
+//! booking).
+
+pub mod entry;
+pub mod failover;
+pub mod prompt;

@@ -1,0 +1,349 @@
+//! Tests of the trust documents and ledgers.
+
+use super::*;
+
+fn key(n: u8) -> Keypair {
+    Keypair::from_secret([n; 32])
+}
+
+fn cred_body(holder: NodeId) -> CredentialBody {
+    CredentialBody {
+        id: [9; 16],
+        holder,
+        models: ModelPattern("gemma-*".into()),
+        token_budget: 1000,
+        rate_per_min: 0,
+        not_before_ms: 100,
+        expires_at_ms: 10_000,
+    }
+}
+
+fn authorities(a: &Authority) -> BTreeSet<NodeId> {
+    [a.id()].into_iter().collect()
+}
+
+#[test]
+fn operator_proofs_bind_the_node_the_client_and_the_time() {
+    let (node, other_node, client, thief) = (key(1), key(2), key(3), key(4));
+    let now = 1_000_000;
+    let p = OperatorProof::issue(&node, client.public(), now);
+    assert!(p.verify(&node.public(), &client.public(), now).is_ok());
+    // Another node's operator cannot read this node's status.
+    assert!(matches!(
+        p.verify(&other_node.public(), &client.public(), now),
+        Err(AuthError::NotThisNode { .. })
+    ));
+    // A proof seen on the wire is no use to another key.
+    assert!(matches!(
+        p.verify(&node.public(), &thief.public(), now),
+        Err(AuthError::WrongHolder { .. })
+    ));
+    assert!(matches!(
+        p.verify(&node.public(), &client.public(), now + 6 * 60_000),
+        Err(AuthError::Expired { .. })
+    ));
+    // A proof made to last longer than allowed is refused, even signed.
+    let long = node.sign_doc(
+        DOMAIN_OPERATOR,
+        &OperatorBody {
+            client: client.public(),
+            not_before_ms: 0,
+            expires_at_ms: u64::MAX,
+        },
+    );
+    assert!(matches!(
+        long.verify(&node.public(), &client.public(), now),
+        Err(AuthError::ProofTooLong { .. })
+    ));
+    // Tampering breaks the signature.
+    let mut bent = p.clone();
+    bent.body.client = thief.public();
+    assert!(matches!(
+        bent.verify(&node.public(), &thief.public(), now),
+        Err(AuthError::BadSignature)
+    ));
+}
+
+#[test]
+fn credential_verifies_and_round_trips_as_text() {
+    let auth = Authority::new(key(1));
+    let client = key(2).public();
+    let cred = auth.issue_credential(cred_body(client));
+    let text = cred.to_text();
+    assert!(text.starts_with(CREDENTIAL_TEXT_PREFIX));
+    assert!(!text.contains(char::is_whitespace));
+    let back = Credential::from_text(&text).expect("parses");
+    assert_eq!(back, cred);
+    let body = back
+        .verify(&authorities(&auth), &client, "gemma-3-270m", 500)
+        .expect("valid");
+    assert_eq!(body.token_budget, 1000);
+}
+
+#[test]
+fn credential_refusals_name_the_reason() {
+    let auth = Authority::new(key(1));
+    let client = key(2).public();
+    let cred = auth.issue_credential(cred_body(client));
+    let auths = authorities(&auth);
+    assert!(matches!(
+        cred.verify(&auths, &client, "gemma-3", 50),
+        Err(AuthError::NotYetValid { .. })
+    ));
+    assert!(matches!(
+        cred.verify(&auths, &client, "gemma-3", 10_000),
+        Err(AuthError::Expired { .. })
+    ));
+    assert!(matches!(
+        cred.verify(&auths, &key(3).public(), "gemma-3", 500),
+        Err(AuthError::WrongHolder { .. })
+    ));
+    assert!(matches!(
+        cred.verify(&auths, &client, "llama-3", 500),
+        Err(AuthError::ModelNotAllowed { .. })
+    ));
+    let other: BTreeSet<NodeId> = [key(4).public()].into_iter().collect();
+    assert!(matches!(
+        cred.verify(&other, &client, "gemma-3", 500),
+        Err(AuthError::UntrustedIssuer { .. })
+    ));
+    let mut forged = cred.clone();
+    forged.body.token_budget = u64::MAX;
+    assert_eq!(
+        forged.verify(&auths, &client, "gemma-3", 500),
+        Err(AuthError::BadSignature)
+    );
+    let mut short_sig = cred.clone();
+    short_sig.signature.truncate(10);
+    assert_eq!(
+        short_sig.verify(&auths, &client, "gemma-3", 500),
+        Err(AuthError::BadSignature)
+    );
+}
+
+#[test]
+fn malformed_credential_text_is_refused() {
+    for bad in [
+        "",
+        "hello",
+        "zavod-cred-1.!!!",
+        "zavod-cred-1.AAAA",
+        &format!("zavod-cred-1.{}", "A".repeat(9000)),
+    ] {
+        assert!(
+            matches!(Credential::from_text(bad), Err(AuthError::MalformedText(_))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_credential_signature_does_not_verify_as_a_grant() {
+    let k = key(1);
+    let cred = Authority::new(k.clone()).issue_credential(cred_body(key(2).public()));
+    // Re-label the signed bytes: same signer and signature over another domain.
+    assert_eq!(
+        cred.verify_signature(DOMAIN_GRANT),
+        Err(AuthError::BadSignature)
+    );
+}
+
+#[test]
+fn invites_tokens_and_receipts() {
+    let auth = Authority::new(key(1));
+    let t = auth.invite(JoinTicketBody {
+        id: [1; 16],
+        expires_at_ms: 100,
+        bootstrap: vec!["/ip4/127.0.0.1/tcp/7070".into()],
+        membership_ttl_ms: 1_000,
+    });
+    let back = JoinTicket::from_text(&t.to_text()).expect("parses");
+    assert_eq!(back.verify(50).map(|b| b.membership_ttl_ms), Ok(1_000));
+    assert_eq!(back.signer, auth.id());
+    assert!(matches!(back.verify(100), Err(AuthError::Expired { .. })));
+    let mut forged = back.clone();
+    forged.body.expires_at_ms = u64::MAX;
+    assert_eq!(forged.verify(50), Err(AuthError::BadSignature));
+
+    let client = key(2);
+    let token = CapabilityToken {
+        secret: client.secret_bytes(),
+        credential: auth.issue_credential(cred_body(client.public())),
+    };
+    assert_eq!(
+        CapabilityToken::from_text(&token.to_text()),
+        Ok(token.clone())
+    );
+    let wrong = CapabilityToken {
+        secret: key(3).secret_bytes(),
+        ..token
+    };
+    assert!(CapabilityToken::from_text(&wrong.to_text()).is_err());
+
+    let target = key(4);
+    let r = sign_receipt(
+        &target,
+        ReceiptBody {
+            request: RequestId(5),
+            client: client.public(),
+            generated_tokens: 7,
+            answer_hash: prompt_hash("hi"),
+        },
+    );
+    assert!(r.verify(&target.public(), RequestId(5), "hi").is_ok());
+    assert!(r.verify(&target.public(), RequestId(5), "ho").is_err());
+    assert!(r.verify(&key(5).public(), RequestId(5), "hi").is_err());
+    assert!(r.verify(&target.public(), RequestId(6), "hi").is_err());
+}
+
+#[test]
+fn wildcard_patterns() {
+    let p = |s: &str| ModelPattern(s.into());
+    assert!(p("*").matches("anything"));
+    assert!(p("*").matches(""));
+    assert!(p("gemma-*").matches("gemma-3-270m"));
+    assert!(!p("gemma-*").matches("llama"));
+    assert!(p("*-270m-*").matches("gemma-3-270m-q4"));
+    assert!(p("a*b*c").matches("aXXbYYc"));
+    assert!(!p("a*b*c").matches("aXXbYY"));
+    assert!(p("exact").matches("exact"));
+    assert!(!p("exact").matches("exactly"));
+    assert!(!p(&"*a".repeat(50)).matches(&"b".repeat(200)));
+}
+
+fn grant_fixture() -> (Keypair, GrantBody) {
+    let entry = key(5);
+    let body = GrantBody {
+        request: RequestId(42),
+        client: key(2).public(),
+        target: key(6).public(),
+        model: "gemma".into(),
+        max_tokens: 64,
+        expires_at_ms: 5_000,
+        prompt_hash: prompt_hash("hello"),
+        cache_scope: [3; 16],
+    };
+    (entry, body)
+}
+
+#[test]
+fn grants_bind_target_client_model_and_prompt() {
+    let (entry, body) = grant_fixture();
+    let grant = mint_grant(&entry, body.clone());
+    let member = |n: &NodeId| *n == entry.public();
+    let target = key(6).public();
+    let client = key(2).public();
+    let ok = GrantCheck {
+        this_node: &target,
+        client: &client,
+        model: "gemma",
+        prompt_hash: prompt_hash("hello"),
+        max_tokens: 64,
+    };
+    assert!(grant.verify(member, &ok, 1_000).is_ok());
+    let other = key(7).public();
+    assert!(matches!(
+        grant.verify(
+            member,
+            &GrantCheck {
+                this_node: &other,
+                ..ok.clone()
+            },
+            1_000
+        ),
+        Err(AuthError::WrongTarget { .. })
+    ));
+    assert_eq!(
+        grant.verify(
+            member,
+            &GrantCheck {
+                client: &other,
+                ..ok.clone()
+            },
+            1_000
+        ),
+        Err(AuthError::GrantMismatch("client"))
+    );
+    assert_eq!(
+        grant.verify(
+            member,
+            &GrantCheck {
+                prompt_hash: prompt_hash("bye"),
+                ..ok.clone()
+            },
+            1_000
+        ),
+        Err(AuthError::GrantMismatch("prompt or generation parameters"))
+    );
+    assert_eq!(
+        grant.verify(
+            member,
+            &GrantCheck {
+                max_tokens: 65,
+                ..ok.clone()
+            },
+            1_000
+        ),
+        Err(AuthError::GrantMismatch("max_tokens"))
+    );
+    assert!(matches!(
+        grant.verify(member, &ok, 5_000),
+        Err(AuthError::Expired { .. })
+    ));
+    assert!(matches!(
+        grant.verify(|_| false, &ok, 1_000),
+        Err(AuthError::IssuerNotMember { .. })
+    ));
+    // A grant forged by a non-member key claiming to be the entry.
+    let mut forged = mint_grant(&key(8), body);
+    forged.signer = entry.public();
+    assert_eq!(
+        forged.verify(member, &ok, 1_000),
+        Err(AuthError::BadSignature)
+    );
+}
+
+#[test]
+fn replay_guard_admits_each_grant_once() {
+    let (_, body) = grant_fixture();
+    let mut g = ReplayGuard::default();
+    assert!(g.admit(&body, 1_000).is_ok());
+    assert_eq!(
+        g.admit(&body, 1_001),
+        Err(AuthError::Replayed(RequestId(42)))
+    );
+    // After expiry the id is forgotten; the grant itself is refused as
+    // expired by `verify`, so forgetting is safe.
+    assert!(g.admit(&body, 1_002).is_err());
+    let mut later = body.clone();
+    later.request = RequestId(43);
+    later.expires_at_ms = 9_000;
+    assert!(g.admit(&later, 6_000).is_ok());
+    assert_eq!(g.len(), 1, "expired entries are pruned");
+}
+
+#[test]
+fn usage_ledger_enforces_budget_and_rate() {
+    let mut body = cred_body(key(2).public());
+    body.token_budget = 100;
+    body.rate_per_min = 2;
+    let mut l = UsageLedger::default();
+    assert_eq!(l.admit(&body, 60, 0), Ok(60));
+    // 40 left of the budget while 60 are reserved.
+    assert_eq!(l.admit(&body, 60, 0), Ok(40));
+    assert!(matches!(
+        l.admit(&body, 10, 0),
+        Err(AuthError::BudgetExhausted { .. })
+    ));
+    l.settle(&body.id, 60, 10);
+    l.settle(&body.id, 40, 40);
+    assert_eq!(l.tokens_used(&body.id), 50);
+    // Two requests were taken from the rate bucket of 2 per minute.
+    match l.admit(&body, 10, 1) {
+        Err(AuthError::RateLimited { retry_after_ms, .. }) => {
+            assert!(retry_after_ms > 29_000 && retry_after_ms <= 30_000)
+        }
+        other => panic!("expected rate limit, got {other:?}"),
+    }
+    assert_eq!(l.admit(&body, 10, 30_001), Ok(10));
+}
