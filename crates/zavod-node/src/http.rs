@@ -18,8 +18,8 @@
 use crate::actors::NodeShared;
 use crate::actors::breaker::BreakerMsg;
 use crate::actors::router::RouterMsg;
-use crate::chat_entry::serve_in_process;
 use crate::metrics::{PeerStateLabels, StateLabels, outcome_of};
+use crate::protocol::serve_in_process;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

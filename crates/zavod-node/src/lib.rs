@@ -4,8 +4,10 @@
 //! MemoryKeeper, Breaker — and restarts any that fails, with backoff. The
 //! actors are thin: each decision comes from `zavod-proto` (credential and
 //! grant checks, usage ledger, MCDA ranking and pick, breakers, prompt
-//! assembly). Chat streams from the network are served by [`serve`], which
-//! asks each actor for its part in turn and streams tokens back.
+//! assembly, the entry machine). Streams from the network are served by
+//! [`protocol`], one file per stream protocol; the chat entry pumps
+//! `zavod_proto::chat::entry::Entry` and carries out what it decides.
+//! `http/` serves the OpenAI API and the operator's endpoints.
 //!
 //! Invariants: a failing child never takes the node down; every request
 //! that was admitted is settled (its reserved tokens returned) whatever
@@ -13,18 +15,16 @@
 
 pub mod actors;
 pub mod backend;
-pub(crate) mod chat_entry;
 pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod datadir;
-pub mod embed;
 pub mod http;
 pub mod metrics;
 pub mod model_choice;
 pub mod node;
-pub mod serve;
+pub(crate) mod protocol;
 
 pub use config::{NodeConfig, Overrides};
 pub use node::{Node, NodeError, StartOptions};

@@ -9,7 +9,7 @@ use crate::backend::{LlamaBackendHandle, ModelBackend};
 use crate::cluster::{Cluster, mesh_cookie};
 use crate::config::{ConfigError, NodeConfig};
 use crate::datadir::{DataDirError, InitReport, NodeIdentity};
-use crate::serve::{Kind, serve_stream};
+use crate::protocol::{Kind, serve_stream};
 use futures::StreamExt;
 use libp2p::{Multiaddr, PeerId};
 use ractor::{Actor, ActorRef};

@@ -1,5 +1,5 @@
 //! `POST /v1/embeddings`: OpenAI's embeddings endpoint over
-//! [`crate::embed::embed`], with this node as the entry. `input` is a text
+//! [`crate::protocol::embed::embed`], with this node as the entry. `input` is a text
 //! or a list of texts (token arrays are refused: send the text);
 //! `encoding_format` is `float` (the default) or `base64` (little-endian
 //! f32, as OpenAI's Python client asks by default); `dimensions` is
@@ -92,7 +92,7 @@ pub(super) async fn embeddings(
         Ok((bearer, body, inputs, encoding))
     })?;
     let _permit = in_flight_permit(&st)?;
-    let out = crate::embed::embed(
+    let out = crate::protocol::embed::embed(
         &st.shared,
         bearer.key.public(),
         bearer.token.credential.clone(),

@@ -11,30 +11,36 @@
 //! (reports of runs a client left, dials checking a client's claim)
 //! finishes in a task of its own, by the answer's deadline.
 //!
+//! Why this file passes 600 lines: the pump's loop, the inputs it feeds
+//! and the outputs it carries out share one request's state (the machine,
+//! its placements, the current run, the pending tasks).
+//!
 //! Invariants: the credential's reservation is settled exactly once (by
 //! the machine's `Settle`, or in full by [`Reservation`]'s drop if the pump
 //! is torn down first); every wait has a deadline.
 
+use super::entry_client::{ChannelClient, ClientSide, StreamClient};
+use super::run_client::{FetchEvent, fetch, reachable};
+use super::{Reservation, RunMetrics, call, first_frame, record_outcome};
 use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt};
 use crate::actors::model_worker::{JobStream, WorkerMsg};
 use crate::actors::router::{Admission, PlaceAsk, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame};
 use crate::clock::now_ms;
-use crate::serve::{Reservation, RunMetrics, call, record_outcome};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use zavod_engine::{CancelFlag, EngineEvent};
-use zavod_net::{FrameReader, FrameWriter, RUN_PROTOCOL};
+use zavod_net::{FrameReader, FrameWriter};
 use zavod_proto::NodeId;
 use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
 use zavod_proto::chat::prompt::{Role, Turn, affinity_key, run_hash};
 use zavod_proto::wire::{
-    ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, RunRequest, ServerFrame,
+    ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame,
 };
 
 /// Most targets that may fail one answer before the entry gives up on it
@@ -45,105 +51,6 @@ const MAX_FAILED_TARGETS: usize = 3;
 const REPORT_GRACE_MS: u64 = 2_000;
 /// Frames of a fetched run in flight between its reader and the pump.
 const FETCH_BUFFER: usize = 64;
-
-/// The client as the entry sees it: where frames go, and what it does.
-pub(crate) trait ClientSide: Send {
-    /// Sends frames in order, together where it can (one flush); an error
-    /// means the client is gone.
-    fn send_all(&mut self, frames: &[ServerFrame]) -> impl Future<Output = Result<(), ()>> + Send;
-
-    /// What the client does next; pending forever once nothing more can
-    /// come.
-    fn next(&mut self) -> impl Future<Output = ClientInput> + Send;
-}
-
-/// A client on a chat stream.
-pub(crate) struct StreamClient<'a> {
-    pub(crate) writer: &'a mut FrameWriter,
-    pub(crate) reader: &'a mut FrameReader,
-    pub(crate) write_timeout: Duration,
-    reading: bool,
-}
-
-impl<'a> StreamClient<'a> {
-    pub(crate) fn new(
-        writer: &'a mut FrameWriter,
-        reader: &'a mut FrameReader,
-        write_timeout: Duration,
-    ) -> Self {
-        StreamClient {
-            writer,
-            reader,
-            write_timeout,
-            reading: true,
-        }
-    }
-}
-
-impl ClientSide for StreamClient<'_> {
-    async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), ()> {
-        self.writer
-            .send_all(frames, self.write_timeout)
-            .await
-            .map_err(|_| ())
-    }
-
-    async fn next(&mut self) -> ClientInput {
-        if self.reading {
-            match self.reader.recv::<ClientFrame>().await {
-                Ok(Some(f)) => return ClientInput::Frame(f),
-                Ok(None) => {
-                    self.reading = false;
-                    return ClientInput::HalfClosed;
-                }
-                Err(_) => {
-                    self.reading = false;
-                    return ClientInput::Gone;
-                }
-            }
-        }
-        std::future::pending().await
-    }
-}
-
-/// An in-process client (the HTTP API): frames go down a channel, and it
-/// has left when it drops the receiver.
-pub(crate) struct ChannelClient {
-    pub(crate) tx: mpsc::Sender<ServerFrame>,
-    pub(crate) write_timeout: Duration,
-    gone: bool,
-}
-
-impl ChannelClient {
-    pub(crate) fn new(tx: mpsc::Sender<ServerFrame>, write_timeout: Duration) -> Self {
-        ChannelClient {
-            tx,
-            write_timeout,
-            gone: false,
-        }
-    }
-}
-
-impl ClientSide for ChannelClient {
-    async fn send_all(&mut self, frames: &[ServerFrame]) -> Result<(), ()> {
-        for f in frames {
-            match tokio::time::timeout(self.write_timeout, self.tx.send(f.clone())).await {
-                Ok(Ok(())) => {}
-                _ => return Err(()),
-            }
-        }
-        Ok(())
-    }
-
-    async fn next(&mut self) -> ClientInput {
-        if !self.gone {
-            self.tx.closed().await;
-            self.gone = true;
-            return ClientInput::Gone;
-        }
-        std::future::pending().await
-    }
-}
 
 /// What a spawned piece of work came back with.
 enum Task {
@@ -170,13 +77,6 @@ enum Run {
     },
 }
 
-enum FetchEvent {
-    Token(RunToken),
-    Done(Box<DoneInfo>),
-    /// The error, and whether the target answered with it.
-    Failed(ErrorFrame, bool),
-}
-
 /// What a run produced next, as the machine takes it.
 enum RunInput {
     Tokens(Vec<RunToken>),
@@ -197,6 +97,46 @@ struct Pump {
     settled: bool,
     /// The error the client was sent, if any (for metrics).
     failed: Option<ErrorFrame>,
+}
+
+/// Reads a chat stream's request and serves it as its entry.
+pub(super) async fn serve_chat(
+    shared: &Arc<NodeShared>,
+    client: NodeId,
+    writer: &mut FrameWriter,
+    reader: &mut FrameReader,
+    first: Duration,
+) {
+    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
+    let request = match first_frame::<ClientFrame>(reader, first).await {
+        Ok(Some(ClientFrame::Chat(r))) => *r,
+        Ok(None) => return,
+        Ok(Some(_)) => {
+            let e = error_frame(
+                ErrorCode::BadRequest,
+                "a chat stream must start with a chat request",
+            );
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+        Err(e) => {
+            tracing::info!(client = %client.short(), message = %e.message, "refused a chat stream");
+            let _ = writer.send(&ServerFrame::Error(e), wt).await;
+            return;
+        }
+    };
+    let mut side = StreamClient::new(writer, reader, wt);
+    let result = serve_entry(shared, client, true, request, Vec::new(), &mut side).await;
+    shared.metrics.request(
+        "chat",
+        match &result {
+            Ok(()) => "ok",
+            Err(e) => crate::metrics::outcome_of(e.code),
+        },
+    );
+    if let Err(frame) = result {
+        tracing::info!(client = %client.short(), code = ?frame.code, message = %frame.message, "chat refused or failed");
+    }
 }
 
 /// Serves a chat request with this node as its entry, from admission to
@@ -721,108 +661,6 @@ pub(crate) async fn run_local(
     })
     .await
     .and_then(|r| r)
-}
-
-/// Runs a granted request on a remote target and hands its frames on;
-/// `cancel` asks the target to stop (its end still comes back). Dropping
-/// the receiver ends the stream, which cancels the run there.
-async fn fetch(
-    shared: Arc<NodeShared>,
-    target: NodeId,
-    addrs: Vec<String>,
-    run: RunRequest,
-    tx: mpsc::Sender<FetchEvent>,
-    mut cancel: oneshot::Receiver<()>,
-) {
-    let limits = &shared.config.limits;
-    let wt = Duration::from_millis(limits.write_timeout_ms);
-    let stall = Duration::from_millis(limits.stall_timeout_ms);
-    let failed = |code, m: String| FetchEvent::Failed(error_frame(code, m), false);
-    let Some(peer) = zavod_net::peer_id_of(&target) else {
-        let _ = tx
-            .send(failed(
-                ErrorCode::Internal,
-                "the target has no peer id".into(),
-            ))
-            .await;
-        return;
-    };
-    let addrs: Vec<libp2p::Multiaddr> = addrs
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .map(|a| zavod_net::addr::split_peer(&a).0)
-        .collect();
-    shared.net.connect(peer, addrs);
-    let stream = match shared.net.open(peer, RUN_PROTOCOL).await {
-        Ok(s) => s,
-        Err(e) => {
-            let m = format!("cannot reach the target: {e}");
-            let _ = tx.send(failed(ErrorCode::NoCapacity, m)).await;
-            return;
-        }
-    };
-    let (mut tw, mut tr) = stream.split();
-    if let Err(e) = tw.send(&run, wt).await {
-        let _ = tx
-            .send(failed(ErrorCode::NoCapacity, format!("the target: {e}")))
-            .await;
-        return;
-    }
-    let mut cancelling = false;
-    loop {
-        let frame = tokio::select! {
-            f = tokio::time::timeout(stall, tr.recv::<ServerFrame>()) => f,
-            r = &mut cancel, if !cancelling => {
-                cancelling = true;
-                if r.is_ok() {
-                    let _ = tw.send(&ClientFrame::Cancel, wt).await;
-                }
-                continue;
-            }
-        };
-        let event = match frame {
-            Ok(Ok(Some(ServerFrame::Token { index, text, id }))) => {
-                FetchEvent::Token(RunToken { index, text, id })
-            }
-            Ok(Ok(Some(ServerFrame::Done(done)))) => FetchEvent::Done(Box::new(done)),
-            Ok(Ok(Some(ServerFrame::Error(e)))) => FetchEvent::Failed(e, true),
-            Ok(Ok(Some(_))) => failed(ErrorCode::Internal, "the target broke the protocol".into()),
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                failed(ErrorCode::Internal, "the target dropped the stream".into())
-            }
-            Err(_) => failed(
-                ErrorCode::Timeout,
-                format!("the target was silent for {} ms", stall.as_millis()),
-            ),
-        };
-        let end = !matches!(event, FetchEvent::Token(_));
-        if tx.send(event).await.is_err() || end {
-            return;
-        }
-    }
-}
-
-/// Whether this node can open a stream to `node` now (a client said it
-/// failed; the entry takes no one's word for a peer's failure).
-async fn reachable(shared: &NodeShared, node: NodeId) -> bool {
-    let Some(peer) = zavod_net::peer_id_of(&node) else {
-        return false;
-    };
-    let limit = Duration::from_millis(shared.config.limits.dial_timeout_ms);
-    let open = shared.net.open(peer, zavod_net::STATUS_PROTOCOL);
-    match tokio::time::timeout(limit, open).await {
-        // Closed at once: the target sees a status stream with no
-        // request, which ends it quietly.
-        Ok(Ok(stream)) => {
-            drop(stream);
-            true
-        }
-        Ok(Err(e)) => {
-            tracing::info!(target = %node.short(), error = %e, "the target a client gave up on is unreachable from here too");
-            false
-        }
-        Err(_) => false,
-    }
 }
 
 /// Serves a request from an in-process client (the HTTP API) with this

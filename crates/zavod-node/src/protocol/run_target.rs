@@ -1,172 +1,24 @@
-//! Serving streams from the network.
-//!
-//! - chat (entry): read the request and hand it to [`crate::chat_entry`],
-//!   which admits, assembles, places and then redirects, runs here or
-//!   relays, by the rules of the entry machine in zavod-proto.
-//! - run (target): check the grant (in the ModelWorker), generate, stream,
-//!   and sign a receipt for the client and, over the actor session, a
-//!   report for the entry that issued the grant.
-//! - join: sign a membership for a node presenting this mesh's invite.
-//! - status: the mesh as this node sees it.
-//!
-//! Every wait has a deadline; a peer that sends junk, stalls or leaves
-//! only ever ends its own stream.
+//! The run protocol, target side: check the grant (in the ModelWorker),
+//! generate, stream the tokens, and sign a receipt for the client and,
+//! over the actor session, a report for the entry that issued the grant.
+//! A client that cancels or leaves stops the run; it still ends with a
+//! receipt and report of what it generated.
 
-use crate::actors::breaker::BreakerMsg;
+use super::{first_frame, record_outcome};
 use crate::actors::model_worker::JobStream;
-use crate::actors::router::{Admission, RouterMsg};
-use crate::actors::{NodeShared, error_frame, unavailable};
-use crate::chat_entry::{StreamClient, run_local, serve_entry};
-use crate::clock::now_ms;
-use libp2p::PeerId;
+use crate::actors::router::RouterMsg;
+use crate::actors::{NodeShared, error_frame};
+use crate::protocol::chat_entry::run_local;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use zavod_engine::EngineEvent;
-use zavod_net::{FrameReader, FrameStream, FrameWriter, NetError, node_id_of};
+use zavod_net::{FrameReader, FrameWriter};
 use zavod_proto::NodeId;
 use zavod_proto::mesh::breaker::Outcome;
 use zavod_proto::trust::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::wire::{
-    ClientFrame, DoneInfo, ErrorCode, ErrorFrame, JoinReply, JoinRequest, RunReport, RunRequest,
-    ServerFrame, StatusReply, StatusRequest,
+    ClientFrame, DoneInfo, ErrorCode, ErrorFrame, RunReport, RunRequest, ServerFrame,
 };
-
-/// Deadline for a reply from a local actor.
-const ACTOR_CALL_MS: u64 = 10_000;
-
-/// Which stream protocol a stream came in on.
-#[derive(Debug, Clone, Copy)]
-pub enum Kind {
-    Chat,
-    Run,
-    Join,
-    Status,
-    Embed,
-}
-
-/// Serves one inbound stream to completion.
-pub async fn serve_stream(
-    shared: Arc<NodeShared>,
-    permits: Arc<Semaphore>,
-    kind: Kind,
-    peer: PeerId,
-    stream: libp2p::Stream,
-) {
-    let limits = &shared.config.limits;
-    let wt = Duration::from_millis(limits.write_timeout_ms);
-    let (mut writer, mut reader) = FrameStream::new(stream, limits.max_frame_bytes).split();
-    let Ok(_permit) = permits.try_acquire() else {
-        let busy = error_frame(
-            ErrorCode::NoCapacity,
-            "this node is serving as many streams as it allows; try another node or later",
-        );
-        let _ = match kind {
-            Kind::Join => writer.send(&JoinReply::Refused(busy), wt).await,
-            Kind::Status => writer.send(&StatusReply::Refused(busy), wt).await,
-            Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(busy), wt).await,
-            Kind::Embed => {
-                let reply = zavod_proto::wire::embed::EmbedReply::Refused(busy);
-                writer.send(&reply, wt).await
-            }
-        };
-        return;
-    };
-    let Some(remote) = node_id_of(&peer) else {
-        let e = error_frame(ErrorCode::Unauthorized, "peers must use an ed25519 key");
-        let _ = writer.send(&ServerFrame::Error(e), wt).await;
-        return;
-    };
-    let first = Duration::from_millis(limits.request_timeout_ms);
-    match kind {
-        Kind::Chat => serve_chat(&shared, remote, &mut writer, &mut reader, first).await,
-        Kind::Run => serve_run(&shared, remote, &mut writer, &mut reader, first).await,
-        Kind::Join => serve_join(&shared, remote, &mut writer, &mut reader, first).await,
-        Kind::Status => serve_status(&shared, remote, &mut writer, &mut reader, first).await,
-        Kind::Embed => {
-            crate::embed::serve_embed(&shared, remote, &mut writer, &mut reader, first).await
-        }
-    }
-    let _ = writer.close().await;
-}
-
-pub(crate) async fn first_frame<T: serde::de::DeserializeOwned>(
-    reader: &mut FrameReader,
-    timeout: Duration,
-) -> Result<Option<T>, ErrorFrame> {
-    match tokio::time::timeout(timeout, reader.recv::<T>()).await {
-        Ok(Ok(f)) => Ok(f),
-        Ok(Err(e)) => Err(net_error_frame(e)),
-        Err(_) => Err(error_frame(
-            ErrorCode::Timeout,
-            format!("no request within {} ms", timeout.as_millis()),
-        )),
-    }
-}
-
-pub(crate) fn net_error_frame(e: NetError) -> ErrorFrame {
-    match e {
-        NetError::FrameTooLarge { .. } => error_frame(ErrorCode::FrameTooLarge, e.to_string()),
-        NetError::Wire(w) => ErrorFrame::from(w),
-        NetError::Timeout { .. } => error_frame(ErrorCode::Timeout, e.to_string()),
-        other => error_frame(ErrorCode::BadRequest, other.to_string()),
-    }
-}
-
-pub(crate) async fn call<M, T>(
-    actor: Option<ractor::ActorRef<M>>,
-    what: &str,
-    make: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
-) -> Result<T, ErrorFrame>
-where
-    M: ractor::Message,
-    T: Send + 'static,
-{
-    let actor = actor.ok_or_else(|| unavailable(what))?;
-    match actor
-        .call(make, Some(Duration::from_millis(ACTOR_CALL_MS)))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
-        Ok(ractor::rpc::CallResult::Timeout) => Err(error_frame(
-            ErrorCode::Timeout,
-            format!("{what} did not answer within {ACTOR_CALL_MS} ms"),
-        )),
-        _ => Err(unavailable(what)),
-    }
-}
-
-/// A reservation that is settled exactly once, whatever path the request
-/// takes; unless told what was used, the whole reservation is charged.
-pub(crate) struct Reservation<'a> {
-    pub(crate) shared: &'a NodeShared,
-    pub(crate) admission: &'a Admission,
-    pub(crate) used: Option<u32>,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if let Some(r) = self.shared.directory.get().router {
-            let _ = r.cast(RouterMsg::Settle {
-                credential_id: self.admission.credential_id,
-                reserved: self.admission.max_tokens,
-                used: self.used.unwrap_or(self.admission.max_tokens),
-            });
-        }
-    }
-}
-
-pub(crate) fn record_outcome(shared: &NodeShared, node: NodeId, outcome: Outcome) {
-    let dir = shared.directory.get();
-    if let Some(b) = dir.breaker {
-        let _ = b.cast(BreakerMsg::Record { node, outcome });
-    }
-    if outcome == Outcome::Failure
-        && let Some(r) = dir.router
-    {
-        let _ = r.cast(RouterMsg::Failed { node });
-    }
-}
 
 /// Where an entry or target sends what its client should see: a chat
 /// stream, or a channel to the HTTP API.
@@ -359,46 +211,7 @@ async fn stream_job(
     }
 }
 
-async fn serve_chat(
-    shared: &Arc<NodeShared>,
-    client: NodeId,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
-    first: Duration,
-) {
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    let request = match first_frame::<ClientFrame>(reader, first).await {
-        Ok(Some(ClientFrame::Chat(r))) => *r,
-        Ok(None) => return,
-        Ok(Some(_)) => {
-            let e = error_frame(
-                ErrorCode::BadRequest,
-                "a chat stream must start with a chat request",
-            );
-            let _ = writer.send(&ServerFrame::Error(e), wt).await;
-            return;
-        }
-        Err(e) => {
-            tracing::info!(client = %client.short(), message = %e.message, "refused a chat stream");
-            let _ = writer.send(&ServerFrame::Error(e), wt).await;
-            return;
-        }
-    };
-    let mut side = StreamClient::new(writer, reader, wt);
-    let result = serve_entry(shared, client, true, request, Vec::new(), &mut side).await;
-    shared.metrics.request(
-        "chat",
-        match &result {
-            Ok(()) => "ok",
-            Err(e) => crate::metrics::outcome_of(e.code),
-        },
-    );
-    if let Err(frame) = result {
-        tracing::info!(client = %client.short(), code = ?frame.code, message = %frame.message, "chat refused or failed");
-    }
-}
-
-async fn serve_run(
+pub(super) async fn serve_run(
     shared: &Arc<NodeShared>,
     client: NodeId,
     writer: &mut FrameWriter,
@@ -486,53 +299,4 @@ async fn report_to_issuer(shared: Arc<NodeShared>, issuer: NodeId, report: RunRe
         }
         Err(e) => tracing::info!(%request, issuer = %issuer.short(), error = %e, "report not sent"),
     }
-}
-
-async fn serve_join(
-    shared: &Arc<NodeShared>,
-    joiner: NodeId,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
-    first: Duration,
-) {
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    let reply = match first_frame::<JoinRequest>(reader, first).await {
-        Ok(Some(req)) => match shared.identity.admit(&req.ticket, joiner, now_ms()) {
-            Ok(membership) => {
-                tracing::info!(node = %joiner.short(), "signed a membership for a joining node");
-                JoinReply::Welcome {
-                    membership,
-                    authorities: shared.identity.authorities.iter().copied().collect(),
-                }
-            }
-            Err(m) => JoinReply::Refused(error_frame(ErrorCode::Forbidden, m)),
-        },
-        Ok(None) => return,
-        Err(e) => JoinReply::Refused(e),
-    };
-    let _ = writer.send(&reply, wt).await;
-}
-
-async fn serve_status(
-    shared: &Arc<NodeShared>,
-    client: NodeId,
-    writer: &mut FrameWriter,
-    reader: &mut FrameReader,
-    first: Duration,
-) {
-    let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
-    let reply = match first_frame::<StatusRequest>(reader, first).await {
-        Ok(Some(req)) => call(shared.directory.get().router, "the router", |reply| {
-            RouterMsg::Status {
-                client,
-                request: Box::new(req),
-                reply,
-            }
-        })
-        .await
-        .unwrap_or_else(StatusReply::Refused),
-        Ok(None) => return,
-        Err(e) => StatusReply::Refused(e),
-    };
-    let _ = writer.send(&reply, wt).await;
 }

@@ -14,10 +14,10 @@
 //!
 //! The reservation is settled once, with the tokens the texts came to.
 
+use super::{Reservation, call, first_frame, net_error_frame, record_outcome};
 use crate::actors::model_worker::WorkerMsg;
 use crate::actors::router::{Admission, PlaceAsk, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame};
-use crate::serve::{Reservation, call, first_frame, net_error_frame, record_outcome};
 use std::sync::Arc;
 use std::time::Duration;
 use zavod_engine::EngineError;
