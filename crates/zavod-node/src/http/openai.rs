@@ -1,249 +1,18 @@
-//! The HTTP face of a node (axum): an OpenAI-compatible API
-//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/v1/embeddings`), Prometheus
-//! metrics on `/metrics`, and `/healthz` and `/readyz`.
-//!
-//! Requests take the same path as chats over the mesh protocol, with this
-//! node as the entry: the Router admits the bearer's capability token, the
-//! MemoryKeeper assembles the prompt (from the named conversation when
-//! there is one), the request is placed by MCDA rank and run here or on the
-//! target, whose tokens this node passes on (an HTTP client cannot dial the
-//! target itself).
-//!
-//! Invariants: every error is an OpenAI-shaped JSON body with a fitting
-//! status; bodies are bounded (`http.max_body_bytes`), requests in flight
-//! are bounded (`limits.max_concurrent_streams`); a client that goes away
-//! cancels its generation.
+//! The OpenAI API: chat and text completions (whole or streamed as
+//! server-sent events) and the model list, served with this node as the
+//! entry.
 
-use crate::actors::NodeShared;
-use crate::actors::breaker::BreakerMsg;
-use crate::actors::router::RouterMsg;
-use crate::metrics::{PeerStateLabels, StateLabels, outcome_of};
-use crate::protocol::serve_in_process;
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::json;
-use std::convert::Infallible;
-use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use zavod_proto::chat::prompt::Role;
-use zavod_proto::ids::ConversationId;
-use zavod_proto::trust::{CAP_TEXT_PREFIX, CREDENTIAL_TEXT_PREFIX, CapabilityToken, Keypair};
-use zavod_proto::wire::{
-    Accepted, ChatRequest, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame, StopReason,
-};
-
-mod embeddings;
-
-/// Frames buffered between the request task and the HTTP response.
-const FRAME_BUFFER: usize = 64;
-/// Deadline for the actors' answers to a scrape or a model listing.
-const ACTOR_MS: u64 = 2_000;
-
-struct Http {
-    shared: Arc<NodeShared>,
-    in_flight: Arc<Semaphore>,
-}
-
-/// The routes, ready to serve.
-pub fn router(shared: Arc<NodeShared>) -> Router {
-    let max_body = shared.config.http.max_body_bytes;
-    let in_flight = Arc::new(Semaphore::new(shared.config.limits.max_concurrent_streams));
-    let state = Arc::new(Http { shared, in_flight });
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
-        .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
-}
-
-// ---------- errors ----------
-
-/// An error in OpenAI's shape.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    code: &'static str,
-    param: Option<String>,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        let kind = match status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
-            s if s.is_server_error() => "server_error",
-            _ => "invalid_request_error",
-        };
-        ApiError {
-            status,
-            kind,
-            code,
-            param: None,
-            message: message.into(),
-        }
-    }
-
-    fn bad_field(param: impl Into<String>, message: impl Into<String>) -> Self {
-        let param = param.into();
-        let message = message.into();
-        ApiError {
-            param: (!param.is_empty()).then_some(param),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-        }
-    }
-
-    fn body(&self) -> serde_json::Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
-    }
-}
-
-impl From<ErrorFrame> for ApiError {
-    fn from(e: ErrorFrame) -> Self {
-        let status = match e.code {
-            ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => StatusCode::BAD_REQUEST,
-            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::RateLimited | ErrorCode::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::ModelUnavailable => StatusCode::NOT_FOUND,
-            ErrorCode::NoCapacity => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, outcome_of(e.code), e.message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
-    }
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such endpoint; this node serves /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /metrics, /healthz and /readyz",
-    )
-}
-
-// ---------- auth ----------
-
-/// Who is asking: the key the capability token carries, and its credential.
-struct Bearer {
-    key: Keypair,
-    token: CapabilityToken,
-}
-
-fn bearer(headers: &HeaderMap) -> Result<Bearer, ApiError> {
-    let unauthorized = |m: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| {
-            unauthorized(
-                "no credential: send `Authorization: Bearer <token>` with a token from `zavod cap issue`"
-                    .into(),
-            )
-        })?
-        .to_str()
-        .map_err(|_| unauthorized("the Authorization header is not text".into()))?;
-    let text = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`".into()))?
-        .trim();
-    if text.starts_with(CREDENTIAL_TEXT_PREFIX) {
-        return Err(unauthorized(
-            "this is a credential without its key; over HTTP use the token `zavod cap issue` prints (it starts with zavod-cap-1.)".into(),
-        ));
-    }
-    if !text.starts_with(CAP_TEXT_PREFIX) {
-        return Err(unauthorized(
-            "the bearer token is not a zavod capability token (zavod-cap-1.…)".into(),
-        ));
-    }
-    let token = CapabilityToken::from_text(text)
-        .map_err(|e| unauthorized(format!("bad capability token: {e}")))?;
-    Ok(Bearer {
-        key: Keypair::from_secret(token.secret),
-        token,
-    })
-}
-
-// ---------- request bodies ----------
-
-fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the request body is larger than this node accepts (http.max_body_bytes)",
-            )
-        } else {
-            ApiError::bad_field("", format!("cannot read the request body: {r}"))
-        }
-    })?;
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let missing = inner
-            .to_string()
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split_once('`'))
-            .map(|(f, _)| f.to_string());
-        let param = match (path.as_str(), missing) {
-            (".", Some(f)) => f,
-            (".", None) => String::new(),
-            (p, Some(f)) => format!("{p}.{f}"),
-            (p, None) => p.to_string(),
-        };
-        let message = if param.is_empty() {
-            format!("malformed request: {inner}")
-        } else {
-            format!("malformed request at `{param}`: {inner}")
-        };
-        ApiError::bad_field(param, message)
-    })
-}
+use super::*;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Content {
+pub(super) enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
 #[derive(Debug, Deserialize)]
-struct Part {
+pub(super) struct Part {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
@@ -251,13 +20,13 @@ struct Part {
 }
 
 #[derive(Debug, Deserialize)]
-struct Message {
+pub(super) struct Message {
     role: String,
     content: Option<Content>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
+pub(super) struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
 }
@@ -267,7 +36,7 @@ struct StreamOptions {
 /// defines that zavod does not use are accepted and ignored, so existing
 /// clients work unchanged.
 #[derive(Debug, Deserialize)]
-struct Common {
+pub(super) struct Common {
     model: String,
     /// `/v1/chat/completions`.
     messages: Option<Vec<Message>>,
@@ -301,19 +70,19 @@ struct Common {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Stop {
+pub(super) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Prompt {
+pub(super) enum Prompt {
     One(String),
     Many(Vec<String>),
 }
 
-fn text_of(i: usize, content: Option<Content>) -> Result<String, ApiError> {
+pub(super) fn text_of(i: usize, content: Option<Content>) -> Result<String, ApiError> {
     match content {
         None => Ok(String::new()),
         Some(Content::Text(t)) => Ok(t),
@@ -336,7 +105,9 @@ fn text_of(i: usize, content: Option<Content>) -> Result<String, ApiError> {
 }
 
 /// The new message and the history before it.
-fn split_messages(messages: Vec<Message>) -> Result<(String, Vec<(Role, String)>), ApiError> {
+pub(super) fn split_messages(
+    messages: Vec<Message>,
+) -> Result<(String, Vec<(Role, String)>), ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_field(
             "messages",
@@ -378,7 +149,7 @@ fn split_messages(messages: Vec<Message>) -> Result<(String, Vec<(Role, String)>
 
 /// The grammar a `response_format` asks for: none for text, any JSON
 /// object for `json_object`, the schema's documents for `json_schema`.
-fn output_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
+pub(super) fn output_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
     let bad = |m: String| ApiError::bad_field("response_format", m);
     match f.get("type").and_then(|t| t.as_str()) {
         Some("text") => Ok(None),
@@ -400,7 +171,7 @@ fn output_grammar(f: &serde_json::Value) -> Result<Option<String>, ApiError> {
 }
 
 /// The mesh request for a body, and how to answer it.
-fn chat_request(
+pub(super) fn chat_request(
     common: &Common,
     headers: &HeaderMap,
     credential: zavod_proto::trust::Credential,
@@ -495,26 +266,13 @@ fn chat_request(
 // ---------- running a request ----------
 
 /// A request on its way: the first frame decided, the rest to come.
-struct Running {
+pub(super) struct Running {
     accepted: Accepted,
     rx: mpsc::Receiver<ServerFrame>,
     _permit: OwnedSemaphorePermit,
 }
 
-/// A place among the requests this node serves at once, or the 503 that
-/// says it has none.
-fn in_flight_permit(st: &Http) -> Result<OwnedSemaphorePermit, ApiError> {
-    Arc::clone(&st.in_flight).try_acquire_owned().map_err(|_| {
-        st.shared.metrics.request("http", "no_capacity");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_capacity",
-            "this node is serving as many requests as it allows; retry later or use another node",
-        )
-    })
-}
-
-async fn start(
+pub(super) async fn start(
     st: &Http,
     bearer: &Bearer,
     request: ChatRequest,
@@ -548,14 +306,14 @@ async fn start(
     }
 }
 
-fn finish_reason(stop: StopReason) -> &'static str {
+pub(super) fn finish_reason(stop: StopReason) -> &'static str {
     match stop {
         StopReason::MaxTokens | StopReason::ContextFull => "length",
         StopReason::EndOfGeneration | StopReason::Cancelled => "stop",
     }
 }
 
-fn usage(d: &DoneInfo) -> serde_json::Value {
+pub(super) fn usage(d: &DoneInfo) -> serde_json::Value {
     json!({
         "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.generated_tokens,
@@ -564,13 +322,13 @@ fn usage(d: &DoneInfo) -> serde_json::Value {
     })
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     crate::clock::now_ms() / 1_000
 }
 
 /// What a response is made of, for chat and for plain completions.
 #[derive(Clone, Copy, PartialEq)]
-enum Api {
+pub(super) enum Api {
     Chat,
     Completion,
 }
@@ -585,7 +343,7 @@ impl Api {
 }
 
 /// Sends the answer whole once it is done.
-async fn collect(api: Api, mut run: Running) -> Result<Response, ApiError> {
+pub(super) async fn collect(api: Api, mut run: Running) -> Result<Response, ApiError> {
     let mut text = String::new();
     let done = loop {
         match run.rx.recv().await {
@@ -631,7 +389,7 @@ async fn collect(api: Api, mut run: Running) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
-fn served_by(resp: &mut Response, a: &Accepted) {
+pub(super) fn served_by(resp: &mut Response, a: &Accepted) {
     if let Ok(v) = HeaderValue::from_str(&zavod_net::peer_label(&a.served_by)) {
         resp.headers_mut().insert("x-zavod-served-by", v);
     }
@@ -639,7 +397,7 @@ fn served_by(resp: &mut Response, a: &Accepted) {
 
 /// Streams the answer as server-sent events in OpenAI's chunk format,
 /// ending with `data: [DONE]`.
-fn stream(api: Api, mut run: Running, include_usage: bool) -> Response {
+pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Response {
     let a = run.accepted.clone();
     let id = api.id(&a);
     let created = unix_now();
@@ -738,7 +496,7 @@ fn stream(api: Api, mut run: Running, include_usage: bool) -> Response {
 
 // ---------- handlers ----------
 
-async fn chat_completions(
+pub(super) async fn chat_completions(
     State(st): State<Arc<Http>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -759,7 +517,7 @@ async fn chat_completions(
     respond(Api::Chat, run, &common).await
 }
 
-async fn completions(
+pub(super) async fn completions(
     State(st): State<Arc<Http>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -783,7 +541,7 @@ async fn completions(
     respond(Api::Completion, run, &common).await
 }
 
-async fn respond(api: Api, run: Running, common: &Common) -> Result<Response, ApiError> {
+pub(super) async fn respond(api: Api, run: Running, common: &Common) -> Result<Response, ApiError> {
     if common.stream {
         let usage = common
             .stream_options
@@ -795,17 +553,10 @@ async fn respond(api: Api, run: Running, common: &Common) -> Result<Response, Ap
     }
 }
 
-/// Runs the checks made before a request reaches the entry path, counting
-/// the refusals (the entry path counts its own outcomes).
-fn counted<T>(st: &Http, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
-    let r = f();
-    if let Err(e) = &r {
-        st.shared.metrics.request("http", e.code);
-    }
-    r
-}
-
-async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(super) async fn models(
+    State(st): State<Arc<Http>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let bearer = bearer(&headers)?;
     let now = crate::clock::now_ms();
     let cred = bearer
@@ -855,76 +606,4 @@ async fn models(State(st): State<Arc<Http>>, headers: HeaderMap) -> Result<Respo
         })
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
-}
-
-async fn metrics(State(st): State<Arc<Http>>) -> Response {
-    let shared = &st.shared;
-    let m = &shared.metrics;
-    let dir = shared.directory.get();
-    // Figures that move with time alone are read now.
-    if let Some(router) = dir.router
-        && let Ok(counts) = ractor::call_t!(router, RouterMsg::PeerCounts, ACTOR_MS)
-    {
-        for (state, n) in counts {
-            m.peers
-                .get_or_create(&StateLabels { state })
-                .set(i64::from(n));
-        }
-    }
-    if let Some(breaker) = dir.breaker
-        && let Ok(states) = ractor::call_t!(breaker, BreakerMsg::States, ACTOR_MS)
-    {
-        m.breaker.clear();
-        for (node, state) in states {
-            m.breaker
-                .get_or_create(&PeerStateLabels {
-                    peer: zavod_net::peer_label(&node),
-                    state: state.name(),
-                })
-                .set(1);
-        }
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
-        .into_response()
-}
-
-async fn healthz(State(st): State<Arc<Http>>) -> Response {
-    let d = st.shared.directory.get();
-    if d.router.is_some() && d.memory.is_some() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "actors restarting\n").into_response()
-    }
-}
-
-/// Ready when some node of the mesh (this one included) serves a model.
-async fn readyz(State(st): State<Arc<Http>>) -> Response {
-    let Some(router) = st.shared.directory.get().router else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "router restarting\n").into_response();
-    };
-    match ractor::call_t!(router, RouterMsg::Models, ACTOR_MS) {
-        Ok(models) if !models.is_empty() => {
-            let names: Vec<String> = models.into_iter().map(|(o, _)| o.name).collect();
-            (StatusCode::OK, format!("ready: {}\n", names.join(", "))).into_response()
-        }
-        Ok(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no node of the mesh serves a model yet\n",
-        )
-            .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("router: {e}\n")).into_response(),
-    }
-}
-
-/// Serves on `listener` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
-    if let Err(e) = axum::serve(listener, router(shared)).await {
-        tracing::error!(error = %e, "http server stopped");
-    }
 }
