@@ -23,11 +23,15 @@
 //!   (the reservation settled once, plus charges for runs left
 //!   mid-answer), across failovers;
 //! - a turn is recorded at most once, and only for a completed answer.
+//!
+//! Why this file passes 600 lines: a request's client, entry and targets act
+//! on the same request state, event by event.
 
 use super::*;
 use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
+use zavod_proto::limits::REPORT_GRACE_MS;
 use zavod_proto::trust::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::wire::{
     ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, RunReport, ServerFrame,
@@ -1078,6 +1082,3 @@ fn client_key(id: u64) -> NodeId {
     b[31] = 0xc1;
     NodeId(b)
 }
-
-/// How long an entry with a target's report waits for the client's own.
-const REPORT_GRACE_MS: u64 = 2_000;

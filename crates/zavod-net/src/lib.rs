@@ -13,6 +13,10 @@
 //! topic; messages are signed by their author and limited in size.
 //!
 //! Every wait on the network has a timeout; every channel is bounded.
+//!
+//! Why this file passes 600 lines: the swarm, its event loop and the
+//! commands it serves share one swarm; the addresses and frames are in their
+//! own files, and the last ninety lines are tests.
 
 pub mod addr;
 pub mod frames;

@@ -81,9 +81,6 @@ impl ChatOutcome {
     }
 }
 
-/// Most times one answer is resumed on another node.
-const MAX_RESUMES: u32 = 3;
-
 /// A connected client. Clones share one connection.
 #[derive(Clone)]
 pub struct ChatClient {
@@ -234,7 +231,7 @@ impl ChatClient {
             .await?;
         let mut accepted: Option<Accepted> = None;
         let mut progress = Progress {
-            stream: AnswerStream::new(MAX_RESUMES),
+            stream: AnswerStream::new(zavod_proto::limits::MAX_CLIENT_RESUMES),
             first: None,
             last: sent_at,
         };

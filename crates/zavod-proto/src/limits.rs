@@ -56,3 +56,18 @@ pub const MAX_EMBED_DIMENSIONS: usize = 4096;
 // its framing, and the request's texts fit a message's budget.
 const _: () = assert!(MAX_EMBED_INPUTS * MAX_EMBED_DIMENSIONS * 4 + 64 * 1024 <= MAX_FRAME_BYTES);
 const _: () = assert!(MAX_MESSAGE_BYTES + 64 * 1024 <= MAX_FRAME_BYTES);
+
+/// The most targets that may fail one answer before its entry gives up on
+/// it (each later one continues after what the failed ones streamed).
+pub const MAX_FAILED_TARGETS: usize = 3;
+
+/// The most times a client asks its entry to resume one answer.
+pub const MAX_CLIENT_RESUMES: u32 = 3;
+
+// Every resume a client asks for names a target that failed: an entry
+// that took fewer would refuse resumes its clients are entitled to.
+const _: () = assert!(MAX_CLIENT_RESUMES as usize <= MAX_FAILED_TARGETS);
+
+/// How long an entry that has a target's report of an answer still waits
+/// for the client's own receipt before closing the client's stream.
+pub const REPORT_GRACE_MS: u64 = 2_000;

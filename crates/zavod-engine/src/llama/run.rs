@@ -24,6 +24,11 @@
 //! saving states), through one `Engine` value; the decisions that can be
 //! pure already live beside it (`prompt_cache`, `queue`, `sampling`,
 //! `pacing`).
+//!
+//! Why this file passes 600 lines: the engine thread's loop and the batches
+//! it builds share the llama context and every sequence's state; its pure
+//! parts live beside it (prompt_cache.rs, queue.rs, sampling.rs, stops.rs,
+//! pacing.rs).
 
 use super::{LlamaConfig, LoadedModel, MAX_SAVED_STATE_BYTES, backend};
 use crate::pacing::Pacer;

@@ -4,6 +4,10 @@
 //! (zavod_proto::mesh::placer: MCDA score, this entry's running placements,
 //! cache affinity, two choices) among alive members whose breaker allows
 //! it, and mints the per-request grant.
+//!
+//! Why this file passes 600 lines: one actor whose handlers share its state
+//! (view, placer, ledger, reports it waits for); every decision it takes is
+//! a zavod-proto call.
 
 use super::breaker::BreakerMsg;
 use super::{NodeShared, error_frame, unavailable};

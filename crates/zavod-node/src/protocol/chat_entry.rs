@@ -39,16 +39,11 @@ use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
 use zavod_proto::chat::prompt::{Role, Turn, affinity_key, run_hash};
+use zavod_proto::limits::{MAX_FAILED_TARGETS, REPORT_GRACE_MS};
 use zavod_proto::wire::{
     ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame,
 };
 
-/// Most targets that may fail one answer before the entry gives up on it
-/// (each later one continues after what the failed ones streamed).
-const MAX_FAILED_TARGETS: usize = 3;
-/// How long an entry that has the target's report still waits for the
-/// client's own receipt before closing the stream.
-const REPORT_GRACE_MS: u64 = 2_000;
 /// Frames of a fetched run in flight between its reader and the pump.
 const FETCH_BUFFER: usize = 64;
 
