@@ -274,6 +274,8 @@ pub struct Report {
     pub cache_hits: u64,
     /// Time to first token of every completed request, in ms.
     pub first_token_ms: Vec<u64>,
+    /// Requests that ended with an error, by the error's message.
+    pub errors: BTreeMap<String, u64>,
 }
 
 struct Node {
@@ -1037,6 +1039,12 @@ impl Sim {
             .filter(|r| matches!(r.state, State::Failed(_)))
             .count() as u64;
         let failovers = self.requests.iter().map(|r| u64::from(r.failovers)).sum();
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &self.requests {
+            if let State::Failed(m) = &r.state {
+                *errors.entry(m.clone()).or_default() += 1;
+            }
+        }
         let seconds = (now.max(1) as f64) / 1_000.0;
         let max_spread = self.spreads.iter().copied().fold(0.0, f64::max);
         let mean_spread = if self.spreads.is_empty() {
@@ -1060,6 +1068,7 @@ impl Sim {
             later_turns: self.later_turns,
             cache_hits: self.cache_hits,
             first_token_ms: self.first_token_ms,
+            errors,
         }
     }
 }

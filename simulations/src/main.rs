@@ -84,6 +84,7 @@ fn main() -> Result<()> {
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
     let (mut later_turns, mut cache_hits) = (0u64, 0u64);
     let mut first_token_ms: Vec<u64> = Vec::new();
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     let mut hashes = Vec::with_capacity(seeds.len());
     for (&seed, r) in seeds.iter().zip(run_all(&pool, &sc, &seeds)) {
         if args.seed.is_some() {
@@ -118,6 +119,9 @@ fn main() -> Result<()> {
         later_turns += r.later_turns;
         cache_hits += r.cache_hits;
         first_token_ms.extend(&r.first_token_ms);
+        for (m, n) in &r.errors {
+            *errors.entry(m.clone()).or_default() += n;
+        }
         hashes.push(r.trace_hash);
     }
     let wall = started.elapsed();
@@ -169,6 +173,15 @@ fn main() -> Result<()> {
             );
         }
         println!();
+    }
+    if !errors.is_empty() {
+        let mut by_count: Vec<_> = errors.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let listed: Vec<String> = by_count
+            .iter()
+            .map(|(m, n)| format!("{n} \"{m}\""))
+            .collect();
+        println!("  errors: {}", listed.join(", "));
     }
     if failed > 0 {
         std::process::exit(1);

@@ -3,6 +3,7 @@
 //! `zavod bench` and the tests.
 
 use crate::datadir::ClientIdentity;
+use crate::protocol::run_client::{RunBreak, RunFrame, RunStream};
 use libp2p::{Multiaddr, PeerId};
 use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
@@ -177,8 +178,7 @@ impl ChatClient {
             }));
         }
         let stream = self.net.open(peer, zavod_net::RUN_PROTOCOL).await?;
-        let (mut w, mut rd) = stream.split();
-        w.send(&r.run, self.frame_timeout).await?;
+        let mut run = RunStream::start(stream, &r.run, self.frame_timeout).await?;
         on_event(ChatEvent::Direct { target: peer });
         progress.stream.start_source();
         loop {
@@ -186,24 +186,26 @@ impl ChatClient {
                 self.frame_timeout.as_millis() as u64,
                 self.stall_timeout.as_millis() as u64,
             ));
-            let frame = tokio::time::timeout(wait, rd.recv::<ServerFrame>())
-                .await
-                .map_err(|_| NetError::Timeout {
-                    what: "waiting for the target's next token".into(),
-                    ms: wait.as_millis() as u64,
-                })??;
-            match frame {
-                Some(ServerFrame::Token { index, text, id }) => {
-                    progress.token(Source::Target, index, &text, id, on_event)?
+            match run.next(wait).await {
+                RunFrame::Token(t) => {
+                    progress.token(Source::Target, t.index, &t.text, t.id, on_event)?
                 }
-                Some(ServerFrame::Done(d)) => return Ok(d),
-                Some(ServerFrame::Error(e)) => return Err(e.into()),
-                Some(_) => {
+                RunFrame::Done(d) => return Ok(*d),
+                RunFrame::Refused(e) => return Err(e.into()),
+                RunFrame::Broken(RunBreak::Ended) => return Err(ChatError::Truncated),
+                RunFrame::Broken(RunBreak::Net(e)) => return Err(e.into()),
+                RunFrame::Broken(RunBreak::Unexpected) => {
                     return Err(ChatError::Protocol(
                         "unexpected frame from the target".into(),
                     ));
                 }
-                None => return Err(ChatError::Truncated),
+                RunFrame::Silent { ms } => {
+                    return Err(NetError::Timeout {
+                        what: "waiting for the target's next token".into(),
+                        ms,
+                    }
+                    .into());
+                }
             }
         }
     }

@@ -31,7 +31,7 @@ pub(crate) mod chat_entry;
 pub(crate) mod embed;
 mod entry_client;
 mod join;
-mod run_client;
+pub(crate) mod run_client;
 mod run_target;
 mod status;
 
