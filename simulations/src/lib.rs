@@ -404,7 +404,8 @@ enum Ev {
         index: u32,
         stop: Option<StopReason>,
     },
-    StallCheck {
+    /// Whoever reads a run checks it is not silent.
+    ReadTimeout {
         request: u64,
         attempt: AttemptId,
     },
@@ -432,7 +433,7 @@ impl Ev {
                 | Ev::Turn { .. }
                 | Ev::Step { .. }
                 | Ev::Token { .. }
-                | Ev::StallCheck { .. }
+                | Ev::ReadTimeout { .. }
                 | Ev::Report { .. }
                 | Ev::EntryTimer { .. }
                 | Ev::CheckAgreement
@@ -447,7 +448,7 @@ impl Ev {
             Ev::Run { .. } => 4,
             Ev::Step { .. } => 5,
             Ev::Token { .. } => 6,
-            Ev::StallCheck { .. } => 7,
+            Ev::ReadTimeout { .. } => 7,
             Ev::Crash => 8,
             Ev::Restart(_) => 9,
             Ev::Sample => 10,
@@ -705,7 +706,7 @@ impl Sim {
                 index,
                 ..
             } => (*request, u64::from(*index), *attempt as u64),
-            Ev::StallCheck { request, attempt } | Ev::Report { request, attempt } => {
+            Ev::ReadTimeout { request, attempt } | Ev::Report { request, attempt } => {
                 (*request, *attempt as u64, 0)
             }
             Ev::EntryTimer { request } => (*request, 0, 0),
@@ -754,7 +755,7 @@ impl Sim {
                 index,
                 stop,
             } => self.token(request, attempt, index, stop),
-            Ev::StallCheck { request, attempt } => self.stall_check(request, attempt),
+            Ev::ReadTimeout { request, attempt } => self.read_timeout(request, attempt),
             Ev::Report { request, attempt } => self.report(request, attempt),
             Ev::EntryTimer { request } => self.entry_timer(request),
             Ev::Crash => self.crash(),

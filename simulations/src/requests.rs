@@ -235,27 +235,10 @@ impl Sim {
                 } else {
                     2 * self.latency()
                 };
-                let epoch = self.nodes[target].epoch;
-                self.at(
-                    now + hops,
-                    Ev::Run {
-                        target,
-                        request: id,
-                        attempt,
-                        epoch,
-                    },
-                );
-                let check_at = now + self.first_token_ms(id);
-                self.at(
-                    check_at,
-                    Ev::StallCheck {
-                        request: id,
-                        attempt,
-                    },
-                );
+                self.open_run(id, attempt, target, hops);
             }
             // A redirected target reports when its run ends (see
-            // `run_end`).
+            // `stop_run` and `token`).
             Output::Expect { .. } => {}
             Output::Cancel { attempt } => self.cancel_run(id, attempt),
             Output::Release { attempt } => self.release(id, attempt),
@@ -510,25 +493,8 @@ impl Sim {
                     };
                     return self.client_says(id, ClientInput::Frame(frame));
                 }
-                let epoch = self.nodes[target].epoch;
-                let t = now + 2 * self.latency();
-                self.at(
-                    t,
-                    Ev::Run {
-                        target,
-                        request: id,
-                        attempt,
-                        epoch,
-                    },
-                );
-                let check_at = now + self.first_token_ms(id);
-                self.at(
-                    check_at,
-                    Ev::StallCheck {
-                        request: id,
-                        attempt,
-                    },
-                );
+                let hops = 2 * self.latency();
+                self.open_run(id, attempt, target, hops);
             }
             ServerFrame::Token {
                 index,
@@ -578,6 +544,30 @@ impl Sim {
             }
         }
         self.pump(id);
+    }
+
+    /// Whoever reads `attempt` (the client, or the entry) opens its run at
+    /// `target` after `hops`, and times the read.
+    fn open_run(&mut self, id: u64, attempt: AttemptId, target: usize, hops: u64) {
+        let now = self.now;
+        let epoch = self.nodes[target].epoch;
+        self.at(
+            now + hops,
+            Ev::Run {
+                target,
+                request: id,
+                attempt,
+                epoch,
+            },
+        );
+        let check_at = now + self.first_token_ms(id);
+        self.at(
+            check_at,
+            Ev::ReadTimeout {
+                request: id,
+                attempt,
+            },
+        );
     }
 
     /// The client stops reading its redirected target (it resumes or
@@ -856,7 +846,7 @@ impl Sim {
                 }
             }
             if !has_end {
-                self.schedule_stall_check(id, attempt);
+                self.schedule_read_timeout(id, attempt);
             }
             self.pump(id);
             return;
@@ -922,22 +912,25 @@ impl Sim {
             };
             return self.client_says(id, ClientInput::Frame(frame));
         }
-        self.schedule_stall_check(id, attempt);
+        self.schedule_read_timeout(id, attempt);
     }
 
-    fn schedule_stall_check(&mut self, id: u64, attempt: AttemptId) {
+    fn schedule_read_timeout(&mut self, id: u64, attempt: AttemptId) {
         let check_at = self.now + self.sc.stall_ms;
         self.at(
             check_at,
-            Ev::StallCheck {
+            Ev::ReadTimeout {
                 request: id,
                 attempt,
             },
         );
     }
 
-    /// Whoever reads `attempt` checks it is still making progress.
-    pub(crate) fn stall_check(&mut self, id: u64, attempt: AttemptId) {
+    /// Whoever reads `attempt` checks it still makes progress (the read
+    /// timeout of the real stream): a silent run is the machine's to
+    /// handle, as the entry's own fetch failing or the client's target
+    /// failing.
+    pub(crate) fn read_timeout(&mut self, id: u64, attempt: AttemptId) {
         let now = self.now;
         let first_token_ms = self.first_token_ms(id);
         let stall_ms = self.sc.stall_ms;
