@@ -369,7 +369,9 @@ impl Pump {
                     return;
                 };
                 let shared = Arc::clone(shared);
-                let client = self.machine_client();
+                // Whoever the grant is bound to: the client, or this node
+                // when it relays.
+                let client = grant.body.client;
                 let turns = self.prepared.turns.clone();
                 self.tasks.spawn(async move {
                     let job = run_local(&shared, grant, None, client, &turns, &params).await;
@@ -464,14 +466,6 @@ impl Pump {
             }
             Output::Close => {}
         }
-    }
-
-    /// Whom a local run's grant is bound to: whoever the placement named.
-    fn machine_client(&self) -> NodeId {
-        self.placements
-            .values()
-            .last()
-            .map_or(self.shared.identity.id(), |p| p.grant.body.client)
     }
 
     async fn record_turn(&self, answer: String, tokens: u32) {
