@@ -95,6 +95,17 @@ impl Mesh {
         }
     }
 
+    /// Places the entry's first attempt on target 0 (grant bound to
+    /// `holder`) and drains what that produced.
+    fn first_on_target_0(&mut self, e: &mut Entry, holder: NodeId) -> (AttemptId, RequestId) {
+        let (a0, ..) = place_of(&drain(e)).expect("placed");
+        let p0 = self.placed(self.target(0), holder);
+        let r0 = p0.grant.body.request;
+        e.handle_placed(a0, Ok(p0), 1);
+        drain(e);
+        (a0, r0)
+    }
+
     fn receipt(&self, t: usize, request: RequestId, answer: &str, n: u32) -> Receipt {
         sign_receipt(
             &self.targets[t],
@@ -291,11 +302,7 @@ fn an_answer_fails_over_between_two_targets_with_no_network() {
 fn a_forged_resume_counts_against_no_breaker_and_is_charged() {
     let mut mesh = Mesh::new();
     let mut e = mesh.entry(true, 20);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.client);
-    let r0 = p0.grant.body.request;
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let (_, r0) = mesh.first_on_target_0(&mut e, mesh.client);
     e.handle_client(
         ClientInput::Frame(ClientFrame::Resume {
             reason: "lies".into(),
@@ -333,11 +340,7 @@ fn a_forged_resume_counts_against_no_breaker_and_is_charged() {
 fn a_relay_while_streaming_leaves_the_first_run_charged_from_its_report() {
     let mut mesh = Mesh::new();
     let mut e = mesh.entry(true, 10);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.client);
-    let r0 = p0.grant.body.request;
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let (_, r0) = mesh.first_on_target_0(&mut e, mesh.client);
     e.handle_client(
         ClientInput::Frame(ClientFrame::Relay {
             reason: "cannot reach".into(),
@@ -427,10 +430,7 @@ fn a_relay_sorts_refusals_from_faults_and_continues_the_count() {
     assert!(outs.iter().any(|o| matches!(o, Output::Settle { used: 0 })));
 
     let mut e = mesh.entry(false, 10);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.me());
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let (a0, _) = mesh.first_on_target_0(&mut e, mesh.me());
     e.handle_tokens(a0, tokens(0, 3), 2);
     let broke = error(ErrorCode::Internal, "the target dropped the stream");
     e.handle_failed(a0, broke, false, 3);
@@ -479,10 +479,7 @@ fn a_relay_sorts_refusals_from_faults_and_continues_the_count() {
 fn silence_is_charged_in_full_and_a_cancel_is_not_kept() {
     let mut mesh = Mesh::new();
     let mut e = mesh.entry(true, 10);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.client);
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let _ = mesh.first_on_target_0(&mut e, mesh.client);
     e.handle_client(ClientInput::Gone, 2);
     assert_eq!(e.poll_timeout(), Some(60_000));
     e.handle_timeout(60_000);
@@ -494,11 +491,7 @@ fn silence_is_charged_in_full_and_a_cancel_is_not_kept() {
     assert!(e.is_finished());
 
     let mut e = mesh.entry(false, 10);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.me());
-    let r0 = p0.grant.body.request;
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let (a0, r0) = mesh.first_on_target_0(&mut e, mesh.me());
     e.handle_tokens(a0, tokens(0, 2), 2);
     e.handle_client(ClientInput::Gone, 3);
     let outs = drain(&mut e);
@@ -530,10 +523,7 @@ fn silence_is_charged_in_full_and_a_cancel_is_not_kept() {
 fn a_local_run_after_a_resume_counts_on() {
     let mut mesh = Mesh::new();
     let mut e = mesh.entry(true, 10);
-    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
-    let p0 = mesh.placed(mesh.target(0), mesh.client);
-    e.handle_placed(a0, Ok(p0), 1);
-    drain(&mut e);
+    let _ = mesh.first_on_target_0(&mut e, mesh.client);
     e.handle_client(
         ClientInput::Frame(ClientFrame::Resume {
             reason: "died".into(),
