@@ -8,8 +8,10 @@
 //! run, resume after failure, breaker outcomes, settlement and booking are
 //! its decisions, carried out here over a simulated network (seeded latency
 //! and jitter; loss; duplication; partitions; crashes and restarts; slow
-//! nodes) with a cost-model engine (a prefill delay, then one token per
-//! `1/tokens_per_s`) and a virtual clock. Clients keep their answer in an
+//! nodes) with a cost-model engine (`slots` runs at a time, each a
+//! prefill delay then one token per `1/tokens_per_s`; runs beyond the
+//! slots wait first come first served, and one that may not wait is
+//! turned away as full) and a virtual clock. Clients keep their answer in an
 //! `AnswerStream`, as `zavod chat` does; a share of them is adversarial
 //! (see [`requests`]). Every token has a text derived from its index, and
 //! a completed answer must be exactly the concatenation of its tokens'
@@ -263,6 +265,8 @@ pub struct Report {
     pub completed: u64,
     pub failed: u64,
     pub failovers: u64,
+    /// Placements a full target turned away (each placed again).
+    pub turned_away: u64,
     pub events: u64,
     /// Largest and mean load spread seen (max over mean of active jobs).
     pub max_spread: f64,
@@ -295,7 +299,11 @@ struct Node {
     announcer: Announcer,
     seq: u64,
     speed: f64,
+    /// Runs it holds: in a slot, or waiting for one.
     jobs: BTreeMap<(u64, AttemptId), Job>,
+    /// Runs waiting for a slot, first come first served (some may have
+    /// been stopped meanwhile: they are skipped).
+    waiting: std::collections::VecDeque<(u64, AttemptId)>,
     /// As an entry: the request holding each half-open peer's probe.
     probes: BTreeMap<NodeId, RequestId>,
     /// Conversations whose prompt cache this node holds, most recent
@@ -309,6 +317,8 @@ struct Job {
     next: u32,
     /// Tokens this job may generate.
     budget: u32,
+    /// It holds a slot (else it waits for one).
+    in_slot: bool,
 }
 
 /// The affinity key of conversation `c` (as the real entry derives one
@@ -341,6 +351,10 @@ struct Request {
     ends: u32,
     ended_ms: u64,
     failovers: u32,
+    /// Times a full target turned it away, and whether the last attempt
+    /// ended so (its next placement is no failover).
+    turned_away: u32,
+    last_turned_away: bool,
     /// The client's answer so far.
     stream: AnswerStream,
     /// The entry's machine for this request, while the entry has it.
@@ -545,6 +559,7 @@ impl Sim {
                     sc.tokens_per_s
                 },
                 jobs: BTreeMap::new(),
+                waiting: std::collections::VecDeque::new(),
                 probes: BTreeMap::new(),
                 cache: Vec::new(),
             });
@@ -932,6 +947,7 @@ impl Sim {
         n.epoch += 1;
         // What its runs generated beyond what was delivered is lost.
         let jobs = std::mem::take(&mut n.jobs);
+        n.waiting.clear();
         n.cache.clear();
         for (id, attempt) in jobs.into_keys() {
             if let Some(a) = self.requests[id as usize].attempts.get_mut(&attempt) {
@@ -1040,6 +1056,7 @@ impl Sim {
             .filter(|r| matches!(r.state, State::Failed(_)))
             .count() as u64;
         let failovers = self.requests.iter().map(|r| u64::from(r.failovers)).sum();
+        let turned_away = self.requests.iter().map(|r| u64::from(r.turned_away)).sum();
         let mut errors: BTreeMap<String, u64> = BTreeMap::new();
         for r in &self.requests {
             if let State::Failed(m) = &r.state {
@@ -1060,6 +1077,7 @@ impl Sim {
             completed,
             failed,
             failovers,
+            turned_away,
             events: self.events,
             max_spread,
             mean_spread,

@@ -82,6 +82,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut failed = 0usize;
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0f64, 0f64, 0f64);
+    let mut turned_away = 0u64;
     let (mut later_turns, mut cache_hits) = (0u64, 0u64);
     let mut first_token_ms: Vec<u64> = Vec::new();
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
@@ -89,13 +90,14 @@ fn main() -> Result<()> {
     for (&seed, r) in seeds.iter().zip(run_all(&pool, &sc, &seeds)) {
         if args.seed.is_some() {
             println!(
-                "seed {seed}: trace {} ({} events; {} requests: {} completed, {} failed with an error, {} failovers; spread max {:.2} mean {:.2}; gossip {:.0} B/s per node)",
+                "seed {seed}: trace {} ({} events; {} requests: {} completed, {} failed with an error, {} failovers, {} turned away as full; spread max {:.2} mean {:.2}; gossip {:.0} B/s per node)",
                 r.trace_hash,
                 r.events,
                 r.requests,
                 r.completed,
                 r.failed,
                 r.failovers,
+                r.turned_away,
                 r.max_spread,
                 r.mean_spread,
                 r.gossip_bytes_per_node_per_s
@@ -113,6 +115,7 @@ fn main() -> Result<()> {
         totals.1 += r.completed;
         totals.2 += r.failed;
         totals.3 += r.failovers;
+        turned_away += r.turned_away;
         totals.4 = totals.4.max(r.max_spread);
         totals.5 += r.mean_spread;
         totals.6 += r.gossip_bytes_per_node_per_s;
@@ -139,7 +142,7 @@ fn main() -> Result<()> {
     }
     let n = seeds.len() as f64;
     println!(
-        "{name}: {} seeds in {:.2} s ({:.1} seeds/s), {} failed; {} requests ({} completed, {} ended with an error, {} failovers); load spread max {:.2}, mean {:.2}; gossip {:.0} B/s per node{}",
+        "{name}: {} seeds in {:.2} s ({:.1} seeds/s), {} failed; {} requests ({} completed, {} ended with an error, {} failovers, {} turned away as full); load spread max {:.2}, mean {:.2}; gossip {:.0} B/s per node{}",
         seeds.len(),
         wall.as_secs_f64(),
         n / wall.as_secs_f64().max(1e-9),
@@ -148,6 +151,7 @@ fn main() -> Result<()> {
         totals.1,
         totals.2,
         totals.3,
+        turned_away,
         totals.4,
         totals.5 / n,
         totals.6 / n,

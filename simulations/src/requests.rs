@@ -7,6 +7,7 @@
 //! frames to the client, runs at targets, reports and checks) and feeds
 //! back what came of them. The client keeps its answer in an
 //! `AnswerStream`, as `zavod chat` does. Targets are the cost model: a
+//! slot (or a wait for one, or a refusal when the run may not wait), a
 //! prefill delay, then one token per `1/speed`, a signed receipt at the end.
 //!
 //! Adversarial clients (a scenario's `adversarial` share) send a resume
@@ -31,7 +32,7 @@ use super::*;
 use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
-use zavod_proto::limits::REPORT_GRACE_MS;
+use zavod_proto::limits::{MAX_FULL_TARGETS, REPORT_GRACE_MS};
 use zavod_proto::trust::{ReceiptBody, prompt_hash, sign_receipt};
 use zavod_proto::wire::{
     ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, RunReport, ServerFrame,
@@ -71,6 +72,11 @@ pub(crate) struct SimAttempt {
     pub(crate) last_sent_at: u64,
     /// The placer's bookkeeping to undo when the entry releases it.
     pub(crate) released: bool,
+    /// Its run may wait for a slot (else a full target refuses it).
+    pub(crate) may_queue: bool,
+    /// The entry stopped reading it (its fetch went silent): tokens still
+    /// on the way are never read.
+    pub(crate) unread: bool,
 }
 
 impl Sim {
@@ -117,6 +123,7 @@ impl Sim {
         let e = &self.nodes[entry];
         let config = EntryConfig {
             max_failed_targets: self.sc.max_failovers as usize,
+            max_full_targets: MAX_FULL_TARGETS,
             report_grace_ms: REPORT_GRACE_MS,
             answer_deadline_ms: self.sc.request_bound_ms.saturating_sub(1_000),
         };
@@ -145,6 +152,8 @@ impl Sim {
             ends: 0,
             ended_ms: 0,
             failovers: 0,
+            turned_away: 0,
+            last_turned_away: false,
             stream: AnswerStream::new(self.sc.max_failovers),
             machine: Some(machine),
             attempts: BTreeMap::new(),
@@ -217,18 +226,27 @@ impl Sim {
                 attempt,
                 holder,
                 exclude,
+                avoid,
                 params,
             } => {
-                let placed = self.place(id, attempt, holder, &exclude, &params);
+                let placed = self.place(id, attempt, holder, &exclude, &avoid, &params);
                 if let Some(m) = self.requests[id as usize].machine.as_mut() {
                     m.handle_placed(attempt, placed, now);
                 }
             }
-            Output::RunLocal { attempt, .. } | Output::Fetch { attempt, .. } => {
+            out @ (Output::RunLocal { .. } | Output::Fetch { .. }) => {
+                let (attempt, may_queue) = match out {
+                    Output::RunLocal {
+                        attempt, may_queue, ..
+                    } => (attempt, may_queue),
+                    Output::Fetch { attempt, run, .. } => (attempt, run.may_queue),
+                    _ => return,
+                };
                 let Some(a) = self.requests[id as usize].attempts.get_mut(&attempt) else {
                     return;
                 };
                 a.to_entry = true;
+                a.may_queue = may_queue;
                 let target = a.target;
                 let hops = if target == entry {
                     0
@@ -297,6 +315,7 @@ impl Sim {
         attempt: AttemptId,
         holder: NodeId,
         exclude: &[NodeId],
+        avoid: &[NodeId],
         params: &GenParams,
     ) -> Result<Placed, ErrorFrame> {
         let now = self.now;
@@ -320,6 +339,7 @@ impl Sim {
         let ask = Ask {
             request,
             exclude,
+            avoid,
             until_ms,
             cache_key: key,
         };
@@ -406,9 +426,10 @@ impl Sim {
             self.violation(format!("request {id}: its grant does not verify: {err}"));
         }
         let r = &mut self.requests[id as usize];
-        if attempt > 0 {
+        if attempt > 0 && !std::mem::take(&mut r.last_turned_away) {
             r.failovers += 1;
         }
+
         r.attempts.insert(
             attempt,
             SimAttempt {
@@ -423,6 +444,8 @@ impl Sim {
                 last_progress_ms: now,
                 last_sent_at: now,
                 released: false,
+                may_queue: true,
+                unread: false,
             },
         );
         Ok(Placed {
@@ -480,6 +503,9 @@ impl Sim {
                 };
                 r.stream.start_source();
                 r.source = Some(attempt);
+                if let Some(a) = r.attempts.get_mut(&attempt) {
+                    a.may_queue = redirect.run.may_queue;
+                }
                 r.client_progress_ms = now;
                 let adversary = r.adversary;
                 if adversary == Some(Adversary::ForgedResume) && attempt == 0 {
@@ -600,10 +626,47 @@ impl Sim {
             }
             return;
         }
+        if !a.may_queue && self.nodes[target].jobs.len() >= self.sc.slots as usize {
+            // Every slot is busy, and the run may not wait: the freshest
+            // news of this node's load its entry can get.
+            let e = ErrorFrame {
+                code: ErrorCode::NoCapacity,
+                message: format!("all {} slots are busy", self.sc.slots),
+            };
+            let r = &mut self.requests[id as usize];
+            r.turned_away += 1;
+            r.last_turned_away = true;
+            return self.run_refused(id, attempt, e);
+        }
         let budget = a.budget;
         let local = target == r.entry;
         let n = &mut self.nodes[target];
-        n.jobs.insert((id, attempt), Job { next: 0, budget });
+        let in_slot = n.jobs.values().filter(|j| j.in_slot).count() < self.sc.slots as usize;
+        n.jobs.insert(
+            (id, attempt),
+            Job {
+                next: 0,
+                budget,
+                in_slot,
+            },
+        );
+        if !in_slot {
+            n.waiting.push_back((id, attempt));
+        }
+        // The worker has taken it (it may still wait for a slot).
+        if local && let Some(m) = self.requests[id as usize].machine.as_mut() {
+            m.handle_started(attempt, self.now);
+            self.pump(id);
+        }
+        if in_slot {
+            self.start_job(target, id, attempt, epoch);
+        }
+    }
+
+    /// A run gets a slot: its prompt is prefilled, then it decodes.
+    fn start_job(&mut self, target: usize, id: u64, attempt: AttemptId, epoch: u32) {
+        let r = &self.requests[id as usize];
+        let n = &self.nodes[target];
         // The prompt: a conversation's whole history, of which only the new
         // turn is prefilled where its cache is held.
         let hit = r
@@ -612,14 +675,11 @@ impl Sim {
         let hits_now = (r.conv.is_some() && attempt == 0).then_some(hit);
         let speed = n.speed;
         let prefill_ms = self.prefill_ms(id, hit);
-        // Continuous batching: every active job decodes at the node's speed.
+        // Continuous batching: every job in a slot decodes at the node's
+        // speed.
         let first = self.now + prefill_ms + (1_000.0 / speed) as u64;
         if hits_now.is_some() {
             self.requests[id as usize].hit = hits_now;
-        }
-        if local && let Some(m) = self.requests[id as usize].machine.as_mut() {
-            m.handle_started(attempt, self.now);
-            self.pump(id);
         }
         self.at(
             first,
@@ -630,6 +690,17 @@ impl Sim {
                 epoch,
             },
         );
+    }
+
+    /// A run left its slot: the first still waiting takes it.
+    fn slot_freed(&mut self, target: usize) {
+        let epoch = self.nodes[target].epoch;
+        while let Some(key) = self.nodes[target].waiting.pop_front() {
+            if let Some(job) = self.nodes[target].jobs.get_mut(&key) {
+                job.in_slot = true;
+                return self.start_job(target, key.0, key.1, epoch);
+            }
+        }
     }
 
     /// A target refuses a run: the reader hears it after a hop.
@@ -646,7 +717,7 @@ impl Sim {
             self.pump(id);
         } else if r.source == Some(attempt) {
             // The client's target said no before streaming anything.
-            self.client_failed(id, true);
+            self.client_failed(id, Failure::Refused(e.code));
         }
     }
 
@@ -670,6 +741,7 @@ impl Sim {
         }
         if last {
             self.nodes[target].jobs.remove(&(id, attempt));
+            self.slot_freed(target);
             // The conversation's prompt and answer stay cached here.
             if let Some((c, _)) = self.requests[id as usize].conv {
                 let cap = self.sc.cache_entries;
@@ -709,8 +781,11 @@ impl Sim {
             return;
         };
         let (target, last_sent_at, to_entry) = (a.target, a.last_sent_at, a.to_entry);
-        if self.nodes[target].jobs.remove(&(id, attempt)).is_none() {
+        let Some(job) = self.nodes[target].jobs.remove(&(id, attempt)) else {
             return;
+        };
+        if job.in_slot {
+            self.slot_freed(target);
         }
         // A stream keeps its order: the end follows the last token.
         let at = (self.now + self.latency()).max(last_sent_at);
@@ -808,6 +883,9 @@ impl Sim {
         let Some(a) = r.attempts.get_mut(&attempt) else {
             return;
         };
+        if a.unread {
+            return;
+        }
         let cancelled_end = index == u32::MAX;
         if !cancelled_end {
             a.delivered = a.delivered.max(index + 1);
@@ -961,6 +1039,7 @@ impl Sim {
             r.faulty.insert(target);
             if let Some(a) = r.attempts.get_mut(&attempt) {
                 a.lost = true;
+                a.unread = true;
             }
             self.stop_run(id, attempt, true);
             let e = ErrorFrame {
@@ -976,18 +1055,28 @@ impl Sim {
         if r.source != Some(attempt) || r.state != State::Running {
             return;
         }
-        self.client_failed(id, false);
+        self.client_failed(id, Failure::Broke);
     }
 
-    /// The client's redirected target failed (`refused`: it said no).
-    fn client_failed(&mut self, id: u64, refused: bool) {
+    /// The client's redirected target failed.
+    fn client_failed(&mut self, id: u64, how: Failure) {
         let r = &mut self.requests[id as usize];
-        let decision = r.stream.on_failure(refused);
+        let decision = match how {
+            Failure::Refused(ErrorCode::NoCapacity) => r.stream.on_full(),
+            Failure::Refused(_) => r.stream.on_failure(true),
+            Failure::Broke => r.stream.on_failure(false),
+        };
         self.client_leaves_source(id);
         match decision {
             OnFailure::GiveUp => {
                 self.end(id, State::Failed("gave up after repeated failovers".into()));
                 self.client_says(id, ClientInput::Gone);
+            }
+            OnFailure::Full => {
+                let frame = ClientFrame::Full {
+                    reason: "full".into(),
+                };
+                self.client_says(id, ClientInput::Frame(frame));
             }
             OnFailure::Relay => {
                 let frame = ClientFrame::Relay {
@@ -1066,6 +1155,15 @@ impl Sim {
             ));
         }
     }
+}
+
+/// How a client's redirected target failed it.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// It answered with an error before the answer's end.
+    Refused(ErrorCode),
+    /// It broke the stream, died or went silent.
+    Broke,
 }
 
 /// The key a simulated client holds (its grants are bound to it).

@@ -11,6 +11,7 @@ mod mdns;
 mod memory;
 mod mesh;
 mod models;
+mod placement;
 mod relay;
 mod sessions;
 mod trust;

@@ -47,6 +47,11 @@ pub enum ChatEvent<'a> {
     Relayed {
         reason: &'a str,
     },
+    /// The target's slots were all busy; the entry places the answer on
+    /// another node.
+    Full {
+        reason: &'a str,
+    },
     /// The target failed after `tokens` tokens; the rest comes from
     /// another node, placed by the entry.
     Resuming {
@@ -279,8 +284,23 @@ impl ChatClient {
                             return progress.outcome(accepted, done, sent_at);
                         }
                         Err(e) => {
-                            let refused = matches!(e, ChatError::Refused { .. });
-                            match progress.stream.on_failure(refused) {
+                            let decision = match &e {
+                                ChatError::Refused {
+                                    code: ErrorCode::NoCapacity,
+                                    ..
+                                } => progress.stream.on_full(),
+                                ChatError::Refused { .. } => progress.stream.on_failure(true),
+                                _ => progress.stream.on_failure(false),
+                            };
+                            match decision {
+                                // All its slots were busy: the entry places
+                                // the answer elsewhere.
+                                OnFailure::Full => {
+                                    let reason = e.to_string();
+                                    on_event(ChatEvent::Full { reason: &reason });
+                                    w.send(&ClientFrame::Full { reason }, self.frame_timeout)
+                                        .await?;
+                                }
                                 // Not reachable from here: ask the entry to relay.
                                 OnFailure::Relay => {
                                     let reason = e.to_string();

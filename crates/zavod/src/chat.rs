@@ -129,6 +129,11 @@ async fn turn(
                         eprintln!("[target out of reach ({reason}); the entry node relays]");
                     }
                 }
+                ChatEvent::Full { reason } => {
+                    if verbose {
+                        eprintln!("[the target was full ({reason}); placing on another node]");
+                    }
+                }
                 ChatEvent::Resuming { reason, tokens } => {
                     eprintln!(
                         "[the serving node failed after {tokens} tokens ({reason}); resuming on another node]"

@@ -43,6 +43,9 @@ pub enum WorkerMsg {
         client: NodeId,
         turns: Vec<Turn>,
         params: Box<GenParams>,
+        /// Whether the run may wait for a slot (else, with every slot
+        /// busy, it is refused as `NoCapacity`).
+        may_queue: bool,
         reply: RpcReplyPort<Result<JobStream, ErrorFrame>>,
     },
     /// Checks an embedding request's grant (bound to the texts by
@@ -128,6 +131,7 @@ impl Actor for ModelWorker {
                 client,
                 turns,
                 params,
+                may_queue,
                 reply,
             } => {
                 let r = run(
@@ -137,6 +141,7 @@ impl Actor for ModelWorker {
                     client,
                     turns,
                     *params,
+                    may_queue,
                 );
                 let _ = reply.send(r);
                 if !st.engine.is_alive() {
@@ -229,6 +234,7 @@ fn run(
     client: NodeId,
     turns: Vec<Turn>,
     params: GenParams,
+    may_queue: bool,
 ) -> Result<JobStream, ErrorFrame> {
     let body = admit_grant(
         st,
@@ -249,6 +255,20 @@ fn run(
             .format_chat(&turns)
             .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?
     };
+    if !may_queue {
+        // Runs this actor handed over count at once (queued), so two
+        // requests in a row cannot both take the last slot.
+        let load = st.engine.load();
+        if load.slots_busy.saturating_add(load.queue_depth) >= load.slots_total {
+            return Err(error_frame(
+                ErrorCode::NoCapacity,
+                format!(
+                    "all {} slots of {model} are busy; the entry places the request elsewhere",
+                    load.slots_total
+                ),
+            ));
+        }
+    }
     let (tx, rx) = job_channel();
     let cancel = CancelFlag::default();
     // The entry names whose cache this is (the credential charged) in the

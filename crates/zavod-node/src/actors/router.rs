@@ -59,6 +59,8 @@ pub struct PlaceAsk {
     pub max_tokens: u32,
     /// Nodes not to place on (they just failed this request).
     pub exclude: Vec<NodeId>,
+    /// Nodes to place on only when no other is left (they were full).
+    pub avoid: Vec<NodeId>,
     /// The credential whose prompt cache the request may use.
     pub cache_scope: [u8; 16],
     /// The prompt's affinity key (zavod_proto::chat::prompt::affinity_key).
@@ -480,6 +482,7 @@ impl RouterState {
             prompt_hash: hash,
             max_tokens,
             exclude,
+            avoid,
             cache_scope,
             cache_key,
         } = ask;
@@ -518,6 +521,7 @@ impl RouterState {
             let ask = Ask {
                 request,
                 exclude: &exclude,
+                avoid: &avoid,
                 until_ms,
                 cache_key: Some(cache_key),
             };

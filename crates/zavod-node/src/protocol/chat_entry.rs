@@ -39,7 +39,7 @@ use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
 use zavod_proto::chat::prompt::{Role, Turn, affinity_key, run_hash};
-use zavod_proto::limits::{MAX_FAILED_TARGETS, REPORT_GRACE_MS};
+use zavod_proto::limits::{MAX_FAILED_TARGETS, MAX_FULL_TARGETS, REPORT_GRACE_MS};
 use zavod_proto::wire::{
     ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame,
 };
@@ -158,6 +158,7 @@ pub(crate) async fn serve_entry(
     let limits = &shared.config.limits;
     let config = EntryConfig {
         max_failed_targets: MAX_FAILED_TARGETS,
+        max_full_targets: MAX_FULL_TARGETS,
         report_grace_ms: REPORT_GRACE_MS,
         // The answer may take as long as generating every allowed token.
         answer_deadline_ms: limits.stall_timeout_ms + u64::from(admission.max_tokens) * 1_000,
@@ -338,6 +339,7 @@ impl Pump {
                 attempt,
                 holder,
                 exclude,
+                avoid,
                 params,
             } => {
                 let ask = PlaceAsk {
@@ -346,6 +348,7 @@ impl Pump {
                     prompt_hash: run_hash(&self.prepared.turns, &params),
                     max_tokens: self.admission.max_tokens,
                     exclude,
+                    avoid,
                     cache_scope: self.admission.credential_id,
                     cache_key: affinity_key(
                         &self.admission.credential_id,
@@ -364,7 +367,11 @@ impl Pump {
                     Task::Placed(attempt, placed)
                 });
             }
-            Output::RunLocal { attempt, params } => {
+            Output::RunLocal {
+                attempt,
+                params,
+                may_queue,
+            } => {
                 let Some(grant) = self.placements.get(&attempt).map(|p| p.grant.clone()) else {
                     return;
                 };
@@ -374,7 +381,8 @@ impl Pump {
                 let client = grant.body.client;
                 let turns = self.prepared.turns.clone();
                 self.tasks.spawn(async move {
-                    let job = run_local(&shared, grant, None, client, &turns, &params).await;
+                    let job =
+                        run_local(&shared, grant, None, client, &turns, &params, may_queue).await;
                     Task::Started(attempt, job)
                 });
             }
@@ -636,6 +644,7 @@ pub(crate) async fn run_local(
     client: NodeId,
     turns: &[Turn],
     params: &GenParams,
+    may_queue: bool,
 ) -> Result<JobStream, ErrorFrame> {
     let worker = shared
         .model_index(&grant.body.model)
@@ -646,6 +655,7 @@ pub(crate) async fn run_local(
         client,
         turns: turns.to_vec(),
         params: Box::new(params.clone()),
+        may_queue,
         reply,
     })
     .await

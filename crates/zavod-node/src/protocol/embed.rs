@@ -100,6 +100,7 @@ pub async fn embed(
                     prompt_hash: hash,
                     max_tokens: admission.max_tokens,
                     exclude: exclude.clone(),
+                    avoid: Vec::new(),
                     cache_scope: admission.credential_id,
                     cache_key: 0,
                 },

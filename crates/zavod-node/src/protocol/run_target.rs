@@ -236,6 +236,7 @@ pub(super) async fn serve_run(
         client,
         &req.turns,
         &req.params,
+        req.may_queue,
     )
     .await
     {

@@ -54,6 +54,9 @@ pub type AttemptId = usize;
 pub struct EntryConfig {
     /// Most targets that may fail one answer before the entry gives up.
     pub max_failed_targets: usize,
+    /// Most targets that may turn one answer away as full; until then its
+    /// runs may not wait in a target's queue.
+    pub max_full_targets: usize,
     /// How long an entry that has the target's report still waits for the
     /// client's own receipt before closing the stream.
     pub report_grace_ms: u64,
@@ -112,19 +115,24 @@ pub enum ClientInput {
 /// What the entry asks its shell to do, in order.
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// Choose a target (never one of `exclude`) and mint a grant bound to
+    /// Choose a target (never one of `exclude`; one of `avoid`, which
+    /// were full, only when no other is left) and mint a grant bound to
     /// `holder`; answer with [`Entry::handle_placed`].
     Place {
         attempt: AttemptId,
         holder: NodeId,
         exclude: Vec<NodeId>,
+        avoid: Vec<NodeId>,
         params: GenParams,
     },
     /// Run the attempt on this node's model worker; answer with
-    /// [`Entry::handle_started`], then its tokens and end.
+    /// [`Entry::handle_started`], then its tokens and end. Unless
+    /// `may_queue`, a worker with every slot busy refuses it
+    /// (`NoCapacity`).
     RunLocal {
         attempt: AttemptId,
         params: GenParams,
+        may_queue: bool,
     },
     /// Open a run stream to the attempt's target and send `run`; feed its
     /// frames back.
@@ -187,6 +195,8 @@ struct Attempt {
     claimed: u32,
     /// Its tokens are accounted for (booked, settled or charged).
     settled: bool,
+    /// Its run may wait for a slot at its target.
+    may_queue: bool,
 }
 
 impl Attempt {
@@ -234,6 +244,15 @@ pub struct Entry {
     deadline_ms: UnixMs,
     /// Once a target failed, its error says more than "no other node".
     last_error: Option<ErrorFrame>,
+    /// Targets that turned this answer away as full (avoided, not
+    /// excluded, and never counted against a breaker), and how many times
+    /// it was turned away (one target may be the only one, and say so
+    /// again).
+    full: Vec<NodeId>,
+    turned_away: usize,
+    /// A target the client could not reach (avoided for the relay: the
+    /// client's word only, so not excluded).
+    unreached: Option<NodeId>,
     pending_checks: usize,
     /// Tokens a failed run streamed that the answer could not take in
     /// (it ended there): still charged.
@@ -268,6 +287,9 @@ impl Entry {
             settled: false,
             deadline_ms,
             last_error: None,
+            full: Vec::new(),
+            turned_away: 0,
+            unreached: None,
             pending_checks: 0,
             lost_tokens: 0,
             close_sent: false,
@@ -342,6 +364,7 @@ impl Entry {
             }
         };
         let params = self.so_far.params(&self.req.params);
+        let may_queue = self.attempts[attempt].may_queue;
         let local = p.target == self.req.me;
         let kind = if local {
             Kind::Local
@@ -356,6 +379,7 @@ impl Entry {
                 issuer_membership: membership,
                 turns: self.req.turns.clone(),
                 params: params.clone(),
+                may_queue,
             })
         });
         let (target, addrs, request) = (p.target, p.addrs.clone(), p.grant.body.request);
@@ -365,7 +389,11 @@ impl Entry {
         self.phase = Phase::Running(attempt);
         if kind == Kind::Local {
             // Accepted once the worker has taken it.
-            self.out.push_back(Output::RunLocal { attempt, params });
+            self.out.push_back(Output::RunLocal {
+                attempt,
+                params,
+                may_queue,
+            });
             if self.cancelled {
                 self.out.push_back(Output::Cancel { attempt });
             }
@@ -514,6 +542,9 @@ impl Entry {
         a.settled = true;
         let (tail, tail_ids) = (std::mem::take(&mut a.tail), std::mem::take(&mut a.tail_ids));
         self.out.push_back(Output::Release { attempt });
+        if from_target && tail_ids.is_empty() && self.turned_away(target, error.code) {
+            return;
+        }
         if kind == Kind::Local {
             // This node's own worker: it ends the answer.
             if matches!(error.code, ErrorCode::Internal | ErrorCode::Timeout) {
@@ -587,8 +618,28 @@ impl Entry {
                             self.on_finished(a, &answer, &receipt);
                         }
                     }
+                    ClientFrame::Full { .. } if !grace => {
+                        if let Some((a, _)) = running {
+                            let target = self.attempts[a].target();
+                            // The client's word: the target is only
+                            // avoided, and what it may have generated is
+                            // still charged from its report.
+                            self.abandon(a, 0);
+                            match target {
+                                Some(t) if self.turned_away(t, ErrorCode::NoCapacity) => {}
+                                _ => self.fail(error(
+                                    ErrorCode::NoCapacity,
+                                    format!(
+                                        "the answer was turned away as full {} times",
+                                        self.turned_away + 1
+                                    ),
+                                )),
+                            }
+                        }
+                    }
                     ClientFrame::Relay { .. } if self.so_far.tokens() == 0 && !grace => {
                         if let Some((a, _)) = running {
+                            self.unreached = self.attempts[a].target();
                             self.abandon(a, 0);
                             self.relaying = true;
                             self.place_next();
@@ -785,6 +836,27 @@ impl Entry {
         self.place_next();
     }
 
+    /// A target turned the answer away before its run streamed anything
+    /// because it was full: the answer is placed again, away from it if
+    /// any other will do, and no breaker hears of it. Whether it was taken
+    /// as such (`false` once enough targets were full: it is then a plain
+    /// failure).
+    fn turned_away(&mut self, target: NodeId, code: ErrorCode) -> bool {
+        if code != ErrorCode::NoCapacity || self.turned_away >= self.config.max_full_targets {
+            return false;
+        }
+        self.turned_away += 1;
+        if !self.full.contains(&target) {
+            self.full.push(target);
+        }
+        if self.cancelled {
+            self.fail(error(ErrorCode::NoCapacity, "cancelled while being placed"));
+        } else {
+            self.place_next();
+        }
+        true
+    }
+
     /// A redirected attempt the client left while it may still generate:
     /// `claimed` of its tokens are counted in the answer, the rest is
     /// charged from its report.
@@ -840,6 +912,8 @@ impl Entry {
             abandoned: false,
             claimed: 0,
             settled: false,
+            // Once turned away often enough, the next target is waited for.
+            may_queue: self.turned_away >= self.config.max_full_targets,
         });
         let holder = if self.relaying {
             self.req.me
@@ -851,6 +925,7 @@ impl Entry {
             attempt,
             holder,
             exclude: self.so_far.exclude().to_vec(),
+            avoid: self.full.iter().chain(&self.unreached).copied().collect(),
             params: self.so_far.params(&self.req.params),
         });
     }

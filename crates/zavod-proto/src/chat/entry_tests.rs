@@ -51,6 +51,7 @@ impl Mesh {
     fn entry(&self, client_dials: bool, max_tokens: u32) -> Entry {
         let config = EntryConfig {
             max_failed_targets: 3,
+            max_full_targets: 2,
             report_grace_ms: 2_000,
             answer_deadline_ms: 60_000,
         };
@@ -146,9 +147,20 @@ fn place_of(outs: &[Output]) -> Option<(AttemptId, NodeId, Vec<NodeId>, GenParam
             holder,
             exclude,
             params,
+            ..
         } => Some((*attempt, *holder, exclude.clone(), params.clone())),
         _ => None,
     })
+}
+
+/// The soft exclusions of the output's placement.
+fn avoid_of(outs: &[Output]) -> Vec<NodeId> {
+    outs.iter()
+        .find_map(|o| match o {
+            Output::Place { avoid, .. } => Some(avoid.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 fn breakers(outs: &[Output]) -> Vec<(NodeId, Outcome)> {
@@ -547,4 +559,160 @@ fn a_local_run_after_a_resume_counts_on() {
         &outs[1],
         Output::Transmit(ServerFrame::Token { index: 4, .. })
     ));
+}
+
+/// Targets that say they are full (a relayed run, a redirected client, a
+/// local worker) are passed on without a breaker hearing of it, avoided
+/// rather than excluded, and after `max_full_targets` of them the next
+/// run may wait in a queue; what the client saw counts on unchanged.
+#[test]
+fn full_targets_are_passed_on_then_the_last_one_is_waited_for() {
+    let mut mesh = Mesh::new();
+    let full = || error(ErrorCode::NoCapacity, "all 4 slots are busy");
+
+    // Relayed: the target refuses the fetch.
+    let mut e = mesh.entry(false, 10);
+    let (a0, _) = mesh.first_on_target_0(&mut e, mesh.me());
+    e.handle_failed(a0, full(), true, 2);
+    let outs = drain(&mut e);
+    assert!(breakers(&outs).is_empty(), "a full target is not at fault");
+    let (a1, _, exclude, params) = place_of(&outs).expect("placed again");
+    assert!(exclude.is_empty(), "only avoided");
+    assert_eq!(avoid_of(&outs), vec![mesh.target(0)]);
+    assert_eq!(params.max_tokens, 10);
+    let p1 = mesh.placed(mesh.target(1), mesh.me());
+    e.handle_placed(a1, Ok(p1), 3);
+    let outs = drain(&mut e);
+    let run = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Fetch { run, .. } => Some(run.clone()),
+            _ => None,
+        })
+        .expect("fetched");
+    assert!(
+        !run.may_queue,
+        "one full target: the next may not queue yet"
+    );
+    e.handle_failed(a1, full(), true, 4);
+    let outs = drain(&mut e);
+    let (a2, ..) = place_of(&outs).expect("placed a third time");
+    assert_eq!(avoid_of(&outs), vec![mesh.target(0), mesh.target(1)]);
+    let p2 = mesh.placed(mesh.target(2), mesh.me());
+    e.handle_placed(a2, Ok(p2), 5);
+    let outs = drain(&mut e);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Fetch { run, .. } if run.may_queue))
+    );
+    // Full even so (its queue is): now it is a failure like any other,
+    // still not the target's fault.
+    e.handle_failed(a2, full(), true, 6);
+    let outs = drain(&mut e);
+    assert!(breakers(&outs).is_empty());
+    let (_, _, exclude, _) = place_of(&outs).expect("placed a fourth time");
+    assert_eq!(exclude, vec![mesh.target(2)]);
+
+    // Redirected: the client says its target was full.
+    let mut e = mesh.entry(true, 10);
+    let (_, r0) = mesh.first_on_target_0(&mut e, mesh.client);
+    let mut client = AnswerStream::new(3);
+    client.start_source();
+    assert_eq!(client.on_full(), OnFailure::Full);
+    e.handle_client(
+        ClientInput::Frame(ClientFrame::Full {
+            reason: "all 4 slots are busy".into(),
+        }),
+        2,
+    );
+    let outs = drain(&mut e);
+    assert!(breakers(&outs).is_empty());
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::CheckTarget { .. })),
+        "nothing to check: the target answered"
+    );
+    let (a1, holder, exclude, _) = place_of(&outs).expect("placed again");
+    assert_eq!(holder, mesh.client, "still redirected");
+    assert!(exclude.is_empty());
+    assert_eq!(avoid_of(&outs), vec![mesh.target(0)]);
+    let p1 = mesh.placed(mesh.target(1), mesh.client);
+    let r1 = p1.grant.body.request;
+    e.handle_placed(a1, Ok(p1), 3);
+    let redirect = redirect_of(&drain(&mut e)).expect("redirected again");
+    assert!(!redirect.run.may_queue);
+    assert!(redirect.run.params.resume_tokens.is_empty());
+    client.start_source();
+    for t in tokens(0, 10) {
+        client
+            .on_source_token(t.index, &t.text, t.id)
+            .expect("in order");
+    }
+    e.handle_client(
+        ClientInput::Frame(ClientFrame::Finished {
+            answer: client.text().to_owned(),
+            receipt: Box::new(mesh.receipt(1, r1, &text(0, 10), 10)),
+        }),
+        4,
+    );
+    let mut all = drain(&mut e);
+    // The full target may have generated something after all (the
+    // client's word): its report is still charged.
+    let report = RunReport {
+        request: r0,
+        answer: String::new(),
+        receipt: mesh.receipt(0, r0, "", 0),
+        prompt_tokens: 0,
+        stop: StopReason::Cancelled,
+    };
+    e.handle_report(report, 5);
+    all.extend(drain(&mut e));
+    assert_eq!(charged(&all), 10);
+    assert!(e.is_finished());
+
+    // The only node with the model is full every time: it is placed
+    // there again (avoided, but nothing else is left) until the entry
+    // lets the run wait.
+    let mut e = mesh.entry(false, 10);
+    let (mut a, _) = mesh.first_on_target_0(&mut e, mesh.me());
+    {
+        e.handle_failed(a, full(), true, 2);
+        let outs = drain(&mut e);
+        assert!(breakers(&outs).is_empty());
+        (a, ..) = place_of(&outs).expect("placed again");
+        let p = mesh.placed(mesh.target(0), mesh.me());
+        e.handle_placed(a, Ok(p), 3);
+        let outs = drain(&mut e);
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::Fetch { run, .. } if !run.may_queue))
+        );
+    }
+    e.handle_failed(a, full(), true, 4);
+    let (a, ..) = place_of(&drain(&mut e)).expect("placed a third time");
+    let p = mesh.placed(mesh.target(0), mesh.me());
+    e.handle_placed(a, Ok(p), 5);
+    let outs = drain(&mut e);
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Fetch { run, .. } if run.may_queue)),
+        "after two turn-aways (as configured) the run waits"
+    );
+
+    // A local worker with every slot busy: placed elsewhere.
+    let mut e = mesh.entry(true, 10);
+    let (a0, ..) = place_of(&drain(&mut e)).expect("placed");
+    let mine = mesh.placed(mesh.me(), mesh.client);
+    e.handle_placed(a0, Ok(mine), 1);
+    let outs = drain(&mut e);
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Output::RunLocal {
+            may_queue: false,
+            ..
+        }
+    )));
+    e.handle_failed(a0, full(), true, 2);
+    let outs = drain(&mut e);
+    assert!(breakers(&outs).is_empty());
+    assert_eq!(avoid_of(&outs), vec![mesh.me()]);
 }

@@ -43,6 +43,9 @@ pub enum OnFailure {
     Relay,
     /// Ask the entry to place the rest of the answer elsewhere.
     Resume(ResumeRequest),
+    /// The target said it was full before streaming anything: tell the
+    /// entry, which places the answer elsewhere.
+    Full,
     /// A later target refused, or the answer was resumed too often
     /// already: it ends with the error.
     GiveUp,
@@ -59,6 +62,8 @@ pub struct AnswerStream {
     base: u32,
     resumes: u32,
     max_resumes: u32,
+    /// Targets that said they were full.
+    fulls: usize,
 }
 
 impl AnswerStream {
@@ -127,6 +132,17 @@ impl AnswerStream {
             })
         } else {
             OnFailure::GiveUp
+        }
+    }
+
+    /// The current source refused the run because all its slots were
+    /// busy. Counts a full target when the entry will place it again.
+    pub fn on_full(&mut self) -> OnFailure {
+        if !self.source_started() && self.fulls < crate::limits::MAX_FULL_TARGETS {
+            self.fulls += 1;
+            OnFailure::Full
+        } else {
+            self.on_failure(true)
         }
     }
 
@@ -393,6 +409,29 @@ mod tests {
         assert_eq!(s.on_failure(true), OnFailure::Relay, "a first refusal");
         s.on_token(0, "x", 7).expect("in order");
         assert_eq!(s.on_failure(true), OnFailure::GiveUp, "a later refusal");
+    }
+
+    #[test]
+    fn a_full_target_is_passed_on_a_bounded_number_of_times() {
+        use crate::limits::MAX_FULL_TARGETS;
+        let mut s = AnswerStream::new(2);
+        for _ in 0..MAX_FULL_TARGETS {
+            assert_eq!(s.on_full(), OnFailure::Full);
+            s.start_source();
+        }
+        assert_eq!(
+            s.on_full(),
+            OnFailure::Relay,
+            "then it is a refusal like any other"
+        );
+        let mut s = AnswerStream::new(2);
+        s.start_source();
+        s.on_source_token(0, "x", 7).expect("in order");
+        assert_eq!(
+            s.on_full(),
+            OnFailure::GiveUp,
+            "a source that streamed cannot say it was full"
+        );
     }
 
     #[test]

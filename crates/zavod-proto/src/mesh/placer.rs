@@ -85,6 +85,9 @@ pub struct Ask<'a> {
     pub request: RequestId,
     /// Nodes that already failed this request.
     pub exclude: &'a [NodeId],
+    /// Nodes that turned this request away as full: chosen only when no
+    /// other is left.
+    pub avoid: &'a [NodeId],
     /// When the placement counts as over even if nobody says so.
     pub until_ms: UnixMs,
     /// The prompt's affinity key: where this entry last sent it, the cache
@@ -280,6 +283,9 @@ impl Placer {
             .collect();
         if kept.is_empty() {
             return None;
+        }
+        if kept.iter().any(|c| !ask.avoid.contains(&c.node)) {
+            kept.retain(|c| !ask.avoid.contains(&c.node));
         }
         // A node that failed since it last reported, or whose heartbeat
         // is overdue, may have died: others first.
@@ -486,6 +492,7 @@ mod tests {
         Ask {
             request: RequestId(r),
             exclude: &[],
+            avoid: &[],
             until_ms: 60_000,
             cache_key: None,
         }
@@ -513,6 +520,26 @@ mod tests {
         let first = place(&mut p, &cands, 0);
         assert_eq!(first, node(1));
         assert_eq!(place(&mut p, &cands, 1), node(2));
+    }
+
+    #[test]
+    fn a_node_that_was_full_is_chosen_only_when_no_other_is_left() {
+        let cands = [cand(1, 4, 4), cand(2, 0, 4), cand(3, 4, 4)];
+        let avoid = [node(1), node(3)];
+        let mut a = ask(7);
+        a.avoid = &avoid;
+        let cfg = PlacerConfig::default();
+        let chosen = Placer::new().place(&cands, |_| true, &a, &cfg, 0);
+        assert_eq!(
+            chosen.map(|c| c.node),
+            Some(node(2)),
+            "the busy one, not full"
+        );
+        let chosen = Placer::new().place(&cands, |n| *n != node(2), &a, &cfg, 0);
+        assert!(
+            chosen.is_some_and(|c| avoid.contains(&c.node)),
+            "an avoided node rather than none"
+        );
     }
 
     #[test]
@@ -634,6 +661,7 @@ mod tests {
         let excluded = [node(1)];
         let a = Ask {
             exclude: &excluded,
+            avoid: &[],
             ..ask(3)
         };
         let c = Placer::new().place(&all, |_| true, &a, &cfg, 0);

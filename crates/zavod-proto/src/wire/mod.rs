@@ -302,6 +302,12 @@ pub enum ClientFrame {
         /// The ids of those tokens.
         ids: Vec<i32>,
     },
+    /// After a redirect: the target said all its slots were busy before
+    /// streaming anything (`NoCapacity`); the entry places the answer
+    /// elsewhere, and the client goes on from where it was.
+    Full {
+        reason: String,
+    },
 }
 
 /// What a target tells the entry that issued a grant once it has served
@@ -330,6 +336,12 @@ pub struct RunRequest {
     /// model's chat template. The grant binds their hash.
     pub turns: Vec<crate::chat::prompt::Turn>,
     pub params: GenParams,
+    /// Whether the run may wait in the target's queue when every slot is
+    /// busy. When not, a full target refuses it at once (`NoCapacity`)
+    /// and the entry places it elsewhere: fresher news of the target's
+    /// load than any report. Not part of the grant: it only decides
+    /// whether the holder waits.
+    pub may_queue: bool,
 }
 
 /// Tells the client to fetch the answer from another node.

@@ -499,6 +499,7 @@ fn routing_decision_us(n: usize) -> (f64, f64) {
         let ask = Ask {
             request: zavod_proto::RequestId(r),
             exclude: &[],
+            avoid: &[],
             until_ms: 60_000,
             cache_key: Some(r as u64 % 64),
         };
