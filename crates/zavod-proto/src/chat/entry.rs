@@ -23,6 +23,11 @@
 //!   every other run a grant was issued for is charged from its target's
 //!   signed report, for what it generated beyond what was already counted
 //!   ([`Output::Charge`]), so every token generated is charged once;
+//! - a target that turned the answer away as full (every slot busy, and
+//!   the run not allowed to wait) is avoided, not excluded, and counted by
+//!   no breaker; after `max_full_targets` turn-aways the next run may wait
+//!   in its target's queue, so an answer is turned away a bounded number
+//!   of times;
 //! - only the entry sets resume tokens (from what failed targets streamed);
 //! - a finished answer is booked by one rule ([`Resumption::book`]), and
 //!   its turn is recorded before the client is told it is done;

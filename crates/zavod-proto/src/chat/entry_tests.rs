@@ -363,6 +363,11 @@ fn a_relay_while_streaming_leaves_the_first_run_charged_from_its_report() {
     let (a1, holder, exclude, _) = place_of(&all).expect("relay placed");
     assert_eq!(holder, mesh.me(), "the entry holds a relay's grant");
     assert!(exclude.is_empty(), "the client's word excludes nobody");
+    assert_eq!(
+        avoid_of(&all),
+        vec![mesh.target(0)],
+        "but another node is tried first"
+    );
     let p1 = mesh.placed(mesh.target(1), mesh.me());
     let r1 = p1.grant.body.request;
     e.handle_placed(a1, Ok(p1), 3);
