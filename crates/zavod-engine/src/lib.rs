@@ -95,6 +95,12 @@ impl CancelFlag {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
+    /// The job waits for a slot: `ahead` jobs go before it as the wait
+    /// line stands (fair order between credentials). Emitted once, when
+    /// it joins the line; never for a job that gets a slot at once.
+    Queued {
+        ahead: u32,
+    },
     /// Emitted once, when the prompt has been tokenized and placed in a
     /// sequence.
     Started {

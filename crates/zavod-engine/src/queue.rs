@@ -83,6 +83,26 @@ impl<T> FairQueue<T> {
         item
     }
 
+    /// How many items leave before the first one `is` accepts in
+    /// `partition`, if nothing else arrives: the turn order goes round the
+    /// partitions (served longest ago first), one item each, so every
+    /// other partition sends as many as it has, up to the item's place in
+    /// its own line (one more if its turn comes first). Gives the item
+    /// too.
+    pub fn ahead(&self, partition: u64, is: impl Fn(&T) -> bool) -> Option<(usize, &T)> {
+        let line = self.waiting.get(&partition)?;
+        let k = line.iter().position(is)?;
+        let turn = |p: &u64| (self.served.get(p).copied().unwrap_or(0), *p);
+        let mine = turn(&partition);
+        let others: usize = self
+            .waiting
+            .iter()
+            .filter(|(p, _)| **p != partition)
+            .map(|(p, q)| q.len().min(k + usize::from(turn(p) < mine)))
+            .sum();
+        Some((k + others, &line[k]))
+    }
+
     /// Keeps only the items `keep` accepts (drops cancelled requests).
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         for q in self.waiting.values_mut() {
@@ -116,6 +136,35 @@ mod tests {
             .collect();
         assert_eq!(busy, (0..10).collect::<Vec<_>>());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn ahead_counts_what_leaves_first() {
+        let mut q = FairQueue::new(100);
+        for i in 0..3 {
+            q.push(7, 70 + i).expect("room");
+        }
+        q.push(8, 80).expect("room");
+        q.push(8, 81).expect("room");
+        // Check each item's count against the order items really leave.
+        let items = [(7, 70), (7, 71), (7, 72), (8, 80), (8, 81)];
+        let counts: Vec<usize> = items
+            .iter()
+            .map(|&(p, x)| q.ahead(p, |y| *y == x).expect("waiting").0)
+            .collect();
+        let order: Vec<i32> = std::iter::from_fn(|| q.pop()).collect();
+        for (&(_, x), n) in items.iter().zip(counts) {
+            let at = order.iter().position(|y| *y == x).expect("left");
+            assert_eq!(at, n, "item {x} in {order:?}");
+        }
+        assert!(q.ahead(7, |_| true).is_none());
+        // After turns were taken (72 left last): 8 was served longer ago,
+        // so it goes first even though 7's item came first.
+        q.push(7, 73).expect("room");
+        q.push(8, 82).expect("room");
+        assert_eq!(q.ahead(7, |y| *y == 73), Some((1, &73)));
+        assert_eq!(q.ahead(8, |y| *y == 82), Some((0, &82)));
+        assert_eq!(q.pop(), Some(82));
     }
 
     #[test]

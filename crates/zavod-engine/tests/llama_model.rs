@@ -73,6 +73,7 @@ fn run(e: &LlamaEngine, prompt: &str, params: GenParams) -> Outcome {
     loop {
         match rx.blocking_recv().expect("a terminal event") {
             EngineEvent::Started { prompt_tokens, .. } => assert!(prompt_tokens > 0),
+            EngineEvent::Queued { .. } => {}
             EngineEvent::Tokens(tokens) => {
                 assert!(!tokens.is_empty(), "no empty batches");
                 batches.push(tokens.len());
@@ -401,6 +402,57 @@ fn seeded_sampling_repeats_and_concurrent_streams_match_serial_ones() {
     }
 }
 
+/// Jobs beyond the slots learn their place in the wait line, in its fair
+/// order: a credential that has not been served yet goes before another's
+/// second and third job.
+#[test]
+fn a_waiting_job_is_told_how_many_go_before_it() {
+    let e = engine(1);
+    let submit = |id: u128, partition: u64| {
+        let (tx, rx) = job_channel();
+        let cancel = CancelFlag::default();
+        e.submit(Job {
+            id: RequestId(id),
+            prompt: "Count: one two three".into(),
+            params: GenParams {
+                ignore_eos: true,
+                ..greedy(10_000)
+            },
+            events: tx,
+            cancel: cancel.clone(),
+            cache: CacheTag { partition, key: 0 },
+        })
+        .expect("queued");
+        (rx, cancel)
+    };
+    let (mut running, stop_running) = submit(10, 1);
+    assert!(matches!(
+        running.blocking_recv(),
+        Some(EngineEvent::Started { .. })
+    ));
+    let first_event = |rx: &mut tokio::sync::mpsc::Receiver<EngineEvent>| match rx.blocking_recv() {
+        Some(EngineEvent::Queued { ahead }) => ahead,
+        other => panic!("expected Queued, got {other:?}"),
+    };
+    let (mut b, stop_b) = submit(11, 1);
+    assert_eq!(first_event(&mut b), 0);
+    let (mut c, stop_c) = submit(12, 1);
+    assert_eq!(first_event(&mut c), 1);
+    let (mut d, stop_d) = submit(13, 2);
+    assert_eq!(first_event(&mut d), 0, "another credential goes first");
+    for stop in [stop_running, stop_b, stop_c, stop_d] {
+        stop.cancel();
+    }
+    for rx in [&mut running, &mut b, &mut c, &mut d] {
+        while let Some(ev) = rx.blocking_recv() {
+            if matches!(ev, EngineEvent::Done(_) | EngineEvent::Failed(_)) {
+                break;
+            }
+        }
+    }
+    assert_eq!(e.load().queue_depth, 0);
+}
+
 #[test]
 fn cancel_and_dropped_receivers_end_jobs() {
     let e = engine(1);
@@ -431,7 +483,7 @@ fn cancel_and_dropped_receivers_end_jobs() {
                 assert_eq!(d.stop, StopReason::Cancelled);
                 break;
             }
-            EngineEvent::Started { .. } => {}
+            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => {}
             EngineEvent::Failed(e) => panic!("{e}"),
         }
     }

@@ -96,6 +96,7 @@ fn ask(e: &LlamaEngine, prompt: &str, cache: CacheTag, params: GenParams) -> Ans
                 return a;
             }
             EngineEvent::Failed(m) => panic!("job failed: {m}"),
+            EngineEvent::Queued { .. } => {}
         }
     }
 }
@@ -231,7 +232,7 @@ fn started_at(rxs: Vec<tokio::sync::mpsc::Receiver<EngineEvent>>) -> Vec<Instant
                         EngineEvent::Started { .. } => at = Some(Instant::now()),
                         EngineEvent::Done(_) => break,
                         EngineEvent::Failed(m) => panic!("{m}"),
-                        EngineEvent::Tokens(_) => {}
+                        EngineEvent::Queued { .. } | EngineEvent::Tokens(_) => {}
                     }
                 }
                 at.expect("the job started")

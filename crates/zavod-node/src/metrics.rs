@@ -59,6 +59,7 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
     pub queue_wait: Histogram,
+    pub queue_ahead: Histogram,
     pub prompt_tokens: Family<SourceLabels, Counter>,
     pub queue_depth: Gauge,
     pub active_jobs: Gauge,
@@ -105,6 +106,10 @@ impl Metrics {
             inter_token: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             // 1 ms .. ~65 s
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            // 0, 1, 2, 4 .. 512 jobs ahead
+            queue_ahead: Histogram::new(
+                std::iter::once(0.0).chain(exponential_buckets(1.0, 2.0, 10)),
+            ),
             prompt_tokens: Family::default(),
             queue_depth: Gauge::default(),
             active_jobs: Gauge::default(),
@@ -148,6 +153,11 @@ impl Metrics {
             "queue_wait_seconds",
             "From a job reaching the model worker to it getting a slot (jobs beyond the slots wait in a queue fair between credentials)",
             m.queue_wait.clone(),
+        );
+        r.register(
+            "queue_position",
+            "Jobs ahead of a job when it joined the wait line, in the line's fair order (only jobs that had to wait)",
+            m.queue_ahead.clone(),
         );
         r.register(
             "prompt_tokens",

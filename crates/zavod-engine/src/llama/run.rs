@@ -330,6 +330,7 @@ pub(super) fn run(
     let mut input_open = true;
     loop {
         // Take new jobs: block when idle, otherwise only what is waiting.
+        let mut joined = Vec::new();
         loop {
             let next = if e.active.is_empty() && e.queue.is_empty() && input_open {
                 rx.recv().map_err(|_| TryRecvError::Disconnected)
@@ -337,7 +338,10 @@ pub(super) fn run(
                 rx.try_recv()
             };
             match next {
-                Ok(job) => e.enqueue(job),
+                Ok(job) => {
+                    joined.push((job.cache.partition, job.id));
+                    e.enqueue(job);
+                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     input_open = false;
@@ -351,6 +355,13 @@ pub(super) fn run(
         {
             e.shared.queued.fetch_sub(1, Ordering::SeqCst);
             e.admit(&mut ctx, job);
+        }
+        // Those that must wait learn their place in the line.
+        for (partition, id) in joined {
+            if let Some((ahead, job)) = e.queue.ahead(partition, |j| j.id == id) {
+                let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+                let _ = send(&job.events, EngineEvent::Queued { ahead });
+            }
         }
         if e.active.is_empty() {
             if !input_open && e.queue.is_empty() {

@@ -556,7 +556,7 @@ async fn next_of(
             };
             metrics.observe(&shared.metrics, &ev);
             match ev {
-                EngineEvent::Started { .. } => continue,
+                EngineEvent::Queued { .. } | EngineEvent::Started { .. } => continue,
                 EngineEvent::Tokens(tokens) => {
                     let tokens = tokens
                         .into_iter()

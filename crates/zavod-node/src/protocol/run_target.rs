@@ -109,6 +109,7 @@ impl RunMetrics {
 
     pub(crate) fn observe(&mut self, metrics: &crate::metrics::Metrics, ev: &EngineEvent) {
         match ev {
+            EngineEvent::Queued { ahead } => metrics.queue_ahead.observe(f64::from(*ahead)),
             EngineEvent::Started {
                 prompt_tokens,
                 cached_tokens,
@@ -183,7 +184,7 @@ async fn stream_job(
         };
         observed.observe(&shared.metrics, &ev);
         match ev {
-            EngineEvent::Started { .. } => {}
+            EngineEvent::Queued { .. } | EngineEvent::Started { .. } => {}
             EngineEvent::Tokens(tokens) => {
                 let frames: Vec<ServerFrame> = tokens
                     .into_iter()
