@@ -8,7 +8,8 @@
 //! run, resume after failure, breaker outcomes, settlement and booking are
 //! its decisions, carried out here over a simulated network (seeded latency
 //! and jitter; loss; duplication; partitions; crashes and restarts; slow
-//! nodes) with a cost-model engine (`slots` runs at a time, each a
+//! nodes; a crash closes the dead node's connections, and the others hear
+//! of it a hop later) with a cost-model engine (`slots` runs at a time, each a
 //! prefill delay then one token per `1/tokens_per_s`; runs beyond the
 //! slots wait first come first served, and one that may not wait is
 //! turned away as full) and a virtual clock. Clients keep their answer in an
@@ -433,6 +434,12 @@ enum Ev {
     },
     Crash,
     Restart(usize),
+    /// `at` sees its connection to `peer` close (`peer`'s process died:
+    /// its sockets are closed, and the peer's side hears of it).
+    Disconnected {
+        at: usize,
+        peer: usize,
+    },
     Sample,
     CheckAgreement,
 }
@@ -470,6 +477,7 @@ impl Ev {
             Ev::Turn { .. } => 12,
             Ev::Report { .. } => 13,
             Ev::EntryTimer { .. } => 14,
+            Ev::Disconnected { .. } => 15,
         }
     }
 }
@@ -725,6 +733,7 @@ impl Sim {
                 (*request, *attempt as u64, 0)
             }
             Ev::EntryTimer { request } => (*request, 0, 0),
+            Ev::Disconnected { at, peer } => (*at as u64, *peer as u64, 0),
             Ev::Turn { conv, turn } => (*conv, u64::from(*turn), 0),
             Ev::Arrive | Ev::Crash | Ev::Sample | Ev::CheckAgreement => (0, 0, 0),
         };
@@ -787,6 +796,15 @@ impl Sim {
                 n.seq = n.seq.max(self.now);
                 self.last_churn_ms = self.now;
                 self.at(self.now, Ev::Gossip(i));
+            }
+            Ev::Disconnected { at, peer } => {
+                let node = self.nodes[peer].id;
+                let n = &mut self.nodes[at];
+                if n.up && !self.nodes[peer].up {
+                    // As the node's network task does: a closed connection
+                    // makes the peer doubtful until it reports again.
+                    self.nodes[at].placer.on_failure(&node);
+                }
             }
             Ev::Sample => self.sample(),
             Ev::CheckAgreement => self.check_agreement(),
@@ -955,6 +973,12 @@ impl Sim {
             }
         }
         self.entry_crashed(i);
+        for j in 0..self.nodes.len() {
+            if j != i && self.nodes[j].up && !self.cut(i, j) {
+                let at = self.now + self.latency();
+                self.at(at, Ev::Disconnected { at: j, peer: i });
+            }
+        }
         self.last_churn_ms = self.now;
         let back = self.now + self.sc.restart_after_ms;
         self.at(back, Ev::Restart(i));

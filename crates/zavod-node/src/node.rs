@@ -299,6 +299,15 @@ impl Node {
                     continue;
                 };
                 match ev {
+                    // Its last connection closed: a process that died is
+                    // heard of at once (its sockets close), long before its
+                    // heartbeat is overdue. The placer passes it over until
+                    // it reports again.
+                    zavod_net::Event::Disconnected { peer } => {
+                        if let Some(node) = zavod_net::node_id_of(&peer) {
+                            let _ = router.cast(RouterMsg::Failed { node });
+                        }
+                    }
                     zavod_net::Event::Gossip { data, .. } => {
                         match zavod_proto::wire::decode::<Announcement>(&data) {
                             Ok(a) => {

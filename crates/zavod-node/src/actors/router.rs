@@ -116,8 +116,9 @@ pub enum RouterMsg {
         request: RequestId,
         target: NodeId,
     },
-    /// A node failed a request this node placed: the placer passes it
-    /// over until it reports again.
+    /// A node failed a request this node placed, or this node's last
+    /// connection to it closed: the placer passes it over until it
+    /// reports again.
     Failed {
         node: NodeId,
     },
