@@ -1,6 +1,10 @@
 //! Protocol tests: an entry machine, targets that sign real receipts and
 //! a client's [`crate::chat::failover::AnswerStream`], stepped by hand with no
 //! network.
+//!
+//! Why this file passes 600 lines: each test steps one whole request
+//! through the machine (placements, runs, client frames, reports) and
+//! checks every output; they share the mesh fixture above.
 
 use super::*;
 use crate::chat::failover::{AnswerStream, OnFailure};
