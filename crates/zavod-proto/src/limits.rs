@@ -68,8 +68,9 @@ pub const MAX_CLIENT_RESUMES: u32 = 3;
 // that took fewer would refuse resumes its clients are entitled to.
 const _: () = assert!(MAX_CLIENT_RESUMES as usize <= MAX_FAILED_TARGETS);
 
-/// The most targets that may turn one answer away as full before the
-/// entry lets its next run wait in a queue. Each costs a round trip; in
+/// The most times full targets may turn one answer away before the entry
+/// lets its next run wait in a queue (one node that is the only one left
+/// may say so each time). Each costs a round trip; in
 /// return, a request whose entry's view of the mesh is stale does not
 /// queue behind others while slots elsewhere are free.
 pub const MAX_FULL_TARGETS: usize = 3;

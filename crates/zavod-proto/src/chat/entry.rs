@@ -59,7 +59,7 @@ pub type AttemptId = usize;
 pub struct EntryConfig {
     /// Most targets that may fail one answer before the entry gives up.
     pub max_failed_targets: usize,
-    /// Most targets that may turn one answer away as full; until then its
+    /// Most times full targets may turn one answer away; until then its
     /// runs may not wait in a target's queue.
     pub max_full_targets: usize,
     /// How long an entry that has the target's report still waits for the
@@ -844,8 +844,8 @@ impl Entry {
     /// A target turned the answer away before its run streamed anything
     /// because it was full: the answer is placed again, away from it if
     /// any other will do, and no breaker hears of it. Whether it was taken
-    /// as such (`false` once enough targets were full: it is then a plain
-    /// failure).
+    /// as such (`false` once it was turned away `max_full_targets` times:
+    /// it is then a plain failure).
     fn turned_away(&mut self, target: NodeId, code: ErrorCode) -> bool {
         if code != ErrorCode::NoCapacity || self.turned_away >= self.config.max_full_targets {
             return false;
