@@ -345,28 +345,32 @@ impl Sim {
         };
         // As the node's Router does: the placer chooses among the routable,
         // then the breaker confirms the choice (a half-open peer's single
-        // probe slot).
-        let breakers = &e.breakers;
+        // probe slot), and a refused choice gives way to the next.
         let mut second_probe = false;
-        let chosen = e
-            .placer
-            .place(
-                &candidates,
-                |n| breakers.is_routable(n, now),
-                &ask,
-                &cfg,
-                now,
-            )
-            .filter(|c| {
-                let was = e.breakers.state(&c.node, now);
-                let ok = e.breakers.try_acquire(&c.node, request, now, until_ms);
+        let routable: Vec<NodeId> = candidates
+            .iter()
+            .map(|c| c.node)
+            .filter(|n| e.breakers.is_routable(n, now))
+            .collect();
+        let b = &mut e.breakers;
+        let probes = &mut e.probes;
+        let chosen = e.placer.place_confirmed(
+            &candidates,
+            |n| routable.contains(n),
+            |c| {
+                let was = b.state(&c.node, now);
+                let ok = b.try_acquire(&c.node, request, now, until_ms);
                 if ok && matches!(was, BreakerState::HalfOpen { .. }) {
                     // Invariant: one probe at a time per peer.
-                    second_probe = e.probes.contains_key(&c.node);
-                    e.probes.insert(c.node, request);
+                    second_probe = probes.contains_key(&c.node);
+                    probes.insert(c.node, request);
                 }
                 ok
-            });
+            },
+            &ask,
+            &cfg,
+            now,
+        );
         if second_probe {
             self.violation(format!(
                 "request {id}: a second probe of a half-open node at its entry"

@@ -4,10 +4,8 @@
 //!
 //! Build first: `cargo build --release -p zavod` (scripts/test.sh does).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// How long a node may take to load the model and listen.
@@ -66,19 +64,7 @@ pub fn zavod() -> Command {
 
 /// A `zavod` command run inside network namespace `netns`, when given.
 pub fn zavod_in(netns: Option<&str>) -> Command {
-    let mut c = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(zavod_bin());
-            c
-        }
-        None => Command::new(zavod_bin()),
-    };
-    for (k, _) in std::env::vars() {
-        if k.starts_with("ZAVOD_") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = zavod_harness::clean_command(&zavod_bin(), netns);
     // ZAVOD_TEST_LOG sets the nodes' log filter when a test needs looking into.
     let filter =
         std::env::var("ZAVOD_TEST_LOG").unwrap_or_else(|_| "warn,llama-cpp-2=error".into());
@@ -86,16 +72,22 @@ pub fn zavod_in(netns: Option<&str>) -> Command {
     c
 }
 
-/// A running `zavod node`; killed on drop.
-pub struct NodeProc {
-    child: Child,
-    pub data_dir: PathBuf,
-    /// First listen address, with /p2p/PEER_ID.
-    pub addr: String,
-    pub peer_id: String,
-    pub stdout: Vec<String>,
-    /// `http://HOST:PORT` of the HTTP API, when started with --http.
-    pub http: Option<String>,
+/// A running `zavod node` (the harness the benchmarks use too); killed on
+/// drop. Its fields (`addr`, `peer_id`, `http`, `stdout`, `data_dir`) are
+/// the harness's.
+pub struct NodeProc(zavod_harness::NodeProc);
+
+impl std::ops::Deref for NodeProc {
+    type Target = zavod_harness::NodeProc;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for NodeProc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl NodeProc {
@@ -111,104 +103,28 @@ impl NodeProc {
         data_dir: &Path,
         extra: &[&str],
     ) -> NodeProc {
-        let mut child = zavod_in(netns)
-            .arg("node")
+        let mut cmd = zavod_in(netns);
+        cmd.arg("node")
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn zavod node");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut lines = Vec::new();
-        let deadline = std::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let ready = line.starts_with("ready:");
-                    lines.push(line);
-                    if ready {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("node did not become ready; stdout so far: {lines:#?}");
-                }
-            }
-        }
-        // Prefer TCP: listeners report in no fixed order.
-        let listening: Vec<&str> = lines
-            .iter()
-            .filter_map(|l| l.strip_prefix("listening on "))
-            .collect();
-        let addr = listening
-            .iter()
-            .find(|a| a.contains("/tcp/"))
-            .or(listening.first())
-            .expect("a listening line")
-            .to_string();
-        let peer_id = lines
-            .iter()
-            .find_map(|l| l.strip_prefix("peer id: "))
-            .expect("a peer id line")
-            .to_string();
-        let http = lines.iter().find_map(|l| {
-            l.strip_prefix("http api on ")
-                .and_then(|r| r.split_once("/v1"))
-                .map(|(base, _)| base.to_string())
-        });
-        // Keep draining stdout so the node never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        NodeProc {
-            child,
-            data_dir: data_dir.to_path_buf(),
-            addr,
-            peer_id,
-            stdout: lines,
-            http,
+            .stderr(Stdio::inherit());
+        match zavod_harness::NodeProc::spawn(cmd, data_dir, READY_TIMEOUT) {
+            Ok(n) => NodeProc(n),
+            Err(e) => panic!("{e}"),
         }
     }
 
     /// Asks the node to stop (SIGTERM) and waits for it to exit.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        self.child.wait().expect("wait")
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.0.stop().expect("wait for the node to exit")
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Kills the node at once (SIGKILL), as a crash would.
+    pub fn kill9(self) {
+        self.0.kill9()
     }
 }
 
@@ -232,14 +148,6 @@ pub fn stdout(o: &Output) -> String {
 
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-impl NodeProc {
-    /// Kills the node at once (SIGKILL), as a crash would.
-    pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `zavod mesh invite` for the mesh whose authority lives in `dir`.

@@ -8,11 +8,26 @@ use libp2p::{Multiaddr, PeerId};
 use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
 use zavod_proto::chat::failover::{AnswerStream, OnFailure, ResumeRequest};
+use zavod_proto::chat::reader::{EntryReader, Read, ReadError};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
     ServerFrame,
 };
+
+/// Runs `fut` as a task on the runtime's worker thread and waits for it.
+///
+/// The client's network event loop runs on that worker; a chat polled from
+/// the calling thread (`block_on`) instead would wake a second thread for
+/// every token that arrives, and on a machine whose cores all run inference
+/// each wake-up takes time from the model. `zavod chat` and the bench call
+/// it alike.
+pub fn on_worker<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    rt.block_on(rt.spawn(fut))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -24,6 +39,16 @@ pub enum ChatError {
     Truncated,
     #[error("the node broke the protocol: {0}")]
     Protocol(String),
+}
+
+impl From<ReadError> for ChatError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Refused(e) => e.into(),
+            ReadError::Ended => ChatError::Truncated,
+            ReadError::Unexpected(what) => ChatError::Protocol(what.into()),
+        }
+    }
 }
 
 impl From<ErrorFrame> for ChatError {
@@ -236,6 +261,7 @@ impl ChatClient {
         let sent_at = Instant::now();
         w.send(&ClientFrame::Chat(Box::new(request)), self.frame_timeout)
             .await?;
+        let mut reader = EntryReader::new(true);
         let mut accepted: Option<Accepted> = None;
         let mut progress = Progress {
             stream: AnswerStream::new(zavod_proto::limits::MAX_CLIENT_RESUMES),
@@ -254,13 +280,12 @@ impl ChatClient {
                     continue;
                 }
             };
-            match frame {
-                None => return Err(ChatError::Truncated),
-                Some(ServerFrame::Accepted(a)) => {
+            match reader.read(frame)? {
+                Read::Accepted { accepted: a, .. } => {
                     on_event(ChatEvent::Accepted(&a));
                     accepted = Some(*a);
                 }
-                Some(ServerFrame::Redirect(redirect)) => {
+                Read::Redirect(redirect) => {
                     match self
                         .run_remote(&redirect, &mut on_event, &mut progress)
                         .await
@@ -335,11 +360,10 @@ impl ChatClient {
                         }
                     }
                 }
-                Some(ServerFrame::Token { index, text: t, id }) => {
+                Read::Token { index, text: t, id } => {
                     progress.token(Source::Entry, index, &t, id, &mut on_event)?
                 }
-                Some(ServerFrame::Done(done)) => return progress.outcome(accepted, done, sent_at),
-                Some(ServerFrame::Error(e)) => return Err(e.into()),
+                Read::Done(done) => return progress.outcome(accepted, done, sent_at),
             }
         }
     }

@@ -5,7 +5,7 @@ use crate::cli::ChatArgs;
 use anyhow::{Context, Result, bail};
 use rustyline::error::ReadlineError;
 use std::io::Write;
-use zavod_node::client::{Ask, ChatClient, ChatEvent, ChatOutcome};
+use zavod_node::client::{self, Ask, ChatClient, ChatEvent, ChatOutcome};
 use zavod_node::config::default_data_dir;
 use zavod_node::datadir::{ClientIdentity, random_u128};
 use zavod_proto::ids::ConversationId;
@@ -16,18 +16,12 @@ fn new_conversation() -> Result<ConversationId> {
     Ok(ConversationId::parse(&id)?)
 }
 
-/// Runs `fut` as a task on the runtime's worker thread and waits for it.
-///
-/// The client's network event loop runs on that worker; a chat polled from
-/// the calling thread (`block_on`) instead would wake a second thread for
-/// every token that arrives, and on a machine whose cores all run inference
-/// each wake-up takes time from the model.
-pub(crate) fn on_worker<T: Send + 'static>(
+/// A chat task on the runtime's worker (see [`client::on_worker`]).
+fn on_worker<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
     fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    rt.block_on(rt.spawn(fut))
-        .context("the chat task stopped abnormally")?
+    client::on_worker(rt, fut).context("the chat task stopped abnormally")?
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {

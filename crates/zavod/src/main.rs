@@ -4,7 +4,6 @@
 //! by zavod-node. Exit codes: 0 success (and a closed stdout pipe), 1 a
 //! runtime failure, 2 misuse of the command line.
 
-mod bench;
 mod chat;
 mod cli;
 mod mesh;
@@ -22,7 +21,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Node(args) => node::run(args),
         cli::Command::Chat(args) => chat::run(args),
-        cli::Command::Bench(args) => bench::run(args),
+        cli::Command::Bench(args) => zavod_bench::run(args),
         cli::Command::Status(args) => status::run(args),
         cli::Command::Mesh(cmd) => mesh::run_mesh(cmd),
         cli::Command::Cap(cmd) => mesh::run_cap(cmd),

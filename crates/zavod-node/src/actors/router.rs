@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use zavod_proto::mesh::announcer::Announcer;
 use zavod_proto::mesh::breaker::BreakerState;
 use zavod_proto::mesh::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
-use zavod_proto::mesh::placer::{Ask, Placer};
+use zavod_proto::mesh::placer::{Ask, Confirming, Placer};
 use zavod_proto::mesh::score::{Candidate, rank};
 use zavod_proto::mesh::view::{Accepted, Announcement, Liveness, MeshView};
 use zavod_proto::trust::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
@@ -517,18 +517,21 @@ impl RouterState {
         // for as long as the answer may take at the most.
         let until_ms =
             now + config.limits.stall_timeout_ms + u64::from(max_tokens).saturating_mul(1_000);
-        let mut refused: Vec<NodeId> = Vec::new();
+        let ask = Ask {
+            request,
+            exclude: &exclude,
+            avoid: &avoid,
+            until_ms,
+            cache_key: Some(cache_key),
+        };
+        // The same steps as `Placer::place_confirmed`, with the
+        // confirmation an actor call.
+        let mut confirming = Confirming::default();
         let chosen = loop {
-            let ask = Ask {
-                request,
-                exclude: &exclude,
-                avoid: &avoid,
-                until_ms,
-                cache_key: Some(cache_key),
-            };
-            let placed = self.placer.place(
+            let placed = confirming.next(
+                &mut self.placer,
                 &candidates,
-                |n| routable.contains(n) && !refused.contains(n),
+                |n| routable.contains(n),
                 &ask,
                 &cfg,
                 now,
@@ -556,10 +559,8 @@ impl RouterState {
             if confirmed {
                 break chosen;
             }
-            // Its circuit opened, or its probe went out, since the filter:
-            // the placer counted the request on it, so take it back.
-            self.placer.on_done(request, now);
-            refused.push(node);
+            // Its circuit opened, or its probe went out, since the filter.
+            confirming.refused(&mut self.placer, &chosen, &ask, now);
         };
         let addrs = if chosen.node == self.me() {
             self.shared.listen_addrs()

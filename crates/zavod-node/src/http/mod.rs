@@ -34,6 +34,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use zavod_proto::chat::prompt::Role;
+use zavod_proto::chat::reader::{EntryReader, Read, ReadError};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::trust::{CAP_TEXT_PREFIX, CREDENTIAL_TEXT_PREFIX, CapabilityToken, Keypair};
 use zavod_proto::wire::{

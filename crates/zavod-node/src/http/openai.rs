@@ -272,6 +272,7 @@ pub(super) fn chat_request(
 pub(super) struct Running {
     accepted: Accepted,
     rx: mpsc::Receiver<ServerFrame>,
+    reader: EntryReader,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -294,18 +295,33 @@ pub(super) async fn start(
     });
     // The entry answers with Accepted (placed) or an error, and never
     // takes longer than its own actor deadlines to do so.
-    match rx.recv().await {
-        Some(ServerFrame::Accepted(a)) => Ok(Running {
-            accepted: *a,
+    // The entry runs in process and relays rather than redirect.
+    let mut reader = EntryReader::new(false);
+    match reader.read(rx.recv().await)? {
+        Read::Accepted { accepted, .. } => Ok(Running {
+            accepted: *accepted,
             rx,
+            reader,
             _permit: permit,
         }),
-        Some(ServerFrame::Error(e)) => Err(e.into()),
-        Some(_) | None => Err(ApiError::new(
+        _ => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "the request ended before it was placed",
+            "the request went on before it was placed",
         )),
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Refused(e) => e.into(),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        }
     }
 }
 
@@ -349,19 +365,15 @@ impl Api {
 pub(super) async fn collect(api: Api, mut run: Running) -> Result<Response, ApiError> {
     let mut text = String::new();
     let done = loop {
-        match run.rx.recv().await {
-            Some(ServerFrame::Token { text: t, .. }) => text.push_str(&t),
-            Some(ServerFrame::Done(d)) => break d,
+        let frame = run.rx.recv().await;
+        match run.reader.read(frame)? {
+            Read::Token { text: t, .. } => text.push_str(&t),
+            Read::Done(d) => break d,
             // A relay that moves to another node says so again.
-            Some(ServerFrame::Accepted(a)) => run.accepted = *a,
-            Some(ServerFrame::Error(e)) => return Err(e.into()),
-            Some(ServerFrame::Redirect(_)) | None => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the answer ended without a result",
-                ));
-            }
+            Read::Accepted { accepted, .. } => run.accepted = *accepted,
+            // Invariant: a reader made with `new(false)` returns redirects
+            // as errors.
+            Read::Redirect(_) => unreachable!("the reader refuses redirects here"),
         }
     };
     let a = &run.accepted;
@@ -450,14 +462,13 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
             return;
         }
         loop {
-            let ev = match run.rx.recv().await {
-                Some(ServerFrame::Token { text, .. }) => {
-                    chunk(choice(Some(&text), None, false), None)
-                }
+            let frame = run.rx.recv().await;
+            let ev = match run.reader.read(frame) {
+                Ok(Read::Token { text, .. }) => chunk(choice(Some(&text), None, false), None),
                 // A relay that moves to another node says so again;
                 // the headers are already sent.
-                Some(ServerFrame::Accepted(_)) => continue,
-                Some(ServerFrame::Done(d)) => {
+                Ok(Read::Accepted { .. }) => continue,
+                Ok(Read::Done(d)) => {
                     let last = chunk(choice(None, Some(finish_reason(d.stop)), false), None);
                     if tx.send(last).await.is_err() {
                         return;
@@ -468,19 +479,12 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
                     let _ = tx.send(Event::default().data("[DONE]")).await;
                     return;
                 }
-                Some(ServerFrame::Error(e)) => {
+                // Invariant: as in `collect`.
+                Ok(Read::Redirect(_)) => unreachable!("the reader refuses redirects here"),
+                Err(e) => {
                     let _ = tx
                         .send(Event::default().data(ApiError::from(e).body().to_string()))
                         .await;
-                    return;
-                }
-                Some(ServerFrame::Redirect(_)) | None => {
-                    let e = ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the answer ended without a result",
-                    );
-                    let _ = tx.send(Event::default().data(e.body().to_string())).await;
                     return;
                 }
             };

@@ -320,6 +320,32 @@ impl Placer {
         Some(choice)
     }
 
+    /// Places a request whose pick must then be confirmed (the breaker
+    /// takes a half-open peer's single probe slot): a refused pick is taken
+    /// back and the next best tried, each candidate at most once. `None`
+    /// when none is left. The simulator calls this; the node, whose
+    /// confirmation is a call to its Breaker actor, steps the same
+    /// [`Confirming`] itself.
+    pub fn place_confirmed(
+        &mut self,
+        candidates: &[Candidate],
+        mut routable: impl FnMut(&NodeId) -> bool,
+        mut confirm: impl FnMut(&Choice) -> bool,
+        ask: &Ask<'_>,
+        cfg: &PlacerConfig,
+        now_ms: UnixMs,
+    ) -> Option<Choice> {
+        let mut confirming = Confirming::default();
+        while let Some(choice) = confirming.next(self, candidates, &mut routable, ask, cfg, now_ms)
+        {
+            if confirm(&choice) {
+                return Some(choice);
+            }
+            confirming.refused(self, &choice, ask, now_ms);
+        }
+        None
+    }
+
     fn remember_key(&mut self, key: u64, node: NodeId) {
         self.key_tick += 1;
         if let Some((_, old)) = self.keys.insert(key, (node, self.key_tick)) {
@@ -347,6 +373,43 @@ impl Placer {
         self.placed.insert(ask.request, (node, now_ms, until));
         self.deadlines.insert((until, ask.request));
         self.counts.entry(node).or_default().mine += 1;
+    }
+}
+
+/// One request's placement while its picks await confirmation: the nodes
+/// whose confirmation refused it. Each refusal removes a candidate, so a
+/// loop of [`Confirming::next`] and [`Confirming::refused`] ends.
+#[derive(Debug, Default)]
+pub struct Confirming {
+    refused: Vec<NodeId>,
+}
+
+impl Confirming {
+    /// The best pick not yet refused, counted as running there.
+    pub fn next(
+        &mut self,
+        placer: &mut Placer,
+        candidates: &[Candidate],
+        mut routable: impl FnMut(&NodeId) -> bool,
+        ask: &Ask<'_>,
+        cfg: &PlacerConfig,
+        now_ms: UnixMs,
+    ) -> Option<Choice> {
+        let refused = &self.refused;
+        placer.place(
+            candidates,
+            |n| !refused.contains(n) && routable(n),
+            ask,
+            cfg,
+            now_ms,
+        )
+    }
+
+    /// `choice` was refused: the placer no longer counts the request on it,
+    /// and it is not picked again for this request.
+    pub fn refused(&mut self, placer: &mut Placer, choice: &Choice, ask: &Ask<'_>, now_ms: UnixMs) {
+        placer.on_done(ask.request, now_ms);
+        self.refused.push(choice.node);
     }
 }
 
@@ -540,6 +603,48 @@ mod tests {
             chosen.is_some_and(|c| avoid.contains(&c.node)),
             "an avoided node rather than none"
         );
+    }
+
+    #[test]
+    fn a_refused_pick_is_taken_back_and_the_next_one_tried() {
+        let cands = [cand(1, 4, 4), cand(2, 4, 4), cand(3, 4, 4)];
+        let cfg = PlacerConfig::default();
+        let mut p = Placer::new();
+        let mut asked = Vec::new();
+        // The first pick's probe slot is taken: the second is confirmed.
+        let chosen = p.place_confirmed(
+            &cands,
+            |_| true,
+            |c| {
+                asked.push(c.node);
+                asked.len() > 1
+            },
+            &ask(1),
+            &cfg,
+            0,
+        );
+        assert_eq!(asked.len(), 2);
+        assert_ne!(asked[0], asked[1], "a refused node is not picked again");
+        assert_eq!(chosen.map(|c| c.node), Some(asked[1]));
+        assert_eq!(p.in_flight(&asked[0]), 0, "the refusal was taken back");
+        assert_eq!(p.in_flight(&asked[1]), 1);
+        // Every pick refused: each node asked once, nothing left counted.
+        let mut asked = Vec::new();
+        let chosen = p.place_confirmed(
+            &cands,
+            |_| true,
+            |c| {
+                asked.push(c.node);
+                false
+            },
+            &ask(2),
+            &cfg,
+            0,
+        );
+        assert!(chosen.is_none());
+        asked.sort_by_key(|n| n.0);
+        assert_eq!(asked, vec![node(1), node(2), node(3)]);
+        assert_eq!(p.remembered(), 1, "only request 1's placement");
     }
 
     #[test]

@@ -1,28 +1,15 @@
-//! `zavod bench`: decode rate and first-token time through a node (a real
-//! `zavod node` process, chatted with over loopback) against llama.cpp
-//! driven directly (in a child process of its own, `--direct-worker`), same
-//! model, same thread count, same formatted prompt, greedy, a fixed number
-//! of tokens. Runs alternate between the two paths so machine noise hits
-//! both alike, over several fresh pairs of processes so no one process's
-//! memory placement decides; medians are reported with their ratio. Also
-//! the resident memory of an idle node before any model loads.
-//!
-//! The workload modes live beside it (`versus` against llama-server,
-//! `mesh_conversation`, with `workload` and `servers`); this file is the
-//! single-stream bench and the `--mesh` one, about 850 lines, which share
-//! its process and timing helpers (to be split when the bench gets its own
-//! crate).
-//!
-//! Why this file passes 600 lines: the single-stream benchmark and the
-//! command that picks a workload share the node-process harness; the
-//! workloads are in their own files.
+//! The single-stream bench: decode rate and first-token time through a
+//! node (a real `zavod node` process, chatted with over loopback) against
+//! llama.cpp driven directly (in a child process of its own,
+//! `--direct-worker`), same model, same thread count, same formatted
+//! prompt, greedy, a fixed number of tokens. Runs alternate between the two
+//! paths so machine noise hits both alike, over several fresh pairs of
+//! processes so no one process's memory placement decides; medians are
+//! reported with their ratio. Also the resident memory of an idle node
+//! before any model loads.
 
-mod mesh_conversation;
-mod servers;
-mod versus;
-mod workload;
-
-use crate::cli::BenchArgs;
+use crate::routing::decision_us as routing_decision_us;
+use crate::{BenchArgs, median, model_node_args, quartiles, start_node};
 use anyhow::{Context, Result, bail};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -41,92 +28,6 @@ use zavod_proto::wire::GenParams;
 /// Context of the node's single slot and of the direct context alike.
 const CONTEXT_TOKENS: u32 = 4096;
 const BATCH_TOKENS: u32 = 512;
-
-/// A `zavod node` child process, killed on drop.
-struct NodeProc {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl NodeProc {
-    fn start(exe: &Path, data_dir: &Path, extra: &[String]) -> Result<Self> {
-        let mut cmd = Command::new(exe);
-        cmd.arg("node")
-            .arg("--listen")
-            .arg("/ip4/127.0.0.1/tcp/0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env_remove("ZAVOD_CONFIG")
-            .env_remove("ZAVOD_MODEL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().context("starting zavod node")?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut addr = None;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if addr.is_none()
-                    && let Some(a) = line.strip_prefix("listening on ")
-                {
-                    addr = Some(a.to_string());
-                }
-                if line.starts_with("ready:") {
-                    let _ = tx.send(addr.take());
-                }
-            }
-        });
-        let mut proc = NodeProc {
-            child,
-            addr: String::new(),
-        };
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(Some(a)) => proc.addr = a,
-            _ => bail!("zavod node did not become ready within 120 s"),
-        }
-        Ok(proc)
-    }
-
-    fn rss_bytes(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("reading the node's /proc status")?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc status")?;
-        Ok(kb * 1024)
-    }
-}
-
-/// Flags for a node that serves `model` on `threads` CPU threads (and
-/// `gpu_layers` offloaded) with one slot, as every bench's model node does.
-fn model_node_args(model: &Path, threads: u32, gpu_layers: u32) -> Vec<String> {
-    vec![
-        "--model".into(),
-        model.display().to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--gpu-layers".into(),
-        gpu_layers.to_string(),
-        "--slots".into(),
-        "1".into(),
-        // Every run sends the same prompt; the direct side computes it
-        // afresh each time, so the node must too.
-        "--prompt-cache".into(),
-        "false".into(),
-    ]
-}
 
 /// llama.cpp driven directly, in a child process of its own (`zavod bench
 /// --direct-worker`), so it starts as fresh as the node does. One line in
@@ -225,7 +126,7 @@ impl DirectProc {
 
 /// The child side of [`DirectProc`]: loads the model, then answers each
 /// line of stdin (a token count) with one run's timings.
-fn direct_worker(args: &BenchArgs) -> Result<()> {
+pub(crate) fn direct_worker(args: &BenchArgs) -> Result<()> {
     use std::io::Write;
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let cfg = LlamaConfig {
@@ -280,10 +181,10 @@ fn direct_worker(args: &BenchArgs) -> Result<()> {
 const STEADY_WINDOW: usize = 32;
 
 #[derive(Debug, Clone, Copy)]
-struct Run {
-    first_token_ms: f64,
+pub(crate) struct Run {
+    pub(crate) first_token_ms: f64,
     /// Tokens after the first over the time they took: what a reader sees.
-    decode_tok_s: f64,
+    pub(crate) decode_tok_s: f64,
     /// One over the median per-token time across windows of
     /// [`STEADY_WINDOW`] tokens: the steady per-token cost, which moments
     /// when this shared machine stalls a whole step (both paths alike, at
@@ -321,7 +222,7 @@ impl Run {
 /// One greedy chat of exactly `tokens` tokens, timed at the client from
 /// before its stream opens; returns the timings and the peer id that
 /// served it.
-fn timed_chat(
+pub(crate) fn timed_chat(
     rt: &tokio::runtime::Runtime,
     client: &ChatClient,
     prompt: &str,
@@ -340,7 +241,7 @@ fn timed_chat(
     };
     // Timed on the runtime's worker, where the client's network runs too,
     // as `zavod chat` does it.
-    let (t0, times, o) = crate::chat::on_worker(rt, async move {
+    let (t0, times, o) = zavod_node::client::on_worker(rt, async move {
         let mut times = Vec::with_capacity(tokens as usize);
         let t0 = Instant::now();
         let o = client
@@ -354,8 +255,9 @@ fn timed_chat(
                 std::future::pending(),
             )
             .await?;
-        Ok((t0, times, o))
-    })?;
+        anyhow::Ok((t0, times, o))
+    })
+    .context("the chat task stopped abnormally")??;
     if o.tokens != tokens || times.len() != tokens as usize {
         bail!("generated {} tokens, asked for {tokens}", o.tokens);
     }
@@ -365,31 +267,6 @@ fn timed_chat(
     let mut run = Run::from_times(t0, &times)?;
     run.engine_first_token_ms = o.done.first_token_ms;
     Ok((run, served))
-}
-
-/// (median, first quartile, third quartile); zeros when `v` is empty.
-fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    let (q1, q3) = (q(0.25), q(0.75));
-    (median(v), q1, q3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Greedy generation of `tokens` tokens with llama-cpp-2 and nothing else.
@@ -433,139 +310,17 @@ fn direct_run(
     Run::from_times(t0, &times)
 }
 
-/// Times one routing decision (view candidates, then the Router's placer:
-/// filter, load estimates, MCDA scores, two choices, remembering the pick)
-/// over a view of `n` synthetic members; returns (p50, p99) in
-/// microseconds.
-fn routing_decision_us(n: usize) -> (f64, f64) {
-    use zavod_proto::mesh::capacity::{CacheSummary, CapacityReport, ModelOffer};
-    use zavod_proto::mesh::placer::{Ask, Placer, PlacerConfig};
-    use zavod_proto::mesh::view::{Announcement, MeshView, ViewConfig};
-    use zavod_proto::trust::{Authority, Keypair, MembershipBody, sign_report};
-    let authority = Authority::new(Keypair::from_secret([1; 32]));
-    let mut view = MeshView::new(
-        [authority.id()].into_iter().collect(),
-        ViewConfig {
-            max_members: n + 1,
-            ..Default::default()
-        },
-    );
-    for i in 0..n {
-        let mut secret = [0u8; 32];
-        secret[..8].copy_from_slice(&(i as u64 + 2).to_le_bytes());
-        let key = Keypair::from_secret(secret);
-        let report = CapacityReport {
-            node: key.public(),
-            seq: 1,
-            at_ms: 0,
-            on_gpu: i % 3 == 0,
-            mem_free_bytes: ((i * 7919) % 80) as u64 * (1 << 30),
-            mem_total_bytes: 80 << 30,
-            slots_free: (i % 9) as u32,
-            slots_total: 8,
-            queue_depth: 0,
-            tokens_per_s: 20.0 + (i % 50) as f32,
-            models: vec![ModelOffer {
-                slots_free: (i % 9) as u32,
-                slots_total: 8,
-                ..ModelOffer::new(if i % 4 == 0 { "other" } else { "m" }, "Q4_K_M", 4096)
-            }],
-            cached: CacheSummary::of(&[i as u64]),
-        };
-        let a = Announcement {
-            report: sign_report(&key, report),
-            membership: authority.certify_member(MembershipBody {
-                member: key.public(),
-                issued_at_ms: 0,
-                expires_at_ms: u64::MAX,
-            }),
-            addrs: vec![],
-        };
-        let _ = view.on_announcement(&a, 1);
-        view.on_rtt(&key.public(), 1.0 + (i % 20) as f64);
-    }
-    let me = authority.id();
-    let cfg = PlacerConfig {
-        report_every_ms: 2_000,
-        ..PlacerConfig::default()
-    };
-    let mut placer = Placer::new();
-    let mut samples = Vec::with_capacity(2000);
-    for r in 0..2000u128 {
-        let t = Instant::now();
-        let c = view.candidates("m", &me, 2, Some(r as u64 % 64));
-        // The Router's decision: exclusions, breaker filter, estimates,
-        // scores, pick; every tenth placement ends.
-        let ask = Ask {
-            request: zavod_proto::RequestId(r),
-            exclude: &[],
-            avoid: &[],
-            until_ms: 60_000,
-            cache_key: Some(r as u64 % 64),
-        };
-        let chosen = placer.place(&c, |_| true, &ask, &cfg, 2);
-        if r % 10 == 0 {
-            placer.on_done(zavod_proto::RequestId(r), 2);
-        }
-        std::hint::black_box(chosen);
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    (
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-    )
-}
-
-pub fn run(args: BenchArgs) -> Result<()> {
-    if args.direct_worker {
-        return direct_worker(&args);
-    }
-    if let Some(clients) = args.concurrent {
-        if clients == 0 || args.requests == 0 || args.rounds == 0 || args.tokens == 0 {
-            eprintln!("error: --concurrent, --requests, --rounds and --tokens must be at least 1");
-            std::process::exit(2);
-        }
-        return versus::run_concurrent_bench(&args, clients);
-    }
-    if let Some(turns) = args.conversation {
-        if turns == 0 || args.clients == 0 || args.rounds == 0 || args.answer_tokens == 0 {
-            eprintln!(
-                "error: --conversation, --clients, --rounds and --answer-tokens must be at least 1"
-            );
-            std::process::exit(2);
-        }
-        if args.mesh {
-            return mesh_conversation::run(&args, turns);
-        }
-        return versus::run_conversation_bench(&args, turns);
-    }
-    if args.tokens < 2 || args.runs == 0 || args.first_token_runs == 0 || args.processes == 0 {
-        eprintln!(
-            "error: --tokens must be at least 2, --runs, --first-token-runs and --processes at least 1"
-        );
-        std::process::exit(2);
-    }
-    if args.routing_only {
-        let (p50, p99) = routing_decision_us(args.routing_peers);
-        println!(
-            "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
-            args.routing_peers
-        );
-        return Ok(());
-    }
-    if args.mesh {
-        return run_mesh(args);
-    }
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     zavod_engine::llama::check_model_file(&args.model)?;
     let exe = std::env::current_exe().context("finding the zavod binary")?;
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
     let threads = zavod_engine::llama::resolve_threads(args.threads);
 
     let idle_rss = {
-        let idle = NodeProc::start(&exe, &tmp.path().join("idle"), &[])?;
+        let idle = start_node(&exe, &tmp.path().join("idle"), &[])?;
         std::thread::sleep(Duration::from_millis(300));
-        idle.rss_bytes()?
+        idle.rss_bytes()
+            .context("reading the idle node's resident memory")?
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -587,9 +342,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let node_dir = tmp.path().join(format!("node{p}"));
         let mut node_args = model_node_args(&args.model, threads, args.gpu_layers);
         node_args.extend(["--context-tokens".into(), CONTEXT_TOKENS.to_string()]);
-        let node = NodeProc::start(&exe, &node_dir, &node_args)?;
+        let node = start_node(&exe, &node_dir, &node_args)?;
         if p == 0 {
-            loaded_rss = node.rss_bytes()?;
+            loaded_rss = node
+                .rss_bytes()
+                .context("reading the node's resident memory")?;
         }
         let mut direct =
             DirectProc::start(&exe, &args.model, threads, args.gpu_layers, &args.prompt)?;
@@ -749,142 +506,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             loaded_rss as f64 / 1048576.0
         );
         let (p50, p99) = routing_decision_us(args.routing_peers);
-        println!(
-            "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
-            args.routing_peers
-        );
-    }
-    Ok(())
-}
-
-/// An invite to the mesh whose founding node keeps its data in `dir`.
-fn mesh_invite(exe: &Path, dir: &Path) -> Result<String> {
-    let invite = Command::new(exe)
-        .args(["mesh", "invite", "--data-dir"])
-        .arg(dir)
-        .output()
-        .context("zavod mesh invite")?;
-    if !invite.status.success() {
-        bail!(
-            "mesh invite failed: {}",
-            String::from_utf8_lossy(&invite.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&invite.stdout).trim().to_string())
-}
-
-/// `zavod bench --mesh`: entry A (no model) routes to C (the model); the
-/// same chats attached to C directly, interleaved.
-fn run_mesh(args: BenchArgs) -> Result<()> {
-    zavod_engine::llama::check_model_file(&args.model)?;
-    let exe = std::env::current_exe().context("finding the zavod binary")?;
-    let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
-    let threads = zavod_engine::llama::resolve_threads(args.threads);
-    let a_dir = tmp.path().join("a");
-    let a = NodeProc::start(&exe, &a_dir, &[])?;
-    let token = mesh_invite(&exe, &a_dir)?;
-    let c = NodeProc::start(
-        &exe,
-        &tmp.path().join("c"),
-        &[
-            vec!["--join".into(), token],
-            model_node_args(&args.model, threads, args.gpu_layers),
-        ]
-        .concat(),
-    )?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let via_a = rt.block_on(ChatClient::connect(
-        ClientIdentity::load(&a_dir, None)?,
-        a.addr.parse()?,
-        Default::default(),
-    ))?;
-    let at_c = rt.block_on(ChatClient::connect(
-        ClientIdentity::load(&a_dir, None)?,
-        c.addr.parse()?,
-        Default::default(),
-    ))?;
-    let one = |client: &ChatClient| timed_chat(&rt, client, &args.prompt, args.tokens);
-    // Until C's announcement reaches A, A has nowhere to route.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match one(&via_a) {
-            Ok(_) => break,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
-            Err(e) => return Err(e.context("the entry node never routed to the model node")),
-        }
-    }
-    one(&at_c)?;
-    let (mut via, mut direct) = (Vec::new(), Vec::new());
-    let c_peer = c.addr.rsplit('/').next().unwrap_or_default().to_string();
-    for i in 0..args.runs {
-        let (first, second) = if i % 2 == 0 {
-            (&via_a, &at_c)
-        } else {
-            (&at_c, &via_a)
-        };
-        let (r1, s1) = one(first)?;
-        let (r2, s2) = one(second)?;
-        for s in [&s1, &s2] {
-            if *s != c_peer {
-                bail!("a chat was served by {s}, not the model node {c_peer}");
-            }
-        }
-        if i % 2 == 0 {
-            via.push(r1);
-            direct.push(r2);
-        } else {
-            direct.push(r1);
-            via.push(r2);
-        }
-    }
-    let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
-    let (via_tps, direct_tps) = (
-        med(&via, |r| r.decode_tok_s),
-        med(&direct, |r| r.decode_tok_s),
-    );
-    let (via_ttft, direct_ttft) = (
-        med(&via, |r| r.first_token_ms),
-        med(&direct, |r| r.first_token_ms),
-    );
-    let (p50, p99) = routing_decision_us(args.routing_peers);
-    if args.json {
-        let j = serde_json::json!({
-            "mode": "mesh",
-            "threads": threads,
-            "gpu_layers": args.gpu_layers,
-            "tokens": args.tokens,
-            "runs": args.runs,
-            "attached_to_model_node": {"decode_tok_s": direct_tps, "first_token_ms": direct_ttft},
-            "through_entry_node": {"decode_tok_s": via_tps, "first_token_ms": via_ttft},
-            "decode_ratio": via_tps / direct_tps,
-            "first_token_overhead_ms": via_ttft - direct_ttft,
-            "routing_peers": args.routing_peers,
-            "routing_decision_us": {"p50": p50, "p99": p99},
-        });
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
-        println!(
-            "zavod bench --mesh: {} threads on the model node, {} generated tokens x {} runs (interleaved; medians)",
-            threads, args.tokens, args.runs
-        );
-        println!("{:<34}{:>16}{:>18}", "", "decode tok/s", "first token ms");
-        println!(
-            "{:<34}{:>16.1}{:>18.1}",
-            "attached to the model node", direct_tps, direct_ttft
-        );
-        println!(
-            "{:<34}{:>16.1}{:>18.1}",
-            "through an entry node (routed)", via_tps, via_ttft
-        );
-        println!(
-            "{:<34}{:>16.3}{:>+18.1}",
-            "routed / direct",
-            via_tps / direct_tps,
-            via_ttft - direct_ttft
-        );
         println!(
             "routing decision over {} members: p50 {p50:.1} us, p99 {p99:.1} us",
             args.routing_peers

@@ -8,27 +8,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A child process, killed on drop.
-pub struct Proc(Child);
+/// A server of a workload bench, killed on drop: a zavod node (through the
+/// harness the tests use) or llama-server.
+pub enum Proc {
+    Node(zavod_harness::NodeProc),
+    Server(Child),
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // A node kills itself on drop.
+        if let Proc::Server(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
 impl Proc {
     pub fn exited(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(Some(_)))
+        match self {
+            Proc::Node(n) => !n.is_running(),
+            Proc::Server(c) => matches!(c.try_wait(), Ok(Some(_))),
+        }
     }
-}
-
-/// A port free on loopback now (a later bind may still race; the servers
-/// then fail to start and say so).
-pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// Where llama-server is: `path` if given, else `$LLAMA_SERVER`, else
@@ -86,7 +89,7 @@ pub async fn start_llama_server(
     exe: &Path,
     shape: &Shape,
 ) -> Result<(Proc, Endpoint)> {
-    let port = free_port()?;
+    let port = zavod_harness::free_port().context("finding a free port")?;
     let child = Command::new(exe)
         .arg("-m")
         .arg(&shape.model)
@@ -107,7 +110,7 @@ pub async fn start_llama_server(
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
-    let mut proc = Proc(child);
+    let mut proc = Proc::Server(child);
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(http, &format!("{base}/health"), &mut proc, "llama-server").await?;
     let model = zavod_engine::model_name_from_path(&shape.model);
@@ -131,27 +134,25 @@ pub async fn start_zavod(
     shape: &Shape,
     extra: &[String],
 ) -> Result<(Proc, Endpoint)> {
-    let port = free_port()?;
-    let child = Command::new(exe)
-        .arg("node")
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
-        .arg(data_dir)
-        .arg("--model")
-        .arg(&shape.model)
-        .args(["--threads", &shape.threads.to_string()])
-        .args(["--slots", &shape.slots.to_string()])
-        .args(["--context-tokens", &shape.context_tokens.to_string()])
-        .args(["--http", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .env_remove("ZAVOD_CONFIG")
-        .env_remove("ZAVOD_MODEL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting zavod node")?;
-    let mut proc = Proc(child);
-    let base = format!("http://127.0.0.1:{port}");
+    let mut flags: Vec<String> = vec![
+        "--model".into(),
+        shape.model.display().to_string(),
+        "--threads".into(),
+        shape.threads.to_string(),
+        "--slots".into(),
+        shape.slots.to_string(),
+        "--context-tokens".into(),
+        shape.context_tokens.to_string(),
+        "--http".into(),
+        "127.0.0.1:0".into(),
+    ];
+    flags.extend(extra.iter().cloned());
+    let node = crate::start_node(exe, data_dir, &flags)?;
+    let base = node
+        .http
+        .clone()
+        .context("the zavod node did not say where its HTTP API is")?;
+    let mut proc = Proc::Node(node);
     wait_healthy(http, &format!("{base}/readyz"), &mut proc, "zavod node").await?;
     let bearer = issue_token(exe, data_dir)?;
     Ok((

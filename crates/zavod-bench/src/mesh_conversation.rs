@@ -8,8 +8,8 @@
 //! prompt came mostly from cache).
 
 use super::workload::Text;
-use super::{NodeProc, median, mesh_invite};
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
+use crate::{median, mesh_invite, start_node};
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
     let threads = zavod_engine::llama::resolve_threads(args.threads);
     let a_dir = tmp.path().join("a");
-    let a = NodeProc::start(&exe, &a_dir, &[])?;
+    let a = start_node(&exe, &a_dir, &[])?;
     let token = mesh_invite(&exe, &a_dir)?;
     let model_flags = || -> Vec<String> {
         let mut f = vec![
@@ -101,8 +101,8 @@ pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
         f.extend(args.node_flag.iter().cloned());
         f
     };
-    let b = NodeProc::start(&exe, &tmp.path().join("b"), &model_flags())?;
-    let _c = NodeProc::start(&exe, &tmp.path().join("c"), &model_flags())?;
+    let b = start_node(&exe, &tmp.path().join("b"), &model_flags())?;
+    let _c = start_node(&exe, &tmp.path().join("c"), &model_flags())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -330,8 +330,8 @@ pub async fn run_concurrent(
     ttft.sort_by(f64::total_cmp);
     Ok(ConcurrentRun {
         aggregate_tok_s: tokens as f64 / wall,
-        median_stream_tok_s: super::median(answers.iter().map(Answer::decode_tok_s).collect()),
-        median_first_token_ms: super::median(ttft.clone()),
+        median_stream_tok_s: crate::median(answers.iter().map(Answer::decode_tok_s).collect()),
+        median_first_token_ms: crate::median(ttft.clone()),
         p90_first_token_ms: ttft[(ttft.len() * 9 / 10).min(ttft.len() - 1)],
         wall_s: wall,
     })

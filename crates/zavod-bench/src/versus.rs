@@ -4,13 +4,13 @@
 //! rounds (the order flips every round) so the machine's drift hits both;
 //! ratios are of medians over rounds.
 
-use super::median;
 use super::servers::{Shape, find_llama_server, start_llama_server, start_zavod};
 use super::workload::{
     Concurrent, ConcurrentRun, Conversation, ConversationRun, Endpoint, run_concurrent,
     run_conversations,
 };
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
+use crate::median;
 use anyhow::{Context, Result};
 use serde_json::json;
 
