@@ -16,6 +16,8 @@
 //! Errors are `anyhow`: this crate is the body of a command, and every
 //! failure ends in a message to the person running it.
 
+#![warn(unreachable_pub)]
+
 mod args;
 mod mesh;
 mod mesh_conversation;

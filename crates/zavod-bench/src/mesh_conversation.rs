@@ -77,7 +77,7 @@ async fn converse(
     Ok(all)
 }
 
-pub fn run(args: &BenchArgs, turns: usize) -> Result<()> {
+pub(crate) fn run(args: &BenchArgs, turns: usize) -> Result<()> {
     zavod_engine::llama::check_model_file(&args.model)?;
     let exe = std::env::current_exe().context("finding the zavod binary")?;
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;

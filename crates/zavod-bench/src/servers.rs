@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A server of a workload bench, killed on drop: a zavod node (through the
 /// harness the tests use) or llama-server.
-pub enum Proc {
+pub(crate) enum Proc {
     Node(zavod_harness::NodeProc),
     Server(Child),
 }
@@ -26,7 +26,7 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    pub fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         match self {
             Proc::Node(n) => !n.is_running(),
             Proc::Server(c) => matches!(c.try_wait(), Ok(Some(_))),
@@ -36,7 +36,7 @@ impl Proc {
 
 /// Where llama-server is: `path` if given, else `$LLAMA_SERVER`, else
 /// where `scripts/build-llama-server.sh` puts it.
-pub fn find_llama_server(path: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn find_llama_server(path: Option<&Path>) -> Result<PathBuf> {
     let candidates: Vec<PathBuf> = match path {
         Some(p) => vec![p.to_path_buf()],
         None => std::env::var_os("LLAMA_SERVER")
@@ -77,14 +77,14 @@ async fn wait_healthy(
 
 /// What every server in a workload bench runs with.
 #[derive(Debug, Clone)]
-pub struct Shape {
+pub(crate) struct Shape {
     pub model: PathBuf,
     pub threads: u32,
     pub slots: u32,
     pub context_tokens: u32,
 }
 
-pub async fn start_llama_server(
+pub(crate) async fn start_llama_server(
     http: &reqwest::Client,
     exe: &Path,
     shape: &Shape,
@@ -127,7 +127,7 @@ pub async fn start_llama_server(
 
 /// A `zavod node` with the model and the OpenAI API on a free port; `extra`
 /// adds flags (e.g. `--prompt-cache false`).
-pub async fn start_zavod(
+pub(crate) async fn start_zavod(
     http: &reqwest::Client,
     exe: &Path,
     data_dir: &Path,
@@ -167,7 +167,7 @@ pub async fn start_zavod(
 }
 
 /// A capability token from the node's local authority.
-pub fn issue_token(exe: &Path, data_dir: &Path) -> Result<String> {
+pub(crate) fn issue_token(exe: &Path, data_dir: &Path) -> Result<String> {
     let out = Command::new(exe)
         .args([
             "cap",

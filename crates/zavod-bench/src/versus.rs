@@ -82,7 +82,7 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
-pub fn run_concurrent_bench(args: &BenchArgs, clients: usize) -> Result<()> {
+pub(crate) fn run_concurrent_bench(args: &BenchArgs, clients: usize) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let http = http_client()?;
@@ -191,7 +191,7 @@ pub fn run_concurrent_bench(args: &BenchArgs, clients: usize) -> Result<()> {
     })
 }
 
-pub fn run_conversation_bench(args: &BenchArgs, turns: usize) -> Result<()> {
+pub(crate) fn run_conversation_bench(args: &BenchArgs, turns: usize) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let http = http_client()?;

@@ -105,10 +105,10 @@ const WORDS: &[&str] = &[
 /// A seeded word generator (splitmix64), so every run of a bench asks the
 /// same kind of text.
 #[derive(Debug, Clone)]
-pub struct Text(u64);
+pub(crate) struct Text(u64);
 
 impl Text {
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Text(seed)
     }
 
@@ -118,7 +118,7 @@ impl Text {
     }
 
     /// `words` words of prose-like text, in sentences.
-    pub fn words(&mut self, words: usize) -> String {
+    pub(crate) fn words(&mut self, words: usize) -> String {
         let mut s = String::with_capacity(words * 7);
         for i in 0..words {
             let w = WORDS[(self.next() % WORDS.len() as u64) as usize];
@@ -143,7 +143,7 @@ impl Text {
 
 /// One streamed answer as the client saw it.
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub text: String,
     /// From sending the request to the first token.
     pub first_token: Duration,
@@ -158,7 +158,7 @@ pub struct Answer {
 
 impl Answer {
     /// Decode rate: tokens after the first over the time they took.
-    pub fn decode_tok_s(&self) -> f64 {
+    pub(crate) fn decode_tok_s(&self) -> f64 {
         let n = self
             .completion_tokens
             .unwrap_or(self.token_times.len() as u64);
@@ -171,7 +171,7 @@ impl Answer {
 
 /// An OpenAI-compatible server under test.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub name: String,
     /// `http://HOST:PORT`.
     pub base: String,
@@ -180,7 +180,7 @@ pub struct Endpoint {
 }
 
 /// Streams one chat completion; `messages` is the whole conversation.
-pub async fn stream_chat(
+pub(crate) async fn stream_chat(
     http: &reqwest::Client,
     ep: &Endpoint,
     messages: &[Value],
@@ -273,7 +273,7 @@ pub async fn stream_chat(
 
 /// What one run of the concurrent workload gave.
 #[derive(Debug, Clone)]
-pub struct ConcurrentRun {
+pub(crate) struct ConcurrentRun {
     pub aggregate_tok_s: f64,
     pub median_stream_tok_s: f64,
     pub median_first_token_ms: f64,
@@ -283,14 +283,14 @@ pub struct ConcurrentRun {
 
 /// The concurrent workload's shape.
 #[derive(Debug, Clone, Copy)]
-pub struct Concurrent {
+pub(crate) struct Concurrent {
     pub clients: usize,
     pub requests_per_client: usize,
     pub prompt_words: usize,
     pub tokens: u32,
 }
 
-pub async fn run_concurrent(
+pub(crate) async fn run_concurrent(
     http: &reqwest::Client,
     ep: &Endpoint,
     w: Concurrent,
@@ -339,7 +339,7 @@ pub async fn run_concurrent(
 
 /// The conversation workload's shape.
 #[derive(Debug, Clone, Copy)]
-pub struct Conversation {
+pub(crate) struct Conversation {
     pub clients: usize,
     pub turns: usize,
     /// Words of each new user message.
@@ -349,14 +349,14 @@ pub struct Conversation {
 
 /// Per turn, over the clients: first-token times (ms) and cached tokens.
 #[derive(Debug, Clone, Default)]
-pub struct ConversationRun {
+pub(crate) struct ConversationRun {
     pub first_token_ms: Vec<Vec<f64>>,
     pub prompt_tokens: Vec<Vec<u64>>,
     pub cached_tokens: Vec<Vec<u64>>,
     pub served_by: Vec<Vec<Option<String>>>,
 }
 
-pub async fn run_conversations(
+pub(crate) async fn run_conversations(
     http: &reqwest::Client,
     ep: &Endpoint,
     w: Conversation,

@@ -22,6 +22,8 @@
 //! order, indices without gaps, and every token made before its terminal
 //! event is handed over before it.
 
+#![warn(unreachable_pub)]
+
 pub mod cost;
 pub mod embed;
 pub mod family;

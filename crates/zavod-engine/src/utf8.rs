@@ -3,7 +3,7 @@
 //! U+FFFD rather than an error, since the text goes to people.
 
 #[derive(Debug, Default)]
-pub struct Utf8Stream {
+pub(crate) struct Utf8Stream {
     pending: Vec<u8>,
 }
 
@@ -12,14 +12,14 @@ impl Utf8Stream {
     /// the tokens another node streamed before it failed): their complete
     /// text was delivered already, but a character they end inside of is
     /// held, so the next token completes it instead of losing its bytes.
-    pub fn resumed_after(sent: &[u8]) -> Self {
+    pub(crate) fn resumed_after(sent: &[u8]) -> Self {
         let mut s = Utf8Stream::default();
         let _ = s.push(sent);
         s
     }
 
     /// Adds bytes and returns the text that is now complete.
-    pub fn push(&mut self, bytes: &[u8]) -> String {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         loop {

@@ -10,6 +10,8 @@
 //! kills and reaps the child); waiting for readiness is bounded by the
 //! caller's timeout.
 
+#![warn(unreachable_pub)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

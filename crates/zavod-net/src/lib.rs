@@ -18,6 +18,8 @@
 //! commands it serves share one swarm; the addresses and frames are in their
 //! own files, and the last ninety lines are tests.
 
+#![warn(unreachable_pub)]
+
 pub mod addr;
 pub mod frames;
 

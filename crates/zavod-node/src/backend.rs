@@ -30,7 +30,7 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// llama.cpp with a model loaded once.
-pub struct LlamaBackendHandle {
+pub(crate) struct LlamaBackendHandle {
     pub model: Arc<LoadedModel>,
     pub cfg: LlamaConfig,
     pub selection: Option<ModelSelection>,

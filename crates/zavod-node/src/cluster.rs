@@ -37,7 +37,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use zavod_proto::NodeId;
 
 /// The process group every node's Router joins.
-pub const ROUTER_GROUP: &str = "zavod.router";
+pub(crate) const ROUTER_GROUP: &str = "zavod.router";
 /// How long opening a session and seeing the peer's Router may take.
 const SESSION_READY_MS: u64 = 5_000;
 /// How often the peer's process groups are looked at while waiting.
@@ -76,7 +76,7 @@ fn claimed_peer(name: &str, stream_label: &str) -> Option<PeerId> {
 /// The cookie sessions authenticate with: every node of a mesh derives the
 /// same one from the mesh's authorities. (The peer's identity comes from
 /// noise; the cookie only keeps other meshes' nodes out.)
-pub fn mesh_cookie(authorities: &BTreeSet<NodeId>) -> String {
+pub(crate) fn mesh_cookie(authorities: &BTreeSet<NodeId>) -> String {
     let mut h = Sha256::new();
     h.update(b"zavod-actors-cookie-1");
     for a in authorities {

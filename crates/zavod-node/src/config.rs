@@ -16,11 +16,11 @@ use zavod_proto::mesh::view::ViewConfig;
 
 /// The automatic stream interval when inference takes every core: 20
 /// updates a second still read as a smooth stream.
-pub const AUTO_STREAM_INTERVAL_MS: u32 = 50;
+pub(crate) const AUTO_STREAM_INTERVAL_MS: u32 = 50;
 
 /// The default profile, `mesh-config/local.toml`, built in so a bare
 /// `zavod node` behaves as that file says.
-pub const LOCAL_PROFILE: &str = include_str!("../../../mesh-config/local.toml");
+pub(crate) const LOCAL_PROFILE: &str = include_str!("../../../mesh-config/local.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -170,7 +170,7 @@ pub struct ModelSection {
 
 impl ModelSection {
     /// Whether this node is to serve any model.
-    pub fn serves_any(&self) -> bool {
+    pub(crate) fn serves_any(&self) -> bool {
         !self.path.is_empty() || self.dir.is_some()
     }
 }

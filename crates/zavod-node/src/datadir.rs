@@ -26,8 +26,8 @@ const NODE_KEY: &str = "node.key";
 const AUTHORITY_KEY: &str = "authority.key";
 const AUTHORITIES: &str = "authorities";
 const MEMBERSHIP: &str = "membership.cert";
-pub const CLIENT_KEY: &str = "client.key";
-pub const CLIENT_CRED: &str = "client.cred";
+pub(crate) const CLIENT_KEY: &str = "client.key";
+pub(crate) const CLIENT_CRED: &str = "client.cred";
 /// The running node's dialable addresses, written when it is ready.
 pub const LISTEN_ADDRS: &str = "listen_addrs";
 
@@ -65,7 +65,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
     }
 }
 
-pub fn random_secret() -> Result<[u8; 32], DataDirError> {
+pub(crate) fn random_secret() -> Result<[u8; 32], DataDirError> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).map_err(|e| DataDirError::Random(e.to_string()))?;
     Ok(b)
@@ -160,7 +160,7 @@ impl NodeIdentity {
     }
 
     /// Stores a membership obtained by joining, and trusts its authorities.
-    pub fn save_membership(
+    pub(crate) fn save_membership(
         &mut self,
         membership: Membership,
         authorities: &[NodeId],
@@ -202,7 +202,7 @@ impl NodeIdentity {
 
     /// Signs a membership for a node that presents a valid invite of this
     /// mesh; `None` when this node holds no authority key.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         ticket: &JoinTicket,
         member: NodeId,

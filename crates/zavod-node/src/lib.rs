@@ -13,7 +13,9 @@
 //! that was admitted is settled (its reserved tokens returned) whatever
 //! happens; every queue and wait is bounded.
 
-pub mod actors;
+#![warn(unreachable_pub)]
+
+pub(crate) mod actors;
 pub mod backend;
 pub mod client;
 pub mod clock;
@@ -26,5 +28,6 @@ pub mod model_choice;
 pub mod node;
 pub(crate) mod protocol;
 
+pub use actors::supervisor::Child;
 pub use config::{NodeConfig, Overrides};
 pub use node::{Node, NodeError, StartOptions};

@@ -288,7 +288,7 @@ impl Metrics {
 }
 
 /// The outcome label for an error.
-pub fn outcome_of(code: ErrorCode) -> &'static str {
+pub(crate) fn outcome_of(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::BadRequest => "bad_request",
         ErrorCode::Unauthorized => "unauthorized",

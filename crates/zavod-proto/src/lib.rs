@@ -11,6 +11,8 @@
 //! [`wire::decode`] (size-bounded, versioned), and every verification returns
 //! an error value; nothing here panics on peer input.
 
+#![warn(unreachable_pub)]
+
 pub mod chat;
 pub mod ids;
 pub mod limits;

@@ -11,6 +11,8 @@
 //! Bounds: at most [`MAX_TURNS_PER_CONVERSATION`] turns are kept per
 //! conversation (oldest dropped first); reads return at most what is asked.
 
+#![warn(unreachable_pub)]
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

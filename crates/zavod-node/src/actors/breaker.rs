@@ -10,7 +10,7 @@ use zavod_proto::{NodeId, RequestId};
 
 use crate::clock::now_ms;
 
-pub struct Breaker;
+pub(crate) struct Breaker;
 
 pub enum BreakerMsg {
     /// Keeps the routable nodes, in the given order (no side effect).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use zavod_proto::mesh::capacity::{GpuSample, Resources};
 
-pub struct GpuMonitor;
+pub(crate) struct GpuMonitor;
 
 pub enum MonitorMsg {
     Tick,
@@ -22,7 +22,7 @@ pub enum MonitorMsg {
 
 impl ractor::Message for MonitorMsg {}
 
-pub struct MonitorState {
+pub(crate) struct MonitorState {
     shared: Arc<NodeShared>,
     nvml: Option<Nvml>,
     sys: sysinfo::System,

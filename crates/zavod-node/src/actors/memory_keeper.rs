@@ -11,7 +11,7 @@ use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
 use zavod_store::ConvKey;
 
-pub struct MemoryKeeper;
+pub(crate) struct MemoryKeeper;
 
 /// A prompt ready to be granted and run.
 #[derive(Debug, Clone)]

@@ -4,12 +4,12 @@
 //! the [`Directory`], and everyone looks refs up there at call time, so no
 //! one holds a ref to a dead actor for long.
 
-pub mod breaker;
-pub mod gpu_monitor;
-pub mod memory_keeper;
-pub mod model_worker;
-pub mod router;
-pub mod supervisor;
+pub(crate) mod breaker;
+pub(crate) mod gpu_monitor;
+pub(crate) mod memory_keeper;
+pub(crate) mod model_worker;
+pub(crate) mod router;
+pub(crate) mod supervisor;
 
 use crate::backend::ModelBackend;
 use crate::config::NodeConfig;
@@ -125,7 +125,7 @@ impl NodeShared {
     }
 }
 
-pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+pub(crate) fn error_frame(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
     ErrorFrame {
         code,
         message: message.into(),
@@ -133,7 +133,7 @@ pub fn error_frame(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
 }
 
 /// An actor we needed is between restarts.
-pub fn unavailable(what: &str) -> ErrorFrame {
+pub(crate) fn unavailable(what: &str) -> ErrorFrame {
     error_frame(
         ErrorCode::NoCapacity,
         format!("{what} is restarting; try again in a moment"),

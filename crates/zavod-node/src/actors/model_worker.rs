@@ -27,7 +27,7 @@ use zavod_proto::wire::{ErrorCode, ErrorFrame, GenParams};
 /// How often the worker checks its engine and reports load.
 const TICK: Duration = Duration::from_millis(500);
 
-pub struct ModelWorker;
+pub(crate) struct ModelWorker;
 
 /// A running job as the serving task sees it.
 pub struct JobStream {
@@ -64,7 +64,7 @@ pub enum WorkerMsg {
 
 impl ractor::Message for WorkerMsg {}
 
-pub struct WorkerState {
+pub(crate) struct WorkerState {
     shared: Arc<NodeShared>,
     /// Which of the node's models this worker serves.
     index: usize,

@@ -34,7 +34,7 @@ use zavod_store::ConvKey;
 
 /// How long the Router waits for the Breaker.
 const BREAKER_TIMEOUT_MS: u64 = 2_000;
-pub struct Router;
+pub(crate) struct Router;
 
 /// An admitted request.
 #[derive(Debug, Clone)]
@@ -218,7 +218,7 @@ impl ractor::Message for RouterMsg {
 }
 
 /// A request placed elsewhere, waiting for its target's report.
-pub struct Expected {
+pub(crate) struct Expected {
     tx: oneshot::Sender<RunReport>,
     model: String,
     prompt_bytes: usize,
@@ -227,7 +227,7 @@ pub struct Expected {
 /// Most requests placed elsewhere that may wait for a report at once.
 const MAX_EXPECTED: usize = 4_096;
 
-pub struct RouterState {
+pub(crate) struct RouterState {
     shared: Arc<NodeShared>,
     ledger: UsageLedger,
     resources: Resources,

@@ -38,9 +38,9 @@ impl Child {
     }
 }
 
-pub struct NodeSupervisor;
+pub(crate) struct NodeSupervisor;
 
-pub enum SupervisorMsg {
+pub(crate) enum SupervisorMsg {
     Restart(Child),
     /// How many times each child was restarted (for tests and status).
     Restarts(ractor::RpcReplyPort<BTreeMap<Child, u32>>),
@@ -54,7 +54,7 @@ struct Backoff {
     restarts: u32,
 }
 
-pub struct SupervisorState {
+pub(crate) struct SupervisorState {
     shared: Arc<NodeShared>,
     children: BTreeMap<ActorId, Child>,
     backoff: BTreeMap<Child, Backoff>,

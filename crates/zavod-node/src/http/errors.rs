@@ -7,7 +7,7 @@ use super::*;
 
 /// An error in OpenAI's shape.
 #[derive(Debug)]
-pub struct ApiError {
+pub(super) struct ApiError {
     status: StatusCode,
     kind: &'static str,
     pub(super) code: &'static str,

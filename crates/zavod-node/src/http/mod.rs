@@ -61,7 +61,7 @@ struct Http {
 }
 
 /// The routes, ready to serve.
-pub fn router(shared: Arc<NodeShared>) -> Router {
+pub(crate) fn router(shared: Arc<NodeShared>) -> Router {
     let max_body = shared.config.http.max_body_bytes;
     let in_flight = Arc::new(Semaphore::new(shared.config.limits.max_concurrent_streams));
     let state = Arc::new(Http { shared, in_flight });
@@ -102,7 +102,7 @@ fn counted<T>(st: &Http, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, A
 }
 
 /// Serves on `listener` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
     if let Err(e) = axum::serve(listener, router(shared)).await {
         tracing::error!(error = %e, "http server stopped");
     }

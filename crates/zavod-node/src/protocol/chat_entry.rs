@@ -666,7 +666,7 @@ pub(crate) async fn run_local(
 /// node as its entry: such a client cannot dial a target, so the answer is
 /// run here or relayed. Frames go to `tx`, ending with `Done` or `Error`;
 /// dropping the receiver cancels the request.
-pub async fn serve_in_process(
+pub(crate) async fn serve_in_process(
     shared: Arc<NodeShared>,
     client: NodeId,
     request: ChatRequest,

@@ -34,7 +34,7 @@ const ATTEMPTS: usize = 3;
 
 /// The vectors of a request, in the order of its texts.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EmbedOutput {
+pub(crate) struct EmbedOutput {
     pub model: String,
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: u32,
@@ -43,7 +43,7 @@ pub struct EmbedOutput {
 
 /// Embeds `inputs` with `model` (or the mesh's default) for the holder
 /// `client` of `credential`, with this node as the entry.
-pub async fn embed(
+pub(crate) async fn embed(
     shared: &Arc<NodeShared>,
     client: NodeId,
     credential: Credential,

@@ -43,7 +43,7 @@ const ACTOR_CALL_MS: u64 = 10_000;
 
 /// Which stream protocol a stream came in on.
 #[derive(Debug, Clone, Copy)]
-pub enum Kind {
+pub(crate) enum Kind {
     Chat,
     Run,
     Join,
@@ -52,7 +52,7 @@ pub enum Kind {
 }
 
 /// Serves one inbound stream to completion.
-pub async fn serve_stream(
+pub(crate) async fn serve_stream(
     shared: Arc<NodeShared>,
     permits: Arc<Semaphore>,
     kind: Kind,
