@@ -14,4 +14,5 @@ mod models;
 mod placement;
 mod relay;
 mod sessions;
+mod tailnet;
 mod trust;

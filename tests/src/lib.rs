@@ -103,7 +103,20 @@ impl NodeProc {
         data_dir: &Path,
         extra: &[&str],
     ) -> NodeProc {
+        Self::start_with_env(netns, listen, data_dir, extra, &[])
+    }
+
+    /// As [`NodeProc::start_in`], with environment variables set for the
+    /// node (e.g. `ZAVOD_TAILSCALE_BIN`).
+    pub fn start_with_env(
+        netns: Option<&str>,
+        listen: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProc {
         let mut cmd = zavod_in(netns);
+        cmd.envs(env.iter().copied());
         cmd.arg("node")
             .arg("--listen")
             .arg(listen)
@@ -310,6 +323,72 @@ impl Lan {
             && run(&["-n", a, "link", "set", "lo", "up"])
             && run(&["-n", b, "link", "set", "lo", "up"]);
         ok.then_some(lan)
+    }
+}
+
+/// Three or more network namespaces on one switch: host `i` (from 0) is
+/// `10.SUBNET.0.(i+1)`, all joined by a bridge in a namespace of its own.
+/// `None` where namespaces cannot be made (not root, no `ip`).
+pub struct Switched {
+    pub names: Vec<String>,
+    switch: String,
+}
+
+impl Switched {
+    pub fn new(subnet: u8, hosts: usize) -> Option<Switched> {
+        let tag = std::process::id();
+        let run = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let switch = format!("zvs{subnet}x{tag}");
+        if !run(&["netns", "add", &switch]) {
+            return None;
+        }
+        let mut lan = Switched {
+            names: Vec::new(),
+            switch,
+        };
+        let sw = lan.switch.clone();
+        let mut ok = run(&["-n", &sw, "link", "add", "br0", "type", "bridge"])
+            && run(&["-n", &sw, "link", "set", "br0", "up"]);
+        for i in 0..hosts {
+            if !ok {
+                break;
+            }
+            let name = format!("zvh{subnet}x{i}x{tag}");
+            let (host_if, port_if) = (format!("zv{subnet}h{i}"), format!("zv{subnet}p{i}"));
+            let ip = format!("10.{subnet}.0.{}/24", i + 1);
+            ok = run(&["netns", "add", &name]);
+            if ok {
+                lan.names.push(name.clone());
+            }
+            ok =
+                ok && run(&[
+                    "link", "add", &host_if, "netns", &name, "type", "veth", "peer", "name",
+                    &port_if, "netns", &sw,
+                ]) && run(&["-n", &sw, "link", "set", &port_if, "master", "br0"])
+                    && run(&["-n", &sw, "link", "set", &port_if, "up"])
+                    && run(&["-n", &name, "addr", "add", &ip, "dev", &host_if])
+                    && run(&["-n", &name, "link", "set", &host_if, "up"])
+                    && run(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        ok.then_some(lan)
+    }
+
+    /// Host `i`'s address.
+    pub fn ip(subnet: u8, i: usize) -> String {
+        format!("10.{subnet}.0.{}", i + 1)
+    }
+}
+
+impl Drop for Switched {
+    fn drop(&mut self) {
+        for n in self.names.iter().chain([&self.switch]) {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub mod addr;
 pub mod frames;
+pub mod tailscale;
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
@@ -88,6 +89,24 @@ pub enum NetError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Wire(#[from] zavod_proto::wire::WireError),
+}
+
+/// An error and its sources in one line: libp2p's transport errors often
+/// say nothing themselves and keep the cause (an OS error) as a source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.dedup();
+    if parts.is_empty() {
+        "unknown error".into()
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// Timeouts and limits of the network shell.
@@ -165,6 +184,10 @@ enum Command {
     },
     Publish {
         data: Vec<u8>,
+    },
+    IsConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
     },
 }
 
@@ -360,6 +383,21 @@ impl Client {
         .await
     }
 
+    /// Whether a connection to `peer` is open now.
+    pub async fn is_connected(&self, peer: PeerId) -> Result<bool, NetError> {
+        self.ask(
+            "checking a connection",
+            |reply| Command::IsConnected { peer, reply },
+            5_000,
+        )
+        .await
+    }
+
+    /// Whether the event loop has stopped (no command will be served).
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
+    }
+
     /// Publishes a capacity announcement (dropped if the loop is busy).
     pub fn publish(&self, data: Vec<u8>) {
         if self.commands.try_send(Command::Publish { data }).is_err() {
@@ -513,7 +551,7 @@ impl EventLoop {
                 Err(e) => {
                     let _ = reply.send(Err(NetError::Listen {
                         addr: addr.to_string(),
-                        reason: e.to_string(),
+                        reason: error_chain(&e),
                     }));
                 }
             },
@@ -555,6 +593,9 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::IsConnected { peer, reply } => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
             }
             Command::Connect { peer, addrs } => {
                 let connected = self.swarm.connected_peers().count();
@@ -604,7 +645,7 @@ impl EventLoop {
                 if let Some(reply) = self.pending_listen.remove(&listener_id) {
                     let _ = reply.send(Err(NetError::Listen {
                         addr: "listener".into(),
-                        reason: error.to_string(),
+                        reason: error_chain(&error),
                     }));
                 }
             }

@@ -54,6 +54,35 @@ pub struct NodeConfig {
     pub gossip: GossipSection,
     pub view: ViewConfig,
     pub http: HttpSection,
+    pub tailscale: TailscaleSection,
+}
+
+/// A mesh on a Tailscale tailnet (with `node.tailscale = true`): the node
+/// binds to this machine's tailnet addresses and finds zavod peers among
+/// the tailnet's online machines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TailscaleSection {
+    /// The port zavod nodes use on the tailnet (TCP, and UDP for QUIC).
+    pub port: u16,
+    /// Dial only tailnet machines carrying this ACL tag (e.g. "tag:zavod").
+    pub tag: Option<String>,
+    /// Dial only tailnet machines whose host name matches (`*`, `?`).
+    pub host_pattern: Option<String>,
+    /// How often Tailscale's status is read again, to find machines that
+    /// came (or came back).
+    pub poll_ms: u64,
+}
+
+impl Default for TailscaleSection {
+    fn default() -> Self {
+        TailscaleSection {
+            port: 7070,
+            tag: None,
+            host_pattern: None,
+            poll_ms: 5_000,
+        }
+    }
 }
 
 /// The OpenAI-compatible HTTP API, metrics and health checks.
@@ -105,6 +134,9 @@ pub struct NodeSection {
     pub bootstrap: Vec<String>,
     /// Find peers on the local network by mDNS.
     pub mdns: bool,
+    /// Bind to this machine's Tailscale addresses and find zavod peers on
+    /// the tailnet (see `[tailscale]`).
+    pub tailscale: bool,
     /// Threads for networking, routing and the actors; 0 = automatic (see
     /// [`NodeConfig::runtime_threads`]).
     pub runtime_threads: u32,
@@ -117,6 +149,7 @@ impl Default for NodeSection {
             data_dir: None,
             bootstrap: Vec::new(),
             mdns: false,
+            tailscale: false,
             runtime_threads: 0,
         }
     }
@@ -377,6 +410,7 @@ pub struct Overrides {
     pub runtime_threads: Option<u32>,
     pub stream_interval_ms: Option<u32>,
     pub http: Option<String>,
+    pub tailscale: Option<bool>,
 }
 
 impl NodeConfig {
@@ -451,6 +485,9 @@ impl NodeConfig {
         }
         if let Some(v) = o.http {
             self.http.listen = Some(v);
+        }
+        if let Some(v) = o.tailscale {
+            self.node.tailscale = v;
         }
     }
 
@@ -597,6 +634,23 @@ impl NodeConfig {
                 return bad(format!("node.bootstrap: {b:?} is not a multiaddr"));
             }
         }
+        if self.tailscale.port == 0 {
+            return bad(
+                "tailscale.port must be 1 to 65535 (the port every node uses on the tailnet)"
+                    .into(),
+            );
+        }
+        if self.tailscale.poll_ms < 500 || self.tailscale.poll_ms > 600_000 {
+            return bad(format!(
+                "tailscale.poll_ms must be 500 to 600000, got {}",
+                self.tailscale.poll_ms
+            ));
+        }
+        zavod_net::tailscale::PeerFilter::new(
+            self.tailscale.tag.as_deref(),
+            self.tailscale.host_pattern.as_deref(),
+        )
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.monitor.sample_interval_ms < 50 {
             return bad("monitor.sample_interval_ms must be at least 50".into());
         }
@@ -623,6 +677,45 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_profile_in_mesh_config_parses_and_checks() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mesh-config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("mesh-config") {
+            let path = entry.expect("entry").path();
+            let c = NodeConfig::load(Some(&path)).expect("profile parses");
+            c.check()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if path.ends_with("tailscale.toml") {
+                assert!(c.node.tailscale, "the tailscale profile turns it on");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 3, "{seen} profiles");
+    }
+
+    #[test]
+    fn a_bad_tailnet_setting_is_named() {
+        let mut c = NodeConfig::load(None).expect("local profile");
+        c.tailscale.host_pattern = Some("[".into());
+        let e = c.check().expect_err("bad pattern");
+        assert!(e.to_string().contains("tailscale.host_pattern"), "{e}");
+        let mut c = NodeConfig::load(None).expect("local profile");
+        c.tailscale.poll_ms = 10;
+        assert!(
+            c.check()
+                .expect_err("too often")
+                .to_string()
+                .contains("tailscale.poll_ms")
+        );
+        assert!(
+            NodeConfig::from_toml("[tailscale]\nport = 7070\nfilter = \"x\"\n", "t")
+                .expect_err("unknown key")
+                .to_string()
+                .contains("filter")
+        );
+    }
 
     #[test]
     fn the_local_profile_parses_and_checks() {

@@ -27,6 +27,7 @@ pub(crate) mod metrics;
 pub mod model_choice;
 pub mod node;
 pub(crate) mod protocol;
+pub(crate) mod tailnet;
 
 pub use actors::supervisor::Child;
 pub use config::{NodeConfig, Overrides};

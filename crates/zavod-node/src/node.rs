@@ -42,6 +42,9 @@ pub enum NodeError {
     Join(String),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// Not a `source`: the message says it all, once.
+    #[error("--tailscale: {0}")]
+    Tailscale(zavod_net::tailscale::TailscaleError),
     #[error("cannot serve HTTP on {addr}: {reason}")]
     Http { addr: String, reason: String },
 }
@@ -255,6 +258,9 @@ impl Node {
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
+        let tailnet = crate::tailnet::prepare(&config, &listen, true)
+            .await
+            .map_err(NodeError::Tailscale)?;
         let store = Arc::new(SledStore::open(&identity.dir.join("memory"))?);
         let limits = config.limits.clone();
 
@@ -282,6 +288,8 @@ impl Node {
             metrics: crate::metrics::Metrics::new(),
             listen_addrs: Default::default(),
             token_estimates: Default::default(),
+            tailnet_self: tailnet.as_ref().map(|t| t.name.clone()),
+            tailnet_names: Default::default(),
         });
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))
@@ -370,6 +378,26 @@ impl Node {
         for addr in listen {
             net.listen(addr).await?;
         }
+        // A tailnet address this machine cannot bind (IPv6 turned off, say)
+        // is passed over, as long as one can be.
+        if let Some(t) = &tailnet {
+            let mut bound = 0;
+            let mut last = None;
+            for addr in &t.listen {
+                match net.listen(addr.clone()).await {
+                    Ok(_) => bound += 1,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot listen on this tailnet address; passing it over");
+                        last = Some(e);
+                    }
+                }
+            }
+            if bound == 0
+                && let Some(e) = last
+            {
+                return Err(NodeError::Net(e));
+            }
+        }
         let addrs: Vec<String> = net
             .listen_addrs()
             .await?
@@ -395,6 +423,13 @@ impl Node {
         for addr in bootstrap {
             let net = net.clone();
             tasks.push(tokio::spawn(dial_until_connected(net, addr)));
+        }
+        if let Some(t) = tailnet {
+            tasks.push(tokio::spawn(zavod_net::tailscale::discover(
+                net.clone(),
+                t.discovery,
+                Arc::clone(&shared.tailnet_names),
+            )));
         }
         let http_addr = match shared.config.http.listen.clone() {
             Some(a) => {

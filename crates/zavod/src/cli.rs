@@ -177,6 +177,11 @@ pub struct NodeArgs {
     /// than measuring it.
     #[arg(long, env = "ZAVOD_ASSUME_FREE_MEMORY_MIB", value_name = "MIB")]
     pub assume_free_memory_mib: Option<u64>,
+    /// Run on this machine's Tailscale tailnet: bind to its tailnet
+    /// addresses and find zavod peers there (asks the `tailscale` CLI, or
+    /// the one ZAVOD_TAILSCALE_BIN names).
+    #[arg(long, env = "ZAVOD_TAILSCALE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub tailscale: Option<bool>,
     /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/7070.
     #[arg(long, env = "ZAVOD_LISTEN", value_name = "MULTIADDR", value_parser = parse_multiaddr, value_delimiter = ',')]
     pub listen: Vec<Multiaddr>,

@@ -29,6 +29,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         runtime_threads: args.runtime_threads,
         stream_interval_ms: args.stream_interval_ms,
         http: args.http,
+        tailscale: args.tailscale,
     });
     let ticket = match &args.join {
         Some(t) => Some(

@@ -106,6 +106,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
                     "rtt_ms": r.rtt_ms,
                     "score": r.score,
                     "heard_ms_ago": r.heard_ms_ago,
+                    "tailnet_name": r.tailnet_name,
                 })
             })
             .collect();
@@ -126,6 +127,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         "{:<54} {:<8} {:<36} {:>9} {:>7} {:>7} {:>8} {:<9} {:>6}  ADDRESS",
         "PEER", "STATE", "MODELS", "FREE MEM", "JOBS", "TOK/S", "RTT", "BREAKER", "SCORE"
     );
+    // ADDRESS: the tailnet name first, for nodes found on a tailnet.
     for r in &rows {
         let models = if r.models.is_empty() {
             "-".to_string()
@@ -152,7 +154,10 @@ pub fn run(args: StatusArgs) -> Result<()> {
             r.rtt_ms.map_or("-".into(), |v| format!("{v:.1}ms")),
             r.breaker,
             r.score,
-            r.addrs.first().map_or("-", String::as_str),
+            match &r.tailnet_name {
+                Some(name) => format!("{name} {}", r.addrs.first().map_or("-", String::as_str)),
+                None => r.addrs.first().map_or("-", String::as_str).to_string(),
+            },
         );
     }
     println!(

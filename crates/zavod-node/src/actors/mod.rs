@@ -73,6 +73,10 @@ pub struct NodeShared {
     /// How texts tokenize for each model this node routes but does not
     /// serve, learnt from the answers' reports.
     pub token_estimates: std::sync::Mutex<BTreeMap<String, TokenEstimator>>,
+    /// Tailnet names: this node's, and its peers' found on the tailnet
+    /// (`node.tailscale`), for `zavod status`.
+    pub tailnet_self: Option<String>,
+    pub tailnet_names: zavod_net::tailscale::TailnetNames,
 }
 
 /// Models whose tokenization a node keeps estimates for, at most.

@@ -644,6 +644,17 @@ impl RouterState {
                     .find(|s| s.node == *id)
                     .map_or(0.0, |s| s.score),
                 heard_ms_ago: now.saturating_sub(m.heard_at_ms),
+                tailnet_name: if *id == me {
+                    self.shared.tailnet_self.clone()
+                } else {
+                    zavod_net::peer_id_of(id).and_then(|p| {
+                        let names = match self.shared.tailnet_names.read() {
+                            Ok(n) => n,
+                            Err(p) => p.into_inner(),
+                        };
+                        names.get(&p).cloned()
+                    })
+                },
             })
             .collect();
         StatusReply::Mesh {

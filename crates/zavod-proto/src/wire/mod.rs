@@ -394,6 +394,8 @@ pub struct StatusRow {
     pub rtt_ms: Option<f64>,
     pub score: f64,
     pub heard_ms_ago: u64,
+    /// Its Tailscale name, when the node asked found it on a tailnet.
+    pub tailnet_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
