@@ -12,6 +12,7 @@ mod memory;
 mod mesh;
 mod models;
 mod placement;
+mod psk;
 mod relay;
 mod sessions;
 mod tailnet;

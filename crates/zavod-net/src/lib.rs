@@ -22,6 +22,7 @@
 
 pub mod addr;
 pub mod frames;
+pub mod psk;
 pub mod tailscale;
 
 use futures::StreamExt;
@@ -119,6 +120,9 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Take part in capacity gossip (clients do not).
     pub gossip: bool,
+    /// A private mesh's pre-shared key: TCP only, through libp2p's private
+    /// network transport, and no QUIC (see [`psk`]).
+    pub psk: Option<libp2p::pnet::PreSharedKey>,
 }
 
 impl Default for NetConfig {
@@ -129,6 +133,7 @@ impl Default for NetConfig {
             max_frame_bytes: zavod_proto::limits::MAX_FRAME_BYTES,
             mdns: false,
             gossip: false,
+            psk: None,
         }
     }
 }
@@ -235,6 +240,56 @@ pub fn peer_label(node: &NodeId) -> String {
     peer_id_of(node).map_or_else(|| node.to_hex(), |p| p.to_string())
 }
 
+/// The network behaviours every node runs (Kademlia and gossip only with
+/// `gossip`, mDNS only with `mdns`).
+fn make_behaviour(
+    key: &libp2p::identity::Keypair,
+    gossip_on: bool,
+    mdns_on: bool,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer = key.public().to_peer_id();
+    let kad = gossip_on.then(|| {
+        let mut k = kad::Behaviour::with_config(
+            peer,
+            kad::store::MemoryStore::new(peer),
+            kad::Config::new(KAD_PROTOCOL),
+        );
+        // Answer queries even before an external address is known
+        // (loopback and private meshes).
+        k.set_mode(Some(kad::Mode::Server));
+        k
+    });
+    let gossipsub = if gossip_on {
+        let config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(700))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(MAX_GOSSIP_BYTES)
+            .build()?;
+        let mut g =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
+        g.subscribe(&gossipsub::IdentTopic::new(CAPACITY_TOPIC))?;
+        Some(g)
+    } else {
+        None
+    };
+    let mdns = if mdns_on {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        identify: identify::Behaviour::new(identify::Config::new(
+            IDENTIFY_PROTOCOL.into(),
+            key.public(),
+        )),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+        stream: libp2p_stream::Behaviour::new(),
+        kad: kad.into(),
+        gossipsub: gossipsub.into(),
+        mdns: mdns.into(),
+    })
+}
+
 /// Creates the swarm. Spawn `EventLoop::run` and keep the event receiver
 /// drained.
 pub fn new(
@@ -242,70 +297,50 @@ pub fn new(
     cfg: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
     let idle = Duration::from_millis(cfg.idle_connection_timeout_ms);
-    let (gossip_on, mdns_on) = (cfg.gossip, cfg.mdns);
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_behaviour(
-            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                let peer = key.public().to_peer_id();
-                let kad = gossip_on.then(|| {
-                    let mut k = kad::Behaviour::with_config(
-                        peer,
-                        kad::store::MemoryStore::new(peer),
-                        kad::Config::new(KAD_PROTOCOL),
-                    );
-                    // Answer queries even before an external address is known
-                    // (loopback and private meshes).
-                    k.set_mode(Some(kad::Mode::Server));
-                    k
-                });
-                let gossipsub = if gossip_on {
-                    let config = gossipsub::ConfigBuilder::default()
-                        .heartbeat_interval(Duration::from_millis(700))
-                        .validation_mode(gossipsub::ValidationMode::Strict)
-                        .max_transmit_size(MAX_GOSSIP_BYTES)
-                        .build()?;
-                    let mut g = gossipsub::Behaviour::new(
-                        gossipsub::MessageAuthenticity::Signed(key.clone()),
-                        config,
-                    )?;
-                    g.subscribe(&gossipsub::IdentTopic::new(CAPACITY_TOPIC))?;
-                    Some(g)
-                } else {
-                    None
-                };
-                let mdns = if mdns_on {
-                    Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer)?)
-                } else {
-                    None
-                };
-                Ok(Behaviour {
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        IDENTIFY_PROTOCOL.into(),
-                        key.public(),
-                    )),
-                    ping: ping::Behaviour::new(
-                        ping::Config::new().with_interval(Duration::from_secs(5)),
-                    ),
-                    stream: libp2p_stream::Behaviour::new(),
-                    kad: kad.into(),
-                    gossipsub: gossipsub.into(),
-                    mdns: mdns.into(),
-                })
-            },
-        )
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-        .build();
+    let (gossip_on, mdns_on, has_key) = (cfg.gossip, cfg.mdns, cfg.psk.is_some());
+    let behaviour = move |key: &libp2p::identity::Keypair| make_behaviour(key, gossip_on, mdns_on);
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let swarm = match cfg.psk {
+        None => libp2p::SwarmBuilder::with_existing_identity(identity)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| setup(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| setup(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+        // TCP alone, each connection first wrapped in the mesh key.
+        Some(psk) => libp2p::SwarmBuilder::with_existing_identity(identity)
+            .with_tokio()
+            .with_other_transport(
+                |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    use libp2p::Transport;
+                    Ok(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| {
+                                libp2p::pnet::PnetConfig::new(psk).handshake(socket)
+                            })
+                            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                            .authenticate(noise::Config::new(key)?)
+                            .multiplex(yamux::Config::default()),
+                    )
+                },
+            )
+            .map_err(|e| setup(&e))?
+            .with_dns()
+            .map_err(|e| setup(&e))?
+            .with_behaviour(behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+    };
     let local_peer_id = *swarm.local_peer_id();
     let control = swarm.behaviour().stream.new_control();
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_BUFFER);
@@ -325,6 +360,8 @@ pub fn new(
             pending_listen: HashMap::new(),
             pending_dial: HashMap::new(),
             joined_dial: HashMap::new(),
+            has_key,
+            handshake_warned_at: None,
         },
     ))
 }
@@ -500,6 +537,33 @@ pub struct EventLoop {
     /// Dials of a peer another dial was already connecting to (two
     /// addresses of one bootstrap node): answered with that dial's outcome.
     joined_dial: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
+    /// Whether this node runs a private mesh (a pre-shared key).
+    has_key: bool,
+    /// When a failed incoming handshake was last logged (at most one a
+    /// [`HANDSHAKE_WARN_EVERY`], so a flood does not flood the log).
+    handshake_warned_at: Option<std::time::Instant>,
+}
+
+/// Least time between two logged incoming handshake failures.
+const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a connection failed while being set up (key, encryption or
+/// protocol negotiation) rather than not reaching the other side at all:
+/// the mark of two nodes that do not share a mesh key.
+fn failed_in_handshake(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    [
+        "handshake",
+        "negotiat",
+        "upgrade",
+        "decrypt",
+        "noise",
+        "multistream",
+        "invalid data",
+        "unexpected eof",
+    ]
+    .iter()
+    .any(|w| r.contains(w))
 }
 
 /// Where a dial's outcome goes.
@@ -676,9 +740,13 @@ impl EventLoop {
                 error,
             } => {
                 if let Some((addr, reply)) = self.pending_dial.remove(&connection_id) {
+                    let mut reason = error_chain(&error);
+                    if failed_in_handshake(&reason) {
+                        reason = format!("{reason}; {}", psk::handshake_hint(self.has_key));
+                    }
                     let _ = reply.send(Err(NetError::Dial {
                         addr: addr.to_string(),
-                        reason: error.to_string(),
+                        reason,
                     }));
                 }
                 // Those waiting on it retry on their own (their address may
@@ -692,6 +760,28 @@ impl EventLoop {
                             reason: format!("another dial of this peer failed: {error}"),
                         }));
                     }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                let reason = error_chain(&error);
+                let now = std::time::Instant::now();
+                if failed_in_handshake(&reason)
+                    && self
+                        .handshake_warned_at
+                        .is_none_or(|t| now.duration_since(t) >= HANDSHAKE_WARN_EVERY)
+                {
+                    self.handshake_warned_at = Some(now);
+                    tracing::warn!(
+                        from = %send_back_addr,
+                        "a connection failed during its handshake ({reason}); {}",
+                        psk::handshake_hint(self.has_key)
+                    );
+                } else {
+                    tracing::debug!(from = %send_back_addr, %reason, "incoming connection failed");
                 }
             }
             SwarmEvent::ConnectionClosed {

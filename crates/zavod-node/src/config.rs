@@ -137,6 +137,9 @@ pub struct NodeSection {
     /// Bind to this machine's Tailscale addresses and find zavod peers on
     /// the tailnet (see `[tailscale]`).
     pub tailscale: bool,
+    /// A private mesh's pre-shared key file (`zavod mesh psk`): TCP only,
+    /// and only with nodes that have the same key.
+    pub psk_file: Option<PathBuf>,
     /// Threads for networking, routing and the actors; 0 = automatic (see
     /// [`NodeConfig::runtime_threads`]).
     pub runtime_threads: u32,
@@ -150,6 +153,7 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             mdns: false,
             tailscale: false,
+            psk_file: None,
             runtime_threads: 0,
         }
     }
@@ -411,6 +415,7 @@ pub struct Overrides {
     pub stream_interval_ms: Option<u32>,
     pub http: Option<String>,
     pub tailscale: Option<bool>,
+    pub psk_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -488,6 +493,9 @@ impl NodeConfig {
         }
         if let Some(v) = o.tailscale {
             self.node.tailscale = v;
+        }
+        if let Some(v) = o.psk_file {
+            self.node.psk_file = Some(v);
         }
     }
 
@@ -660,6 +668,16 @@ impl NodeConfig {
             return bad("generation.default_max_tokens is out of range".into());
         }
         Ok(())
+    }
+
+    /// The private mesh's key, read from `node.psk_file` (none without it).
+    pub fn mesh_key(&self) -> Result<Option<libp2p::pnet::PreSharedKey>, ConfigError> {
+        self.node
+            .psk_file
+            .as_deref()
+            .map(zavod_net::psk::read)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid(format!("node.psk_file: {e}")))
     }
 
     /// The data directory: configured, else `<user data dir>/zavod`.

@@ -58,6 +58,12 @@ pub struct StartOptions {
     pub models: Vec<Arc<dyn ModelBackend>>,
 }
 
+/// Whether `addr` is a QUIC address.
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
 /// Whether the Router's view holds `peer` as a member.
 async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
     let (Some(router), Some(node)) = (shared.directory.get().router, zavod_net::node_id_of(peer))
@@ -94,6 +100,7 @@ pub async fn join_mesh(
     identity: &mut NodeIdentity,
     ticket: &zavod_proto::trust::JoinTicket,
     limits: &crate::config::LimitsSection,
+    psk: Option<libp2p::pnet::PreSharedKey>,
 ) -> Result<(), NodeError> {
     use zavod_proto::wire::{JoinReply, JoinRequest};
     let now = crate::clock::now_ms();
@@ -104,6 +111,7 @@ pub async fn join_mesh(
         zavod_net::identity_from_secret(identity.key.secret_bytes())?,
         NetConfig {
             dial_timeout_ms: limits.dial_timeout_ms,
+            psk,
             ..Default::default()
         },
     )?;
@@ -258,7 +266,24 @@ impl Node {
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
-        let tailnet = crate::tailnet::prepare(&config, &listen, true)
+        let psk = config.mesh_key()?;
+        // libp2p's private networks cover TCP only: with a key, no QUIC.
+        let listen: Vec<Multiaddr> = if psk.is_some() {
+            let (quic, tcp): (Vec<Multiaddr>, Vec<Multiaddr>) =
+                listen.into_iter().partition(is_quic);
+            for a in &quic {
+                tracing::warn!(addr = %a, "not listening on this QUIC address: QUIC is off in a private mesh (a pre-shared key covers TCP only)");
+            }
+            if tcp.is_empty() {
+                return Err(NodeError::Config(ConfigError::Invalid(
+                    "node.listen has only QUIC addresses, and a private mesh (node.psk_file) runs on TCP only; add a /tcp/ address".into(),
+                )));
+            }
+            tcp
+        } else {
+            listen
+        };
+        let tailnet = crate::tailnet::prepare(&config, &listen, psk.is_none())
             .await
             .map_err(NodeError::Tailscale)?;
         let store = Arc::new(SledStore::open(&identity.dir.join("memory"))?);
@@ -272,6 +297,7 @@ impl Node {
                 max_frame_bytes: limits.max_frame_bytes,
                 mdns: config.node.mdns,
                 gossip: true,
+                psk,
             },
         )?;
         let peer_id = net.local_peer_id();

@@ -62,7 +62,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .block_on(ChatClient::connect(
             identity,
             args.peer.clone(),
-            Default::default(),
+            zavod_net::NetConfig {
+                psk: args
+                    .psk_file
+                    .as_deref()
+                    .map(zavod_net::psk::read)
+                    .transpose()?,
+                ..Default::default()
+            },
         ))
         .with_context(|| format!("connecting to {}", args.peer))?;
 

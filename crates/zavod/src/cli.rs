@@ -94,6 +94,14 @@ pub enum MeshCommand {
         #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
         bootstrap: Vec<Multiaddr>,
     },
+    /// Write a fresh pre-shared key for a private mesh: every node started
+    /// with `--psk-file FILE` (and every client) needs the same file, and
+    /// nothing without it can connect. QUIC is off on such nodes.
+    Psk {
+        /// Where to write the key (never overwritten; readable by you only).
+        #[arg(long, default_value = "mesh.psk", value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +143,9 @@ pub struct StatusArgs {
     /// Credential to present: a file, or the credential text itself.
     #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
     pub credential: Option<String>,
+    /// The private mesh's pre-shared key, when the node uses one.
+    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -182,6 +193,10 @@ pub struct NodeArgs {
     /// the one ZAVOD_TAILSCALE_BIN names).
     #[arg(long, env = "ZAVOD_TAILSCALE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub tailscale: Option<bool>,
+    /// A private mesh's pre-shared key (`zavod mesh psk` writes one): only
+    /// nodes and clients with the same key can connect; QUIC is off.
+    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
     /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/7070.
     #[arg(long, env = "ZAVOD_LISTEN", value_name = "MULTIADDR", value_parser = parse_multiaddr, value_delimiter = ',')]
     pub listen: Vec<Multiaddr>,
@@ -244,6 +259,9 @@ pub struct ChatArgs {
     /// Credential to present: a file, or the credential text itself [default: DIR/client.cred].
     #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
     pub credential: Option<String>,
+    /// The private mesh's pre-shared key, when the node uses one.
+    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
     /// Ask once, print the answer on stdout and exit (for scripts).
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,

@@ -36,6 +36,26 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
             println!("next: start `zavod node` here, then `zavod mesh invite` for each new node");
             Ok(())
         }
+        MeshCommand::Psk { out } => {
+            if std::fs::symlink_metadata(&out).is_ok() {
+                bail!(
+                    "{} exists; a mesh key is never overwritten (every node of the mesh uses it). Name another file with --out",
+                    out.display()
+                );
+            }
+            let key = zavod_net::psk::generate()?;
+            write_file(&out, &key, true)
+                .with_context(|| format!("writing the mesh key to {}", out.display()))?;
+            println!(
+                "wrote a mesh key to {} (readable by you only)",
+                out.display()
+            );
+            println!(
+                "give every node and client of the mesh this file: zavod node --psk-file {0}; zavod chat --psk-file {0}",
+                out.display()
+            );
+            Ok(())
+        }
         MeshCommand::Invite {
             data_dir,
             ttl,

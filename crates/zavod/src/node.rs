@@ -30,6 +30,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
         stream_interval_ms: args.stream_interval_ms,
         http: args.http,
         tailscale: args.tailscale,
+        psk_file: args.psk_file,
     });
     let ticket = match &args.join {
         Some(t) => Some(
@@ -74,6 +75,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
                     &mut identity,
                     t,
                     &config.limits,
+                    config.mesh_key()?,
                 ))?;
                 println!("joined: membership signed by {}", t.signer.short());
             }
@@ -104,6 +106,14 @@ pub fn run(args: NodeArgs) -> Result<()> {
     }
     let peer_id = zavod_net::peer_id_of(&identity.id()).context("node key is not ed25519")?;
     writeln!(out, "peer id: {peer_id}")?;
+    if let (Some(path), Some(key)) = (&config.node.psk_file, config.mesh_key()?) {
+        writeln!(
+            out,
+            "private mesh: key {} (fingerprint {}); QUIC is off, as the key covers TCP only",
+            path.display(),
+            key.fingerprint()
+        )?;
+    }
     out.flush()?;
     drop(out);
 

@@ -46,7 +46,14 @@ pub fn run(args: StatusArgs) -> Result<()> {
         .block_on(async {
             let (net, mut events, el) = zavod_net::new(
                 zavod_net::identity_from_secret(key.secret_bytes())?,
-                Default::default(),
+                zavod_net::NetConfig {
+                    psk: args
+                        .psk_file
+                        .as_deref()
+                        .map(zavod_net::psk::read)
+                        .transpose()?,
+                    ..Default::default()
+                },
             )?;
             tokio::spawn(el.run());
             tokio::spawn(async move { while events.recv().await.is_some() {} });
