@@ -147,3 +147,22 @@ fn malformed_and_oversized_frames_do_not_hurt_the_node() {
     );
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
+
+#[test]
+fn a_second_node_on_a_running_nodes_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start(dir.path(), &[]);
+    let out = zavod()
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run zavod node");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another zavod node is running"), "{err}");
+    let first = a.peer_id.clone();
+    assert!(a.stop().success());
+    // Once it has stopped, the directory is free again, with the same key.
+    let b = NodeProc::start(dir.path(), &[]);
+    assert_eq!(b.peer_id, first);
+}

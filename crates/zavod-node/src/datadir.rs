@@ -56,6 +56,10 @@ pub enum DataDirError {
     Random(String),
     #[error("{0}")]
     Mesh(String),
+    #[error(
+        "another zavod node is running on the data directory {dir}{holder}; stop it, or give this one its own --data-dir"
+    )]
+    Locked { dir: String, holder: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -77,22 +81,101 @@ pub fn random_u128() -> Result<u128, DataDirError> {
     Ok(u128::from_le_bytes(b))
 }
 
-/// Writes a file atomically (temp file, then rename), private if `secret`.
-pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), DataDirError> {
-    let tmp = path.with_extension("tmp");
+/// Creates `dir` (and its parents) readable by its owner only, as every
+/// data directory is: it holds keys, credentials and conversations.
+pub fn create_private_dir(dir: &Path) -> Result<(), DataDirError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
     {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
     }
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    b.create(dir).map_err(io_err(dir))
+}
+
+/// Writes a file atomically, private if `secret`: a temporary file of a
+/// unique name beside it, synced, renamed over it, and the directory
+/// synced, so a crash leaves the old file or the new one, never a torn or
+/// lost one.
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), DataDirError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    // Temporary files are created readable by their owner only.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(contents.as_bytes())
+        .map_err(io_err(tmp.path()))?;
+    #[cfg(unix)]
+    if !secret {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err(path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// The lock a running node holds on its data directory (released when
+/// dropped, or when the process ends however it ends).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Name of the lock file in a data directory.
+const LOCK_FILE: &str = "node.lock";
+
+/// Takes the data directory for one node process, before any key in it is
+/// read or written: a second node on the same directory would share its
+/// identity and corrupt its memory.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, DataDirError> {
+    create_private_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = std::io::Read::read_to_string(&mut file, &mut pid);
+            let pid = pid.trim();
+            return Err(DataDirError::Locked {
+                dir: dir.display().to_string(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (process {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+    }
+    // Who holds it, for the message another start gives.
+    file.set_len(0).map_err(io_err(&path))?;
+    writeln!(file, "{}", std::process::id()).map_err(io_err(&path))?;
+    Ok(DirLock { _file: file })
 }
 
 fn read_key(path: &Path) -> Result<Option<Keypair>, DataDirError> {
@@ -270,7 +353,7 @@ impl NodeIdentity {
         now_ms: UnixMs,
         found: bool,
     ) -> Result<(Self, InitReport), DataDirError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        create_private_dir(dir)?;
         let mut report = InitReport::default();
         let key = load_or_create_key(&dir.join(NODE_KEY), &mut report.created_node_key)?;
 
@@ -445,7 +528,7 @@ impl ClientIdentity {
             path: source,
             reason: e.to_string(),
         })?;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        create_private_dir(dir)?;
         let mut created = false;
         let key = load_or_create_key(&dir.join(CLIENT_KEY), &mut created)?;
         Ok(ClientIdentity { key, credential })
@@ -460,8 +543,7 @@ fn no_credential(dir: &Path) -> DataDirError {
     let member = dir.join(NODE_KEY).exists() && !dir.join(AUTHORITY_KEY).exists();
     let hint = if member {
         let mut created = false;
-        let holder = std::fs::create_dir_all(dir)
-            .map_err(io_err(dir))
+        let holder = create_private_dir(dir)
             .and_then(|()| load_or_create_key(&dir.join(CLIENT_KEY), &mut created))
             .map_or_else(|_| "<client key>".to_string(), |k| k.public().to_hex());
         format!(
@@ -487,7 +569,7 @@ pub fn node_key(dir: &Path) -> Result<Option<Keypair>, DataDirError> {
 
 /// The local user's client key in `dir`, created when missing.
 pub fn client_key(dir: &Path) -> Result<Keypair, DataDirError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    create_private_dir(dir)?;
     let mut created = false;
     load_or_create_key(&dir.join(CLIENT_KEY), &mut created)
 }
@@ -495,6 +577,44 @@ pub fn client_key(dir: &Path) -> Result<Keypair, DataDirError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_node_per_data_directory() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("node");
+        let held = lock_dir(&dir).expect("first lock");
+        let e = lock_dir(&dir).expect_err("second lock").to_string();
+        assert!(e.contains("another zavod node is running"), "{e}");
+        assert!(
+            e.contains(&format!("process {}", std::process::id())),
+            "names the holder: {e}"
+        );
+        drop(held);
+        lock_dir(&dir).expect("free again once released");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn data_directories_are_private_and_files_are_replaced_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("a/b");
+        NodeIdentity::open(&dir, 0).expect("first start");
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(NODE_KEY)), 0o600);
+        let f = dir.join("listen-addrs-test");
+        write_file(&f, "one\n", false).expect("write");
+        write_file(&f, "two\n", false).expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&f).expect("read"), "two\n");
+        assert_eq!(mode(&f), 0o644);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn first_start_creates_a_local_mesh_and_a_usable_credential() {

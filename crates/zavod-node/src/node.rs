@@ -286,7 +286,9 @@ impl Node {
         let tailnet = crate::tailnet::prepare(&config, &listen, psk.is_none())
             .await
             .map_err(NodeError::Tailscale)?;
-        let store = Arc::new(SledStore::open(&identity.dir.join("memory"))?);
+        let memory_dir = identity.dir.join("memory");
+        crate::datadir::create_private_dir(&memory_dir)?;
+        let store = Arc::new(SledStore::open(&memory_dir)?);
         let limits = config.limits.clone();
 
         let (net, mut events, event_loop) = zavod_net::new(

@@ -52,6 +52,8 @@ pub fn run(args: NodeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
 
+    // One node per data directory, taken before any key is read.
+    let _lock = zavod_node::datadir::lock_dir(&config.data_dir())?;
     let (identity, report) = match &ticket {
         None => Node::open_identity(&config)?,
         Some(t) => {
