@@ -138,6 +138,17 @@ impl Default for NetConfig {
     }
 }
 
+impl NetConfig {
+    /// A client's network (`zavod chat`, `zavod status`): no gossip, and
+    /// the private mesh's key when `psk_file` names one.
+    pub fn client(psk_file: Option<&std::path::Path>) -> Result<Self, NetError> {
+        Ok(NetConfig {
+            psk: psk_file.map(psk::read).transpose()?,
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     identify: identify::Behaviour,

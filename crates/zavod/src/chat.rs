@@ -62,14 +62,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .block_on(ChatClient::connect(
             identity,
             args.peer.clone(),
-            zavod_net::NetConfig {
-                psk: args
-                    .psk_file
-                    .as_deref()
-                    .map(zavod_net::psk::read)
-                    .transpose()?,
-                ..Default::default()
-            },
+            zavod_net::NetConfig::client(args.psk_file.as_deref())?,
         ))
         .with_context(|| format!("connecting to {}", args.peer))?;
 

@@ -46,14 +46,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         .block_on(async {
             let (net, mut events, el) = zavod_net::new(
                 zavod_net::identity_from_secret(key.secret_bytes())?,
-                zavod_net::NetConfig {
-                    psk: args
-                        .psk_file
-                        .as_deref()
-                        .map(zavod_net::psk::read)
-                        .transpose()?,
-                    ..Default::default()
-                },
+                zavod_net::NetConfig::client(args.psk_file.as_deref())?,
             )?;
             tokio::spawn(el.run());
             tokio::spawn(async move { while events.recv().await.is_some() {} });
