@@ -418,8 +418,24 @@ impl Client {
     pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
         let what = format!("connecting to {addr}");
         let ms = self.cfg.dial_timeout_ms;
-        self.ask(&what, |reply| Command::Dial { addr, reply }, ms)
-            .await?
+        let shown = addr.to_string();
+        match self
+            .ask(&what, |reply| Command::Dial { addr, reply }, ms)
+            .await
+        {
+            Ok(outcome) => outcome,
+            // Two nodes with different mesh keys read each other's bytes
+            // as noise, and the handshake waits rather than fails: a
+            // connection that times out may be that.
+            Err(NetError::Timeout { ms, .. }) => Err(NetError::Dial {
+                addr: shown,
+                reason: format!(
+                    "no connection within {ms} ms: the node may be unreachable, or {}",
+                    psk::timeout_hint(self.cfg.psk.is_some())
+                ),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {

@@ -45,6 +45,16 @@ pub(crate) fn handshake_hint(has_key: bool) -> &'static str {
     }
 }
 
+/// What a connection that timed out may mean, given whether this node has
+/// a key.
+pub(crate) fn timeout_hint(has_key: bool) -> &'static str {
+    if has_key {
+        "since this node uses a mesh key, the other node may have a different key or none (every node of a private mesh needs the same --psk-file)"
+    } else {
+        "if the other node uses a mesh key, this one needs the same key (--psk-file)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
