@@ -182,33 +182,54 @@ pub fn run(args: NodeArgs) -> Result<()> {
             println!("http api on http://{h}/v1 (metrics on http://{h}/metrics)");
         }
         let first = addrs.first().map(ToString::to_string).unwrap_or_default();
+        // The handlers are installed before `ready:` is printed: a signal
+        // sent the moment a supervisor sees it must stop the node cleanly,
+        // not meet the default action and kill it.
+        let shutdown = ShutdownSignal::install()?;
         println!("ready: chat with `zavod chat --peer {first}`");
         std::io::stdout().flush()?;
-        wait_for_shutdown_signal().await;
+        shutdown.wait().await;
         println!("shutting down");
         node.shutdown().await?;
         Ok(())
     })
 }
 
-async fn wait_for_shutdown_signal() {
+/// SIGINT or SIGTERM, listened for from the moment it is installed.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignal {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
