@@ -675,11 +675,11 @@ impl Sim {
         } else {
             Vec::new()
         };
-        let report = CapacityReport::build(n.id, n.seq, self.now, &resources, &served);
+        let mut report = CapacityReport::build(n.id, n.seq, self.now, &resources, &served);
+        report.addrs = vec![format!("/sim/{i}")];
         Announcement {
             report: sign_report(&n.key, report),
             membership: n.membership.clone(),
-            addrs: vec![format!("/sim/{i}")],
         }
     }
 
@@ -819,10 +819,7 @@ impl Sim {
         self.at(next, Ev::Gossip(i));
         let ann = self.report_of(i);
         let now = self.now;
-        if !self.nodes[i]
-            .announcer
-            .poll(&ann.report.body, &ann.addrs, now)
-        {
+        if !self.nodes[i].announcer.poll(&ann.report.body, now) {
             return;
         }
         self.gossip_bytes += zavod_proto::wire::encode(&ann).map_or(0, |b| b.len() as u64);

@@ -6,6 +6,7 @@ mod bad_input;
 mod chat;
 mod failover;
 mod grants;
+mod hostile;
 mod http;
 mod mdns;
 mod memory;

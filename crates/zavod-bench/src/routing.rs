@@ -41,6 +41,7 @@ pub(crate) fn decision_us(n: usize) -> (f64, f64) {
                 ..ModelOffer::new(if i % 4 == 0 { "other" } else { "m" }, "Q4_K_M", 4096)
             }],
             cached: CacheSummary::of(&[i as u64]),
+            addrs: vec![],
         };
         let a = Announcement {
             report: sign_report(&key, report),
@@ -49,7 +50,6 @@ pub(crate) fn decision_us(n: usize) -> (f64, f64) {
                 issued_at_ms: 0,
                 expires_at_ms: u64::MAX,
             }),
-            addrs: vec![],
         };
         let _ = view.on_announcement(&a, 1);
         view.on_rtt(&key.public(), 1.0 + (i % 20) as f64);

@@ -2,18 +2,42 @@
 //! (tokio-util's `LengthDelimitedCodec`) and a versioned bincode body. The
 //! codec refuses a frame whose declared length is over the limit before
 //! reading it, so a peer cannot make us buffer more than `max_frame_bytes`.
+//!
+//! Every write, flush and close is bounded in time: by the timeout the
+//! caller passes, or else by the stream's write timeout
+//! ([`DEFAULT_WRITE_TIMEOUT`] unless set), so a peer that stops reading
+//! never holds a task.
 
 use crate::NetError;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde::{Serialize, de::DeserializeOwned};
 use std::time::Duration;
+
+/// How long a write, flush or close may block when the caller names no
+/// deadline of its own.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one write, flush or close under `timeout`.
+async fn bounded<F>(what: &str, timeout: Duration, f: F) -> Result<(), NetError>
+where
+    F: std::future::Future<Output = Result<(), std::io::Error>>,
+{
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| NetError::Timeout {
+            what: what.into(),
+            ms: timeout.as_millis() as u64,
+        })??;
+    Ok(())
+}
 use tokio_util::codec::{Framed, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 pub struct FrameStream {
     inner: Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>,
     limit: usize,
+    write_timeout: Duration,
 }
 
 impl std::fmt::Debug for FrameStream {
@@ -30,20 +54,32 @@ impl FrameStream {
         FrameStream {
             inner: Framed::new(stream.compat(), codec),
             limit: max_frame_bytes,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 
+    /// Bounds writes, flushes and closes that name no deadline by `t`.
+    pub fn with_write_timeout(mut self, t: Duration) -> Self {
+        self.write_timeout = t;
+        self
+    }
+
+    /// Sends one frame (within the stream's write timeout).
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), NetError> {
         let bytes = encode_frame(msg, self.limit)?;
-        SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes::Bytes::from(bytes)).await?;
-        Ok(())
+        self.send_raw(bytes).await
     }
 
     /// Sends arbitrary bytes as one frame, unchecked: for tests that play a
     /// hostile peer.
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {
-        SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes::Bytes::from(bytes)).await?;
-        Ok(())
+        let inner = &mut self.inner;
+        bounded(
+            "writing to the stream",
+            self.write_timeout,
+            SinkExt::<bytes::Bytes>::send(inner, bytes::Bytes::from(bytes)),
+        )
+        .await
     }
 
     /// The next frame; `Ok(None)` when the peer closed the stream cleanly.
@@ -62,15 +98,30 @@ impl FrameStream {
 
     /// Splits into a writer and a reader that can be used concurrently.
     pub fn split(self) -> (FrameWriter, FrameReader) {
-        let limit = self.limit;
+        let (limit, write_timeout) = (self.limit, self.write_timeout);
         let (sink, stream) = self.inner.split();
-        (FrameWriter { sink, limit }, FrameReader { stream, limit })
+        (
+            FrameWriter {
+                sink,
+                limit,
+                write_timeout,
+            },
+            FrameReader {
+                stream: stream.peekable(),
+                limit,
+            },
+        )
     }
 
-    /// Flushes and closes our side.
+    /// Flushes and closes our side (within the stream's write timeout).
     pub async fn close(&mut self) -> Result<(), NetError> {
-        SinkExt::<bytes::Bytes>::close(&mut self.inner).await?;
-        Ok(())
+        let inner = &mut self.inner;
+        bounded(
+            "closing the stream",
+            self.write_timeout,
+            SinkExt::<bytes::Bytes>::close(inner),
+        )
+        .await
     }
 }
 
@@ -80,6 +131,7 @@ type Inner = Framed<Compat<libp2p::Stream>, LengthDelimitedCodec>;
 pub struct FrameWriter {
     sink: SplitSink<Inner, bytes::Bytes>,
     limit: usize,
+    write_timeout: Duration,
 }
 
 impl std::fmt::Debug for FrameWriter {
@@ -125,19 +177,29 @@ impl FrameWriter {
     /// Sends arbitrary bytes as one frame, unchecked: for tests that play a
     /// hostile peer.
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {
-        self.sink.send(bytes::Bytes::from(bytes)).await?;
-        Ok(())
+        let sink = &mut self.sink;
+        bounded(
+            "writing to the stream",
+            self.write_timeout,
+            sink.send(bytes::Bytes::from(bytes)),
+        )
+        .await
     }
 
+    /// Flushes and closes our side, giving up after `timeout`.
+    pub async fn close_within(&mut self, timeout: Duration) -> Result<(), NetError> {
+        bounded("closing the stream", timeout, self.sink.close()).await
+    }
+
+    /// Flushes and closes our side (within the stream's write timeout).
     pub async fn close(&mut self) -> Result<(), NetError> {
-        self.sink.close().await?;
-        Ok(())
+        self.close_within(self.write_timeout).await
     }
 }
 
 /// The receiving half of a [`FrameStream`].
 pub struct FrameReader {
-    stream: SplitStream<Inner>,
+    stream: futures::stream::Peekable<SplitStream<Inner>>,
     limit: usize,
 }
 
@@ -152,6 +214,14 @@ impl FrameReader {
     /// caller selects this against its own deadlines.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, NetError> {
         decode_next(self.stream.next().await, self.limit)
+    }
+
+    /// Waits until the next frame has arrived whole (or the stream ended
+    /// or failed) without taking it: `true` when something is there for
+    /// [`Self::recv`] to read, `false` on a clean end of stream. No
+    /// timeout: the caller bounds it.
+    pub async fn arrived(&mut self) -> bool {
+        std::pin::Pin::new(&mut self.stream).peek().await.is_some()
     }
 }
 

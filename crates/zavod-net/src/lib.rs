@@ -123,6 +123,58 @@ pub struct NetConfig {
     /// A private mesh's pre-shared key: TCP only, through libp2p's private
     /// network transport, and no QUIC (see [`psk`]).
     pub psk: Option<libp2p::pnet::PreSharedKey>,
+    /// Who may connect, and how many connections are kept.
+    pub admission: Admission,
+}
+
+/// Which peers may hold a connection to this node, and how many
+/// connections it keeps. Enforced by the swarm before any protocol runs.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// When not empty, only these peers connect (in or out): every member
+    /// and client this node talks with must be listed.
+    pub allow: Vec<PeerId>,
+    /// Never connected with, whatever else holds.
+    pub deny: Vec<PeerId>,
+    /// Established connections, in and out together.
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// Incoming connections still in their handshake.
+    pub max_pending_incoming: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections: 1024,
+            max_connections_per_peer: 4,
+            max_pending_incoming: 128,
+        }
+    }
+}
+
+/// How the node judged a gossip message, which decides whether it is
+/// forwarded and how its sender is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// New and valid: forwarded.
+    Accept,
+    /// Valid but nothing new (stale, or the view is full): not forwarded,
+    /// the sender not blamed.
+    Ignore,
+    /// Invalid (undecodable, not a member, a bad signature, or the gossip
+    /// author is not the node the report is about): not forwarded, and the
+    /// peer that sent it loses score.
+    Reject,
+}
+
+/// Names one received gossip message so the node can report its verdict.
+#[derive(Debug, Clone)]
+pub struct GossipTicket {
+    id: gossipsub::MessageId,
+    from: PeerId,
 }
 
 impl Default for NetConfig {
@@ -134,6 +186,7 @@ impl Default for NetConfig {
             mdns: false,
             gossip: false,
             psk: None,
+            admission: Admission::default(),
         }
     }
 }
@@ -151,6 +204,11 @@ impl NetConfig {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    // First, so a refused peer is turned away before any other behaviour
+    // sees its connection.
+    deny: libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::BlockedPeers>,
+    allow: Toggle<libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::AllowedPeers>>,
+    limits: libp2p::connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     stream: libp2p_stream::Behaviour,
@@ -173,10 +231,13 @@ pub enum Event {
         peer: PeerId,
         rtt: Duration,
     },
-    /// A capacity announcement from `author` (signed by it at the gossip layer).
+    /// A capacity announcement from `author` (signed by it at the gossip
+    /// layer), held back from forwarding until the node reports its
+    /// [`Verdict`] with [`Client::judge`].
     Gossip {
         author: Option<PeerId>,
         data: Vec<u8>,
+        ticket: GossipTicket,
     },
 }
 
@@ -204,6 +265,10 @@ enum Command {
     IsConnected {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
+    },
+    Judge {
+        ticket: GossipTicket,
+        verdict: Verdict,
     },
 }
 
@@ -257,14 +322,16 @@ fn make_behaviour(
     key: &libp2p::identity::Keypair,
     gossip_on: bool,
     mdns_on: bool,
+    admission: &Admission,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer = key.public().to_peer_id();
     let kad = gossip_on.then(|| {
-        let mut k = kad::Behaviour::with_config(
-            peer,
-            kad::store::MemoryStore::new(peer),
-            kad::Config::new(KAD_PROTOCOL),
-        );
+        let mut config = kad::Config::new(KAD_PROTOCOL);
+        // Kademlia only finds peers here; records and provider entries
+        // other nodes put are handed to the event loop, which stores none,
+        // so a stranger cannot fill this node's memory with them.
+        config.set_record_filtering(kad::StoreInserts::FilterBoth);
+        let mut k = kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), config);
         // Answer queries even before an external address is known
         // (loopback and private meshes).
         k.set_mode(Some(kad::Mode::Server));
@@ -274,11 +341,15 @@ fn make_behaviour(
         let config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(Duration::from_millis(700))
             .validation_mode(gossipsub::ValidationMode::Strict)
+            // Nothing is forwarded before the node has judged it.
+            .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES)
             .build()?;
         let mut g =
             gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
-        g.subscribe(&gossipsub::IdentTopic::new(CAPACITY_TOPIC))?;
+        let topic = gossipsub::IdentTopic::new(CAPACITY_TOPIC);
+        g.with_peer_score(gossip_score_params(&topic), gossip_score_thresholds())?;
+        g.subscribe(&topic)?;
         Some(g)
     } else {
         None
@@ -288,7 +359,30 @@ fn make_behaviour(
     } else {
         None
     };
+    let mut deny =
+        libp2p::allow_block_list::Behaviour::<libp2p::allow_block_list::BlockedPeers>::default();
+    for p in &admission.deny {
+        deny.block_peer(*p);
+    }
+    let allow = (!admission.allow.is_empty()).then(|| {
+        let mut a =
+            libp2p::allow_block_list::Behaviour::<libp2p::allow_block_list::AllowedPeers>::default(
+            );
+        for p in &admission.allow {
+            a.allow_peer(*p);
+        }
+        a
+    });
+    let limits = libp2p::connection_limits::Behaviour::new(
+        libp2p::connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(admission.max_connections))
+            .with_max_established_per_peer(Some(admission.max_connections_per_peer))
+            .with_max_pending_incoming(Some(admission.max_pending_incoming)),
+    );
     Ok(Behaviour {
+        deny,
+        allow: allow.into(),
+        limits,
         identify: identify::Behaviour::new(identify::Config::new(
             IDENTIFY_PROTOCOL.into(),
             key.public(),
@@ -301,6 +395,48 @@ fn make_behaviour(
     })
 }
 
+/// Peer scoring for the capacity topic. Announcements are few (about one
+/// a second per node), so the delivery-rate terms that suit busy topics
+/// would mark honest peers of a small mesh as slow; they are off. What
+/// counts is invalid messages: each one the node rejects costs its sender
+/// (squared, so a few are enough to cut it off), and the penalty decays
+/// within a minute, so one disagreement about a membership's expiry at
+/// the edge of two clocks does not.
+fn gossip_score_params(topic: &gossipsub::IdentTopic) -> gossipsub::PeerScoreParams {
+    let topic_params = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    };
+    let mut p = gossipsub::PeerScoreParams {
+        // Nodes of one machine or behind one address are normal here.
+        ip_colocation_factor_weight: 0.0,
+        ..Default::default()
+    };
+    p.topics.insert(topic.hash(), topic_params);
+    p
+}
+
+/// Below `graylist` (about three rejected messages in a row) a peer's
+/// gossip is ignored altogether until its score recovers.
+fn gossip_score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: -20.0,
+        publish_threshold: -40.0,
+        graylist_threshold: -80.0,
+        ..Default::default()
+    }
+}
+
 /// Creates the swarm. Spawn `EventLoop::run` and keep the event receiver
 /// drained.
 pub fn new(
@@ -309,7 +445,9 @@ pub fn new(
 ) -> Result<(Client, mpsc::Receiver<Event>, EventLoop), NetError> {
     let idle = Duration::from_millis(cfg.idle_connection_timeout_ms);
     let (gossip_on, mdns_on, has_key) = (cfg.gossip, cfg.mdns, cfg.psk.is_some());
-    let behaviour = move |key: &libp2p::identity::Keypair| make_behaviour(key, gossip_on, mdns_on);
+    let admission = cfg.admission.clone();
+    let behaviour =
+        move |key: &libp2p::identity::Keypair| make_behaviour(key, gossip_on, mdns_on, &admission);
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let swarm = match cfg.psk {
         None => libp2p::SwarmBuilder::with_existing_identity(identity)
@@ -373,6 +511,7 @@ pub fn new(
             joined_dial: HashMap::new(),
             has_key,
             handshake_warned_at: None,
+            backlog: std::collections::VecDeque::new(),
         },
     ))
 }
@@ -466,6 +605,19 @@ impl Client {
     pub fn publish(&self, data: Vec<u8>) {
         if self.commands.try_send(Command::Publish { data }).is_err() {
             tracing::debug!("gossip publish dropped: network busy");
+        }
+    }
+
+    /// Reports the node's verdict on a gossip message: accepted ones are
+    /// forwarded, rejected ones count against the peer that sent them.
+    pub fn judge(&self, ticket: GossipTicket, verdict: Verdict) {
+        if self
+            .commands
+            .try_send(Command::Judge { ticket, verdict })
+            .is_err()
+        {
+            // Unjudged messages expire in gossipsub's cache unforwarded.
+            tracing::debug!("gossip verdict dropped: network busy");
         }
     }
 
@@ -569,7 +721,15 @@ pub struct EventLoop {
     /// When a failed incoming handshake was last logged (at most one a
     /// [`HANDSHAKE_WARN_EVERY`], so a flood does not flood the log).
     handshake_warned_at: Option<std::time::Instant>,
+    /// Connection events the node has not taken yet: these are never
+    /// dropped (the view and the actor sessions follow them). At most one
+    /// per connection opened or closed while the node is behind, and the
+    /// connection limits bound those; [`MAX_BACKLOG`] is a last guard.
+    backlog: std::collections::VecDeque<Event>,
 }
+
+/// Most connection events held for a node that has fallen behind.
+const MAX_BACKLOG: usize = 16 * 1024;
 
 /// Least time between two logged incoming handshake failures.
 const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -603,9 +763,21 @@ impl EventLoop {
     /// Runs until every [`Client`] is dropped.
     pub async fn run(mut self) {
         let mut kad_refresh = tokio::time::interval(KAD_BOOTSTRAP_EVERY);
+        // A second handle, so waiting for room in the channel does not
+        // borrow the loop's state.
+        let events = self.events.clone();
         loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                permit = events.reserve(), if !self.backlog.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(ev) = self.backlog.pop_front() {
+                            permit.send(ev);
+                        }
+                    }
+                    // The node is gone: nobody will read them.
+                    Err(_) => self.backlog.clear(),
+                },
                 cmd = self.commands.recv() => match cmd {
                     Some(c) => self.on_command(c),
                     None => return,
@@ -627,9 +799,28 @@ impl EventLoop {
 
     fn emit(&self, ev: Event) {
         // The node drains events; if it falls behind, dropping an RTT sample
-        // or a notice is better than stalling the swarm.
+        // or a gossip message (gossip repeats itself) is better than
+        // stalling the swarm.
         if self.events.try_send(ev).is_err() {
             tracing::debug!("network event dropped: receiver full or gone");
+        }
+    }
+
+    /// A connection event: delivered in order, queued while the node is
+    /// behind, never dropped.
+    fn emit_connection(&mut self, ev: Event) {
+        if self.backlog.is_empty() {
+            match self.events.try_send(ev) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(ev)) => self.backlog.push_back(ev),
+            }
+        } else {
+            self.backlog.push_back(ev);
+        }
+        if self.backlog.len() > MAX_BACKLOG {
+            self.backlog.pop_front();
+            tracing::warn!("the node is far behind on connection events; the oldest was dropped");
         }
     }
 
@@ -687,6 +878,16 @@ impl EventLoop {
             }
             Command::IsConnected { peer, reply } => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
+            }
+            Command::Judge { ticket, verdict } => {
+                if let Some(g) = self.swarm.behaviour_mut().gossipsub.as_mut() {
+                    let acceptance = match verdict {
+                        Verdict::Accept => gossipsub::MessageAcceptance::Accept,
+                        Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                        Verdict::Reject => gossipsub::MessageAcceptance::Reject,
+                    };
+                    g.report_message_validation_result(&ticket.id, &ticket.from, acceptance);
+                }
             }
             Command::Connect { peer, addrs } => {
                 let connected = self.swarm.connected_peers().count();
@@ -756,7 +957,7 @@ impl EventLoop {
                     ConnectedPoint::Dialer { address, .. } => address,
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
                 };
-                self.emit(Event::Connected {
+                self.emit_connection(Event::Connected {
                     peer: peer_id,
                     addr,
                 });
@@ -815,12 +1016,23 @@ impl EventLoop {
                 peer_id,
                 num_established: 0,
                 ..
-            } => self.emit(Event::Disconnected { peer: peer_id }),
+            } => self.emit_connection(Event::Disconnected { peer: peer_id }),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
                 ..
             })) => self.emit(Event::Rtt { peer, rtt }),
+            // A connection that does not answer pings is half dead (a peer
+            // that vanished without closing, a stalled link): closing it
+            // frees its slot and tells the node the peer is gone.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) => {
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -836,10 +1048,15 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 message,
-                ..
+                message_id,
+                propagation_source,
             })) => self.emit(Event::Gossip {
                 author: message.source,
                 data: message.data,
+                ticket: GossipTicket {
+                    id: message_id,
+                    from: propagation_source,
+                },
             }),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {

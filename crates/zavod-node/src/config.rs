@@ -55,6 +55,7 @@ pub struct NodeConfig {
     pub view: ViewConfig,
     pub http: HttpSection,
     pub tailscale: TailscaleSection,
+    pub admission: crate::admission::AdmissionSection,
 }
 
 /// A mesh on a Tailscale tailnet (with `node.tailscale = true`): the node
@@ -626,6 +627,12 @@ impl NodeConfig {
         if self.limits.max_concurrent_streams == 0 {
             return bad("limits.max_concurrent_streams must be at least 1".into());
         }
+        self.admission
+            .check(
+                self.limits.max_concurrent_streams,
+                self.limits.request_timeout_ms,
+            )
+            .map_err(ConfigError::Invalid)?;
         if self.gossip.interval_ms < 50 || self.gossip.heartbeat_ms < self.gossip.interval_ms {
             return bad(
                 "gossip.interval_ms must be at least 50 and gossip.heartbeat_ms at least that"

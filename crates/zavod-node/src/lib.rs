@@ -16,6 +16,7 @@
 #![warn(unreachable_pub)]
 
 pub(crate) mod actors;
+pub mod admission;
 pub mod backend;
 pub mod client;
 pub mod clock;

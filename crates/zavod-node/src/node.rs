@@ -15,7 +15,6 @@ use libp2p::{Multiaddr, PeerId};
 use ractor::{Actor, ActorRef};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
 use zavod_engine::EngineError;
 use zavod_engine::llama::{LlamaConfig, LoadedModel};
 use zavod_net::{NetConfig, NetError};
@@ -65,7 +64,7 @@ fn is_quic(addr: &Multiaddr) -> bool {
 }
 
 /// Whether the Router's view holds `peer` as a member.
-async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
+pub(crate) async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
     let (Some(router), Some(node)) = (shared.directory.get().router, zavod_net::node_id_of(peer))
     else {
         return false;
@@ -290,6 +289,23 @@ impl Node {
         crate::datadir::create_private_dir(&memory_dir)?;
         let store = Arc::new(SledStore::open(&memory_dir)?);
         let limits = config.limits.clone();
+        // Each connection and stream costs descriptors; the usual soft
+        // limit (1,024) is below what the connection limits allow.
+        let want = config.admission.open_files;
+        // A descriptor per connection (pending ones too), and some for the
+        // store, the model files and HTTP.
+        let need = u64::from(config.admission.max_connections)
+            + u64::from(config.admission.max_pending_incoming)
+            + 256;
+        match crate::admission::raise_open_files(want) {
+            Ok(n) if n < need => tracing::warn!(
+                open_files = n,
+                needed = need,
+                "the open-files limit is below what admission.max_connections needs (the hard limit stops it); raise it with `ulimit -Hn` or the service's LimitNOFILE, or lower admission.max_connections"
+            ),
+            Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
 
         let (net, mut events, event_loop) = zavod_net::new(
             zavod_net::identity_from_secret(identity.key.secret_bytes())?,
@@ -300,6 +316,7 @@ impl Node {
                 mdns: config.node.mdns,
                 gossip: true,
                 psk,
+                admission: config.admission.net(),
             },
         )?;
         let peer_id = net.local_peer_id();
@@ -344,14 +361,23 @@ impl Node {
                             let _ = router.cast(RouterMsg::Failed { node });
                         }
                     }
-                    zavod_net::Event::Gossip { data, .. } => {
-                        match zavod_proto::wire::decode::<Announcement>(&data) {
-                            Ok(a) => {
-                                let _ = router.cast(RouterMsg::Announce(Box::new(a)));
-                            }
-                            Err(e) => tracing::debug!(error = %e, "undecodable gossip dropped"),
+                    zavod_net::Event::Gossip {
+                        data,
+                        author,
+                        ticket,
+                    } => match zavod_proto::wire::decode::<Announcement>(&data) {
+                        Ok(a) => {
+                            let _ = router.cast(RouterMsg::Announce {
+                                a: Box::new(a),
+                                author,
+                                ticket,
+                            });
                         }
-                    }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "undecodable gossip dropped");
+                            ev_shared.net.judge(ticket, zavod_net::Verdict::Reject);
+                        }
+                    },
                     zavod_net::Event::Rtt { peer, rtt } => {
                         if let Some(node) = zavod_net::node_id_of(&peer) {
                             let _ = router.cast(RouterMsg::Rtt {
@@ -366,7 +392,10 @@ impl Node {
         }));
 
         // Accept before listening, so no early stream meets an unknown protocol.
-        let permits = Arc::new(Semaphore::new(limits.max_concurrent_streams));
+        let pools = crate::admission::StreamPools::new(
+            &shared.config.admission,
+            limits.max_concurrent_streams,
+        );
         for (protocol, kind) in [
             (zavod_net::CHAT_PROTOCOL, Kind::Chat),
             (zavod_net::RUN_PROTOCOL, Kind::Run),
@@ -376,7 +405,7 @@ impl Node {
         ] {
             let mut incoming = net.accept(protocol)?;
             let s = Arc::clone(&shared);
-            let p = Arc::clone(&permits);
+            let p = Arc::clone(&pools);
             tasks.push(tokio::spawn(async move {
                 while let Some((peer, stream)) = incoming.next().await {
                     tokio::spawn(serve_stream(

@@ -19,12 +19,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
+use zavod_net::Verdict;
 use zavod_proto::mesh::announcer::Announcer;
 use zavod_proto::mesh::breaker::BreakerState;
 use zavod_proto::mesh::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::mesh::placer::{Ask, Confirming, Placer};
 use zavod_proto::mesh::score::{Candidate, rank};
-use zavod_proto::mesh::view::{Accepted, Announcement, Liveness, MeshView};
+use zavod_proto::mesh::view::{Accepted, Announcement, Liveness, MeshView, ViewError};
 use zavod_proto::trust::{AuthError, Grant, GrantBody, UsageLedger, mint_grant, sign_report};
 use zavod_proto::wire::{
     ChatRequest, ErrorCode, ErrorFrame, RunReport, StatusReply, StatusRequest, StatusRow,
@@ -141,7 +142,14 @@ pub enum RouterMsg {
         model: usize,
         load: WorkerLoad,
     },
-    Announce(Box<Announcement>),
+    /// A capacity announcement heard by gossip; the Router's verdict goes
+    /// back to the network with the ticket, and decides whether it is
+    /// forwarded.
+    Announce {
+        a: Box<Announcement>,
+        author: Option<libp2p::PeerId>,
+        ticket: zavod_net::GossipTicket,
+    },
     Rtt {
         node: NodeId,
         rtt_ms: f64,
@@ -277,15 +285,14 @@ impl RouterState {
         let Some(membership) = self.shared.identity.membership.clone() else {
             return;
         };
-        let report = self.self_report();
-        let addrs = self.shared.listen_addrs();
-        if !self.announcer.poll(&report, &addrs, now) {
+        let mut report = self.self_report();
+        report.addrs = self.shared.listen_addrs();
+        if !self.announcer.poll(&report, now) {
             return;
         }
         let a = Announcement {
             report: sign_report(&self.shared.identity.key, report),
             membership,
-            addrs,
         };
         if let Err(e) = self.view.on_announcement(&a, now) {
             tracing::warn!(error = %e, "this node's own announcement was refused");
@@ -303,7 +310,10 @@ impl RouterState {
         }
     }
 
-    fn on_announce(&mut self, a: &Announcement) {
+    /// Takes in an announcement and says whether gossip should pass it on:
+    /// only new, valid reports whose gossip author is the node they are
+    /// about travel further.
+    fn on_announce(&mut self, a: &Announcement, author: Option<libp2p::PeerId>) -> Verdict {
         self.shared
             .metrics
             .gossip_messages
@@ -312,17 +322,32 @@ impl RouterState {
         let now = now_ms();
         let node = a.report.body.node;
         if node == self.me() {
-            return;
+            return Verdict::Ignore;
+        }
+        // Another node's report signed into gossip by someone else is a
+        // replay: the report's own signature holds, but it is not theirs
+        // to spread.
+        if author.and_then(|p| zavod_net::node_id_of(&p)) != Some(node) {
+            tracing::debug!(peer = %node.short(), "announcement published by another node dropped");
+            return Verdict::Reject;
         }
         match self.view.on_announcement(a, now) {
             Ok(Accepted::New) => {
                 tracing::info!(peer = %node.short(), models = ?a.report.body.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "member joined the view");
                 self.placer.on_report(&node);
                 self.connect_to(node);
+                Verdict::Accept
             }
-            Ok(Accepted::Updated) => self.placer.on_report(&node),
-            Ok(Accepted::Stale) => {}
-            Err(e) => tracing::debug!(peer = %node.short(), error = %e, "announcement dropped"),
+            Ok(Accepted::Updated) => {
+                self.placer.on_report(&node);
+                Verdict::Accept
+            }
+            Ok(Accepted::Stale) => Verdict::Ignore,
+            Err(ViewError::Full) => Verdict::Ignore,
+            Err(e) => {
+                tracing::debug!(peer = %node.short(), error = %e, "announcement dropped");
+                Verdict::Reject
+            }
         }
     }
 
@@ -785,7 +810,10 @@ impl Actor for Router {
                 }
                 let _ = reply.send(counts.to_vec());
             }
-            RouterMsg::Announce(a) => st.on_announce(&a),
+            RouterMsg::Announce { a, author, ticket } => {
+                let verdict = st.on_announce(&a, author);
+                st.shared.net.judge(ticket, verdict);
+            }
             RouterMsg::Rtt { node, rtt_ms } => st.view.on_rtt(&node, rtt_ms),
             RouterMsg::GossipTick => st.gossip_tick(),
             RouterMsg::Status {

@@ -13,15 +13,18 @@
 //! - status: the mesh as this node sees it.
 //!
 //! Every wait has a deadline; a peer that sends junk, stalls or leaves
-//! only ever ends its own stream.
+//! only ever ends its own stream. A stream passes the admission steps of
+//! [`crate::admission`] (a per-peer quota, a short wait for its first frame
+//! on a pool of its own, then a serving permit) before its protocol runs,
+//! and gives its permit back before its close is awaited.
 
 use crate::actors::breaker::BreakerMsg;
 use crate::actors::router::{Admission, RouterMsg};
 use crate::actors::{NodeShared, error_frame, unavailable};
+use crate::admission::{Refusal, StreamPools};
 use libp2p::PeerId;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use zavod_net::{FrameReader, FrameStream, NetError, node_id_of};
 use zavod_proto::NodeId;
 use zavod_proto::mesh::breaker::Outcome;
@@ -51,37 +54,86 @@ pub(crate) enum Kind {
     Embed,
 }
 
+/// How long a refusal may take to write: a stream that is turned away
+/// gets one frame and little patience.
+const REFUSAL_WRITE_MS: u64 = 1_000;
+
+/// Tells a stream why it is not served, in its protocol's own reply.
+async fn refuse(writer: &mut zavod_net::FrameWriter, kind: Kind, e: ErrorFrame) {
+    let wt = Duration::from_millis(REFUSAL_WRITE_MS);
+    let _ = match kind {
+        Kind::Join => writer.send(&JoinReply::Refused(e), wt).await,
+        Kind::Status => writer.send(&StatusReply::Refused(e), wt).await,
+        Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(e), wt).await,
+        Kind::Embed => {
+            let reply = zavod_proto::wire::embed::EmbedReply::Refused(e);
+            writer.send(&reply, wt).await
+        }
+    };
+    let _ = writer.close_within(wt).await;
+}
+
+fn refusal_frame(r: Refusal) -> ErrorFrame {
+    match r {
+        Refusal::PeerQuota => error_frame(
+            ErrorCode::NoCapacity,
+            "you have as many streams open to this node as one peer may; wait for one to end",
+        ),
+        Refusal::Busy => error_frame(
+            ErrorCode::NoCapacity,
+            "this node is serving as many streams as it allows; try another node or later",
+        ),
+    }
+}
+
 /// Serves one inbound stream to completion.
 pub(crate) async fn serve_stream(
     shared: Arc<NodeShared>,
-    permits: Arc<Semaphore>,
+    pools: Arc<StreamPools>,
     kind: Kind,
     peer: PeerId,
     stream: libp2p::Stream,
 ) {
     let limits = &shared.config.limits;
+    let admission = &shared.config.admission;
     let wt = Duration::from_millis(limits.write_timeout_ms);
-    let (mut writer, mut reader) = FrameStream::new(stream, limits.max_frame_bytes).split();
-    let Ok(_permit) = permits.try_acquire() else {
-        let busy = error_frame(
-            ErrorCode::NoCapacity,
-            "this node is serving as many streams as it allows; try another node or later",
-        );
-        let _ = match kind {
-            Kind::Join => writer.send(&JoinReply::Refused(busy), wt).await,
-            Kind::Status => writer.send(&StatusReply::Refused(busy), wt).await,
-            Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(busy), wt).await,
-            Kind::Embed => {
-                let reply = zavod_proto::wire::embed::EmbedReply::Refused(busy);
-                writer.send(&reply, wt).await
-            }
-        };
-        return;
+    let (mut writer, mut reader) = FrameStream::new(stream, limits.max_frame_bytes)
+        .with_write_timeout(wt)
+        .split();
+    let _slot = match pools.peer_slot(peer) {
+        Ok(s) => s,
+        Err(r) => return refuse(&mut writer, kind, refusal_frame(r)).await,
     };
     let Some(remote) = node_id_of(&peer) else {
         let e = error_frame(ErrorCode::Unauthorized, "peers must use an ed25519 key");
-        let _ = writer.send(&ServerFrame::Error(e), wt).await;
-        return;
+        return refuse(&mut writer, kind, e).await;
+    };
+    // Until its first frame is here a stream has proved nothing: it waits
+    // on the small pool, briefly.
+    let waiting = match pools.first_frame() {
+        Ok(p) => p,
+        Err(r) => return refuse(&mut writer, kind, refusal_frame(r)).await,
+    };
+    let first_ms = admission.first_frame_timeout_ms;
+    match tokio::time::timeout(Duration::from_millis(first_ms), reader.arrived()).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(_) => {
+            let e = error_frame(
+                ErrorCode::Timeout,
+                format!("no request within {first_ms} ms of opening the stream"),
+            );
+            return refuse(&mut writer, kind, e).await;
+        }
+    }
+    drop(waiting);
+    // Runs and embeddings carry an entry's grant: members' granted work
+    // has a reserve that clients' chats cannot use up.
+    let reserved =
+        matches!(kind, Kind::Run | Kind::Embed) && crate::node::is_member(&shared, &peer).await;
+    let permit = match pools.serve(reserved) {
+        Ok(p) => p,
+        Err(r) => return refuse(&mut writer, kind, refusal_frame(r)).await,
     };
     let first = Duration::from_millis(limits.request_timeout_ms);
     match kind {
@@ -95,6 +147,8 @@ pub(crate) async fn serve_stream(
         }
         Kind::Embed => embed::serve_embed(&shared, remote, &mut writer, &mut reader, first).await,
     }
+    // The work is done: a peer slow to take the close holds no permit.
+    drop(permit);
     let _ = writer.close().await;
 }
 

@@ -26,7 +26,7 @@ struct Figures {
 }
 
 impl Figures {
-    fn of(r: &CapacityReport, addrs: &[String]) -> Self {
+    fn of(r: &CapacityReport) -> Self {
         Figures {
             mem_step: r.mem_free_bytes / MEM_STEP_BYTES,
             slots_free: r.slots_free,
@@ -34,7 +34,7 @@ impl Figures {
             queue_depth: r.queue_depth,
             tokens_per_s_tenths: (f64::from(r.tokens_per_s) * 10.0) as i64,
             models: r.models.clone(),
-            addrs: addrs.to_vec(),
+            addrs: r.addrs.clone(),
             cached: r.cached.clone(),
         }
     }
@@ -55,10 +55,10 @@ impl Announcer {
         }
     }
 
-    /// Whether `report` (with the node's `addrs`) is to be announced now;
-    /// when it is, it counts as said.
-    pub fn poll(&mut self, report: &CapacityReport, addrs: &[String], now_ms: UnixMs) -> bool {
-        let figures = Figures::of(report, addrs);
+    /// Whether `report` (addresses included) is to be announced now; when
+    /// it is, it counts as said.
+    pub fn poll(&mut self, report: &CapacityReport, now_ms: UnixMs) -> bool {
+        let figures = Figures::of(report);
         let due = match &self.last {
             None => true,
             Some((f, at)) => *f != figures || now_ms.saturating_sub(*at) >= self.heartbeat_ms,
@@ -82,6 +82,10 @@ mod tests {
     use crate::mesh::capacity::{Resources, WorkerLoad};
 
     fn report(slots_busy: u32, free: u64) -> CapacityReport {
+        at(slots_busy, free, &["/ip4/1.2.3.4/tcp/1"])
+    }
+
+    fn at(slots_busy: u32, free: u64, addrs: &[&str]) -> CapacityReport {
         let res = Resources {
             ram_free_bytes: free,
             ..Default::default()
@@ -91,30 +95,31 @@ mod tests {
             slots_busy,
             ..Default::default()
         };
-        CapacityReport::build(
+        let mut r = CapacityReport::build(
             NodeId([1; 32]),
             1,
             0,
             &res,
             &[(ModelOffer::new("m", "Q4_K_M", 4096), load)],
-        )
+        );
+        r.addrs = addrs.iter().map(|a| a.to_string()).collect();
+        r
     }
 
     #[test]
     fn announces_first_on_change_and_on_the_heartbeat() {
         let mut a = Announcer::new(2_000);
-        let addrs = vec!["/ip4/1.2.3.4/tcp/1".to_string()];
-        assert!(a.poll(&report(0, 1 << 30), &addrs, 0), "first");
-        assert!(!a.poll(&report(0, 1 << 30), &addrs, 1_000), "nothing new");
+        assert!(a.poll(&report(0, 1 << 30), 0), "first");
+        assert!(!a.poll(&report(0, 1 << 30), 1_000), "nothing new");
         // Memory jitter inside a step is not news; a slot taken is.
-        assert!(!a.poll(&report(0, (1 << 30) + 4096), &addrs, 1_100));
-        assert!(a.poll(&report(1, 1 << 30), &addrs, 1_200), "a slot taken");
-        assert!(!a.poll(&report(1, 1 << 30), &addrs, 3_100));
-        assert!(a.poll(&report(1, 1 << 30), &addrs, 3_200), "heartbeat");
+        assert!(!a.poll(&report(0, (1 << 30) + 4096), 1_100));
+        assert!(a.poll(&report(1, 1 << 30), 1_200), "a slot taken");
+        assert!(!a.poll(&report(1, 1 << 30), 3_100));
+        assert!(a.poll(&report(1, 1 << 30), 3_200), "heartbeat");
         // New addresses are news.
-        let more = vec![addrs[0].clone(), "/ip4/5.6.7.8/tcp/1".into()];
-        assert!(a.poll(&report(1, 1 << 30), &more, 3_300));
+        let more = ["/ip4/1.2.3.4/tcp/1", "/ip4/5.6.7.8/tcp/1"];
+        assert!(a.poll(&at(1, 1 << 30, &more), 3_300));
         a.reset();
-        assert!(a.poll(&report(1, 1 << 30), &more, 3_301), "after a restart");
+        assert!(a.poll(&at(1, 1 << 30, &more), 3_301), "after a restart");
     }
 }

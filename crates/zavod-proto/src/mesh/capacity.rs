@@ -169,6 +169,9 @@ pub struct CapacityReport {
     pub models: Vec<ModelOffer>,
     /// The prompts this node holds cached, for cache-affinity routing.
     pub cached: CacheSummary,
+    /// Where the node can be dialled (multiaddrs as text), under the
+    /// report's signature so no relay can point others elsewhere.
+    pub addrs: Vec<String>,
 }
 
 impl CapacityReport {
@@ -197,6 +200,7 @@ impl CapacityReport {
             tokens_per_s: load.tokens_per_s,
             models,
             cached: CacheSummary::of(&load.cache_keys),
+            addrs: Vec::new(),
         }
     }
 
@@ -326,6 +330,7 @@ mod tests {
                 ..ModelOffer::new("gemma-3-270m-q4_k_m", "Q4_K_M", 32768)
             }],
             cached: CacheSummary::default(),
+            addrs: vec![],
         };
         let n = crate::wire::encode(&rep).expect("encodes").len();
         assert!(n < 200, "report is {n} bytes");

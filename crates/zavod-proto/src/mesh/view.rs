@@ -23,13 +23,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// What a node gossips about itself.
+/// What a node gossips about itself: its signed report (addresses
+/// included) and its membership.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     pub report: SignedReport,
     pub membership: Membership,
-    /// Where the node can be dialled (multiaddrs as text).
-    pub addrs: Vec<String>,
 }
 
 /// An announcement whose signatures and membership checked out. The report
@@ -58,7 +57,7 @@ impl Announcement {
         if cert.member != report.node {
             return Err(ViewError::CertificateMismatch);
         }
-        let addrs: Arc<[String]> = self
+        let addrs: Arc<[String]> = report
             .addrs
             .iter()
             .filter(|s| s.len() <= MAX_ADDR_BYTES)
@@ -560,11 +559,11 @@ mod tests {
                     })
                     .unwrap_or_default(),
                 cached: CacheSummary::of(cached),
+                addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
             };
             Announcement {
                 report: sign_report(key, report),
                 membership,
-                addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
             }
         }
     }
@@ -616,9 +615,16 @@ mod tests {
             v.on_announcement(&forged, 10),
             Err(ViewError::BadReport(_))
         ));
+        // Addresses are signed too: a relay cannot point others elsewhere.
+        let mut moved = f.announce(&key(1), 10, Some("m"));
+        moved.report.body.addrs = vec!["/ip4/6.6.6.6/tcp/666".into()];
+        assert!(matches!(
+            v.on_announcement(&moved, 10),
+            Err(ViewError::BadReport(_))
+        ));
         assert_eq!(v.len(), 1);
         assert_eq!(v.dropped.non_member, 2);
-        assert_eq!(v.dropped.bad_report, 1);
+        assert_eq!(v.dropped.bad_report, 2);
         assert_eq!(v.dropped.stale, 2);
     }
 
