@@ -8,6 +8,7 @@ mod failover;
 mod grants;
 mod hostile;
 mod http;
+mod http_guard;
 mod mdns;
 mod memory;
 mod mesh;

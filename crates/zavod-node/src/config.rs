@@ -94,6 +94,16 @@ pub struct HttpSection {
     pub listen: Option<String>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's headers.
+    pub header_read_timeout_ms: u64,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout_ms: u64,
+    /// Connections held open at once; more are closed on arrival.
+    pub max_connections: usize,
+    /// `HOST:PORT` to serve `/metrics` on instead of the API's listener
+    /// (keep the figures off a port clients reach); none serves them with
+    /// the API.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for HttpSection {
@@ -101,6 +111,10 @@ impl Default for HttpSection {
         HttpSection {
             listen: None,
             max_body_bytes: 1 << 20,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_connections: 512,
+            metrics_listen: None,
         }
     }
 }
@@ -571,6 +585,25 @@ impl NodeConfig {
             return bad(format!(
                 "http.listen must be HOST:PORT with an IP address (e.g. 127.0.0.1:8080), got {a:?}"
             ));
+        }
+        if let Some(a) = &self.http.metrics_listen
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "http.metrics_listen must be HOST:PORT with an IP address (e.g. 127.0.0.1:9090), got {a:?}"
+            ));
+        }
+        for (key, v) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            ("http.body_read_timeout_ms", self.http.body_read_timeout_ms),
+            ("http.max_connections", self.http.max_connections as u64),
+        ] {
+            if v == 0 {
+                return bad(format!("{key} must be at least 1"));
+            }
         }
         if self.http.max_body_bytes < 1024 {
             return bad(format!(

@@ -219,6 +219,7 @@ pub struct Node {
     net: zavod_net::Client,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     http_addr: Option<std::net::SocketAddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -488,6 +489,7 @@ impl Node {
                 Arc::clone(&shared.tailnet_names),
             )));
         }
+        let mut metrics_addr = None;
         let http_addr = match shared.config.http.listen.clone() {
             Some(a) => {
                 let listener =
@@ -502,12 +504,27 @@ impl Node {
                     listener,
                     Arc::clone(&shared),
                 )));
+                if let Some(m) = shared.config.http.metrics_listen.clone() {
+                    let listener =
+                        tokio::net::TcpListener::bind(&m)
+                            .await
+                            .map_err(|e| NodeError::Http {
+                                addr: m.clone(),
+                                reason: e.to_string(),
+                            })?;
+                    metrics_addr = listener.local_addr().ok();
+                    tasks.push(tokio::spawn(crate::http::serve_metrics(
+                        listener,
+                        Arc::clone(&shared),
+                    )));
+                }
                 bound
             }
             None => None,
         };
         Ok(Node {
             http_addr,
+            metrics_addr: metrics_addr.or(http_addr),
             shared,
             supervisor,
             store,
@@ -515,6 +532,11 @@ impl Node {
             net,
             tasks,
         })
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// Where the HTTP API listens, when it does.

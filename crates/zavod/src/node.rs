@@ -179,7 +179,10 @@ pub fn run(args: NodeArgs) -> Result<()> {
             println!("listening on {a}");
         }
         if let Some(h) = node.http_addr() {
-            println!("http api on http://{h}/v1 (metrics on http://{h}/metrics)");
+            match node.metrics_addr() {
+                Some(m) => println!("http api on http://{h}/v1 (metrics on http://{m}/metrics)"),
+                None => println!("http api on http://{h}/v1"),
+            }
         }
         let first = addrs.first().map(ToString::to_string).unwrap_or_default();
         // The handlers are installed before `ready:` is printed: a signal

@@ -140,6 +140,14 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
                 "too_large",
                 "the request body is larger than this node accepts (http.max_body_bytes)",
             )
+        } else if r.body_text().to_ascii_lowercase().contains("timed out")
+            || r.body_text().to_ascii_lowercase().contains("timeout")
+        {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body did not arrive in time (http.body_read_timeout_ms)",
+            )
         } else {
             ApiError::bad_field("", format!("cannot read the request body: {r}"))
         }

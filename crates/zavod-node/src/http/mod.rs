@@ -11,9 +11,12 @@
 //! target itself).
 //!
 //! Invariants: every error is an OpenAI-shaped JSON body with a fitting
-//! status; bodies are bounded (`http.max_body_bytes`), requests in flight
-//! are bounded (`limits.max_concurrent_streams`); a client that goes away
-//! cancels its generation.
+//! status; bodies are bounded (`http.max_body_bytes`, a `Content-Length`
+//! over it refused before any of the body is read) and timed
+//! (`http.body_read_timeout_ms`); the bearer is checked before the body is
+//! read; connections and their request heads are bounded by [`server`];
+//! requests in flight are bounded (`limits.max_concurrent_streams`); a
+//! client that goes away cancels its generation.
 
 use crate::actors::NodeShared;
 use crate::actors::breaker::BreakerMsg;
@@ -45,6 +48,7 @@ mod embeddings;
 mod errors;
 mod openai;
 mod ops;
+mod server;
 
 use errors::*;
 use openai::*;
@@ -60,22 +64,80 @@ struct Http {
     in_flight: Arc<Semaphore>,
 }
 
-/// The routes, ready to serve.
+/// The routes, ready to serve: the API, the health checks, and `/metrics`
+/// unless `http.metrics_listen` gives the figures a listener of their own.
 pub(crate) fn router(shared: Arc<NodeShared>) -> Router {
-    let max_body = shared.config.http.max_body_bytes;
+    let http = &shared.config.http;
+    let max_body = http.max_body_bytes;
+    let body_timeout = std::time::Duration::from_millis(http.body_read_timeout_ms);
+    let metrics_here = http.metrics_listen.is_none();
     let in_flight = Arc::new(Semaphore::new(shared.config.limits.max_concurrent_streams));
     let state = Arc::new(Http { shared, in_flight });
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/metrics", get(metrics))
+        // Runs before the handlers' extractors read any of the body.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard,
+        ));
+    let mut routes = api
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    if metrics_here {
+        routes = routes.route("/metrics", get(metrics));
+    }
+    routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
         .with_state(state)
+}
+
+/// `/metrics` alone, for `http.metrics_listen`.
+fn metrics_router(shared: Arc<NodeShared>) -> Router {
+    let in_flight = Arc::new(Semaphore::new(1));
+    let state = Arc::new(Http { shared, in_flight });
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// What an API request must show before its body is read: a declared
+/// length within `http.max_body_bytes`, and a bearer token of the right
+/// form.
+async fn guard(
+    State(st): State<Arc<Http>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let max = st.shared.config.http.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let checked = counted(&st, || {
+        if declared.is_some_and(|n| n > max as u64) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the request body is larger than this node accepts ({max} bytes, http.max_body_bytes)"
+                ),
+            ));
+        }
+        bearer(req.headers()).map(|_| ())
+    });
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// A place among the requests this node serves at once, or the 503 that
@@ -101,9 +163,22 @@ fn counted<T>(st: &Http, f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, A
     r
 }
 
-/// Serves on `listener` until the task is aborted.
+/// Serves the API on `listener` until the task is aborted.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
-    if let Err(e) = axum::serve(listener, router(shared)).await {
-        tracing::error!(error = %e, "http server stopped");
-    }
+    let (max, head) = limits_of(&shared);
+    server::serve(listener, router(shared), max, head).await
+}
+
+/// Serves `/metrics` alone on `listener` until the task is aborted.
+pub(crate) async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<NodeShared>) {
+    let (max, head) = limits_of(&shared);
+    server::serve(listener, metrics_router(shared), max, head).await
+}
+
+fn limits_of(shared: &NodeShared) -> (usize, std::time::Duration) {
+    let http = &shared.config.http;
+    (
+        http.max_connections,
+        std::time::Duration::from_millis(http.header_read_timeout_ms),
+    )
 }
