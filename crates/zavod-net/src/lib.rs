@@ -14,9 +14,16 @@
 //!
 //! Every wait on the network has a timeout; every channel is bounded.
 //!
-//! Why this file passes 600 lines: the swarm, its event loop and the
-//! commands it serves share one swarm; the addresses and frames are in their
-//! own files, and the last ninety lines are tests.
+//! Admission happens in the swarm: the deny and allow lists and the
+//! connection limits are behaviours ahead of the rest, gossip is judged by
+//! the node before it is forwarded (with peer scoring), Kademlia stores no
+//! records, and a connection whose pings fail is closed.
+//!
+//! Why this file passes 600 lines: the swarm's construction (two transport
+//! chains, the behaviours and their admission and scoring settings), its
+//! event loop and the commands it serves all hold the one swarm; the
+//! addresses, frames, mesh key and Tailscale are in their own files, and
+//! the last ninety lines are tests.
 
 #![warn(unreachable_pub)]
 
