@@ -75,6 +75,16 @@ pub(crate) async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
     )
 }
 
+/// Binds an HTTP listener, naming the address when it cannot.
+async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, NodeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| NodeError::Http {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+}
+
 /// Dials a bootstrap address until it answers, backing off to 30 s.
 async fn dial_until_connected(net: zavod_net::Client, addr: Multiaddr) {
     let mut wait = std::time::Duration::from_millis(500);
@@ -489,42 +499,34 @@ impl Node {
                 Arc::clone(&shared.tailnet_names),
             )));
         }
-        let mut metrics_addr = None;
-        let http_addr = match shared.config.http.listen.clone() {
+        let http_addr = match &shared.config.http.listen {
             Some(a) => {
-                let listener =
-                    tokio::net::TcpListener::bind(&a)
-                        .await
-                        .map_err(|e| NodeError::Http {
-                            addr: a.clone(),
-                            reason: e.to_string(),
-                        })?;
+                let listener = bind_http(a).await?;
                 let bound = listener.local_addr().ok();
                 tasks.push(tokio::spawn(crate::http::serve(
                     listener,
                     Arc::clone(&shared),
                 )));
-                if let Some(m) = shared.config.http.metrics_listen.clone() {
-                    let listener =
-                        tokio::net::TcpListener::bind(&m)
-                            .await
-                            .map_err(|e| NodeError::Http {
-                                addr: m.clone(),
-                                reason: e.to_string(),
-                            })?;
-                    metrics_addr = listener.local_addr().ok();
-                    tasks.push(tokio::spawn(crate::http::serve_metrics(
-                        listener,
-                        Arc::clone(&shared),
-                    )));
-                }
                 bound
             }
             None => None,
         };
+        // Metrics on a listener of their own, with or without the API.
+        let metrics_addr = match &shared.config.http.metrics_listen {
+            Some(m) => {
+                let listener = bind_http(m).await?;
+                let bound = listener.local_addr().ok();
+                tasks.push(tokio::spawn(crate::http::serve_metrics(
+                    listener,
+                    Arc::clone(&shared),
+                )));
+                bound
+            }
+            None => http_addr,
+        };
         Ok(Node {
             http_addr,
-            metrics_addr: metrics_addr.or(http_addr),
+            metrics_addr,
             shared,
             supervisor,
             store,

@@ -178,11 +178,13 @@ pub fn run(args: NodeArgs) -> Result<()> {
         for a in &addrs {
             println!("listening on {a}");
         }
-        if let Some(h) = node.http_addr() {
-            match node.metrics_addr() {
-                Some(m) => println!("http api on http://{h}/v1 (metrics on http://{m}/metrics)"),
-                None => println!("http api on http://{h}/v1"),
+        match (node.http_addr(), node.metrics_addr()) {
+            (Some(h), Some(m)) => {
+                println!("http api on http://{h}/v1 (metrics on http://{m}/metrics)")
             }
+            (Some(h), None) => println!("http api on http://{h}/v1"),
+            (None, Some(m)) => println!("metrics on http://{m}/metrics"),
+            (None, None) => {}
         }
         let first = addrs.first().map(ToString::to_string).unwrap_or_default();
         // The handlers are installed before `ready:` is printed: a signal
