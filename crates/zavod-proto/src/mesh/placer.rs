@@ -21,8 +21,12 @@
 //! choice, and it wins unless it is busier than the drawn alternative by
 //! more than `cache_slack` of its slots: a cache hit saves the whole
 //! prefill of a conversation, a short queue costs less. This node itself,
-//! when it serves the model, is the first choice otherwise (its figures
-//! are current and running here needs no hop), with `local_slack`.
+//! when it serves the model, is the first choice otherwise, with
+//! `local_slack`: its figures are current, running here needs no hop, and
+//! an answer run here depends on one node where one run elsewhere depends
+//! on two (a crash of either interrupts it). With the default slack of a
+//! whole node's slots it keeps every request it has a free slot for; once
+//! it is full its worker turns the run away and the request goes on.
 //!
 //! Everything is a pure function of the candidates, the request id and what
 //! the placer was told, so the simulator replays it exactly.
@@ -58,7 +62,7 @@ pub struct PlacerConfig {
     pub report_every_ms: u64,
     /// This node keeps a request it can serve itself while its load (as a
     /// fraction of its slots) is at most this much above the drawn
-    /// alternative's.
+    /// alternative's (1.0: while it has a free slot at all).
     pub local_slack: f64,
     /// A node holding the request's prompt cache keeps it while its load
     /// (as a fraction of its slots) is at most this much above the drawn
@@ -73,7 +77,7 @@ impl Default for PlacerConfig {
             pool: 0,
             choices: 2,
             report_every_ms: 0,
-            local_slack: 0.5,
+            local_slack: 1.0,
             cache_slack: 0.5,
         }
     }
