@@ -273,7 +273,7 @@ pub(crate) fn timed_chat(
 fn direct_run(
     loaded: &LoadedModel,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    prompt: &str,
+    prompt: &zavod_engine::Prompt,
     tokens: u32,
 ) -> Result<Run> {
     // Drop the previous run's sequence the way the engine does; a full

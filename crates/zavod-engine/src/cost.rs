@@ -6,7 +6,7 @@
 //! `panic_on` makes the engine thread panic when a prompt contains the given
 //! text, so tests can show that a dead engine is detected and replaced.
 
-use crate::{Engine, EngineError, EngineEvent, GenToken, Job, ModelInfo};
+use crate::{Engine, EngineError, EngineEvent, GenToken, Job, ModelInfo, Prompt};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -94,7 +94,7 @@ impl CostModelEngine {
                 while let Ok(job) = rx.recv() {
                     sh.queued.fetch_sub(1, Ordering::SeqCst);
                     if let Some(p) = &panic_on
-                        && job.prompt.contains(p.as_str())
+                        && job.prompt.joined().contains(p.as_str())
                     {
                         panic!("cost-model engine: injected fault for prompt containing {p:?}");
                     }
@@ -122,7 +122,7 @@ impl CostModelEngine {
 
 fn run_job(model: &CostModel, job: Job, sh: &Shared) {
     let start = Instant::now();
-    let prompt_tokens = word_tokens(&job.prompt).max(1);
+    let prompt_tokens = word_tokens(&job.prompt.joined()).max(1);
     if job
         .events
         .try_send(EngineEvent::Started {
@@ -219,11 +219,13 @@ impl Engine for CostModelEngine {
         word_tokens(text)
     }
 
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
-        Ok(turns
-            .iter()
-            .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
-            .collect())
+    fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError> {
+        Ok(Prompt::text_only(
+            turns
+                .iter()
+                .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
+                .collect::<String>(),
+        ))
     }
 
     fn is_alive(&self) -> bool {
@@ -256,7 +258,7 @@ mod tests {
         (
             Job {
                 id: RequestId(1),
-                prompt: prompt.into(),
+                prompt: Prompt::text_only(prompt),
                 params: GenParams {
                     seed,
                     max_tokens: 5,

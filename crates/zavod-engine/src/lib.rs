@@ -31,6 +31,7 @@ pub mod gguf;
 pub mod grammar;
 pub mod llama;
 pub mod pacing;
+pub mod prompt;
 pub mod prompt_cache;
 pub mod quantize;
 pub mod queue;
@@ -38,6 +39,7 @@ pub mod sampling;
 pub mod stops;
 mod utf8;
 
+pub use prompt::Prompt;
 pub use prompt_cache::CacheTag;
 
 use std::sync::Arc;
@@ -69,11 +71,12 @@ pub enum EngineError {
     Config(String),
 }
 
-/// A prompt ready to run: already formatted with the chat template.
+/// A prompt ready to run: already formatted with the chat template, its
+/// markup apart from the turns' text.
 #[derive(Debug)]
 pub struct Job {
     pub id: RequestId,
-    pub prompt: String,
+    pub prompt: Prompt,
     pub params: GenParams,
     pub events: mpsc::Sender<EngineEvent>,
     pub cancel: CancelFlag,
@@ -162,7 +165,7 @@ pub trait Engine: Send + Sync {
     /// Model tokens in `text` (for context budgeting).
     fn count_tokens(&self, text: &str) -> u32;
     /// Formats turns with the model's chat template, ready for generation.
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError>;
+    fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError>;
     /// Whether the engine's thread is still running.
     fn is_alive(&self) -> bool;
 }

@@ -10,7 +10,8 @@
 mod run;
 
 use crate::{
-    Engine, EngineError, EngineEvent, JOB_EVENT_BUFFER, Job, ModelInfo, model_name_from_path,
+    Engine, EngineError, EngineEvent, JOB_EVENT_BUFFER, Job, ModelInfo, Prompt,
+    model_name_from_path,
 };
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -237,33 +238,58 @@ impl LoadedModel {
         &self.model
     }
 
-    pub fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+    /// Formats turns with the chat template, keeping the template's markup
+    /// apart from the turns' text (see [`crate::prompt`]).
+    pub fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError> {
         match &self.template {
             Template::Llama(t) => {
-                let msgs = turns
-                    .iter()
-                    .map(|t| LlamaChatMessage::new(t.role.as_str().into(), t.text.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| EngineError::Template(format!("message: {e}")))?;
-                self.model
-                    .apply_chat_template(t, &msgs, true)
-                    .map_err(|e| EngineError::Template(e.to_string()))
+                let render = |texts: Vec<String>| -> Result<String, EngineError> {
+                    let msgs = turns
+                        .iter()
+                        .zip(texts)
+                        .map(|(t, text)| LlamaChatMessage::new(t.role.as_str().into(), text))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| EngineError::Template(format!("message: {e}")))?;
+                    self.model
+                        .apply_chat_template(t, &msgs, true)
+                        .map_err(|e| EngineError::Template(e.to_string()))
+                };
+                let real = render(turns.iter().map(|t| t.text.clone()).collect())?;
+                let shape = render((0..turns.len()).map(Prompt::placeholder).collect())?;
+                let texts: Vec<&str> = turns.iter().map(|t| t.text.as_str()).collect();
+                // Templates put a turn's text in as it is or trimmed; the
+                // one that reproduces the real rendering is the right one.
+                // A template that changes text some other way keeps its
+                // markup around the text as given.
+                let exact = Prompt::from_shape(&shape, &texts, false);
+                if exact.joined() == real {
+                    return Ok(exact);
+                }
+                let trimmed = Prompt::from_shape(&shape, &texts, true);
+                if trimmed.joined() == real {
+                    return Ok(trimmed);
+                }
+                tracing::debug!(
+                    "the chat template changes turn text; its markup is kept around the text as given"
+                );
+                Ok(exact)
             }
             Template::Plain => {
-                let mut s = String::new();
-                for t in turns {
+                let mut shape = String::new();
+                for (i, t) in turns.iter().enumerate() {
                     let who = match t.role {
                         Role::System => "System",
                         Role::User => "User",
                         Role::Assistant => "Assistant",
                     };
-                    s.push_str(who);
-                    s.push_str(": ");
-                    s.push_str(&t.text);
-                    s.push('\n');
+                    shape.push_str(who);
+                    shape.push_str(": ");
+                    shape.push_str(&Prompt::placeholder(i));
+                    shape.push('\n');
                 }
-                s.push_str("Assistant:");
-                Ok(s)
+                shape.push_str("Assistant:");
+                let texts: Vec<&str> = turns.iter().map(|t| t.text.as_str()).collect();
+                Ok(Prompt::from_shape(&shape, &texts, false))
             }
         }
     }
@@ -467,7 +493,7 @@ impl Engine for LlamaEngine {
         self.model.count_tokens(text)
     }
 
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+    fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError> {
         self.model.format_chat(turns)
     }
 
@@ -489,9 +515,18 @@ pub fn supports_gpu_offload() -> bool {
     backend().is_ok_and(|b| b.supports_gpu_offload())
 }
 
-/// Tokenizes with the same settings as the engine (for benchmarks).
-pub fn tokenize_prompt(model: &LoadedModel, prompt: &str) -> Vec<LlamaToken> {
-    model.model.vocab().tokenize(prompt.as_bytes(), true, true)
+/// Tokenizes a prompt as the engine does: the template's markup with its
+/// control tokens, the turns' text as text, the model's start token first.
+pub fn tokenize_prompt(model: &LoadedModel, prompt: &Prompt) -> Vec<LlamaToken> {
+    let vocab = model.model.vocab();
+    let mut out = Vec::new();
+    for (i, piece) in prompt.pieces().iter().enumerate() {
+        out.extend(vocab.tokenize(piece.text.as_bytes(), i == 0, piece.markup));
+    }
+    if prompt.pieces().is_empty() {
+        out.extend(vocab.tokenize(b"", true, false));
+    }
+    out
 }
 
 /// The shared llama.cpp backend (for benchmarks that drive llama.cpp directly).

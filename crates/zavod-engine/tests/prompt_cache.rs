@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel, job_channel};
-use zavod_engine::{CacheTag, CancelFlag, Engine, EngineEvent, Job};
+use zavod_engine::{CacheTag, CancelFlag, Engine, EngineEvent, Job, Prompt};
 use zavod_proto::RequestId;
 use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::wire::{GenParams, StopReason};
@@ -62,11 +62,11 @@ struct Answer {
     ids: Vec<i32>,
 }
 
-fn ask(e: &LlamaEngine, prompt: &str, cache: CacheTag, params: GenParams) -> Answer {
+fn ask(e: &LlamaEngine, prompt: &Prompt, cache: CacheTag, params: GenParams) -> Answer {
     let (tx, mut rx) = job_channel();
     e.submit(Job {
         id: RequestId(1),
-        prompt: prompt.into(),
+        prompt: prompt.clone(),
         params,
         events: tx,
         cancel: CancelFlag::default(),
@@ -207,7 +207,7 @@ fn submit(
     let cancel = CancelFlag::default();
     e.submit(Job {
         id: RequestId(id),
-        prompt: prompt.into(),
+        prompt: Prompt::markup(prompt),
         params: GenParams {
             ignore_eos: true,
             ..greedy(max_tokens)

@@ -7,14 +7,14 @@ use crate::model_choice::ModelSelection;
 use std::sync::{Arc, Mutex};
 use zavod_engine::embed::{EmbedReply, Embedder};
 use zavod_engine::llama::{LlamaConfig, LlamaEngine, LoadedModel};
-use zavod_engine::{Engine, EngineError, model_name_from_path};
+use zavod_engine::{Engine, EngineError, Prompt, model_name_from_path};
 use zavod_proto::chat::prompt::Turn;
 use zavod_proto::mesh::capacity::ModelOffer;
 
 pub trait ModelBackend: Send + Sync {
     fn offer(&self) -> ModelOffer;
     fn count_tokens(&self, text: &str) -> u32;
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError>;
+    fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError>;
     fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError>;
     /// How the file was chosen from its family, when it was.
     fn selection(&self) -> Option<&ModelSelection> {
@@ -52,7 +52,7 @@ impl ModelBackend for LlamaBackendHandle {
         self.model.count_tokens(text)
     }
 
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+    fn format_chat(&self, turns: &[Turn]) -> Result<Prompt, EngineError> {
         self.model.format_chat(turns)
     }
 

@@ -26,7 +26,7 @@ impl Engine for PanickyEngine {
     }
     fn submit(&self, job: Job) -> Result<(), EngineError> {
         assert!(
-            !job.prompt.contains("panic-in-worker"),
+            !job.prompt.joined().contains("panic-in-worker"),
             "injected worker panic"
         );
         self.0.submit(job)
@@ -37,7 +37,7 @@ impl Engine for PanickyEngine {
     fn count_tokens(&self, text: &str) -> u32 {
         self.0.count_tokens(text)
     }
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
+    fn format_chat(&self, turns: &[Turn]) -> Result<zavod_engine::Prompt, EngineError> {
         self.0.format_chat(turns)
     }
     fn is_alive(&self) -> bool {
@@ -54,8 +54,13 @@ impl ModelBackend for Backend {
     fn count_tokens(&self, text: &str) -> u32 {
         text.split_whitespace().count() as u32
     }
-    fn format_chat(&self, turns: &[Turn]) -> Result<String, EngineError> {
-        Ok(turns.iter().map(|t| format!("{}\n", t.text)).collect())
+    fn format_chat(&self, turns: &[Turn]) -> Result<zavod_engine::Prompt, EngineError> {
+        Ok(zavod_engine::Prompt::text_only(
+            turns
+                .iter()
+                .map(|t| format!("{}\n", t.text))
+                .collect::<String>(),
+        ))
     }
     fn start_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
         Ok(Box::new(PanickyEngine(CostModelEngine::start(

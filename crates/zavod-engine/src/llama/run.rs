@@ -424,8 +424,7 @@ impl Engine {
                 return;
             }
         };
-        let vocab = self.model.model().vocab();
-        let prompt = vocab.tokenize(job.prompt.as_bytes(), true, true);
+        let prompt = super::tokenize_prompt(&self.model, &job.prompt);
         // A resumed answer goes on after the tokens already streamed.
         let n_vocab = self.model.model().n_vocab();
         if let Some(bad) = job

@@ -40,7 +40,10 @@ impl PreparedPrompt {
                 .collect()
         };
         match model {
-            Some(m) => m.format_chat(&self.turns).unwrap_or_else(|_| plain()),
+            Some(m) => m
+                .format_chat(&self.turns)
+                .map(|p| p.joined())
+                .unwrap_or_else(|_| plain()),
             None => plain(),
         }
     }

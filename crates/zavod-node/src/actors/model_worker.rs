@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use zavod_engine::llama::job_channel;
-use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job};
+use zavod_engine::{CacheTag, CancelFlag, Engine, EngineError, EngineEvent, Job, Prompt};
 use zavod_proto::NodeId;
 use zavod_proto::chat::prompt::{Turn, affinity_key, run_hash};
 use zavod_proto::mesh::capacity::WorkerLoad;
@@ -249,7 +249,9 @@ fn run(
         .check()
         .map_err(|m| error_frame(ErrorCode::BadRequest, m))?;
     let prompt = if params.raw {
-        turns.iter().map(|t| t.text.as_str()).collect::<String>()
+        // A raw prompt's writer writes the template too, control tokens
+        // included: the caller holds a credential for exactly that.
+        Prompt::markup(turns.iter().map(|t| t.text.as_str()).collect::<String>())
     } else {
         st.engine
             .format_chat(&turns)
