@@ -916,6 +916,7 @@ impl Sim {
                     decode_tokens_per_s: 0.0,
                     finished_at_ms: now,
                     receipt: Some(receipt),
+                    unrecorded: None,
                 })
             });
             let has_end = done.is_some();

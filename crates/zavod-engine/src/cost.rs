@@ -186,6 +186,7 @@ fn run_job(model: &CostModel, job: Job, sh: &Shared) {
         decode_tokens_per_s: rate,
         finished_at_ms: 0,
         receipt: None,
+        unrecorded: None,
     }));
 }
 

@@ -290,7 +290,7 @@ impl ChatClient {
                         .run_remote(&redirect, &mut on_event, &mut progress)
                         .await
                     {
-                        Ok(done) => {
+                        Ok(mut done) => {
                             let receipt = done.receipt.clone().ok_or_else(|| {
                                 ChatError::Protocol("the target sent no receipt".into())
                             })?;
@@ -302,10 +302,14 @@ impl ChatClient {
                                 self.frame_timeout,
                             )
                             .await?;
-                            // The entry closes the stream once the turn is recorded.
-                            let _ =
+                            // The entry closes the stream once the turn is
+                            // recorded, or says first why it could not be.
+                            if let Ok(Ok(Some(ServerFrame::Error(e)))) =
                                 tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>())
-                                    .await;
+                                    .await
+                            {
+                                done.unrecorded = Some(e.message);
+                            }
                             return progress.outcome(accepted, done, sent_at);
                         }
                         Err(e) => {

@@ -81,6 +81,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         if args.verbose {
             report(&outcome);
         }
+        warn_unrecorded(&outcome);
         return Ok(());
     }
     interactive(&rt, &client, &args, params, conversation, &dir)
@@ -149,6 +150,14 @@ async fn turn(
         return Err(e.into());
     }
     Ok(outcome)
+}
+
+/// An answer whose turn the entry could not save is still shown; the
+/// person is told the conversation lost it.
+fn warn_unrecorded(o: &ChatOutcome) {
+    if let Some(m) = &o.done.unrecorded {
+        eprintln!("warning: {m}");
+    }
 }
 
 fn report(o: &ChatOutcome) {
@@ -226,6 +235,7 @@ fn interactive(
                 if args.verbose {
                     report(&outcome);
                 }
+                warn_unrecorded(&outcome);
             }
             Err(e) => eprintln!("\nerror: {e:#}"),
         }

@@ -774,6 +774,7 @@ impl Engine {
                 decode_tokens_per_s,
                 finished_at_ms: unix_ms(),
                 receipt: None,
+                unrecorded: None,
             }),
         );
     }
@@ -790,5 +791,6 @@ fn cancelled_unstarted() -> DoneInfo {
         decode_tokens_per_s: 0.0,
         finished_at_ms: unix_ms(),
         receipt: None,
+        unrecorded: None,
     }
 }

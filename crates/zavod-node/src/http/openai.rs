@@ -399,6 +399,11 @@ pub(super) async fn collect(api: Api, mut run: Running) -> Result<Response, ApiE
         "choices": [choice],
         "usage": usage(&done),
     });
+    let mut body = body;
+    if let Some(m) = &done.unrecorded {
+        // The answer is whole; its turn was not kept in the conversation.
+        body["zavod_unrecorded"] = json!(m);
+    }
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
     served_by(&mut resp, a);
     Ok(resp)
@@ -420,7 +425,9 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
         Api::Chat => "chat.completion.chunk",
         Api::Completion => "text_completion",
     };
-    let chunk = move |choices: serde_json::Value, usage: Option<serde_json::Value>| {
+    let chunk = move |choices: serde_json::Value,
+                      usage: Option<serde_json::Value>,
+                      unrecorded: Option<&str>| {
         let mut c = json!({
             "id": id,
             "object": object,
@@ -430,6 +437,10 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
         });
         if let Some(u) = usage {
             c["usage"] = u;
+        }
+        if let Some(m) = unrecorded {
+            // The answer is whole; its turn was not kept in the conversation.
+            c["zavod_unrecorded"] = json!(m);
         }
         Event::default().data(c.to_string())
     };
@@ -455,7 +466,7 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
         // `run`, which cancels the generation.
         if api == Api::Chat
             && tx
-                .send(chunk(choice(Some(""), None, true), None))
+                .send(chunk(choice(Some(""), None, true), None, None))
                 .await
                 .is_err()
         {
@@ -464,16 +475,25 @@ pub(super) fn stream(api: Api, mut run: Running, include_usage: bool) -> Respons
         loop {
             let frame = run.rx.recv().await;
             let ev = match run.reader.read(frame) {
-                Ok(Read::Token { text, .. }) => chunk(choice(Some(&text), None, false), None),
+                Ok(Read::Token { text, .. }) => chunk(choice(Some(&text), None, false), None, None),
                 // A relay that moves to another node says so again;
                 // the headers are already sent.
                 Ok(Read::Accepted { .. }) => continue,
                 Ok(Read::Done(d)) => {
-                    let last = chunk(choice(None, Some(finish_reason(d.stop)), false), None);
+                    let last = chunk(
+                        choice(None, Some(finish_reason(d.stop)), false),
+                        None,
+                        d.unrecorded.as_deref(),
+                    );
                     if tx.send(last).await.is_err() {
                         return;
                     }
-                    if include_usage && tx.send(chunk(json!([]), Some(usage(&d)))).await.is_err() {
+                    if include_usage
+                        && tx
+                            .send(chunk(json!([]), Some(usage(&d)), None))
+                            .await
+                            .is_err()
+                    {
                         return;
                     }
                     let _ = tx.send(Event::default().data("[DONE]")).await;

@@ -92,6 +92,10 @@ struct Pump {
     settled: bool,
     /// The error the client was sent, if any (for metrics).
     failed: Option<ErrorFrame>,
+    /// Why the answer's turn could not be saved, until the client is told:
+    /// in the answer's `Done`, or after the client's receipt when it
+    /// streamed from the target itself.
+    unrecorded: Option<String>,
 }
 
 /// Reads a chat stream's request and serves it as its entry.
@@ -185,6 +189,7 @@ pub(crate) async fn serve_entry(
         run: None,
         settled: false,
         failed: None,
+        unrecorded: None,
     };
     pump.serve(client).await;
     let result = pump.failed.clone().map_or(Ok(()), Err);
@@ -201,6 +206,13 @@ impl Pump {
         loop {
             self.carry_out(Some(client)).await;
             if self.machine.is_closed() {
+                if let Some(m) = self.unrecorded.take() {
+                    // The client sent its receipt and waits for the stream
+                    // to close: the answer stands, its turn was not kept.
+                    let _ = client
+                        .send_all(&[ServerFrame::Error(error_frame(ErrorCode::Internal, m))])
+                        .await;
+                }
                 return;
             }
             self.step(Some(client)).await;
@@ -329,9 +341,11 @@ impl Pump {
     async fn carry(&mut self, out: Output, frames: &mut Vec<ServerFrame>) {
         let shared = &self.shared;
         match out {
-            Output::Transmit(frame) => {
-                if let ServerFrame::Error(e) = &frame {
-                    self.failed = Some(e.clone());
+            Output::Transmit(mut frame) => {
+                match &mut frame {
+                    ServerFrame::Error(e) => self.failed = Some(e.clone()),
+                    ServerFrame::Done(d) => d.unrecorded = self.unrecorded.take(),
+                    _ => {}
                 }
                 frames.push(frame);
             }
@@ -476,7 +490,7 @@ impl Pump {
         }
     }
 
-    async fn record_turn(&self, answer: String, tokens: u32) {
+    async fn record_turn(&mut self, answer: String, tokens: u32) {
         let Some(key) = self.admission.conversation.clone() else {
             return;
         };
@@ -496,11 +510,16 @@ impl Pump {
             }
         })
         .await;
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err(m)) => tracing::error!(message = %m, "turn not recorded"),
-            Err(e) => tracing::error!(message = %e.message, "turn not recorded"),
-        }
+        let why = match recorded {
+            Ok(Ok(())) => return,
+            Ok(Err(m)) => m,
+            Err(e) => e.message,
+        };
+        tracing::error!(message = %why, "turn not recorded");
+        self.unrecorded = Some(format!(
+            "the answer is whole, but this node could not save the turn to the conversation \
+             ({why}); the next turn will not see it. Check the node's disk and its log"
+        ));
     }
 }
 

@@ -388,6 +388,7 @@ fn a_relay_while_streaming_leaves_the_first_run_charged_from_its_report() {
         decode_tokens_per_s: 1.0,
         finished_at_ms: 5,
         receipt: Some(mesh.receipt(1, r1, &text(0, 4), 4)),
+        unrecorded: None,
     };
     e.handle_done(a1, done, 5);
     let outs = drain(&mut e);
@@ -483,6 +484,7 @@ fn a_relay_sorts_refusals_from_faults_and_continues_the_count() {
         decode_tokens_per_s: 1.0,
         finished_at_ms: 5,
         receipt: Some(mesh.receipt(1, r1, &text(0, 2), 2)),
+        unrecorded: None,
     };
     e.handle_done(a1, done, 6);
     let outs = drain(&mut e);
@@ -526,6 +528,7 @@ fn silence_is_charged_in_full_and_a_cancel_is_not_kept() {
         decode_tokens_per_s: 1.0,
         finished_at_ms: 5,
         receipt: Some(mesh.receipt(0, r0, &text(0, 3), 3)),
+        unrecorded: None,
     };
     e.handle_tokens(a0, tokens(2, 3), 4);
     e.handle_done(a0, done, 5);

@@ -147,6 +147,7 @@ mod tests {
             decode_tokens_per_s: 1.0,
             finished_at_ms: 1,
             receipt: None,
+            unrecorded: None,
         })
     }
 

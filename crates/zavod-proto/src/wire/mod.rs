@@ -461,6 +461,9 @@ pub struct DoneInfo {
     pub finished_at_ms: UnixMs,
     /// Signed by the node that generated the answer.
     pub receipt: Option<Receipt>,
+    /// Set by the entry when the answer is whole but its turn could not be
+    /// saved to the conversation (the next turn will not see it): why.
+    pub unrecorded: Option<String>,
 }
 
 /// A closed class of failures a client can act on, with a message for people.
