@@ -130,6 +130,47 @@ impl NodeProc {
         }
     }
 
+    /// Starts a node whose data directory is a tmpfs of `size_mib` MiB in a
+    /// mount namespace of its own, so a test can fill its disk; from
+    /// outside, the directory is `/proc/PID/root` followed by `data_dir`
+    /// ([`NodeProc::data_view`]). `None` where mount namespaces cannot be
+    /// made (not root, no `unshare`).
+    pub fn start_on_tmpfs(data_dir: &Path, size_mib: u32, extra: &[&str]) -> Option<NodeProc> {
+        let can = Command::new("unshare")
+            .args(["-m", "true"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !can || std::fs::create_dir_all(data_dir).is_err() {
+            return None;
+        }
+        let mut cmd = zavod_harness::clean_command(Path::new("unshare"), None);
+        let filter =
+            std::env::var("ZAVOD_TEST_LOG").unwrap_or_else(|_| "warn,llama-cpp-2=error".into());
+        cmd.env("RUST_LOG", filter)
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg("mount -t tmpfs -o \"size=$1m,mode=0700\" zavod-test \"$2\" && shift 2 && exec \"$@\"")
+            .arg("sh")
+            .arg(size_mib.to_string())
+            .arg(data_dir)
+            .arg(zavod_bin())
+            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stderr(Stdio::inherit());
+        match zavod_harness::NodeProc::spawn(cmd, data_dir, READY_TIMEOUT) {
+            Ok(n) => Some(NodeProc(n)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The node's data directory as this process reaches it (through the
+    /// node's own mount namespace, for [`NodeProc::start_on_tmpfs`]).
+    pub fn data_view(&self) -> PathBuf {
+        let inside = self.0.data_dir.to_string_lossy().into_owned();
+        PathBuf::from(format!("/proc/{}/root{inside}", self.0.pid()))
+    }
+
     /// Asks the node to stop (SIGTERM) and waits for it to exit.
     pub fn stop(self) -> std::process::ExitStatus {
         self.0.stop().expect("wait for the node to exit")
