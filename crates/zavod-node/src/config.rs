@@ -636,10 +636,20 @@ impl NodeConfig {
                 self.model.prompt_cache_ram_mib
             ));
         }
-        if self.model.slots == 0 || self.model.slots > 256 {
+        let (most_slots, most_queue) = (
+            zavod_proto::limits::MAX_SLOTS_PER_MODEL,
+            zavod_proto::limits::MAX_QUEUE_PER_MODEL,
+        );
+        if self.model.slots == 0 || self.model.slots > most_slots {
             return bad(format!(
-                "model.slots must be 1 to 256, got {}",
+                "model.slots must be 1 to {most_slots}, got {}",
                 self.model.slots
+            ));
+        }
+        if self.model.queue_capacity > most_queue as usize {
+            return bad(format!(
+                "model.queue_capacity must be at most {most_queue}, got {}",
+                self.model.queue_capacity
             ));
         }
         if self.model.context_tokens < 64 {

@@ -74,6 +74,14 @@ fn families(cfg: &NodeConfig) -> Result<Vec<Family>, EngineError> {
         }
         out.extend(found);
     }
+    let most = zavod_proto::limits::MAX_MODELS_PER_NODE;
+    if out.len() > most {
+        return Err(EngineError::Config(format!(
+            "{} models to serve; a node serves at most {most} (its capacity reports carry no \
+             more): name fewer with model.path, or split model.dir between nodes",
+            out.len()
+        )));
+    }
     Ok(out)
 }
 

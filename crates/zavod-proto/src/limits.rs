@@ -57,6 +57,26 @@ pub const MAX_EMBED_DIMENSIONS: usize = 4096;
 const _: () = assert!(MAX_EMBED_INPUTS * MAX_EMBED_DIMENSIONS * 4 + 64 * 1024 <= MAX_FRAME_BYTES);
 const _: () = assert!(MAX_MESSAGE_BYTES + 64 * 1024 <= MAX_FRAME_BYTES);
 
+/// The most slots one model on one node may have (`model.slots`).
+pub const MAX_SLOTS_PER_MODEL: u32 = 256;
+
+/// The most requests one model on one node may hold waiting
+/// (`model.queue_capacity`).
+pub const MAX_QUEUE_PER_MODEL: u32 = 65_536;
+
+/// The most models one node may serve (and one capacity report carry).
+pub const MAX_MODELS_PER_NODE: usize = 64;
+
+/// The longest context a report may claim for a model, in tokens.
+pub const MAX_CONTEXT_TOKENS: u32 = 1 << 24;
+
+// A report's node-wide figures are sums over its models and must not
+// overflow the u32 they are carried in.
+const _: () = assert!(
+    (MAX_SLOTS_PER_MODEL as u64 + MAX_QUEUE_PER_MODEL as u64) * (MAX_MODELS_PER_NODE as u64)
+        <= u32::MAX as u64
+);
+
 /// The most targets that may fail one answer before its entry gives up on
 /// it (each later one continues after what the failed ones streamed).
 pub const MAX_FAILED_TARGETS: usize = 3;

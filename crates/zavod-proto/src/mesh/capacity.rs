@@ -207,7 +207,62 @@ impl CapacityReport {
     pub fn serves(&self, model: &str) -> bool {
         self.models.iter().any(|m| m.name == model)
     }
+
+    /// Whether the figures could be true: a signed report from a member can
+    /// still lie, and one that claims more free memory than it has, or
+    /// thousands of free slots, would draw every request. Checked before a
+    /// report counts; a report that fails is dropped as bad.
+    pub fn plausible(&self) -> Result<(), String> {
+        use crate::limits::{
+            MAX_CONTEXT_TOKENS, MAX_MODELS_PER_NODE, MAX_QUEUE_PER_MODEL, MAX_SLOTS_PER_MODEL,
+        };
+        if self.mem_free_bytes > self.mem_total_bytes {
+            return Err(format!(
+                "free memory {} B is more than the total {} B",
+                self.mem_free_bytes, self.mem_total_bytes
+            ));
+        }
+        if !self.tokens_per_s.is_finite() || !(0.0..=1e7).contains(&self.tokens_per_s) {
+            return Err(format!("decode rate {} tok/s", self.tokens_per_s));
+        }
+        if self.models.len() > MAX_MODELS_PER_NODE {
+            return Err(format!(
+                "{} models, more than {MAX_MODELS_PER_NODE}",
+                self.models.len()
+            ));
+        }
+        let (mut total, mut free, mut queue) = (0u32, 0u32, 0u32);
+        for m in &self.models {
+            if m.name.is_empty() || m.name.len() > MAX_MODEL_NAME_BYTES {
+                return Err(format!("a model name of {} bytes", m.name.len()));
+            }
+            if m.slots_total > MAX_SLOTS_PER_MODEL
+                || m.slots_free > m.slots_total
+                || m.queue_depth > MAX_QUEUE_PER_MODEL
+                || m.context_tokens > MAX_CONTEXT_TOKENS
+            {
+                return Err(format!(
+                    "model {}: {} of {} slots free, {} waiting, {} context tokens",
+                    m.name, m.slots_free, m.slots_total, m.queue_depth, m.context_tokens
+                ));
+            }
+            // Bounded by the limits above (asserted in `limits`).
+            total += m.slots_total;
+            free += m.slots_free;
+            queue += m.queue_depth;
+        }
+        if (self.slots_total, self.slots_free, self.queue_depth) != (total, free, queue) {
+            return Err(format!(
+                "{} of {} slots free and {} waiting, where its models add up to {free} of {total} and {queue}",
+                self.slots_free, self.slots_total, self.queue_depth
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// The longest model name a report may carry.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
 /// One node's load over all its models: slots and queues add up, the rate
 /// is the best stream rate, and the cache keys are interleaved (each

@@ -57,6 +57,7 @@ impl Announcement {
         if cert.member != report.node {
             return Err(ViewError::CertificateMismatch);
         }
+        report.plausible().map_err(ViewError::Implausible)?;
         let addrs: Arc<[String]> = report
             .addrs
             .iter()
@@ -145,6 +146,8 @@ pub enum ViewError {
     BadReport(AuthError),
     #[error("membership certificate is for another node")]
     CertificateMismatch,
+    #[error("implausible report: {0}")]
+    Implausible(String),
     #[error("the view is full")]
     Full,
 }
@@ -314,7 +317,9 @@ impl MeshView {
             Err(ViewError::NotMember(_) | ViewError::CertificateMismatch) => {
                 self.dropped.non_member += 1
             }
-            Err(ViewError::BadReport(_)) => self.dropped.bad_report += 1,
+            Err(ViewError::BadReport(_) | ViewError::Implausible(_)) => {
+                self.dropped.bad_report += 1
+            }
             Err(ViewError::Full) => self.dropped.full += 1,
             Ok(Accepted::Stale) => self.dropped.stale += 1,
             Ok(_) => {}
@@ -545,8 +550,8 @@ mod tests {
                 on_gpu: false,
                 mem_free_bytes: 1 << 30,
                 mem_total_bytes: 2 << 30,
-                slots_free: 4,
-                slots_total: 4,
+                slots_free: if model.is_some() { 4 } else { 0 },
+                slots_total: if model.is_some() { 4 } else { 0 },
                 queue_depth: 0,
                 tokens_per_s: 50.0,
                 models: model
@@ -629,6 +634,50 @@ mod tests {
     }
 
     #[test]
+    fn implausible_reports_are_dropped_before_they_count() {
+        let f = Fixture::new();
+        let mut v = f.view();
+        let k = key(1);
+        let lies: [fn(&mut CapacityReport); 6] = [
+            |r| r.mem_free_bytes = r.mem_total_bytes + 1,
+            |r| {
+                r.models[0].slots_free = 5;
+                r.slots_free = 5;
+            },
+            |r| {
+                r.models[0].slots_total = 10_000;
+                r.models[0].slots_free = 10_000;
+                r.slots_total = 10_000;
+                r.slots_free = 10_000;
+            },
+            // Node-wide slots its models do not add up to.
+            |r| {
+                r.slots_total = 400;
+                r.slots_free = 400;
+            },
+            |r| r.tokens_per_s = f32::NAN,
+            |r| r.models[0].name = "m".repeat(1_000),
+        ];
+        for (seq, lie) in (1..).zip(lies) {
+            let mut a = f.announce(&k, seq, Some("m"));
+            let mut body = a.report.body.clone();
+            lie(&mut body);
+            a.report = sign_report(&k, body);
+            assert!(
+                matches!(v.on_announcement(&a, 10), Err(ViewError::Implausible(_))),
+                "report {seq} was taken"
+            );
+        }
+        assert!(v.is_empty());
+        assert_eq!(v.dropped.bad_report, 6);
+        // The same node's true report counts.
+        assert_eq!(
+            v.on_announcement(&f.announce(&k, 99, Some("m")), 10),
+            Ok(Accepted::New)
+        );
+    }
+
+    #[test]
     fn silence_makes_a_member_suspect_then_gone_then_forgotten() {
         let f = Fixture::new();
         let mut v = f.view();
@@ -679,6 +728,8 @@ mod tests {
             slots_total: 2,
             ..ModelOffer::new("idle", "Q8_0", 2048)
         });
+        // The node's figures are its models' sums.
+        (report.slots_free, report.slots_total) = (2, 6);
         ann.report = sign_report(&a, report);
         v.on_announcement(&ann, 0).expect("a");
         let me = key(9).public();
