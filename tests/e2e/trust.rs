@@ -22,17 +22,34 @@ fn chats_without_a_valid_credential_are_refused() {
         stderr(&none)
     );
 
-    // A credential signed by another mesh's authority.
+    // A credential signed by another mesh's authority: the client finds
+    // the node is not of its credential's mesh and sends it nothing (the
+    // node would refuse the credential too: trust::tests).
     let other = tempfile::tempdir().expect("tempdir");
     let other_node = NodeProc::start(other.path(), &[]);
-    drop(other_node);
     let foreign = chat(other.path(), &node.addr, &["--prompt", "Hi"]);
     assert_eq!(foreign.status.code(), Some(1));
     let e = stderr(&foreign);
     assert!(
-        e.contains("credential refused") && e.contains("not a trusted authority"),
+        e.contains(&format!(
+            "{} is not a member of the mesh your credential is from",
+            node.peer_id
+        )) && e.contains("not a trusted authority")
+            && e.contains("nothing was sent"),
         "{e}"
     );
+    // This mesh's client attached to a node of another mesh: the same.
+    let stranger = chat(dir.path(), &other_node.addr, &["--prompt", "Hi"]);
+    assert_eq!(stranger.status.code(), Some(1));
+    assert!(
+        stderr(&stranger).contains(&format!(
+            "{} is not a member of the mesh your credential is from",
+            other_node.peer_id
+        )),
+        "{}",
+        stderr(&stranger)
+    );
+    drop(other_node);
 
     // This mesh's credential presented by another key (stolen credential).
     let thief = tempfile::tempdir().expect("tempdir");

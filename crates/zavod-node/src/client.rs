@@ -12,7 +12,7 @@ use zavod_proto::chat::reader::{EntryReader, Read, ReadError};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
-    ServerFrame,
+    ServerFrame, StatusReply, StatusRequest,
 };
 
 /// Runs `fut` as a task on the runtime's worker thread and waits for it.
@@ -39,6 +39,11 @@ pub enum ChatError {
     Truncated,
     #[error("the node broke the protocol: {0}")]
     Protocol(String),
+    #[error(
+        "{peer} is not a member of the mesh your credential is from ({why}); nothing was sent \
+         to it. Check --peer, or use a credential from that node's mesh"
+    )]
+    NotInMesh { peer: PeerId, why: String },
 }
 
 impl From<ReadError> for ChatError {
@@ -154,13 +159,56 @@ impl ChatClient {
         // Drain network events; a client needs none of them.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
         let peer = net.dial(addr).await?;
-        Ok(ChatClient {
+        let client = ChatClient {
             net,
             peer,
             identity,
             frame_timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(10),
-        })
+        };
+        client.check_membership().await?;
+        Ok(client)
+    }
+
+    /// Makes sure the node dialled is a member of the mesh whose authority
+    /// signed this client's credential before the credential or any prompt
+    /// goes to it: a node anyone can set up at an address the client was
+    /// given would otherwise read every prompt.
+    async fn check_membership(&self) -> Result<(), ChatError> {
+        let not_in = |why: String| ChatError::NotInMesh {
+            peer: self.peer,
+            why,
+        };
+        let t = Duration::from_secs(10);
+        let (mut w, mut r) = self
+            .net
+            .open(self.peer, zavod_net::STATUS_PROTOCOL)
+            .await?
+            .split();
+        w.send(&StatusRequest::Membership, t).await?;
+        let reply = tokio::time::timeout(t, r.recv::<StatusReply>())
+            .await
+            .map_err(|_| ChatError::Protocol("no membership certificate within 10 s".into()))??;
+        let cert = match reply {
+            Some(StatusReply::Membership(m)) => m,
+            Some(StatusReply::Refused(e)) => return Err(not_in(e.message)),
+            Some(StatusReply::Mesh { .. }) | None => {
+                return Err(ChatError::Protocol(
+                    "no membership certificate in the reply".into(),
+                ));
+            }
+        };
+        let authority = self.identity.credential.signer;
+        let now = crate::clock::now_ms();
+        let body = cert
+            .verify(&[authority].into_iter().collect(), now)
+            .map_err(|e| not_in(format!("its certificate: {e}")))?;
+        match zavod_net::node_id_of(&self.peer) {
+            Some(id) if id == body.member => Ok(()),
+            _ => Err(not_in(
+                "it showed another node's membership certificate".into(),
+            )),
+        }
     }
 
     pub fn peer(&self) -> PeerId {

@@ -73,6 +73,9 @@ pub fn run(args: StatusArgs) -> Result<()> {
             e.message
         ),
         Some(StatusReply::Refused(e)) => bail!("the node refused: {}", e.message),
+        Some(StatusReply::Membership(_)) => {
+            bail!("the node answered with its membership, not the mesh's status")
+        }
         None => bail!("the node closed the stream without answering"),
     };
     rows.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.node.cmp(&b.node)));

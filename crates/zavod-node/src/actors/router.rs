@@ -629,6 +629,13 @@ impl RouterState {
                 .verify_holder(&self.shared.identity.authorities, &client, now)
                 .map(|_| ()),
             StatusRequest::Operator(p) => p.verify(&self.me(), &client, now),
+            // Answered by the status protocol itself; nothing to show here.
+            StatusRequest::Membership => {
+                return StatusReply::Refused(crate::actors::error_frame(
+                    zavod_proto::wire::ErrorCode::BadRequest,
+                    "a membership request is answered by the status stream",
+                ));
+            }
         };
         if let Err(e) = allowed {
             return StatusReply::Refused(auth_error(e));

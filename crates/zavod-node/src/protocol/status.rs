@@ -1,14 +1,15 @@
 //! The status protocol: the mesh as this node sees it, for a credential
-//! holder or the node's operator.
+//! holder or the node's operator; and this node's membership certificate,
+//! for anyone (clients check it before they send a credential).
 
 use super::{call, first_frame};
-use crate::actors::NodeShared;
 use crate::actors::router::RouterMsg;
+use crate::actors::{NodeShared, error_frame};
 use std::sync::Arc;
 use std::time::Duration;
 use zavod_net::{FrameReader, FrameWriter};
 use zavod_proto::NodeId;
-use zavod_proto::wire::{StatusReply, StatusRequest};
+use zavod_proto::wire::{ErrorCode, StatusReply, StatusRequest};
 
 pub(super) async fn serve_status(
     shared: &Arc<NodeShared>,
@@ -19,6 +20,13 @@ pub(super) async fn serve_status(
 ) {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let reply = match first_frame::<StatusRequest>(reader, first).await {
+        Ok(Some(StatusRequest::Membership)) => match &shared.identity.membership {
+            Some(m) => StatusReply::Membership(m.clone()),
+            None => StatusReply::Refused(error_frame(
+                ErrorCode::Forbidden,
+                "this node is not a member of a mesh yet",
+            )),
+        },
         Ok(Some(req)) => call(shared.directory.get().router, "the router", |reply| {
             RouterMsg::Status {
                 client,

@@ -368,11 +368,15 @@ pub enum JoinReply {
 }
 
 /// First frame on a status stream: a client credential from the mesh's
-/// authority, or the node's own key's say-so for its operator.
+/// authority, or the node's own key's say-so for its operator; or, from
+/// anyone, a request for the node's membership certificate (public: it
+/// rides in every capacity announcement), which a client checks before it
+/// sends a credential or a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StatusRequest {
     Credential(Credential),
     Operator(OperatorProof),
+    Membership,
 }
 
 /// One node in a status reply.
@@ -405,6 +409,8 @@ pub enum StatusReply {
         rows: Vec<StatusRow>,
         dropped_non_member: u64,
     },
+    /// The node's membership certificate.
+    Membership(Membership),
     Refused(ErrorFrame),
 }
 
