@@ -58,7 +58,7 @@ start() {
 }
 
 start 1
-token="$("$zavod" mesh invite --data-dir "$dir/node1")"
+token="$("$zavod" mesh invite --uses "$n" --data-dir "$dir/node1")"
 for i in $(seq 2 "$n"); do start "$i" --join "$token"; done
 
 cat <<EOT

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 use zavod_tests::{
-    NodeProc, chat, invite, member_state, model_path, status_json, stderr, wait_until,
+    NodeProc, chat, invite_for, member_state, model_path, status_json, stderr, wait_until,
 };
 
 /// (served by, prompt tokens, of them from cache) from a `--verbose` chat.
@@ -32,7 +32,7 @@ fn each_turn_of_a_conversation_goes_back_to_the_node_holding_its_cache() {
     let d = |n: &str| root.path().join(n);
     let model = model_path().to_str().expect("utf8").to_string();
     let a = NodeProc::start(&d("a"), &[]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let flags = [
         "--join",
         &token,

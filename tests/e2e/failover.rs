@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use zavod_tests::{
-    NodeProc, chat, invite, member_state, model_path, served_by, status_json, stderr, stdout,
+    NodeProc, chat, invite_for, member_state, model_path, served_by, status_json, stderr, stdout,
     wait_until, zavod,
 };
 
@@ -29,7 +29,7 @@ fn entry_and_two_model_nodes(root: &Path, entry_args: &[&str]) -> (NodeProc, Vec
     let d = |n: &str| root.join(n);
     let model = model_path().to_str().expect("utf8").to_string();
     let a = NodeProc::start(&d("a"), entry_args);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let model_node = |name: &str| {
         NodeProc::start(
             &d(name),

@@ -6,8 +6,8 @@ use zavod_net::FrameStream;
 use zavod_node::client::ChatClient;
 use zavod_proto::wire::{Redirect, RunRequest, ServerFrame};
 use zavod_tests::{
-    NodeProc, ask_for_redirect, chat_client, invite, member_state, model_path, status_json,
-    wait_until,
+    NodeProc, ask_for_redirect, chat_client, invite, invite_for, member_state, model_path,
+    status_json, wait_until,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -51,7 +51,7 @@ fn forged_replayed_misdirected_and_stolen_grants_are_refused() {
     let cfg = root.path().join("short-grants.toml");
     std::fs::write(&cfg, "[limits]\ngrant_ttl_ms = 15000\n").expect("write config");
     let a = NodeProc::start(&d("a"), &["--config", cfg.to_str().expect("utf8")]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let b = NodeProc::start(&d("b"), &["--join", &token, "--model", &model]);
     let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
     assert!(
@@ -277,7 +277,7 @@ fn a_target_the_client_leaves_mid_answer_is_still_charged() {
     let d = |n: &str| root.path().join(n);
     let model = model_path().to_str().expect("utf8").to_string();
     let a = NodeProc::start(&d("a"), &[]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let b = NodeProc::start(&d("b"), &["--join", &token, "--model", &model]);
     let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
     assert!(

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 use zavod_tests::{
-    NodeProc, chat, invite, member_state, model_path, served_by, status_json, stderr, wait_until,
+    NodeProc, chat, invite_for, member_state, model_path, served_by, status_json, stderr,
+    wait_until,
 };
 
 fn model_arg() -> String {
@@ -34,7 +35,7 @@ fn a_chat_through_any_node_is_served_by_the_node_with_the_model() {
 
     // A founds the mesh and routes only; B joins without a model.
     let a = NodeProc::start(&d("a"), &[]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let b = NodeProc::start(&d("b"), &["--join", &token]);
 
     // C joins with the model: every node lists it within 5 s of it being ready.

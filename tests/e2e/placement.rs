@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 use zavod_tests::{
-    NodeProc, chat, invite, member_state, model_path, served_by, status_json, stderr, stdout,
+    NodeProc, chat, invite_for, member_state, model_path, served_by, status_json, stderr, stdout,
     wait_until, zavod,
 };
 
@@ -57,7 +57,7 @@ fn a_full_node_turns_requests_away_and_a_free_one_serves_them() {
     let d = |n: &str| root.path().join(n);
     let model = model_path().to_str().expect("utf8").to_string();
     let a = NodeProc::start(&d("a"), &[]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let model_node = |name: &str| {
         NodeProc::start(
             &d(name),

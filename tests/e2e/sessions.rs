@@ -6,8 +6,8 @@ use std::time::Duration;
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::ServerFrame;
 use zavod_tests::{
-    NodeProc, ask_for_redirect, chat, chat_client, invite, member_state, model_path, status_json,
-    stderr, wait_until,
+    NodeProc, ask_for_redirect, chat, chat_client, invite_for, member_state, model_path,
+    status_json, stderr, wait_until,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -18,7 +18,7 @@ fn the_entry_keeps_a_turn_the_client_never_reported() {
     let d = |n: &str| root.path().join(n);
     let model = model_path().to_str().expect("utf8").to_string();
     let a = NodeProc::start(&d("a"), &[]);
-    let token = invite(&d("a"));
+    let token = invite_for(&d("a"), 8);
     let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
     assert!(
         wait_until(Duration::from_secs(10), || {

@@ -155,3 +155,79 @@ fn the_operator_of_a_joined_node_reads_its_status_and_is_told_how_to_chat() {
     let ok = chat(&d("b"), &b.addr, &["--prompt", "Hi", "--max-tokens", "4"]);
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
+
+/// Runs `zavod node` expecting it to fail to start (within a minute);
+/// returns its exit code and stderr.
+fn failed_start(dir: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut child = zavod_tests::zavod()
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn zavod node");
+    let exited = zavod_tests::wait_until(std::time::Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+        panic!("the node started where it should have refused to");
+    }
+    let out = child.wait_with_output().expect("output");
+    (out.status.code(), stderr(&out))
+}
+
+#[test]
+fn an_invite_admits_one_node_and_names_the_node_that_signs() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let a = NodeProc::start(&d("a"), &[]);
+    let token = zavod_tests::invite(&d("a"));
+    let b = NodeProc::start(&d("b"), &["--join", &token]);
+    // The same invite a second time, by another node: refused.
+    let (code, e) = failed_start(&d("c"), &["--join", &token]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(
+        e.contains("admits 1 node and was used by") && e.contains("zavod mesh invite"),
+        "{e}"
+    );
+    // An invite for two admits two, and no third.
+    let two = zavod_tests::invite_for(&d("a"), 2);
+    let c = NodeProc::start(&d("c"), &["--join", &two]);
+    let d2 = NodeProc::start(&d("d"), &["--join", &two]);
+    let (code, e) = failed_start(&d("e"), &["--join", &two]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("admits 2 nodes"), "{e}");
+    drop((c, d2));
+
+    // A bootstrap address given without a peer id gets the signing node's.
+    let port = a
+        .addr
+        .split("/tcp/")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("port");
+    let bare = format!("/ip4/127.0.0.1/tcp/{port}");
+    let made = zavod_tests::zavod()
+        .args(["mesh", "invite", "--bootstrap", &bare, "--data-dir"])
+        .arg(d("a"))
+        .output()
+        .expect("invite");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let f = NodeProc::start(&d("f"), &["--join", zavod_tests::stdout(&made).trim()]);
+    drop(f);
+    // One naming another node is refused: only the authority's node signs.
+    let other = format!("{bare}/p2p/{}", b.peer_id);
+    let refused = zavod_tests::zavod()
+        .args(["mesh", "invite", "--bootstrap", &other, "--data-dir"])
+        .arg(d("a"))
+        .output()
+        .expect("invite");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("only this data directory's node"),
+        "{}",
+        stderr(&refused)
+    );
+}

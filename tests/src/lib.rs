@@ -204,10 +204,16 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `zavod mesh invite` for the mesh whose authority lives in `dir`.
+/// `zavod mesh invite` for the mesh whose authority lives in `dir`: a
+/// single-use invite, as by default.
 pub fn invite(dir: &Path) -> String {
+    invite_for(dir, 1)
+}
+
+/// An invite that admits `nodes` nodes (`--uses`).
+pub fn invite_for(dir: &Path, nodes: u32) -> String {
     let out = zavod()
-        .args(["mesh", "invite", "--data-dir"])
+        .args(["mesh", "invite", "--uses", &nodes.to_string(), "--data-dir"])
         .arg(dir)
         .output()
         .expect("run zavod mesh invite");

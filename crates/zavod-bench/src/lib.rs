@@ -97,7 +97,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 /// An invite to the mesh whose founding node keeps its data in `dir`.
 pub(crate) fn mesh_invite(exe: &Path, dir: &Path) -> Result<String> {
     let invite = Command::new(exe)
-        .args(["mesh", "invite", "--data-dir"])
+        .args(["mesh", "invite", "--uses", "16", "--data-dir"])
         .arg(dir)
         .output()
         .context("zavod mesh invite")?;

@@ -6,6 +6,8 @@
 //! - `authority.key`    the mesh authority's secret, only where it was created
 //! - `membership.cert`  this node's membership, signed by the authority
 //! - `client.key`, `client.cred`  the local user's key and capability credential
+//! - `invites.used`     invites this node admitted a node with, until they
+//!   expire (where it holds the authority key)
 //! - `memory/`          the conversation database
 //!
 //! The first start with an empty directory creates a local authority, signs
@@ -268,6 +270,7 @@ impl NodeIdentity {
         now_ms: UnixMs,
         ttl_ms: u64,
         bootstrap: Vec<String>,
+        uses: u32,
     ) -> Result<JoinTicket, DataDirError> {
         let a = self.authority.as_ref().ok_or_else(|| {
             DataDirError::Mesh(format!(
@@ -280,6 +283,7 @@ impl NodeIdentity {
             expires_at_ms: now_ms.saturating_add(ttl_ms),
             bootstrap,
             membership_ttl_ms: LOCAL_MEMBERSHIP_MS,
+            uses,
         }))
     }
 

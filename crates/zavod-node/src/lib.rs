@@ -24,6 +24,7 @@ pub(crate) mod cluster;
 pub mod config;
 pub mod datadir;
 pub(crate) mod http;
+pub(crate) mod invites;
 pub(crate) mod metrics;
 pub mod model_choice;
 pub mod node;

@@ -131,6 +131,18 @@ pub async fn join_mesh(
     for a in &body.bootstrap {
         let attempt = async {
             let addr: Multiaddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+            // Without the peer id, whoever answers at the address would be
+            // handed the invite.
+            if !addr
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            {
+                return Err(
+                    "names no peer id (/p2p/…), so the node there cannot be told from an \
+                     impostor; ask for a new invite (zavod mesh invite)"
+                        .to_string(),
+                );
+            }
             let peer = net.dial(addr).await.map_err(|e| e.to_string())?;
             let stream = net
                 .open(peer, zavod_net::JOIN_PROTOCOL)
@@ -333,6 +345,7 @@ impl Node {
         let peer_id = net.local_peer_id();
         let mut tasks = vec![tokio::spawn(event_loop.run())];
         let cluster = Cluster::start(net.clone(), mesh_cookie(&identity.authorities)).await?;
+        let used_invites = crate::invites::UsedInvites::load(&identity.dir)?;
         let shared = Arc::new(NodeShared {
             config,
             identity,
@@ -346,6 +359,7 @@ impl Node {
             token_estimates: Default::default(),
             tailnet_self: tailnet.as_ref().map(|t| t.name.clone()),
             tailnet_names: Default::default(),
+            used_invites: std::sync::Mutex::new(used_invites),
         });
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))

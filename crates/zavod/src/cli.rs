@@ -93,6 +93,11 @@ pub enum MeshCommand {
         /// [default: the addresses the node on this data directory listens on].
         #[arg(long, value_name = "MULTIADDR", value_parser = parse_multiaddr)]
         bootstrap: Vec<Multiaddr>,
+        /// How many nodes the invite admits (each once; a node may present
+        /// it again). Invites are single-use unless you say otherwise.
+        #[arg(long, default_value_t = 1, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(zavod_proto::trust::MAX_INVITE_USES)))]
+        uses: u32,
     },
     /// Write a fresh pre-shared key for a private mesh: every node started
     /// with `--psk-file FILE` (and every client) needs the same file, and

@@ -60,6 +60,7 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
             data_dir,
             ttl,
             bootstrap,
+            uses,
         } => {
             let dir = data_dir.unwrap_or_else(default_data_dir);
             let (id, _) = NodeIdentity::open_for_join(&dir, now_ms())?;
@@ -82,11 +83,44 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
             if addrs.is_empty() {
                 bail!("no bootstrap address: pass --bootstrap MULTIADDR");
             }
-            let ticket = id.invite(now_ms(), ttl.as_millis() as u64, addrs)?;
+            let addrs = name_the_signer(addrs, &id.id())?;
+            let ticket = id.invite(now_ms(), ttl.as_millis() as u64, addrs, uses)?;
             println!("{}", ticket.to_text());
             Ok(())
         }
     }
+}
+
+/// Bootstrap addresses as an invite carries them: each ends in the peer id
+/// of the node that signs memberships (this data directory's node, the one
+/// holding the authority key), so a joining node dials that node and no
+/// other that answers at the address. An address naming another peer is
+/// refused.
+fn name_the_signer(addrs: Vec<String>, me: &NodeId) -> Result<Vec<String>> {
+    use libp2p::multiaddr::Protocol;
+    let Some(peer) = zavod_net::peer_id_of(me) else {
+        bail!("this data directory's node key is not a valid peer id");
+    };
+    addrs
+        .into_iter()
+        .map(|a| {
+            let mut addr: libp2p::Multiaddr = a
+                .parse()
+                .with_context(|| format!("bootstrap address {a:?} is not a multiaddr"))?;
+            match addr.iter().find_map(|p| match p {
+                Protocol::P2p(id) => Some(id),
+                _ => None,
+            }) {
+                Some(id) if id == peer => {}
+                Some(id) => bail!(
+                    "bootstrap address {a} names peer {id}, but only this data directory's node \
+                     ({peer}) signs memberships: give its own address"
+                ),
+                None => addr.push(Protocol::P2p(peer)),
+            }
+            Ok(addr.to_string())
+        })
+        .collect()
 }
 
 pub fn run_cap(cmd: CapCommand) -> Result<()> {

@@ -77,6 +77,9 @@ pub struct NodeShared {
     /// (`node.tailscale`), for `zavod status`.
     pub tailnet_self: Option<String>,
     pub tailnet_names: zavod_net::tailscale::TailnetNames,
+    /// Invites this node admitted a node with (where it holds the
+    /// authority key, the only place memberships are signed).
+    pub(crate) used_invites: std::sync::Mutex<crate::invites::UsedInvites>,
 }
 
 /// Models whose tokenization a node keeps estimates for, at most.

@@ -1,5 +1,5 @@
 //! The join protocol: sign a membership for a node presenting this
-//! mesh's invite.
+//! mesh's invite, which admits as many nodes as it says (`crate::invites`).
 
 use super::first_frame;
 use crate::actors::{NodeShared, error_frame};
@@ -19,7 +19,7 @@ pub(super) async fn serve_join(
 ) {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let reply = match first_frame::<JoinRequest>(reader, first).await {
-        Ok(Some(req)) => match shared.identity.admit(&req.ticket, joiner, now_ms()) {
+        Ok(Some(req)) => match admit(shared, &req.ticket, joiner) {
             Ok(membership) => {
                 tracing::info!(node = %joiner.short(), "signed a membership for a joining node");
                 JoinReply::Welcome {
@@ -33,4 +33,27 @@ pub(super) async fn serve_join(
         Err(e) => JoinReply::Refused(e),
     };
     let _ = writer.send(&reply, wt).await;
+}
+
+/// Signs a membership if the invite is this mesh's, unexpired, and unused
+/// or used by this same node.
+fn admit(
+    shared: &NodeShared,
+    ticket: &zavod_proto::trust::JoinTicket,
+    joiner: NodeId,
+) -> Result<zavod_proto::trust::Membership, String> {
+    let now = now_ms();
+    let membership = shared.identity.admit(ticket, joiner, now)?;
+    let mut used = shared
+        .used_invites
+        .lock()
+        .map_err(|_| "the node's invite records are unavailable".to_string())?;
+    used.claim(
+        ticket.body.id,
+        ticket.body.uses,
+        joiner,
+        ticket.body.expires_at_ms,
+        now,
+    )?;
+    Ok(membership)
 }

@@ -65,7 +65,13 @@ pub struct JoinTicketBody {
     pub bootstrap: Vec<String>,
     /// How long memberships signed for this ticket last.
     pub membership_ttl_ms: u64,
+    /// How many nodes it admits (1 unless its maker said more; at most
+    /// [`MAX_INVITE_USES`]).
+    pub uses: u32,
 }
+
+/// The most nodes one invite may admit.
+pub const MAX_INVITE_USES: u32 = 1_024;
 
 pub type JoinTicket = Signed<JoinTicketBody>;
 

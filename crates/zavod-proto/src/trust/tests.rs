@@ -156,6 +156,7 @@ fn invites_tokens_and_receipts() {
         expires_at_ms: 100,
         bootstrap: vec!["/ip4/127.0.0.1/tcp/7070".into()],
         membership_ttl_ms: 1_000,
+        uses: 1,
     });
     let back = JoinTicket::from_text(&t.to_text()).expect("parses");
     assert_eq!(back.verify(50).map(|b| b.membership_ttl_ms), Ok(1_000));
