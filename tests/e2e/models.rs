@@ -197,7 +197,7 @@ fn a_mesh_serves_two_models_by_name_through_a_third_node() {
     let gemma = model_path();
     let smol = zavod_tests::chat_model_path();
     let entry = NodeProc::start(&d("entry"), &[]);
-    let token = zavod_tests::invite(&d("entry"));
+    let token = zavod_tests::invite_for(&d("entry"), 4);
     let g = NodeProc::start(
         &d("g"),
         &["--join", &token, "--model", gemma.to_str().expect("utf8")],
