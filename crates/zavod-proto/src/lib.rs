@@ -14,6 +14,7 @@
 #![warn(unreachable_pub)]
 
 pub mod chat;
+pub mod fuzz;
 pub mod ids;
 pub mod limits;
 pub mod mesh;
