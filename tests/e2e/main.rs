@@ -13,6 +13,7 @@ mod mdns;
 mod memory;
 mod mesh;
 mod models;
+mod partition;
 mod placement;
 mod psk;
 mod relay;

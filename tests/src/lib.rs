@@ -184,7 +184,12 @@ impl NodeProc {
 
 /// Runs `zavod chat` against `addr` and returns its output.
 pub fn chat(data_dir: &Path, addr: &str, args: &[&str]) -> Output {
-    zavod()
+    chat_in(None, data_dir, addr, args)
+}
+
+/// As [`chat`], from inside network namespace `netns` when given.
+pub fn chat_in(netns: Option<&str>, data_dir: &Path, addr: &str, args: &[&str]) -> Output {
+    zavod_in(netns)
         .arg("chat")
         .arg("--peer")
         .arg(addr)
@@ -379,6 +384,7 @@ impl Lan {
 pub struct Switched {
     pub names: Vec<String>,
     switch: String,
+    subnet: u8,
 }
 
 impl Switched {
@@ -397,6 +403,7 @@ impl Switched {
         let mut lan = Switched {
             names: Vec::new(),
             switch,
+            subnet,
         };
         let sw = lan.switch.clone();
         let mut ok = run(&["-n", &sw, "link", "add", "br0", "type", "bridge"])
@@ -428,6 +435,55 @@ impl Switched {
     /// Host `i`'s address.
     pub fn ip(subnet: u8, i: usize) -> String {
         format!("10.{subnet}.0.{}", i + 1)
+    }
+
+    /// Cuts hosts `apart` off from the others: their switch ports move to
+    /// a second bridge, so each group still reaches its own members and
+    /// nothing of the other group. Returns whether every step worked.
+    pub fn partition(&self, apart: &[usize]) -> bool {
+        let run = |args: &[&str]| {
+            Command::new("ip")
+                .args(["-n", &self.switch])
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut ok =
+            run(&["link", "add", "br1", "type", "bridge"]) && run(&["link", "set", "br1", "up"]);
+        for i in apart {
+            ok = ok
+                && run(&[
+                    "link",
+                    "set",
+                    &format!("zv{}p{i}", self.subnet),
+                    "master",
+                    "br1",
+                ]);
+        }
+        ok
+    }
+
+    /// Undoes [`Switched::partition`]: every port back on one bridge.
+    pub fn heal(&self) -> bool {
+        let run = |args: &[&str]| {
+            Command::new("ip")
+                .args(["-n", &self.switch])
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut ok = true;
+        for i in 0..self.names.len() {
+            ok = ok
+                && run(&[
+                    "link",
+                    "set",
+                    &format!("zv{}p{i}", self.subnet),
+                    "master",
+                    "br0",
+                ]);
+        }
+        ok && run(&["link", "del", "br1"])
     }
 }
 

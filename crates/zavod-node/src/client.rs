@@ -29,6 +29,12 @@ pub fn on_worker<T: Send + 'static>(
     rt.block_on(rt.spawn(fut))
 }
 
+/// How long a client tries to reach the target a redirect names before it
+/// asks its entry to relay. A connection takes a few round trips even
+/// across continents; a target hidden by a partition or a firewall would
+/// otherwise hold the first token for the whole dial timeout.
+const REDIRECT_DIAL: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error("{0}")]
@@ -238,13 +244,20 @@ impl ChatClient {
         let mut why = String::from("the redirect has no address");
         for a in &r.addrs {
             match a.parse::<Multiaddr>() {
-                Ok(addr) => match self.net.dial(addr).await {
-                    Ok(p) if p == peer => {
+                Ok(addr) => match tokio::time::timeout(REDIRECT_DIAL, self.net.dial(addr)).await {
+                    Ok(Ok(p)) if p == peer => {
                         reached = true;
                         break;
                     }
-                    Ok(p) => why = format!("{a} answered as {p}"),
-                    Err(e) => why = e.to_string(),
+                    Ok(Ok(p)) => why = format!("{a} answered as {p}"),
+                    Ok(Err(e)) => why = e.to_string(),
+                    Err(_) => {
+                        why = format!(
+                            "{a}: no answer within {} s (a partition or a firewall between \
+                             this client and the target)",
+                            REDIRECT_DIAL.as_secs()
+                        )
+                    }
                 },
                 Err(e) => why = format!("{a}: {e}"),
             }
