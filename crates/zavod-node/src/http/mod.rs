@@ -136,8 +136,36 @@ async fn guard(
     });
     match checked {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if declared.is_some_and(|n| n <= (max as u64).saturating_mul(LINGER_FACTOR)) {
+                linger(req.into_body());
+            }
+            e.into_response()
+        }
     }
+}
+
+/// A refused body up to this many times `http.max_body_bytes` is read and
+/// dropped after the answer; a larger one is not read at all.
+const LINGER_FACTOR: u64 = 4;
+/// How long a refused body is read and dropped, at most.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops, in the background, the rest of a body refused before
+/// it was read, while the answer goes out at once. A connection closed
+/// with unread data is reset, and the reset can destroy the answer before
+/// the client reads it (a client still sending its body would see a
+/// broken pipe, not the 413 or 401). Bounded by [`LINGER_FACTOR`] and
+/// [`LINGER`].
+fn linger(body: axum::body::Body) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let mut data = body.into_data_stream();
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Some(Ok(_)) = data.next().await {}
+        })
+        .await;
+    });
 }
 
 /// A place among the requests this node serves at once, or the 503 that
