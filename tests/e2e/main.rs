@@ -17,6 +17,7 @@ mod partition;
 mod placement;
 mod psk;
 mod relay;
+mod revocation;
 mod sessions;
 mod tailnet;
 mod trust;

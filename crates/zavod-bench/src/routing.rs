@@ -42,6 +42,7 @@ pub(crate) fn decision_us(n: usize) -> (f64, f64) {
             }],
             cached: CacheSummary::of(&[i as u64]),
             addrs: vec![],
+            revocations: Default::default(),
         };
         let a = Announcement {
             report: sign_report(&key, report),

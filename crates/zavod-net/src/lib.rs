@@ -277,6 +277,9 @@ enum Command {
         ticket: GossipTicket,
         verdict: Verdict,
     },
+    Block {
+        peer: PeerId,
+    },
 }
 
 /// Handle to the network; clone freely.
@@ -628,6 +631,19 @@ impl Client {
         }
     }
 
+    /// Closes every connection to `peer` and refuses it from now on (its
+    /// membership was revoked). Waits up to 5 s for room in a busy loop's
+    /// queue rather than dropping it at once: a block should not be lost.
+    pub async fn block(&self, peer: PeerId) {
+        let send = self.commands.send(Command::Block { peer });
+        if tokio::time::timeout(Duration::from_secs(5), send)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%peer, "could not block a revoked peer: network busy");
+        }
+    }
+
     /// Connects to a peer if not connected yet (best effort, no reply).
     pub fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let _ = self.commands.try_send(Command::Connect { peer, addrs });
@@ -895,6 +911,9 @@ impl EventLoop {
                     };
                     g.report_message_validation_result(&ticket.id, &ticket.from, acceptance);
                 }
+            }
+            Command::Block { peer } => {
+                self.swarm.behaviour_mut().deny.block_peer(peer);
             }
             Command::Connect { peer, addrs } => {
                 let connected = self.swarm.connected_peers().count();

@@ -198,7 +198,7 @@ impl ChatClient {
         let cert = match reply {
             Some(StatusReply::Membership(m)) => m,
             Some(StatusReply::Refused(e)) => return Err(not_in(e.message)),
-            Some(StatusReply::Mesh { .. }) | None => {
+            Some(_) | None => {
                 return Err(ChatError::Protocol(
                     "no membership certificate in the reply".into(),
                 ));

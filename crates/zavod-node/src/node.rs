@@ -346,6 +346,13 @@ impl Node {
         let mut tasks = vec![tokio::spawn(event_loop.run())];
         let cluster = Cluster::start(net.clone(), mesh_cookie(&identity.authorities)).await?;
         let used_invites = crate::invites::UsedInvites::load(&identity.dir)?;
+        let revocations =
+            crate::revocations::RevocationStore::load(&identity.dir, &identity.authorities)?;
+        for node in revocations.nodes() {
+            if let Some(peer) = zavod_net::peer_id_of(&node) {
+                net.block(peer).await;
+            }
+        }
         let shared = Arc::new(NodeShared {
             config,
             identity,
@@ -360,6 +367,7 @@ impl Node {
             tailnet_self: tailnet.as_ref().map(|t| t.name.clone()),
             tailnet_names: Default::default(),
             used_invites: std::sync::Mutex::new(used_invites),
+            revocations: std::sync::RwLock::new(revocations),
         });
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))

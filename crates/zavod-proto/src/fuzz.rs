@@ -61,8 +61,15 @@ pub fn wire_frames(data: &[u8]) {
     let _ = decode::<RunReport>(data);
     let _ = decode::<JoinRequest>(data);
     let _ = decode::<JoinReply>(data);
-    let _ = decode::<StatusRequest>(data);
-    let _ = decode::<StatusReply>(data);
+    if let Ok(StatusRequest::Revoke(r)) = decode::<StatusRequest>(data) {
+        let _ = crate::trust::Revocations::default().insert(*r, &trusted());
+    }
+    if let Ok(StatusReply::Revocations(list)) = decode::<StatusReply>(data) {
+        let mut held = crate::trust::Revocations::default();
+        for r in list {
+            let _ = held.insert(r, &trusted());
+        }
+    }
     if let Ok(EmbedRequest { inputs, .. }) = decode::<EmbedRequest>(data) {
         let _ = check_inputs(&inputs);
     }
@@ -72,7 +79,8 @@ pub fn wire_frames(data: &[u8]) {
 }
 
 /// Credentials and capability tokens as text (a user's `--credential`, an
-/// HTTP bearer) and as bytes (inside a chat request), and operator proofs.
+/// HTTP bearer) and as bytes (inside a chat request), operator proofs, and
+/// revocations as text.
 pub fn credentials(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let someone = NodeId([1; 32]);
@@ -88,6 +96,10 @@ pub fn credentials(data: &[u8]) {
     }
     if let Ok(p) = decode_unversioned::<OperatorProof>(data) {
         let _ = p.verify(&someone, &someone, 0);
+    }
+    // Revocations as `zavod` reads them from a data directory's file.
+    if let Ok(r) = crate::trust::Revocation::from_text(&text) {
+        let _ = r.verify(&trusted());
     }
 }
 

@@ -98,3 +98,16 @@ pub const MAX_FULL_TARGETS: usize = 3;
 /// How long an entry that has a target's report of an answer still waits
 /// for the client's own receipt before closing the client's stream.
 pub const REPORT_GRACE_MS: u64 = 2_000;
+
+/// The most revocations a mesh keeps (revoked nodes and credentials
+/// together). Revocations never lapse, so this bounds the list for good;
+/// an authority that reaches it issues new credentials under a new mesh.
+pub const MAX_REVOCATIONS: usize = 4_096;
+
+/// The most bytes one signed revocation takes on the wire: a tag, a
+/// 32-byte subject, a time, the signer's 32-byte key and a 64-byte
+/// signature, each with bincode's length or variant prefix.
+pub const MAX_REVOCATION_BYTES: usize = 160;
+
+// A node hands its whole list to a member in one frame.
+const _: () = assert!(MAX_REVOCATIONS * MAX_REVOCATION_BYTES + 1024 <= MAX_FRAME_BYTES);

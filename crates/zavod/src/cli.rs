@@ -99,6 +99,17 @@ pub enum MeshCommand {
               value_parser = clap::value_parser!(u32).range(1..=i64::from(zavod_proto::trust::MAX_INVITE_USES)))]
         uses: u32,
     },
+    /// Revoke a node's membership: members stop routing to it, refuse its
+    /// grants and close its connections within one gossip round, and no
+    /// invite admits it again. Signed with this data directory's authority
+    /// key; kept by every node for good.
+    Revoke {
+        /// The node: its peer id (12D3KooW…, as `zavod status` shows it) or
+        /// its node key (64 hex digits).
+        node: String,
+        #[command(flatten)]
+        to: RevokeArgs,
+    },
     /// Write a fresh pre-shared key for a private mesh: every node started
     /// with `--psk-file FILE` (and every client) needs the same file, and
     /// nothing without it can connect. QUIC is off on such nodes.
@@ -136,6 +147,34 @@ pub enum CapCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Revoke a credential: every entry of the mesh refuses it within one
+    /// gossip round. Signed with this data directory's authority key; kept
+    /// by every node for good.
+    Revoke {
+        /// The credential: its id (32 hex digits, as `zavod cap issue`
+        /// prints it), or the credential or capability token itself (a
+        /// file, or the text).
+        credential: String,
+        #[command(flatten)]
+        to: RevokeArgs,
+    },
+}
+
+/// Where a revocation goes.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The data directory holding the mesh's authority key.
+    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A running member to hand the revocation to [default: the node
+    /// running on the data directory; when none runs there, the revocation
+    /// is written into the data directory, and its node spreads it when it
+    /// starts].
+    #[arg(long, value_name = "ADDR", value_parser = parse_peer)]
+    pub peer: Option<Multiaddr>,
+    /// The private mesh's pre-shared key, when the node uses one.
+    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@ mod mesh;
 mod model;
 mod node;
 mod output;
+mod revoke;
 mod status;
 
 use clap::Parser;

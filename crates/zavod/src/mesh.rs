@@ -1,5 +1,6 @@
 //! `zavod mesh init`, `zavod mesh invite`, `zavod cap issue`: offline
-//! commands on a data directory that holds a mesh authority.
+//! commands on a data directory that holds a mesh authority (and the
+//! revocations, in `crate::revoke`).
 
 use crate::cli::{CapCommand, MeshCommand};
 use anyhow::{Context, Result, bail};
@@ -7,6 +8,7 @@ use zavod_node::clock::now_ms;
 use zavod_node::config::default_data_dir;
 use zavod_node::datadir::{LISTEN_ADDRS, NodeIdentity, write_file};
 use zavod_proto::NodeId;
+use zavod_proto::trust::{Revoked, hex16};
 
 pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
     match cmd {
@@ -35,6 +37,10 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
             }
             println!("next: start `zavod node` here, then `zavod mesh invite` for each new node");
             Ok(())
+        }
+        MeshCommand::Revoke { node, to } => {
+            let node = crate::revoke::parse_node(&node)?;
+            crate::revoke::run(Revoked::Node(node), &to)
         }
         MeshCommand::Psk { out } => {
             if std::fs::symlink_metadata(&out).is_ok() {
@@ -161,7 +167,17 @@ pub fn run_cap(cmd: CapCommand) -> Result<()> {
                 }
                 None => println!("{text}"),
             }
+            if let Ok(id) = crate::revoke::credential_id(&text) {
+                eprintln!(
+                    "credential id {id} (to revoke it: zavod cap revoke {id})",
+                    id = hex16(&id)
+                );
+            }
             Ok(())
+        }
+        CapCommand::Revoke { credential, to } => {
+            let id = crate::revoke::credential_id(&credential)?;
+            crate::revoke::run(Revoked::Credential(id), &to)
         }
     }
 }

@@ -73,8 +73,10 @@ pub fn run(args: StatusArgs) -> Result<()> {
             e.message
         ),
         Some(StatusReply::Refused(e)) => bail!("the node refused: {}", e.message),
-        Some(StatusReply::Membership(_)) => {
-            bail!("the node answered with its membership, not the mesh's status")
+        Some(
+            StatusReply::Membership(_) | StatusReply::Revocations(_) | StatusReply::Revoked { .. },
+        ) => {
+            bail!("the node answered with something other than the mesh's status")
         }
         None => bail!("the node closed the stream without answering"),
     };

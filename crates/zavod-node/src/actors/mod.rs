@@ -80,6 +80,8 @@ pub struct NodeShared {
     /// Invites this node admitted a node with (where it holds the
     /// authority key, the only place memberships are signed).
     pub(crate) used_invites: std::sync::Mutex<crate::invites::UsedInvites>,
+    /// Revocations this node holds; the Router is the only writer.
+    pub(crate) revocations: std::sync::RwLock<crate::revocations::RevocationStore>,
 }
 
 /// Models whose tokenization a node keeps estimates for, at most.
@@ -88,6 +90,17 @@ const MAX_ESTIMATED_MODELS: usize = 64;
 impl NodeShared {
     /// A prompt of `bytes` bytes of turn text came to `tokens` tokens on
     /// a node serving `model`.
+    /// The revocations held now (a poisoned lock still holds them: the
+    /// set only grows, so no writer leaves it half-changed).
+    pub(crate) fn revocations(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, crate::revocations::RevocationStore> {
+        match self.revocations.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     pub fn learn_tokens(&self, model: &str, bytes: usize, tokens: u32) {
         if let Ok(mut m) = self.token_estimates.lock() {
             if !m.contains_key(model) && m.len() >= MAX_ESTIMATED_MODELS {

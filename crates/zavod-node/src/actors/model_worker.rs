@@ -216,11 +216,14 @@ fn admit_grant(
     let members = &st.members;
     let authorities = &st.shared.identity.authorities;
     // A grant's issuer must be a member: this node, or the node whose
-    // membership certificate came with the request and verifies here.
+    // membership certificate came with the request and verifies here; and
+    // not one the mesh's authority revoked (its certificate still verifies).
+    let revocations = st.shared.revocations();
     let is_member = |n: &NodeId| {
-        members.contains(n)
+        (members.contains(n)
             || issuer_membership
-                .is_some_and(|m| m.body.member == *n && m.verify(authorities, now).is_ok())
+                .is_some_and(|m| m.body.member == *n && m.verify(authorities, now).is_ok()))
+            && !revocations.node_revoked(n)
     };
     let body = grant.verify(is_member, &check, now).map_err(grant_error)?;
     st.replay.admit(body, now).map_err(grant_error)?;

@@ -33,6 +33,8 @@ use zavod_proto::wire::{
 use zavod_proto::{NodeId, RequestId};
 use zavod_store::ConvKey;
 
+mod revoke;
+
 /// How long the Router waits for the Breaker.
 const BREAKER_TIMEOUT_MS: u64 = 2_000;
 pub(crate) struct Router;
@@ -180,6 +182,12 @@ pub enum RouterMsg {
         model: String,
         prompt_bytes: usize,
     },
+    /// Revocations to hold: handed over by a member whose list differed
+    /// (`from`), or read from this node's own data directory.
+    Revocations {
+        from: Option<NodeId>,
+        list: Vec<zavod_proto::trust::Revocation>,
+    },
     /// From another node, over the actor session: the target of a request
     /// this node placed reports the answer with its signed receipt. The
     /// only variant that crosses nodes.
@@ -249,7 +257,15 @@ pub(crate) struct RouterState {
     expected: BTreeMap<RequestId, Expected>,
     /// This entry's placements still running, for load estimates.
     placer: Placer,
+    /// Members recently asked for their revocations: the digest they
+    /// announced then, and when (see `revoke::maybe_fetch_revocations`).
+    revocation_fetches: BTreeMap<NodeId, (zavod_proto::trust::RevocationDigest, u64)>,
 }
+
+/// How long a member is not asked again for the same list.
+const REVOCATION_FETCH_EVERY_MS: u64 = 5_000;
+/// Members asked for their revocations within that time, at most.
+const MAX_REVOCATION_FETCHES: usize = 4;
 
 fn auth_error(e: AuthError) -> ErrorFrame {
     let code = match &e {
@@ -287,6 +303,7 @@ impl RouterState {
         };
         let mut report = self.self_report();
         report.addrs = self.shared.listen_addrs();
+        report.revocations = self.shared.revocations().digest();
         if !self.announcer.poll(&report, now) {
             return;
         }
@@ -331,6 +348,19 @@ impl RouterState {
             tracing::debug!(peer = %node.short(), "announcement published by another node dropped");
             return Verdict::Reject;
         }
+        if self.shared.revocations().node_revoked(&node) {
+            tracing::debug!(peer = %node.short(), "announcement of a revoked node dropped");
+            return Verdict::Reject;
+        }
+        let verdict = self.take_announcement(a, now);
+        if verdict == Verdict::Accept {
+            self.maybe_fetch_revocations(node, &a.report.body.revocations, now);
+        }
+        verdict
+    }
+
+    fn take_announcement(&mut self, a: &Announcement, now: u64) -> Verdict {
+        let node = a.report.body.node;
         match self.view.on_announcement(a, now) {
             Ok(Accepted::New) => {
                 tracing::info!(peer = %node.short(), models = ?a.report.body.models.iter().map(|m| &m.name).collect::<Vec<_>>(), "member joined the view");
@@ -415,6 +445,7 @@ impl RouterState {
             .credential
             .verify(&self.shared.identity.authorities, &client, &model, now)
             .map_err(auth_error)?;
+        self.check_not_revoked(&cred.id)?;
         if !self.serves(&model, now) {
             if self.models().is_empty() {
                 return Err(nothing_served());
@@ -625,10 +656,20 @@ impl RouterState {
     async fn status(&mut self, client: NodeId, request: &StatusRequest) -> StatusReply {
         let now = now_ms();
         let allowed = match request {
-            StatusRequest::Credential(c) => c
-                .verify_holder(&self.shared.identity.authorities, &client, now)
-                .map(|_| ()),
+            StatusRequest::Credential(c) => {
+                match c.verify_holder(&self.shared.identity.authorities, &client, now) {
+                    Ok(b) => {
+                        if let Err(e) = self.check_not_revoked(&b.id) {
+                            return StatusReply::Refused(e);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             StatusRequest::Operator(p) => p.verify(&self.me(), &client, now),
+            StatusRequest::Revocations => return self.revocations_for(client, now),
+            StatusRequest::Revoke(r) => return self.take_revocation(r.clone()).await,
             // Answered by the status protocol itself; nothing to show here.
             StatusRequest::Membership => {
                 return StatusReply::Refused(crate::actors::error_frame(
@@ -733,6 +774,7 @@ impl Actor for Router {
             announcer: Announcer::new(heartbeat_ms),
             expected: BTreeMap::new(),
             placer: Placer::new(),
+            revocation_fetches: BTreeMap::new(),
         };
         ractor::pg::join(
             crate::cluster::ROUTER_GROUP.to_string(),
@@ -831,7 +873,12 @@ impl Actor for Router {
                 let _ = reply.send(st.status(client, &request).await);
             }
             RouterMsg::IsMember { node, reply } => {
-                let _ = reply.send(st.view.is_member(&node, now_ms()));
+                let member = st.view.is_member(&node, now_ms())
+                    && !st.shared.revocations().node_revoked(&node);
+                let _ = reply.send(member);
+            }
+            RouterMsg::Revocations { from, list } => {
+                st.apply_revocations(from, list).await;
             }
             RouterMsg::Expect {
                 request,

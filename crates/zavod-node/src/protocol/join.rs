@@ -43,6 +43,12 @@ fn admit(
     joiner: NodeId,
 ) -> Result<zavod_proto::trust::Membership, String> {
     let now = now_ms();
+    if shared.revocations().node_revoked(&joiner) {
+        return Err(format!(
+            "node {} was revoked by the mesh's authority (zavod mesh revoke); no invite admits it again",
+            joiner.short()
+        ));
+    }
     let membership = shared.identity.admit(ticket, joiner, now)?;
     let mut used = shared
         .used_invites

@@ -1,6 +1,8 @@
 //! The status protocol: the mesh as this node sees it, for a credential
-//! holder or the node's operator; and this node's membership certificate,
-//! for anyone (clients check it before they send a credential).
+//! holder or the node's operator; this node's membership certificate, for
+//! anyone (clients check it before they send a credential); the
+//! revocations it holds, for members; and a signed revocation to take,
+//! from anyone.
 
 use super::{call, first_frame};
 use crate::actors::router::RouterMsg;

@@ -1,12 +1,13 @@
 //! When a node announces its capacity: at its first chance, whenever a
 //! figure routing reads has moved (free memory in [`MEM_STEP_BYTES`]
 //! steps, slots, queue, decode rate in tenths, each model's offer and load,
-//! addresses, cache summary), and otherwise once per heartbeat so peers
+//! addresses, cache summary, the revocations it holds), and otherwise once per heartbeat so peers
 //! know it lives. The node's Router and the simulator both ask this one
 //! announcer; neither decides on its own.
 
 use crate::UnixMs;
 use crate::mesh::capacity::{CacheSummary, CapacityReport, ModelOffer};
+use crate::trust::RevocationDigest;
 
 /// Free memory is compared in steps of this size (RAM readings jitter by
 /// kilobytes every second).
@@ -23,6 +24,7 @@ struct Figures {
     models: Vec<ModelOffer>,
     addrs: Vec<String>,
     cached: CacheSummary,
+    revocations: RevocationDigest,
 }
 
 impl Figures {
@@ -36,6 +38,7 @@ impl Figures {
             models: r.models.clone(),
             addrs: r.addrs.clone(),
             cached: r.cached.clone(),
+            revocations: r.revocations,
         }
     }
 }

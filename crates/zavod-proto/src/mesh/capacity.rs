@@ -5,6 +5,7 @@
 
 use crate::UnixMs;
 use crate::ids::NodeId;
+use crate::trust::RevocationDigest;
 use serde::{Deserialize, Serialize};
 
 /// One GPU as sampled by the monitor.
@@ -172,6 +173,9 @@ pub struct CapacityReport {
     /// Where the node can be dialled (multiaddrs as text), under the
     /// report's signature so no relay can point others elsewhere.
     pub addrs: Vec<String>,
+    /// Which revocations the node holds: a member whose digest differs
+    /// from ours is asked for its list (see [`RevocationDigest`]).
+    pub revocations: RevocationDigest,
 }
 
 impl CapacityReport {
@@ -201,6 +205,7 @@ impl CapacityReport {
             models,
             cached: CacheSummary::of(&load.cache_keys),
             addrs: Vec::new(),
+            revocations: RevocationDigest::default(),
         }
     }
 
@@ -386,6 +391,7 @@ mod tests {
             }],
             cached: CacheSummary::default(),
             addrs: vec![],
+            revocations: Default::default(),
         };
         let n = crate::wire::encode(&rep).expect("encodes").len();
         assert!(n < 200, "report is {n} bytes");

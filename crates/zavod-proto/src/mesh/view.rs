@@ -390,11 +390,17 @@ impl MeshView {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            if let Some(m) = self.members.remove(&id) {
-                for o in &m.report.models {
-                    if let Some(t) = self.tables.get_mut(&o.name) {
-                        t.remove(&id);
-                    }
+            self.remove(&id);
+        }
+    }
+
+    /// Drops a node from the view at once (its membership was revoked);
+    /// it comes back only through an announcement the caller accepts.
+    pub fn remove(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.remove(node) {
+            for o in &m.report.models {
+                if let Some(t) = self.tables.get_mut(&o.name) {
+                    t.remove(node);
                 }
             }
         }
@@ -565,6 +571,7 @@ mod tests {
                     .unwrap_or_default(),
                 cached: CacheSummary::of(cached),
                 addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+                revocations: Default::default(),
             };
             Announcement {
                 report: sign_report(key, report),

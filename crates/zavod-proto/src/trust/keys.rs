@@ -12,6 +12,7 @@ pub(crate) const DOMAIN_CAPACITY: &[u8] = b"zavod/capacity/v1\0";
 pub(crate) const DOMAIN_JOIN: &[u8] = b"zavod/join/v1\0";
 pub(crate) const DOMAIN_RECEIPT: &[u8] = b"zavod/receipt/v1\0";
 pub(crate) const DOMAIN_OPERATOR: &[u8] = b"zavod/operator/v1\0";
+pub(crate) const DOMAIN_REVOCATION: &[u8] = b"zavod/revocation/v1\0";
 
 /// How long an operator proof may be valid at most, from its start to its
 /// end: long enough for clock skew between the command and its node, short

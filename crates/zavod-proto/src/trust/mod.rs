@@ -25,6 +25,7 @@ mod keys;
 mod ledger;
 mod membership;
 mod receipt;
+mod revocation;
 #[cfg(test)]
 mod tests;
 
@@ -34,3 +35,4 @@ pub use keys::*;
 pub use ledger::*;
 pub use membership::*;
 pub use receipt::*;
+pub use revocation::*;

@@ -348,3 +348,84 @@ fn usage_ledger_enforces_budget_and_rate() {
     }
     assert_eq!(l.admit(&body, 10, 30_001), Ok(10));
 }
+
+#[test]
+fn revocations_verify_grow_once_and_digest_in_any_order() {
+    let a = Authority::new(key(1));
+    let auths = authorities(&a);
+    let node = key(2).public();
+    let cred = [7u8; 16];
+    let r_node = a.revoke(Revoked::Node(node), 5);
+    let r_cred = a.revoke(Revoked::Credential(cred), 6);
+
+    let mut one = Revocations::default();
+    assert_eq!(one.digest(), RevocationDigest::default());
+    assert_eq!(one.insert(r_node.clone(), &auths), Ok(true));
+    assert_eq!(
+        one.insert(r_node.clone(), &auths),
+        Ok(false),
+        "applied once"
+    );
+    assert_eq!(one.insert(r_cred.clone(), &auths), Ok(true));
+    assert!(one.node_revoked(&node) && one.credential_revoked(&cred));
+    assert!(!one.node_revoked(&key(3).public()));
+
+    // Learned in the other order, the same set has the same digest.
+    let mut two = Revocations::default();
+    two.insert(r_cred.clone(), &auths).expect("cred");
+    assert!(two.digest().should_fetch_from(&one.digest()));
+    assert!(!one.digest().should_fetch_from(&two.digest()));
+    two.insert(r_node.clone(), &auths).expect("node");
+    assert_eq!(one.digest(), two.digest());
+    assert!(!two.digest().should_fetch_from(&one.digest()));
+
+    // Same count, different subjects: both ask.
+    let mut three = Revocations::default();
+    three.insert(r_cred, &auths).expect("cred");
+    three
+        .insert(a.revoke(Revoked::Node(key(4).public()), 7), &auths)
+        .expect("other node");
+    assert!(three.digest().should_fetch_from(&one.digest()));
+    assert!(one.digest().should_fetch_from(&three.digest()));
+
+    // Only the mesh's authority revokes, and tampering breaks the signature.
+    let stranger = Authority::new(key(9)).revoke(Revoked::Node(node), 5);
+    assert!(matches!(
+        Revocations::default().insert(stranger, &auths),
+        Err(RevocationError::Auth(AuthError::UntrustedIssuer { .. }))
+    ));
+    let mut bent = r_node.clone();
+    bent.body.subject = Revoked::Node(key(5).public());
+    assert!(matches!(
+        Revocations::default().insert(bent, &auths),
+        Err(RevocationError::Auth(AuthError::BadSignature))
+    ));
+
+    // The text form round-trips and fits the wire bound.
+    let text = r_node.to_text();
+    assert_eq!(Revocation::from_text(&text).expect("parses"), r_node);
+    let bytes = crate::wire::encode_unversioned(&r_node);
+    assert!(
+        bytes.len() <= crate::limits::MAX_REVOCATION_BYTES,
+        "{}",
+        bytes.len()
+    );
+}
+
+#[test]
+fn the_revocation_set_is_bounded() {
+    let a = Authority::new(key(1));
+    let auths = authorities(&a);
+    let mut set = Revocations::default();
+    for i in 0..crate::limits::MAX_REVOCATIONS as u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        assert_eq!(
+            set.insert(a.revoke(Revoked::Credential(id), 1), &auths),
+            Ok(true)
+        );
+    }
+    let extra = a.revoke(Revoked::Credential([0xff; 16]), 1);
+    assert_eq!(set.insert(extra, &auths), Err(RevocationError::Full));
+    assert_eq!(set.len(), crate::limits::MAX_REVOCATIONS);
+}

@@ -18,7 +18,7 @@ use crate::limits::{
     MAX_STOP_SEQUENCES, MAX_TOKENS_PER_REQUEST,
 };
 use crate::mesh::capacity::ModelOffer;
-use crate::trust::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt};
+use crate::trust::{Credential, Grant, JoinTicket, Membership, OperatorProof, Receipt, Revocation};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The protocol version this build speaks.
@@ -377,6 +377,12 @@ pub enum StatusRequest {
     Credential(Credential),
     Operator(OperatorProof),
     Membership,
+    /// From a member whose list of revocations differs from this node's
+    /// (their digests in capacity reports differ): every revocation held.
+    Revocations,
+    /// From anyone (`zavod mesh revoke`, `zavod cap revoke`): a revocation
+    /// to hold and spread. Its authority's signature is its admission.
+    Revoke(Box<Revocation>),
 }
 
 /// One node in a status reply.
@@ -411,6 +417,14 @@ pub enum StatusReply {
     },
     /// The node's membership certificate.
     Membership(Membership),
+    /// Every revocation the node holds.
+    Revocations(Vec<Revocation>),
+    /// A revocation was taken: whether it was new to the node, and how
+    /// many it holds now.
+    Revoked {
+        new: bool,
+        held: u32,
+    },
     Refused(ErrorFrame),
 }
 
