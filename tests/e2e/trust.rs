@@ -231,3 +231,49 @@ fn an_invite_admits_one_node_and_names_the_node_that_signs() {
         stderr(&refused)
     );
 }
+
+#[test]
+fn memberships_are_renewed_and_lapse_when_their_signer_is_gone() {
+    use std::time::Duration;
+    use zavod_tests::{member_state, status_json, wait_until};
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let a = NodeProc::start(&d("a"), &[]);
+    let made = zavod_tests::zavod()
+        .args([
+            "mesh",
+            "invite",
+            "--uses",
+            "2",
+            "--membership-ttl",
+            "4s",
+            "--data-dir",
+        ])
+        .arg(d("a"))
+        .output()
+        .expect("invite");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let invite = zavod_tests::stdout(&made).trim().to_string();
+    let b = NodeProc::start(&d("b"), &["--join", &invite]);
+    let c = NodeProc::start(&d("c"), &["--join", &invite]);
+    let alive = |at: &NodeProc, who: &NodeProc| {
+        member_state(&status_json(&d("a"), &at.addr), &who.peer_id).as_deref() == Some("alive")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || alive(&c, &b) && alive(&b, &c)).is_some(),
+        "the mesh did not form"
+    );
+    // Three lifetimes of a 4 s membership later, both are still members:
+    // each had its membership renewed at A, and announced the new one.
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        alive(&c, &b) && alive(&b, &c) && alive(&a, &b),
+        "a member lapsed"
+    );
+    // With A gone, nobody can renew them: within a lifetime they lapse in
+    // each other's view.
+    drop(a);
+    let lapsed = wait_until(Duration::from_secs(10), || !alive(&c, &b) && !alive(&b, &c));
+    eprintln!("memberships lapsed {lapsed:?} after the signer stopped");
+    assert!(lapsed.is_some(), "memberships outlived their signer");
+}

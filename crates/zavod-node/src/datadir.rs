@@ -28,6 +28,8 @@ const NODE_KEY: &str = "node.key";
 const AUTHORITY_KEY: &str = "authority.key";
 const AUTHORITIES: &str = "authorities";
 const MEMBERSHIP: &str = "membership.cert";
+/// Where the node that signs this node's memberships listens.
+const SIGNER_ADDRS: &str = "signer_addrs";
 pub(crate) const CLIENT_KEY: &str = "client.key";
 pub(crate) const CLIENT_CRED: &str = "client.cred";
 /// The running node's dialable addresses, written when it is ready.
@@ -35,7 +37,7 @@ pub const LISTEN_ADDRS: &str = "listen_addrs";
 
 const DAY_MS: u64 = 86_400_000;
 /// Clock difference between machines tolerated by certificates issued here.
-const CLOCK_SKEW_MS: u64 = 5 * 60_000;
+pub(crate) const CLOCK_SKEW_MS: u64 = 5 * 60_000;
 /// A local membership lasts ten years; a local user's credential one year.
 const LOCAL_MEMBERSHIP_MS: u64 = 3_650 * DAY_MS;
 const LOCAL_CREDENTIAL_MS: u64 = 365 * DAY_MS;
@@ -244,24 +246,84 @@ impl NodeIdentity {
         self.authority.is_some()
     }
 
-    /// Stores a membership obtained by joining, and trusts its authorities.
+    /// Stores a membership obtained by joining, trusts its authorities,
+    /// and remembers where the node that signed it listens (`signer`, with
+    /// its peer id), to have it renewed there.
     pub(crate) fn save_membership(
         &mut self,
         membership: Membership,
         authorities: &[NodeId],
+        signer: &[String],
     ) -> Result<(), DataDirError> {
         self.authorities.extend(authorities.iter().copied());
         write_authorities(&self.dir.join(AUTHORITIES), &self.authorities)?;
+        self.store_membership(&membership)?;
+        if !signer.is_empty() {
+            write_file(
+                &self.dir.join(SIGNER_ADDRS),
+                &format!("{}\n", signer.join("\n")),
+                false,
+            )?;
+        }
+        self.membership = Some(membership);
+        Ok(())
+    }
+
+    /// Writes a membership (a renewed one) to the data directory.
+    pub(crate) fn store_membership(&self, membership: &Membership) -> Result<(), DataDirError> {
         write_file(
             &self.dir.join(MEMBERSHIP),
             &format!(
                 "{}\n",
-                hex::encode(zavod_proto::wire::encode_unversioned(&membership))
+                hex::encode(zavod_proto::wire::encode_unversioned(membership))
             ),
             false,
-        )?;
-        self.membership = Some(membership);
-        Ok(())
+        )
+    }
+
+    /// Where the node that signs this node's memberships listens, as the
+    /// invite named it (empty for the authority's own node, and for a data
+    /// directory that joined before this was recorded).
+    pub(crate) fn signer_addrs(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join(SIGNER_ADDRS))
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Signs a fresh membership for a member presenting the one it holds
+    /// (still valid, and its own), lasting as long as that one did.
+    pub(crate) fn renew(
+        &self,
+        current: &Membership,
+        member: NodeId,
+        now_ms: UnixMs,
+    ) -> Result<Membership, String> {
+        let a = self
+            .authority
+            .as_ref()
+            .ok_or("this node cannot sign memberships; renew at the node that signed yours")?;
+        let body = current.verify(&self.authorities, now_ms).map_err(|e| {
+            format!("renewal refused: {e}; ask for a new invite (zavod mesh invite)")
+        })?;
+        if body.member != member {
+            return Err("renewal refused: the membership presented is another node's".into());
+        }
+        let ttl_ms = body
+            .expires_at_ms
+            .saturating_sub(body.issued_at_ms)
+            .saturating_sub(CLOCK_SKEW_MS)
+            .clamp(1, LOCAL_MEMBERSHIP_MS);
+        Ok(a.certify_member(MembershipBody {
+            member,
+            issued_at_ms: now_ms.saturating_sub(CLOCK_SKEW_MS),
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+        }))
     }
 
     /// Signs an invite to this mesh (needs the authority key).
@@ -271,6 +333,7 @@ impl NodeIdentity {
         ttl_ms: u64,
         bootstrap: Vec<String>,
         uses: u32,
+        membership_ttl_ms: u64,
     ) -> Result<JoinTicket, DataDirError> {
         let a = self.authority.as_ref().ok_or_else(|| {
             DataDirError::Mesh(format!(
@@ -282,7 +345,7 @@ impl NodeIdentity {
             id: random_u128()?.to_le_bytes(),
             expires_at_ms: now_ms.saturating_add(ttl_ms),
             bootstrap,
-            membership_ttl_ms: LOCAL_MEMBERSHIP_MS,
+            membership_ttl_ms: membership_ttl_ms.clamp(1, LOCAL_MEMBERSHIP_MS),
             uses,
         }))
     }

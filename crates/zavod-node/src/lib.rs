@@ -29,6 +29,7 @@ pub(crate) mod metrics;
 pub mod model_choice;
 pub mod node;
 pub(crate) mod protocol;
+pub(crate) mod renewal;
 pub mod revocations;
 pub(crate) mod tailnet;
 

@@ -143,26 +143,8 @@ pub async fn join_mesh(
                         .to_string(),
                 );
             }
-            let peer = net.dial(addr).await.map_err(|e| e.to_string())?;
-            let stream = net
-                .open(peer, zavod_net::JOIN_PROTOCOL)
+            crate::renewal::ask_signer(&net, addr, &JoinRequest::Invite(ticket.clone()), timeout)
                 .await
-                .map_err(|e| e.to_string())?;
-            let (mut w, mut r) = stream.split();
-            w.send(
-                &JoinRequest {
-                    ticket: ticket.clone(),
-                },
-                timeout,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            match tokio::time::timeout(timeout, r.recv::<JoinReply>()).await {
-                Ok(Ok(Some(reply))) => Ok(reply),
-                Ok(Ok(None)) => Err("the node closed the stream".to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("no answer in time".to_string()),
-            }
         };
         match attempt.await {
             Ok(JoinReply::Welcome {
@@ -180,7 +162,7 @@ pub async fn join_mesh(
                     last = format!("{a}: sent a membership that does not verify");
                     continue;
                 }
-                identity.save_membership(membership, &authorities)?;
+                identity.save_membership(membership, &authorities, std::slice::from_ref(a))?;
                 el.abort();
                 drain.abort();
                 return Ok(());
@@ -353,6 +335,7 @@ impl Node {
                 net.block(peer).await;
             }
         }
+        let membership = identity.membership.clone();
         let shared = Arc::new(NodeShared {
             config,
             identity,
@@ -368,7 +351,9 @@ impl Node {
             tailnet_names: Default::default(),
             used_invites: std::sync::Mutex::new(used_invites),
             revocations: std::sync::RwLock::new(revocations),
+            membership: std::sync::RwLock::new(membership),
         });
+        tasks.push(tokio::spawn(crate::renewal::renew_forever(shared.clone())));
 
         let (supervisor, _) = Actor::spawn(None, NodeSupervisor, Arc::clone(&shared))
             .await

@@ -98,6 +98,12 @@ pub enum MeshCommand {
         #[arg(long, default_value_t = 1, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=i64::from(zavod_proto::trust::MAX_INVITE_USES)))]
         uses: u32,
+        /// How long the membership of a node it admits lasts before that
+        /// node must have it renewed (it does so by itself at half-life, at
+        /// the node that signed it; a node that cannot, leaves the mesh
+        /// when it expires).
+        #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
+        membership_ttl: std::time::Duration,
     },
     /// Revoke a node's membership: members stop routing to it, refuse its
     /// grants and close its connections within one gossip round, and no

@@ -67,6 +67,7 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
             ttl,
             bootstrap,
             uses,
+            membership_ttl,
         } => {
             let dir = data_dir.unwrap_or_else(default_data_dir);
             let (id, _) = NodeIdentity::open_for_join(&dir, now_ms())?;
@@ -90,7 +91,13 @@ pub fn run_mesh(cmd: MeshCommand) -> Result<()> {
                 bail!("no bootstrap address: pass --bootstrap MULTIADDR");
             }
             let addrs = name_the_signer(addrs, &id.id())?;
-            let ticket = id.invite(now_ms(), ttl.as_millis() as u64, addrs, uses)?;
+            let ticket = id.invite(
+                now_ms(),
+                ttl.as_millis() as u64,
+                addrs,
+                uses,
+                membership_ttl.as_millis() as u64,
+            )?;
             println!("{}", ticket.to_text());
             Ok(())
         }

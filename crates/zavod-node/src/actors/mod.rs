@@ -80,6 +80,9 @@ pub struct NodeShared {
     /// Invites this node admitted a node with (where it holds the
     /// authority key, the only place memberships are signed).
     pub(crate) used_invites: std::sync::Mutex<crate::invites::UsedInvites>,
+    /// This node's membership certificate: the data directory's at start,
+    /// replaced by each renewal (`crate::renewal`, the only writer).
+    pub(crate) membership: std::sync::RwLock<Option<zavod_proto::trust::Membership>>,
     /// Revocations this node holds; the Router is the only writer.
     pub(crate) revocations: std::sync::RwLock<crate::revocations::RevocationStore>,
 }
@@ -90,6 +93,14 @@ const MAX_ESTIMATED_MODELS: usize = 64;
 impl NodeShared {
     /// A prompt of `bytes` bytes of turn text came to `tokens` tokens on
     /// a node serving `model`.
+    /// The membership certificate held now.
+    pub(crate) fn membership(&self) -> Option<zavod_proto::trust::Membership> {
+        match self.membership.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// The revocations held now (a poisoned lock still holds them: the
     /// set only grows, so no writer leaves it half-changed).
     pub(crate) fn revocations(

@@ -102,7 +102,7 @@ impl Actor for ModelWorker {
         // Members whose grants this worker honours. A single node trusts
         // itself when it holds a valid membership certificate.
         let mut members = BTreeSet::new();
-        if let Some(m) = &shared.identity.membership
+        if let Some(m) = shared.membership()
             && m.verify(&shared.identity.authorities, now_ms()).is_ok()
         {
             members.insert(m.body.member);

@@ -298,7 +298,7 @@ impl RouterState {
     fn gossip_tick(&mut self) {
         let now = now_ms();
         self.view.forget(now);
-        let Some(membership) = self.shared.identity.membership.clone() else {
+        let Some(membership) = self.shared.membership() else {
             return;
         };
         let mut report = self.self_report();

@@ -177,7 +177,7 @@ pub(crate) async fn serve_entry(
         history_turns: prepared.history_turns,
         prompt_display: show_prompt
             .then(|| prepared.display(shared.model(&admission.model).map(|m| &**m))),
-        membership: shared.identity.membership.clone(),
+        membership: shared.membership(),
     };
     let mut pump = Pump {
         shared: Arc::clone(shared),

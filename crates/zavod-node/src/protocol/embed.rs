@@ -229,7 +229,7 @@ async fn fetch(
         .map(|a| zavod_net::addr::split_peer(&a).0)
         .collect();
     shared.net.connect(peer, addrs);
-    let membership = shared.identity.membership.clone().ok_or_else(|| {
+    let membership = shared.membership().ok_or_else(|| {
         Failed::Busy(error_frame(
             ErrorCode::NoCapacity,
             "this node holds no membership to vouch for its grant",

@@ -1,5 +1,6 @@
 //! The join protocol: sign a membership for a node presenting this
-//! mesh's invite, which admits as many nodes as it says (`crate::invites`).
+//! mesh's invite, which admits as many nodes as it says (`crate::invites`),
+//! or renew the membership a member presents (`crate::renewal`).
 
 use super::first_frame;
 use crate::actors::{NodeShared, error_frame};
@@ -19,9 +20,13 @@ pub(super) async fn serve_join(
 ) {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let reply = match first_frame::<JoinRequest>(reader, first).await {
-        Ok(Some(req)) => match admit(shared, &req.ticket, joiner) {
+        Ok(Some(req)) => match admit(shared, &req, joiner) {
             Ok(membership) => {
-                tracing::info!(node = %joiner.short(), "signed a membership for a joining node");
+                let what = match req {
+                    JoinRequest::Invite(_) => "signed a membership for a joining node",
+                    JoinRequest::Renew(_) => "renewed a member's membership",
+                };
+                tracing::info!(node = %joiner.short(), "{what}");
                 JoinReply::Welcome {
                     membership,
                     authorities: shared.identity.authorities.iter().copied().collect(),
@@ -36,19 +41,25 @@ pub(super) async fn serve_join(
 }
 
 /// Signs a membership if the invite is this mesh's, unexpired, and unused
-/// or used by this same node.
+/// or used by this same node; or renews the membership a member presents.
+/// Never for a revoked node.
 fn admit(
     shared: &NodeShared,
-    ticket: &zavod_proto::trust::JoinTicket,
+    req: &JoinRequest,
     joiner: NodeId,
 ) -> Result<zavod_proto::trust::Membership, String> {
     let now = now_ms();
     if shared.revocations().node_revoked(&joiner) {
         return Err(format!(
-            "node {} was revoked by the mesh's authority (zavod mesh revoke); no invite admits it again",
+            "node {} was revoked by the mesh's authority (zavod mesh revoke); no membership is \
+             signed for it again",
             joiner.short()
         ));
     }
+    let ticket = match req {
+        JoinRequest::Invite(t) => t,
+        JoinRequest::Renew(held) => return shared.identity.renew(held, joiner, now),
+    };
     let membership = shared.identity.admit(ticket, joiner, now)?;
     let mut used = shared
         .used_invites

@@ -22,8 +22,8 @@ pub(super) async fn serve_status(
 ) {
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let reply = match first_frame::<StatusRequest>(reader, first).await {
-        Ok(Some(StatusRequest::Membership)) => match &shared.identity.membership {
-            Some(m) => StatusReply::Membership(m.clone()),
+        Ok(Some(StatusRequest::Membership)) => match shared.membership() {
+            Some(m) => StatusReply::Membership(m),
             None => StatusReply::Refused(error_frame(
                 ErrorCode::Forbidden,
                 "this node is not a member of a mesh yet",

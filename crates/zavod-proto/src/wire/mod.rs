@@ -354,8 +354,12 @@ pub struct Redirect {
 
 /// First frame on a join stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JoinRequest {
-    pub ticket: JoinTicket,
+pub enum JoinRequest {
+    /// A new node presents its invite.
+    Invite(JoinTicket),
+    /// A member presents the membership it holds, to have it renewed
+    /// before it expires.
+    Renew(Membership),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
