@@ -1,7 +1,7 @@
 //! Hostile peers against a running node: who may connect (deny and allow
-//! lists), and a stranger that floods a node with silent streams,
-//! half-open TCP connections and junk gossip while a member chats through
-//! it.
+//! lists), a stranger that floods a node with silent streams, half-open
+//! TCP connections and junk gossip while a member chats through it, and
+//! one that floods it with Kademlia records.
 
 use std::time::{Duration, Instant};
 use zavod_net::libp2p::{Multiaddr, PeerId};
@@ -216,6 +216,135 @@ fn a_strangers_flood_does_not_starve_a_members_chat() {
         "memory grew from {rss_before} to {rss_after} bytes"
     );
     // And it serves as before.
+    let o = chat(dir.path(), &node.addr, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A stranger's Kademlia peer: stores records at the node and asks for
+/// them back.
+#[derive(libp2p::swarm::NetworkBehaviour)]
+struct KadOnly {
+    kad: libp2p::kad::Behaviour<libp2p::kad::store::MemoryStore>,
+}
+
+#[test]
+fn a_strangers_kademlia_records_are_never_stored() {
+    use futures::StreamExt;
+    use libp2p::kad;
+    use libp2p::swarm::SwarmEvent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let mut node = NodeProc::start(dir.path(), &["--model", model.to_str().expect("utf8")]);
+    let args = ["--prompt", "Say hello.", "--max-tokens", "8"];
+    let o = chat(dir.path(), &node.addr, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rss_before = node.rss_bytes().unwrap_or(0);
+    let target: PeerId = node.peer_id.parse().expect("peer id");
+    let addr: Multiaddr = node.addr.parse().expect("addr");
+
+    const RECORDS: usize = 4_000;
+    const VALUE_BYTES: usize = 12 * 1024;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (acked, found_at_node) = rt.block_on(async {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(
+            identity_from_secret([67; 32]).expect("key"),
+        )
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|key| {
+            let peer = key.public().to_peer_id();
+            let cfg = kad::Config::new(libp2p::StreamProtocol::new("/zavod/kad/1"));
+            KadOnly {
+                kad: kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), cfg),
+            }
+        })
+        .expect("behaviour")
+        .build();
+        swarm.behaviour_mut().kad.add_address(&target, addr.clone());
+        swarm.dial(addr).expect("dial");
+        // Thousands of records, 48 MB in all, put straight at the node
+        // (each within Kademlia's 16 KiB message limit).
+        let mut pending = 0usize;
+        let mut acked = 0usize;
+        let mut sent = 0usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while (sent < RECORDS || pending > 0) && tokio::time::Instant::now() < deadline {
+            while sent < RECORDS && pending < 64 {
+                let rec =
+                    kad::Record::new(format!("junk-{sent}").into_bytes(), vec![7u8; VALUE_BYTES]);
+                swarm.behaviour_mut().kad.put_record_to(
+                    rec,
+                    std::iter::once(target),
+                    kad::Quorum::One,
+                );
+                sent += 1;
+                pending += 1;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), swarm.select_next_some()).await {
+                Ok(SwarmEvent::Behaviour(KadOnlyEvent::Kad(
+                    kad::Event::OutboundQueryProgressed {
+                        result: kad::QueryResult::PutRecord(r),
+                        step,
+                        ..
+                    },
+                ))) if step.last => {
+                    pending -= 1;
+                    if r.is_ok() {
+                        acked += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        // Ask for some back: the node answers with none of them.
+        let mut found_at_node = 0usize;
+        for i in (0..RECORDS).step_by(200) {
+            swarm
+                .behaviour_mut()
+                .kad
+                .get_record(kad::RecordKey::new(&format!("junk-{i}")));
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            while let Ok(ev) = tokio::time::timeout_at(until, swarm.select_next_some()).await {
+                if let SwarmEvent::Behaviour(KadOnlyEvent::Kad(
+                    kad::Event::OutboundQueryProgressed {
+                        result: kad::QueryResult::GetRecord(r),
+                        step,
+                        ..
+                    },
+                )) = ev
+                {
+                    if let Ok(kad::GetRecordOk::FoundRecord(p)) = r
+                        && p.peer == Some(target)
+                    {
+                        found_at_node += 1;
+                    }
+                    if step.last {
+                        break;
+                    }
+                }
+            }
+        }
+        (acked, found_at_node)
+    });
+    eprintln!("{acked} of {RECORDS} records acknowledged by the node; {found_at_node} found there");
+    assert!(
+        acked > 0,
+        "no record reached the node: the test proves nothing"
+    );
+    assert_eq!(found_at_node, 0, "the node stored a stranger's records");
+    assert!(node.is_running());
+    let rss_after = node.rss_bytes().unwrap_or(0);
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "memory grew from {rss_before} to {rss_after} bytes under {} MB of records",
+        (RECORDS * VALUE_BYTES) >> 20
+    );
     let o = chat(dir.path(), &node.addr, &args);
     assert!(o.status.success(), "{}", stderr(&o));
 }
