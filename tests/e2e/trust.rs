@@ -263,6 +263,19 @@ fn memberships_are_renewed_and_lapse_when_their_signer_is_gone() {
         wait_until(Duration::from_secs(10), || alive(&c, &b) && alive(&b, &c)).is_some(),
         "the mesh did not form"
     );
+    // Each admitted node was handed the mesh's actor-session secret, kept
+    // readable by its owner only.
+    let secret = |n: &str| std::fs::read_to_string(d(n).join("session.secret")).expect("secret");
+    assert_eq!(secret("b"), secret("a"));
+    assert_eq!(secret("c"), secret("a"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d("b").join("session.secret"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     // Three lifetimes of a 4 s membership later, both are still members:
     // each had its membership renewed at A, and announced the new one.
     std::thread::sleep(Duration::from_secs(12));

@@ -74,13 +74,25 @@ fn claimed_peer(name: &str, stream_label: &str) -> Option<PeerId> {
 }
 
 /// The cookie sessions authenticate with: every node of a mesh derives the
-/// same one from the mesh's authorities. (The peer's identity comes from
-/// noise; the cookie only keeps other meshes' nodes out.)
-pub(crate) fn mesh_cookie(authorities: &BTreeSet<NodeId>) -> String {
+/// same one from the mesh's session secret, which the authority's node
+/// makes and hands to each node it admits. (The peer's identity comes from
+/// noise; the cookie keeps out whoever reaches ractor_cluster's own
+/// loopback listener, as a local user can, since only members know it.)
+/// A data directory that joined before meshes had a secret derives it
+/// from the authorities' public keys, as before.
+pub(crate) fn mesh_cookie(authorities: &BTreeSet<NodeId>, secret: Option<&[u8; 32]>) -> String {
     let mut h = Sha256::new();
-    h.update(b"zavod-actors-cookie-1");
-    for a in authorities {
-        h.update(a.0);
+    match secret {
+        Some(s) => {
+            h.update(b"zavod-actors-cookie-2");
+            h.update(s);
+        }
+        None => {
+            h.update(b"zavod-actors-cookie-1");
+            for a in authorities {
+                h.update(a.0);
+            }
+        }
     }
     hex::encode(h.finalize())
 }
@@ -343,7 +355,13 @@ mod tests {
     fn cookies_follow_the_mesh() {
         let a: BTreeSet<NodeId> = [NodeId([1; 32])].into();
         let b: BTreeSet<NodeId> = [NodeId([2; 32])].into();
-        assert_eq!(mesh_cookie(&a), mesh_cookie(&a.clone()));
-        assert_ne!(mesh_cookie(&a), mesh_cookie(&b));
+        assert_eq!(mesh_cookie(&a, None), mesh_cookie(&a.clone(), None));
+        assert_ne!(mesh_cookie(&a, None), mesh_cookie(&b, None));
+        // With the mesh's secret, the cookie is the secret's alone: nobody
+        // who knows only the mesh's public keys can compute it.
+        let (s, t) = ([5u8; 32], [6u8; 32]);
+        assert_eq!(mesh_cookie(&a, Some(&s)), mesh_cookie(&b, Some(&s)));
+        assert_ne!(mesh_cookie(&a, Some(&s)), mesh_cookie(&a, Some(&t)));
+        assert_ne!(mesh_cookie(&a, Some(&s)), mesh_cookie(&a, None));
     }
 }

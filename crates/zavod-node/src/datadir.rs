@@ -30,6 +30,8 @@ const AUTHORITIES: &str = "authorities";
 const MEMBERSHIP: &str = "membership.cert";
 /// Where the node that signs this node's memberships listens.
 const SIGNER_ADDRS: &str = "signer_addrs";
+/// The mesh's actor-session secret (readable by the owner only).
+const SESSION_SECRET: &str = "session.secret";
 pub(crate) const CLIENT_KEY: &str = "client.key";
 pub(crate) const CLIENT_CRED: &str = "client.cred";
 /// The running node's dialable addresses, written when it is ready.
@@ -226,6 +228,10 @@ pub struct NodeIdentity {
     pub authorities: BTreeSet<NodeId>,
     pub authority: Option<Authority>,
     pub membership: Option<Membership>,
+    /// The secret the mesh's actor-session cookie is derived from (see
+    /// `crate::cluster::mesh_cookie`); `None` in a directory that joined
+    /// before meshes had one.
+    pub session_secret: Option<[u8; 32]>,
 }
 
 impl NodeIdentity {
@@ -254,9 +260,18 @@ impl NodeIdentity {
         membership: Membership,
         authorities: &[NodeId],
         signer: &[String],
+        session_secret: Option<[u8; 32]>,
     ) -> Result<(), DataDirError> {
         self.authorities.extend(authorities.iter().copied());
         write_authorities(&self.dir.join(AUTHORITIES), &self.authorities)?;
+        if let Some(s) = session_secret {
+            write_file(
+                &self.dir.join(SESSION_SECRET),
+                &format!("{}\n", hex::encode(s)),
+                true,
+            )?;
+            self.session_secret = Some(s);
+        }
         self.store_membership(&membership)?;
         if !signer.is_empty() {
             write_file(
@@ -466,6 +481,16 @@ impl NodeIdentity {
             membership = Some(m);
         }
 
+        // The mesh's actor-session secret: made by the authority's node,
+        // handed to each node it admits.
+        let secret_path = dir.join(SESSION_SECRET);
+        let mut session_secret = read_key(&secret_path)?.map(|k| k.secret_bytes());
+        if session_secret.is_none() && authority.is_some() {
+            let s = random_secret()?;
+            write_file(&secret_path, &format!("{}\n", hex::encode(s)), true)?;
+            session_secret = Some(s);
+        }
+
         if let Some(a) = &authority {
             let cred_path = dir.join(CLIENT_CRED);
             let has_cred = std::fs::metadata(&cred_path).is_ok();
@@ -493,6 +518,7 @@ impl NodeIdentity {
                 authorities,
                 authority,
                 membership,
+                session_secret,
             },
             report,
         ))

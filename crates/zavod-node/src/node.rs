@@ -150,6 +150,7 @@ pub async fn join_mesh(
             Ok(JoinReply::Welcome {
                 membership,
                 authorities,
+                session_secret,
             }) => {
                 let trusted: std::collections::BTreeSet<_> = authorities.iter().copied().collect();
                 if !trusted.contains(&ticket.signer) {
@@ -162,7 +163,12 @@ pub async fn join_mesh(
                     last = format!("{a}: sent a membership that does not verify");
                     continue;
                 }
-                identity.save_membership(membership, &authorities, std::slice::from_ref(a))?;
+                identity.save_membership(
+                    membership,
+                    &authorities,
+                    std::slice::from_ref(a),
+                    session_secret,
+                )?;
                 el.abort();
                 drain.abort();
                 return Ok(());
@@ -326,7 +332,15 @@ impl Node {
         )?;
         let peer_id = net.local_peer_id();
         let mut tasks = vec![tokio::spawn(event_loop.run())];
-        let cluster = Cluster::start(net.clone(), mesh_cookie(&identity.authorities)).await?;
+        if identity.session_secret.is_none() {
+            tracing::warn!(
+                "this data directory holds no actor-session secret (it joined its mesh before \
+                 meshes had one), so its actor-session cookie derives from public keys and \
+                 differs from its members': join again with a new invite (zavod mesh invite)"
+            );
+        }
+        let cookie = mesh_cookie(&identity.authorities, identity.session_secret.as_ref());
+        let cluster = Cluster::start(net.clone(), cookie).await?;
         let used_invites = crate::invites::UsedInvites::load(&identity.dir)?;
         let revocations =
             crate::revocations::RevocationStore::load(&identity.dir, &identity.authorities)?;

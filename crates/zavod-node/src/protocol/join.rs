@@ -30,6 +30,7 @@ pub(super) async fn serve_join(
                 JoinReply::Welcome {
                     membership,
                     authorities: shared.identity.authorities.iter().copied().collect(),
+                    session_secret: shared.identity.session_secret,
                 }
             }
             Err(m) => JoinReply::Refused(error_frame(ErrorCode::Forbidden, m)),

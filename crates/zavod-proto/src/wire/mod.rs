@@ -367,6 +367,10 @@ pub enum JoinReply {
     Welcome {
         membership: Membership,
         authorities: Vec<NodeId>,
+        /// The mesh's actor-session secret, which node-to-node actor
+        /// sessions authenticate with (sent over the joiner's encrypted,
+        /// peer-authenticated stream).
+        session_secret: Option<[u8; 32]>,
     },
     Refused(ErrorFrame),
 }
