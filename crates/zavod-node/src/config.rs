@@ -763,6 +763,93 @@ mod tests {
         assert!(seen >= 3, "{seen} profiles");
     }
 
+    /// The config's fuzz smoke run: 20,000 seeded mutations of the shipped
+    /// profiles (values swapped for hostile ones, lines dropped, doubled or
+    /// cut) through parsing and checking. Each must end in a config or an
+    /// error that names its source, never a panic.
+    #[test]
+    fn mutated_profiles_get_a_config_or_an_error_never_a_panic() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mesh-config");
+        let mut seeds: Vec<String> = std::fs::read_dir(&dir)
+            .expect("mesh-config")
+            .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
+            .collect();
+        seeds.sort();
+        let hostile = [
+            "-1",
+            "0",
+            "1e309",
+            "nan",
+            "inf",
+            "-inf",
+            "18446744073709551616",
+            "4294967296",
+            "\"\"",
+            "\"x\"",
+            "[]",
+            "{}",
+            "true",
+            "\"\\u0000\"",
+            "\"/dev/null\"",
+            "\"[\"",
+            "{ a = 1 }",
+            "1979-05-27T07:32:00Z",
+            "0x7fffffff",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        let (mut ok, mut refused) = (0, 0);
+        for i in 0..20_000 {
+            let mut lines: Vec<String> = seeds[i % seeds.len()].lines().map(String::from).collect();
+            for _ in 0..=next() % 3 {
+                if lines.is_empty() {
+                    break;
+                }
+                let at = next() % lines.len();
+                match next() % 4 {
+                    0 => {
+                        if let Some((k, _)) = lines[at].split_once('=') {
+                            lines[at] = format!("{k}= {}", hostile[next() % hostile.len()]);
+                        }
+                    }
+                    1 => {
+                        lines.remove(at);
+                    }
+                    2 => {
+                        let dup = lines[at].clone();
+                        lines.insert(at, dup);
+                    }
+                    _ => {
+                        let cut = next() % (lines[at].len() + 1);
+                        if lines[at].is_char_boundary(cut) {
+                            lines[at].truncate(cut);
+                        }
+                    }
+                }
+            }
+            match NodeConfig::from_toml(&lines.join("\n"), "fuzzed.toml").and_then(|c| c.check()) {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(!m.trim().is_empty(), "an empty error");
+                    if let ConfigError::Parse { .. } = e {
+                        assert!(m.contains("fuzzed.toml"), "{m}");
+                    }
+                    refused += 1;
+                }
+            }
+        }
+        assert!(
+            ok > 1_000 && refused > 1_000,
+            "{ok} taken, {refused} refused"
+        );
+    }
+
     #[test]
     fn a_bad_tailnet_setting_is_named() {
         let mut c = NodeConfig::load(None).expect("local profile");
