@@ -57,7 +57,8 @@ pub trait ConversationStore: Send + Sync {
     fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError>;
     /// The last `max_turns` turns, oldest first.
     fn recent(&self, key: &ConvKey, max_turns: usize) -> Result<Vec<Turn>, StoreError>;
-    /// Number of turns stored.
+    /// Number of turns stored (in a sled store, the span of their sequence
+    /// numbers, found without a scan: more only where records were lost).
     fn len(&self, key: &ConvKey) -> Result<usize, StoreError>;
     fn is_empty(&self, key: &ConvKey) -> Result<bool, StoreError> {
         Ok(self.len(key)? == 0)
@@ -117,15 +118,7 @@ fn decode_turn(key: &ConvKey, raw: &[u8]) -> Option<Turn> {
 impl ConversationStore for SledStore {
     fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
         let tree = self.tree(key)?;
-        let mut next = match tree.last()? {
-            Some((k, _)) => k
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0)
-                .saturating_add(1),
-            None => 0,
-        };
+        let (first, mut next) = span(&tree)?;
         let mut batch = sled::Batch::default();
         for t in turns {
             let bytes = zavod_proto::wire::encode_unversioned(&StoredTurn(t.clone()));
@@ -133,9 +126,13 @@ impl ConversationStore for SledStore {
             next = next.saturating_add(1);
         }
         tree.apply_batch(batch)?;
-        let excess = tree.len().saturating_sub(MAX_TURNS_PER_CONVERSATION);
-        for _ in 0..excess {
+        // Counted from the first and next keys, not by a scan: appending
+        // stays as cheap on the thousandth turn as on the first. Kept: the
+        // turns among the last MAX_TURNS_PER_CONVERSATION sequence numbers.
+        let mut first = first;
+        while next.saturating_sub(first) > MAX_TURNS_PER_CONVERSATION as u64 {
             tree.pop_min()?;
+            first = span(&tree)?.0;
         }
         tree.flush()?;
         Ok(())
@@ -155,13 +152,26 @@ impl ConversationStore for SledStore {
     }
 
     fn len(&self, key: &ConvKey) -> Result<usize, StoreError> {
-        Ok(self.tree(key)?.len())
+        let (first, next) = span(&self.tree(key)?)?;
+        Ok(usize::try_from(next - first).unwrap_or(usize::MAX))
     }
 
     fn clear(&self, key: &ConvKey) -> Result<(), StoreError> {
         self.db.drop_tree(key.tree_name())?;
         Ok(())
     }
+}
+
+/// The first turn's key and the key the next turn gets. Turns are keyed by
+/// consecutive sequence numbers (appends take the next one, trimming pops
+/// the smallest), so `next - first` is how many are held.
+fn span(tree: &sled::Tree) -> Result<(u64, u64), StoreError> {
+    let seq = |k: &[u8]| k.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    let first = tree.first()?.map_or(0, |(k, _)| seq(&k));
+    let next = tree
+        .last()?
+        .map_or(first, |(k, _)| seq(&k).saturating_add(1));
+    Ok((first, next.max(first)))
 }
 
 /// In-memory memory with the same behaviour as [`SledStore`].
