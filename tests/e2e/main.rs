@@ -3,6 +3,7 @@
 
 mod affinity;
 mod bad_input;
+mod budgets;
 mod chat;
 mod failover;
 mod grants;

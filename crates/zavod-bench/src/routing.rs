@@ -43,6 +43,7 @@ pub(crate) fn decision_us(n: usize) -> (f64, f64) {
             cached: CacheSummary::of(&[i as u64]),
             addrs: vec![],
             revocations: Default::default(),
+            usage: Vec::new(),
         };
         let a = Announcement {
             report: sign_report(&key, report),

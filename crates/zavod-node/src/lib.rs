@@ -32,6 +32,7 @@ pub(crate) mod protocol;
 pub(crate) mod renewal;
 pub mod revocations;
 pub(crate) mod tailnet;
+pub(crate) mod usage;
 
 pub use actors::supervisor::Child;
 pub use config::{NodeConfig, Overrides};

@@ -270,12 +270,21 @@ impl Node {
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
-        let bootstrap: Vec<Multiaddr> = config
+        let mut bootstrap: Vec<Multiaddr> = config
             .node
             .bootstrap
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
+        // A member restarted without an address to start from finds the
+        // mesh again through the node that signed its membership.
+        if bootstrap.is_empty() {
+            bootstrap = identity
+                .signer_addrs()
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+        }
         let psk = config.mesh_key()?;
         // libp2p's private networks cover TCP only: with a key, no QUIC.
         let listen: Vec<Multiaddr> = if psk.is_some() {

@@ -111,3 +111,11 @@ pub const MAX_REVOCATION_BYTES: usize = 160;
 
 // A node hands its whole list to a member in one frame.
 const _: () = assert!(MAX_REVOCATIONS * MAX_REVOCATION_BYTES + 1024 <= MAX_FRAME_BYTES);
+
+/// The most entries whose spending of one credential a node keeps (more
+/// than any mesh has entries that one client visits).
+pub const MAX_ENTRIES_PER_CREDENTIAL: usize = 256;
+
+/// The most usage counts one capacity announcement carries (each about 40
+/// bytes): the rest follow in the next announcements.
+pub const MAX_USAGE_PER_ANNOUNCEMENT: usize = 64;

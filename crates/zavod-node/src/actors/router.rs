@@ -260,6 +260,10 @@ pub(crate) struct RouterState {
     /// Members recently asked for their revocations: the digest they
     /// announced then, and when (see `revoke::maybe_fetch_revocations`).
     revocation_fetches: BTreeMap<NodeId, (zavod_proto::trust::RevocationDigest, u64)>,
+    /// The ledger's exports go to the task that saves them
+    /// (`crate::usage`); `usage_saved` is the ledger version last sent.
+    usage_saver: tokio::sync::watch::Sender<crate::usage::Counts>,
+    usage_sent: u64,
 }
 
 /// How long a member is not asked again for the same list.
@@ -301,12 +305,20 @@ impl RouterState {
         let Some(membership) = self.shared.membership() else {
             return;
         };
+        self.save_usage();
         let mut report = self.self_report();
         report.addrs = self.shared.listen_addrs();
         report.revocations = self.shared.revocations().digest();
+        // Spending changed: other entries hear of it at this tick.
+        if self.ledger.has_news() {
+            self.announcer.reset();
+        }
         if !self.announcer.poll(&report, now) {
             return;
         }
+        report.usage = self
+            .ledger
+            .poll_counts(zavod_proto::limits::MAX_USAGE_PER_ANNOUNCEMENT);
         let a = Announcement {
             report: sign_report(&self.shared.identity.key, report),
             membership,
@@ -355,8 +367,18 @@ impl RouterState {
         let verdict = self.take_announcement(a, now);
         if verdict == Verdict::Accept {
             self.maybe_fetch_revocations(node, &a.report.body.revocations, now);
+            self.ledger.on_remote(node, &a.report.body.usage, now);
         }
         verdict
+    }
+
+    /// Hands the ledger's latest counts to the saver when they changed.
+    fn save_usage(&mut self) {
+        let v = self.ledger.version();
+        if v != self.usage_sent {
+            self.usage_sent = v;
+            self.usage_saver.send_replace(self.ledger.export(self.me()));
+        }
     }
 
     fn take_announcement(&mut self, a: &Announcement, now: u64) -> Verdict {
@@ -764,9 +786,19 @@ impl Actor for Router {
             || RouterMsg::GossipTick,
         );
         let heartbeat_ms = shared.config.gossip.heartbeat_ms;
+        // What credentials spent, here and at other entries, before this
+        // actor (or the node) restarted.
+        let mut ledger = UsageLedger::default();
+        match crate::usage::load(&shared.identity.dir) {
+            Ok(saved) => ledger.import(shared.identity.id(), &saved, now_ms()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read saved credential usage; budgets start from what other entries report")
+            }
+        }
+        let usage_saver = crate::usage::saver(&shared.identity.dir);
         let mut st = RouterState {
             shared,
-            ledger: UsageLedger::default(),
+            ledger,
             resources: Resources::default(),
             loads,
             seq: 0,
@@ -775,6 +807,8 @@ impl Actor for Router {
             expected: BTreeMap::new(),
             placer: Placer::new(),
             revocation_fetches: BTreeMap::new(),
+            usage_saver,
+            usage_sent: 0,
         };
         ractor::pg::join(
             crate::cluster::ROUTER_GROUP.to_string(),

@@ -5,7 +5,7 @@
 
 use crate::UnixMs;
 use crate::ids::NodeId;
-use crate::trust::RevocationDigest;
+use crate::trust::{RevocationDigest, UsageCount};
 use serde::{Deserialize, Serialize};
 
 /// One GPU as sampled by the monitor.
@@ -176,6 +176,10 @@ pub struct CapacityReport {
     /// Which revocations the node holds: a member whose digest differs
     /// from ours is asked for its list (see [`RevocationDigest`]).
     pub revocations: RevocationDigest,
+    /// This node's spending of credentials as an entry, a few at a time
+    /// (see [`crate::trust::UsageLedger`]): signed with the report, so no
+    /// relay can change another entry's counts.
+    pub usage: Vec<UsageCount>,
 }
 
 impl CapacityReport {
@@ -206,6 +210,7 @@ impl CapacityReport {
             cached: CacheSummary::of(&load.cache_keys),
             addrs: Vec::new(),
             revocations: RevocationDigest::default(),
+            usage: Vec::new(),
         }
     }
 
@@ -229,6 +234,13 @@ impl CapacityReport {
         }
         if !self.tokens_per_s.is_finite() || !(0.0..=1e7).contains(&self.tokens_per_s) {
             return Err(format!("decode rate {} tok/s", self.tokens_per_s));
+        }
+        if self.usage.len() > crate::limits::MAX_USAGE_PER_ANNOUNCEMENT {
+            return Err(format!(
+                "{} usage counts, more than {}",
+                self.usage.len(),
+                crate::limits::MAX_USAGE_PER_ANNOUNCEMENT
+            ));
         }
         if self.models.len() > MAX_MODELS_PER_NODE {
             return Err(format!(
@@ -392,6 +404,7 @@ mod tests {
             cached: CacheSummary::default(),
             addrs: vec![],
             revocations: Default::default(),
+            usage: Vec::new(),
         };
         let n = crate::wire::encode(&rep).expect("encodes").len();
         assert!(n < 200, "report is {n} bytes");

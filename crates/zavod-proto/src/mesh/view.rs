@@ -572,6 +572,7 @@ mod tests {
                 cached: CacheSummary::of(cached),
                 addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
                 revocations: Default::default(),
+                usage: Vec::new(),
             };
             Announcement {
                 report: sign_report(key, report),

@@ -12,7 +12,7 @@
 
 use crate::UnixMs;
 use crate::ids::{NodeId, RequestId};
-use crate::limits::{MAX_REMEMBERED_GRANTS, MAX_TRACKED_CREDENTIALS};
+use crate::limits::MAX_REMEMBERED_GRANTS;
 use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};

@@ -429,3 +429,88 @@ fn the_revocation_set_is_bounded() {
     assert_eq!(set.insert(extra, &auths), Err(RevocationError::Full));
     assert_eq!(set.len(), crate::limits::MAX_REVOCATIONS);
 }
+
+#[test]
+fn a_budget_holds_across_entries_that_hear_each_others_counts() {
+    let mut body = cred_body(key(2).public());
+    body.token_budget = 100;
+    let (ea, eb, ec) = (key(11).public(), key(12).public(), key(13).public());
+    let (mut a, mut b, mut c) = (
+        UsageLedger::default(),
+        UsageLedger::default(),
+        UsageLedger::default(),
+    );
+    let now = 1_000;
+    // 30 tokens spent through A (40 reserved, 10 given back).
+    assert_eq!(a.admit(&body, 40, now), Ok(40));
+    a.settle(&body.id, 40, 30);
+    let from_a = a.poll_counts(8);
+    assert_eq!(from_a.len(), 1);
+    b.on_remote(ea, &from_a, now);
+    c.on_remote(ea, &from_a, now);
+    // B knows: only 70 are left.
+    assert_eq!(b.admit(&body, 100, now), Ok(70));
+    b.settle(&body.id, 70, 70);
+    let from_b = b.poll_counts(8);
+    a.on_remote(eb, &from_b, now);
+    c.on_remote(eb, &from_b, now);
+    // C, and A, refuse: the budget is spent across the mesh.
+    assert_eq!(
+        c.admit(&body, 1, now),
+        Err(AuthError::BudgetExhausted {
+            used: 100,
+            budget: 100
+        })
+    );
+    assert!(a.admit(&body, 1, now).is_err());
+
+    // Counts heard again, or late and older, change nothing.
+    let before = c.used_elsewhere(&body.id);
+    c.on_remote(ea, &from_a, now);
+    c.on_remote(eb, &from_b, now);
+    let mut old = from_b[0];
+    old.charged = 1;
+    c.on_remote(eb, &[old], now);
+    assert_eq!(c.used_elsewhere(&body.id), before);
+    // A count that could not be true, or has expired, is not taken.
+    let mut bent = from_b[0];
+    bent.released = bent.charged + 1;
+    let mut fresh = UsageLedger::default();
+    fresh.on_remote(ec, &[bent], now);
+    let mut gone = from_b[0];
+    gone.expires_at_ms = now;
+    fresh.on_remote(ec, &[gone], now);
+    assert_eq!(fresh.used_elsewhere(&body.id), 0);
+
+    // A restarted entry keeps what it and the others counted.
+    let mut again = UsageLedger::default();
+    again.import(ea, &a.export(ea), now);
+    assert_eq!(again.tokens_used(&body.id), 30);
+    assert_eq!(again.used_elsewhere(&body.id), 70);
+    assert!(again.admit(&body, 1, now).is_err());
+}
+
+#[test]
+fn every_count_is_republished_in_turn() {
+    let mut l = UsageLedger::default();
+    let now = 1_000;
+    for n in 0..5u8 {
+        let mut body = cred_body(key(2).public());
+        body.id = [n; 16];
+        l.admit(&body, 10, now).expect("admit");
+    }
+    // The five changed ones first, three at a time.
+    let first = l.poll_counts(3);
+    let second = l.poll_counts(3);
+    assert_eq!(first.len(), 3);
+    assert_eq!(second.len(), 3, "two changed and one from the round");
+    assert!(!l.has_news());
+    // Then the round goes on over all of them, wrapping around.
+    let mut seen = BTreeSet::new();
+    for _ in 0..4 {
+        for c in l.poll_counts(2) {
+            seen.insert(c.credential);
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+}
