@@ -2,7 +2,7 @@
 //! credential and the ones other entries reported, so a restarted node
 //! neither forgets what a credential spent here nor, until those entries
 //! report again, what it spent elsewhere. One line per (entry, credential):
-//! `ENTRY_KEY CREDENTIAL_ID CHARGED RELEASED EXPIRES_AT_MS`.
+//! `ENTRY_KEY CREDENTIAL_ID CHARGED RELEASED REQUESTS EXPIRES_AT_MS`.
 //!
 //! Invariants: the file is rewritten atomically by one saver task, at most
 //! once per [`SAVE_EVERY`], always with the ledger's latest export (a
@@ -55,6 +55,7 @@ fn parse_line(line: &str) -> Option<(NodeId, UsageCount)> {
     let credential = parse_hex16(f.next()?)?;
     let charged = f.next()?.parse().ok()?;
     let released = f.next()?.parse().ok()?;
+    let requests = f.next()?.parse().ok()?;
     let expires_at_ms = f.next()?.parse().ok()?;
     Some((
         entry,
@@ -62,6 +63,7 @@ fn parse_line(line: &str) -> Option<(NodeId, UsageCount)> {
             credential,
             charged,
             released,
+            requests,
             expires_at_ms,
         },
     ))
@@ -73,11 +75,12 @@ fn save(path: &Path, counts: &Counts) -> Result<(), DataDirError> {
     );
     for (entry, c) in counts {
         text.push_str(&format!(
-            "{} {} {} {} {}\n",
+            "{} {} {} {} {} {}\n",
             entry.to_hex(),
             hex16(&c.credential),
             c.charged,
             c.released,
+            c.requests,
             c.expires_at_ms
         ));
     }
@@ -122,6 +125,7 @@ mod tests {
             credential: [n; 16],
             charged: 100 + u64::from(n),
             released: 7,
+            requests: 3,
             expires_at_ms: 9_999_999,
         };
         let counts = vec![(NodeId([1; 32]), c(1)), (NodeId([2; 32]), c(2))];

@@ -20,7 +20,10 @@
 //! waits for each answer before asking the next entry spends no more than
 //! its budget.
 //!
-//! The request rate is still per entry.
+//! The request rate holds the same way: each entry also counts the
+//! requests it admitted, and requests heard of from other entries are
+//! taken out of this entry's bucket for the credential (once this entry
+//! has seen the credential, and so knows its rate).
 
 use super::*;
 use crate::limits::{MAX_ENTRIES_PER_CREDENTIAL, MAX_TRACKED_CREDENTIALS};
@@ -28,6 +31,17 @@ use crate::limits::{MAX_ENTRIES_PER_CREDENTIAL, MAX_TRACKED_CREDENTIALS};
 /// Units of the rate bucket: one request costs `MS_PER_MIN` units and the
 /// bucket gains `rate_per_min` units per millisecond, all in integers.
 const MS_PER_MIN: u64 = 60_000;
+
+/// Fills a credential's rate bucket for the time since it was last filled.
+fn refill(u: &mut Usage, now_ms: UnixMs) {
+    let rate = u64::from(u.rate_per_min);
+    let elapsed = now_ms.saturating_sub(u.bucket_at_ms);
+    u.bucket_units = u
+        .bucket_units
+        .saturating_add(elapsed.saturating_mul(rate))
+        .min(rate * MS_PER_MIN);
+    u.bucket_at_ms = now_ms.max(u.bucket_at_ms);
+}
 
 #[derive(Debug, Clone)]
 struct Usage {
@@ -37,6 +51,11 @@ struct Usage {
     charged: u64,
     /// Grows: reserved tokens given back.
     released: u64,
+    /// Grows: requests admitted here.
+    requests: u64,
+    /// The credential's rate (0: none), for spending other entries'
+    /// requests from this entry's bucket.
+    rate_per_min: u32,
     bucket_units: u64,
     bucket_at_ms: UnixMs,
     expires_at_ms: UnixMs,
@@ -48,6 +67,8 @@ pub struct UsageCount {
     pub credential: [u8; 16],
     pub charged: u64,
     pub released: u64,
+    /// Requests admitted at that entry.
+    pub requests: u64,
     /// When the credential expires (its count is forgotten then).
     pub expires_at_ms: UnixMs,
 }
@@ -118,6 +139,8 @@ impl UsageLedger {
             reserved: 0,
             charged: 0,
             released: 0,
+            requests: 0,
+            rate_per_min: cred.rate_per_min,
             bucket_units: rate * MS_PER_MIN,
             bucket_at_ms: now_ms,
             expires_at_ms: cred.expires_at_ms,
@@ -132,10 +155,9 @@ impl UsageLedger {
                 budget: cred.token_budget,
             });
         }
+        u.rate_per_min = cred.rate_per_min;
         if rate > 0 {
-            let elapsed = now_ms.saturating_sub(u.bucket_at_ms);
-            u.bucket_units = (u.bucket_units + elapsed.saturating_mul(rate)).min(rate * MS_PER_MIN);
-            u.bucket_at_ms = now_ms.max(u.bucket_at_ms);
+            refill(u, now_ms);
             if u.bucket_units < MS_PER_MIN {
                 let retry_after_ms = (MS_PER_MIN - u.bucket_units).div_ceil(rate);
                 return Err(AuthError::RateLimited {
@@ -149,6 +171,7 @@ impl UsageLedger {
         let allowed = u64::from(want_tokens).min(left);
         u.reserved += allowed;
         u.charged = u.charged.saturating_add(allowed);
+        u.requests = u.requests.saturating_add(1);
         self.changed.insert(cred.id);
         self.version += 1;
         // `allowed` is at most `want_tokens`, a u32.
@@ -208,19 +231,40 @@ impl UsageLedger {
             }
             let r = self.remote.entry(c.credential).or_default();
             let room = r.by_entry.len() < MAX_ENTRIES_PER_CREDENTIAL;
-            match r.by_entry.get_mut(&entry) {
-                Some(held) if held.charged >= c.charged && held.released >= c.released => {}
+            let new_requests = match r.by_entry.get_mut(&entry) {
+                Some(held)
+                    if held.charged >= c.charged
+                        && held.released >= c.released
+                        && held.requests >= c.requests =>
+                {
+                    0
+                }
                 Some(held) => {
+                    let more = c.requests.saturating_sub(held.requests);
                     held.charged = held.charged.max(c.charged);
                     held.released = held.released.max(c.released);
+                    held.requests = held.requests.max(c.requests);
                     held.expires_at_ms = held.expires_at_ms.max(c.expires_at_ms);
                     self.version += 1;
+                    more
                 }
                 None if room => {
                     r.by_entry.insert(entry, *c);
                     self.version += 1;
+                    c.requests
                 }
-                None => {}
+                None => 0,
+            };
+            // Requests made elsewhere come out of this entry's bucket too,
+            // so the rate holds across entries (as soon as they are heard).
+            if new_requests > 0
+                && let Some(u) = self.by_credential.get_mut(&c.credential)
+                && u.rate_per_min > 0
+            {
+                refill(u, now_ms);
+                u.bucket_units = u
+                    .bucket_units
+                    .saturating_sub(new_requests.saturating_mul(MS_PER_MIN));
             }
         }
     }
@@ -287,6 +331,7 @@ impl UsageLedger {
             credential: *id,
             charged: u.charged,
             released: u.released,
+            requests: u.requests,
             expires_at_ms: u.expires_at_ms,
         })
     }
@@ -323,6 +368,8 @@ impl UsageLedger {
                     reserved: 0,
                     charged: c.charged,
                     released: c.released,
+                    requests: c.requests,
+                    rate_per_min: 0,
                     // A full bucket at the next admission (its rate is not
                     // known until then).
                     bucket_units: 0,

@@ -514,3 +514,28 @@ fn every_count_is_republished_in_turn() {
     }
     assert_eq!(seen.len(), 5, "{seen:?}");
 }
+
+#[test]
+fn a_rate_holds_across_entries_that_hear_each_others_requests() {
+    let mut body = cred_body(key(2).public());
+    body.token_budget = 1_000_000;
+    body.rate_per_min = 2;
+    let ea = key(11).public();
+    let (mut a, mut b) = (UsageLedger::default(), UsageLedger::default());
+    let now = 1_000;
+    // B has seen the credential once; A then takes one more request.
+    assert!(b.admit(&body, 1, now).is_ok());
+    assert!(a.admit(&body, 1, now).is_ok());
+    b.on_remote(ea, &a.poll_counts(8), now + 1);
+    // Two requests in this minute across the mesh: B refuses a third.
+    assert!(matches!(
+        b.admit(&body, 1, now + 2),
+        Err(AuthError::RateLimited { .. })
+    ));
+    // Hearing the same count again takes nothing more.
+    b.on_remote(ea, &a.poll_counts(8), now + 3);
+    assert!(
+        b.admit(&body, 1, now + 30_003).is_ok(),
+        "one request's worth refilled"
+    );
+}
