@@ -100,6 +100,19 @@ pub fn create_private_dir(dir: &Path) -> Result<(), DataDirError> {
     b.create(dir).map_err(io_err(dir))
 }
 
+/// A file's text, or empty when there is no such file (a record not made
+/// yet); any other read error names the file.
+pub(crate) fn read_if_present(path: &Path) -> Result<String, DataDirError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(DataDirError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
 /// Writes a file atomically, private if `secret`: a temporary file of a
 /// unique name beside it, synced, renamed over it, and the directory
 /// synced, so a crash leaves the old file or the new one, never a torn or

@@ -35,16 +35,7 @@ impl UsedInvites {
     /// with a warning (the invite it named can then be used once more).
     pub(crate) fn load(dir: &Path) -> Result<Self, DataDirError> {
         let path = dir.join(INVITES_USED);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(DataDirError::Io {
-                    path: path.display().to_string(),
-                    source: e,
-                });
-            }
-        };
+        let text = crate::datadir::read_if_present(&path)?;
         let mut used = BTreeMap::new();
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {

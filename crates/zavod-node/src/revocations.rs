@@ -29,16 +29,7 @@ impl RevocationStore {
     /// skipped with a warning (another member will hand it over again).
     pub(crate) fn load(dir: &Path, authorities: &BTreeSet<NodeId>) -> Result<Self, DataDirError> {
         let path = dir.join(REVOCATIONS_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(DataDirError::Io {
-                    path: path.display().to_string(),
-                    source: e,
-                });
-            }
-        };
+        let text = crate::datadir::read_if_present(&path)?;
         let mut set = Revocations::default();
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {

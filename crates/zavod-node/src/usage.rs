@@ -26,16 +26,7 @@ pub(crate) type Counts = Vec<(NodeId, UsageCount)>;
 
 pub(crate) fn load(dir: &Path) -> Result<Counts, DataDirError> {
     let path = dir.join(USAGE_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(DataDirError::Io {
-                path: path.display().to_string(),
-                source: e,
-            });
-        }
-    };
+    let text = crate::datadir::read_if_present(&path)?;
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
