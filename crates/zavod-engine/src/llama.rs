@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::mesh::capacity::WorkerLoad;
 
-/// Longest pacing interval accepted: past this a stream reads as stalled.
-pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;
+/// The engine's bounds are the mesh's, kept with every other limit.
+pub use zavod_proto::limits::{MAX_SAVED_STATE_BYTES, MAX_STREAM_INTERVAL_MS};
 
 /// How the engine runs a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,9 +60,6 @@ pub struct LlamaConfig {
     /// sees only its own cached prompts).
     pub share_prompt_cache: bool,
 }
-
-/// The most memory saved prompt states may take, whatever the config says.
-pub const MAX_SAVED_STATE_BYTES: u64 = 64 << 30;
 
 impl LlamaConfig {
     pub fn check(&self) -> Result<(), EngineError> {

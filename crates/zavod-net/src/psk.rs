@@ -9,6 +9,7 @@
 
 use crate::NetError;
 use libp2p::pnet::PreSharedKey;
+use std::io::Read;
 use std::path::Path;
 
 /// A fresh key in its file form.
@@ -21,12 +22,20 @@ pub fn generate() -> Result<String, NetError> {
 /// Reads the key at `path`, saying what is wrong with the file if it is not
 /// one.
 pub fn read(path: &Path) -> Result<PreSharedKey, NetError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         NetError::Setup(format!(
             "cannot read the mesh key file {}: {e} (make one with `zavod mesh psk --out FILE`)",
             path.display()
         ))
-    })?;
+    };
+    // A key file is about 100 bytes; reading at most this much keeps a
+    // config naming /dev/zero or a huge file from taking the memory.
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
     text.trim().parse::<PreSharedKey>().map_err(|e| {
         NetError::Setup(format!(
             "{} is not a mesh key ({e}); `zavod mesh psk --out FILE` writes one",
@@ -79,5 +88,8 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(e.contains("zavod mesh psk"), "{e}");
+        // A file that never ends is read only as far as a key could go.
+        let e = read(Path::new("/dev/zero")).expect_err("zeros").to_string();
+        assert!(e.contains("/dev/zero"), "{e}");
     }
 }

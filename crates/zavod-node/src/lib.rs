@@ -21,7 +21,6 @@ pub mod backend;
 pub mod client;
 pub mod clock;
 pub(crate) mod cluster;
-pub mod config;
 pub mod datadir;
 pub(crate) mod http;
 pub(crate) mod invites;
@@ -32,7 +31,12 @@ pub(crate) mod protocol;
 pub(crate) mod renewal;
 pub mod revocations;
 pub(crate) mod tailnet;
+pub mod tuning;
 pub(crate) mod usage;
+
+/// The configuration, from its own crate (so it can be fuzzed without the
+/// engine); `zavod_node::config` keeps its path.
+pub use zavod_config as config;
 
 pub use actors::supervisor::Child;
 pub use config::{NodeConfig, Overrides};

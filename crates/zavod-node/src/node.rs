@@ -198,7 +198,7 @@ pub fn llama_config(
         batch_tokens: m.batch_tokens,
         queue_capacity: m.queue_capacity,
         chat_template: m.chat_template.clone(),
-        stream_interval_ms: cfg.stream_interval_ms(),
+        stream_interval_ms: crate::tuning::stream_interval_ms(cfg),
         prompt_cache: m.prompt_cache,
         prompt_cache_ram_bytes: m.prompt_cache_ram_mib << 20,
         share_prompt_cache: m.share_prompt_cache,

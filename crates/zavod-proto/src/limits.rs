@@ -119,3 +119,11 @@ pub const MAX_ENTRIES_PER_CREDENTIAL: usize = 256;
 /// The most usage counts one capacity announcement carries (each about 40
 /// bytes): the rest follow in the next announcements.
 pub const MAX_USAGE_PER_ANNOUNCEMENT: usize = 64;
+
+/// Longest pacing interval of a token stream (`model.stream_interval_ms`):
+/// past this a stream reads as stalled.
+pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;
+
+/// The most memory saved prompt states may take
+/// (`model.prompt_cache_ram_mib`), whatever the config says.
+pub const MAX_SAVED_STATE_BYTES: u64 = 64 << 30;

@@ -47,7 +47,7 @@ pub fn run(args: NodeArgs) -> Result<()> {
     }
     config.check()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.runtime_threads())
+        .worker_threads(zavod_node::tuning::runtime_threads(&config))
         .enable_all()
         .build()
         .context("starting the async runtime")?;

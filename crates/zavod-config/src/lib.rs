@@ -1,22 +1,28 @@
-//! Node configuration: typed, with defaults, read from a mesh-config TOML
-//! profile, then overridden by `ZAVOD_*` environment variables and command
-//! line flags (the binary maps both onto [`Overrides`]). Unknown keys are
-//! errors that name the key, so a typo never silently does nothing.
+//! zavod's node configuration: typed, with defaults, read from a
+//! mesh-config TOML profile, then overridden by `ZAVOD_*` environment
+//! variables and command line flags (the binary maps both onto
+//! [`Overrides`]). Unknown keys are errors that name the key, so a typo
+//! never silently does nothing; [`NodeConfig::check`] names the key of any
+//! value out of range.
+//!
+//! A crate of its own so that the decoder of this user input can be
+//! fuzzed (`fuzz`, and the `config` cargo-fuzz target) without building
+//! the inference engine.
 //!
 //! Why this file passes 600 lines: the typed configuration and its layering
 //! (defaults, mesh-config TOML, `ZAVOD_*` environment, flags) are one job; a
-//! sixth is tests.
+//! third is tests.
 
+mod admission;
+pub mod fuzz;
+
+pub use admission::AdmissionSection;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use zavod_proto::mesh::breaker::BreakerConfig;
 use zavod_proto::mesh::placer::PlacerConfig;
 use zavod_proto::mesh::score::Weights;
 use zavod_proto::mesh::view::ViewConfig;
-
-/// The automatic stream interval when inference takes every core: 20
-/// updates a second still read as a smooth stream.
-pub(crate) const AUTO_STREAM_INTERVAL_MS: u32 = 50;
 
 /// The default profile, `mesh-config/local.toml`, built in so a bare
 /// `zavod node` behaves as that file says.
@@ -55,7 +61,7 @@ pub struct NodeConfig {
     pub view: ViewConfig,
     pub http: HttpSection,
     pub tailscale: TailscaleSection,
-    pub admission: crate::admission::AdmissionSection,
+    pub admission: AdmissionSection,
 }
 
 /// A mesh on a Tailscale tailnet (with `node.tailscale = true`): the node
@@ -222,7 +228,7 @@ pub struct ModelSection {
 
 impl ModelSection {
     /// Whether this node is to serve any model.
-    pub(crate) fn serves_any(&self) -> bool {
+    pub fn serves_any(&self) -> bool {
         !self.path.is_empty() || self.dir.is_some()
     }
 }
@@ -514,60 +520,15 @@ impl NodeConfig {
         }
     }
 
-    /// Worker threads of the node's async runtime. Automatic (0) gives the
-    /// cores the model's CPU threads leave free, at least 1 and at most 4.
-    /// On a machine whose cores all run inference this is one thread: every
-    /// thread woken per streamed token preempts an inference thread, and
-    /// llama.cpp's threads wait for the slowest at each step. One runtime
-    /// thread instead of two halves those wake-ups (measured on 2 cores: 2.1
-    /// to 1.1 per token), though the decode-rate gain stays inside that
-    /// machine's noise.
-    pub fn runtime_threads(&self) -> usize {
-        if self.node.runtime_threads > 0 {
-            return self.node.runtime_threads as usize;
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let inference = if !self.model.serves_any() {
-            0
-        } else if self.model.gpu_layers > 0 {
-            // With layers on the GPU the CPU threads mostly wait for it.
-            1
-        } else {
-            zavod_engine::llama::resolve_threads(self.model.threads) as usize
-        };
-        cores.saturating_sub(inference).clamp(1, 4)
-    }
-
-    /// How long the engine may hold generated tokens so that several leave
-    /// in one wake-up of the node and the client. Automatic (unset): 0 (each
-    /// token at once) when the model leaves a core free or runs on a GPU;
-    /// [`AUTO_STREAM_INTERVAL_MS`] when its CPU threads take every core. There
-    /// each token's wake-ups preempt an inference thread mid-step while the
-    /// others wait for it at their next barrier; on 2 cores that cost 2-5%
-    /// of the decode rate, and holding tokens this long recovers most of it.
-    pub fn stream_interval_ms(&self) -> u32 {
-        if let Some(v) = self.model.stream_interval_ms {
-            return v;
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cpu_bound = self.model.gpu_layers == 0
-            && zavod_engine::llama::resolve_threads(self.model.threads) as usize >= cores;
-        if cpu_bound {
-            AUTO_STREAM_INTERVAL_MS
-        } else {
-            0
-        }
-    }
-
     /// Checks values that types cannot; errors name the key.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if let Some(v) = self.model.stream_interval_ms
-            && v > zavod_engine::llama::MAX_STREAM_INTERVAL_MS
+            && v > zavod_proto::limits::MAX_STREAM_INTERVAL_MS
         {
             return bad(format!(
                 "model.stream_interval_ms must be 0 to {}, got {v}",
-                zavod_engine::llama::MAX_STREAM_INTERVAL_MS
+                zavod_proto::limits::MAX_STREAM_INTERVAL_MS
             ));
         }
         if self.node.runtime_threads > 256 {
@@ -629,10 +590,10 @@ impl NodeConfig {
                 return bad(format!("{key} must be between 0 and 4, got {v}"));
             }
         }
-        if self.model.prompt_cache_ram_mib > (zavod_engine::llama::MAX_SAVED_STATE_BYTES >> 20) {
+        if self.model.prompt_cache_ram_mib > (zavod_proto::limits::MAX_SAVED_STATE_BYTES >> 20) {
             return bad(format!(
                 "model.prompt_cache_ram_mib must be at most {}, got {}",
-                zavod_engine::llama::MAX_SAVED_STATE_BYTES >> 20,
+                zavod_proto::limits::MAX_SAVED_STATE_BYTES >> 20,
                 self.model.prompt_cache_ram_mib
             ));
         }
@@ -765,8 +726,8 @@ mod tests {
 
     /// The config's fuzz smoke run: 20,000 seeded mutations of the shipped
     /// profiles (values swapped for hostile ones, lines dropped, doubled or
-    /// cut) through parsing and checking. Each must end in a config or an
-    /// error that names its source, never a panic.
+    /// cut) through the fuzz target. Each must end in a config or an error
+    /// that names its source, never a panic; many of each.
     #[test]
     fn mutated_profiles_get_a_config_or_an_error_never_a_panic() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mesh-config");
@@ -832,16 +793,11 @@ mod tests {
                     }
                 }
             }
-            match NodeConfig::from_toml(&lines.join("\n"), "fuzzed.toml").and_then(|c| c.check()) {
-                Ok(()) => ok += 1,
-                Err(e) => {
-                    let m = e.to_string();
-                    assert!(!m.trim().is_empty(), "an empty error");
-                    if let ConfigError::Parse { .. } = e {
-                        assert!(m.contains("fuzzed.toml"), "{m}");
-                    }
-                    refused += 1;
-                }
+            let text = lines.join("\n");
+            fuzz::config(text.as_bytes());
+            match fuzz::parse_and_check(&text) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
             }
         }
         assert!(
@@ -895,69 +851,6 @@ mod tests {
         assert!(c.check().expect_err("bad").to_string().contains("rtt"));
         let e = NodeConfig::from_toml("[model]\nslots = \"four\"\n", "x.toml").expect_err("type");
         assert!(e.to_string().contains("slots"), "{e}");
-    }
-
-    #[test]
-    fn runtime_threads_leave_the_cores_to_inference() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut c = NodeConfig::default();
-        // A routing-only node has every core for networking (up to 4).
-        assert_eq!(c.runtime_threads(), cores.clamp(1, 4));
-        // A CPU model on all cores leaves one thread for the rest.
-        c.model.path = vec!["m.gguf".into()];
-        assert_eq!(c.runtime_threads(), 1);
-        c.model.threads = 1;
-        assert_eq!(c.runtime_threads(), (cores - 1).clamp(1, 4));
-        c.model.threads = 0;
-        c.model.gpu_layers = 99;
-        assert_eq!(c.runtime_threads(), (cores - 1).clamp(1, 4));
-        c.apply(Overrides {
-            runtime_threads: Some(3),
-            ..Default::default()
-        });
-        assert_eq!(c.runtime_threads(), 3);
-        c.node.runtime_threads = 1000;
-        assert!(
-            c.check()
-                .expect_err("too many")
-                .to_string()
-                .contains("runtime_threads")
-        );
-        // The built-in profile names the key, so it parses.
-        assert_eq!(
-            NodeConfig::load(None)
-                .expect("profile")
-                .node
-                .runtime_threads,
-            0
-        );
-    }
-
-    #[test]
-    fn streams_are_paced_only_when_inference_takes_every_core() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut c = NodeConfig::default();
-        c.model.path = vec!["m.gguf".into()];
-        // threads = 0: every core runs the model.
-        assert_eq!(c.stream_interval_ms(), AUTO_STREAM_INTERVAL_MS);
-        c.model.gpu_layers = 99;
-        assert_eq!(c.stream_interval_ms(), 0);
-        c.model.gpu_layers = 0;
-        if cores > 1 {
-            c.model.threads = (cores - 1) as u32;
-            assert_eq!(c.stream_interval_ms(), 0, "a core is free");
-        }
-        c.apply(Overrides {
-            stream_interval_ms: Some(20),
-            ..Default::default()
-        });
-        assert_eq!(c.stream_interval_ms(), 20);
-        c.check().expect("valid");
-        let e = NodeConfig::from_toml("[model]\nstream_interval_ms = 5000\n", "x.toml")
-            .expect("parses")
-            .check()
-            .expect_err("too long");
-        assert!(e.to_string().contains("model.stream_interval_ms"), "{e}");
     }
 
     #[test]
