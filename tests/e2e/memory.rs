@@ -210,3 +210,214 @@ fn a_turn_the_entry_cannot_save_is_reported_to_the_client() {
     let why = body["zavod_unrecorded"].as_str().unwrap_or_default();
     assert!(why.contains("could not save the turn"), "{body}");
 }
+
+/// A holder's own conversations: `zavod memory list|export|delete` and
+/// `/v1/conversations` show and remove exactly the holder's, another
+/// holder reaches none of them, and a holder at the node's cap
+/// (`memory.max_conversations_per_holder`, 2 here) is refused a third
+/// conversation before anything runs, with an error that names the cap,
+/// until it deletes one.
+#[test]
+fn a_holder_lists_exports_and_deletes_its_conversations_up_to_a_cap() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("node");
+    let profile = root.path().join("capped.toml");
+    let local = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-config/local.toml"),
+    )
+    .expect("local profile");
+    assert!(local.contains("max_conversations_per_holder = 1000"));
+    std::fs::write(
+        &profile,
+        local.replace(
+            "max_conversations_per_holder = 1000",
+            "max_conversations_per_holder = 2",
+        ),
+    )
+    .expect("write profile");
+    let model = model_path();
+    let node = NodeProc::start(
+        &dir,
+        &[
+            "--config",
+            profile.to_str().expect("utf8"),
+            "--model",
+            model.to_str().expect("utf8"),
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
+    let say = |conversation: &str, prompt: &str| {
+        chat(
+            &dir,
+            &node.addr,
+            &[
+                "--conversation",
+                conversation,
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "8",
+            ],
+        )
+    };
+    let memory = |data_dir: &std::path::Path, args: &[&str]| {
+        zavod_tests::zavod()
+            .arg("memory")
+            .args(args)
+            .arg("--peer")
+            .arg(&node.addr)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()
+            .expect("run zavod memory")
+    };
+    for (c, p) in [
+        ("alpha", "My name is Ada."),
+        ("alpha", "I like tea."),
+        ("beta", "Hello."),
+    ] {
+        let o = say(c, p);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
+    // List and export.
+    let o = memory(&dir, &["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        zavod_tests::stdout(&o).lines().collect::<Vec<_>>(),
+        ["alpha", "beta"]
+    );
+    let o = memory(&dir, &["export", "--conversation", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let turns: Vec<serde_json::Value> = zavod_tests::stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(turns.len(), 4, "two questions and two answers: {turns:?}");
+    assert_eq!(turns[0]["role"], "user");
+    assert_eq!(turns[0]["text"], "My name is Ada.");
+    assert_eq!(turns[1]["role"], "assistant");
+    assert_eq!(turns[2]["text"], "I like tea.");
+    let o = memory(&dir, &["export", "--conversation", "nothing-here"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("holds no conversation nothing-here"),
+        "{}",
+        stderr(&o)
+    );
+
+    // At the cap: a third conversation is refused, naming the cap; the
+    // held ones go on.
+    let o = say("gamma", "Hi.");
+    assert!(!o.status.success(), "a third conversation past a cap of 2");
+    let e = stderr(&o);
+    assert!(
+        e.contains("max_conversations_per_holder = 2") && e.contains("zavod memory delete"),
+        "{e}"
+    );
+    let o = say("beta", "Still here?");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Another holder (its own key and credential) sees none of them and
+    // deletes nothing of them.
+    let other = cap_issue(
+        &dir,
+        &["--models", "*", "--max-tokens", "1000", "--ttl", "1h"],
+    );
+    let o = memory(&dir, &["list", "--credential", &other]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(zavod_tests::stdout(&o).trim(), "");
+    let o = memory(&dir, &["delete", "--all", "--credential", &other]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("deleted 0 conversation"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Over HTTP, with the holder's token.
+    let token = cap_issue(
+        &dir,
+        &["--models", "*", "--max-tokens", "1000", "--ttl", "1h"],
+    );
+    let base = node.http.clone().expect("http address");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let http = reqwest::Client::new();
+    let send = |req: reqwest::RequestBuilder| {
+        rt.block_on(async {
+            let r = req.bearer_auth(&token).send().await.expect("send");
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.expect("json"))
+        })
+    };
+    // The token names a fresh key: a holder of its own, with nothing yet.
+    let (s, body) = send(http.get(format!("{base}/v1/conversations")));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["data"], serde_json::json!([]));
+    let (s, body) = send(http.post(format!("{base}/v1/chat/completions")).json(
+        &serde_json::json!({
+            "model": "gemma-3-270m-q4_k_m",
+            "messages": [{"role": "user", "content": "Remember 42."}],
+            "max_tokens": 4,
+            "conversation": "web",
+        }),
+    ));
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = send(http.get(format!("{base}/v1/conversations/web")));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["turns"][0]["text"], "Remember 42.");
+    assert_eq!(body["turns"].as_array().map(Vec::len), Some(2), "{body}");
+    assert_eq!(body["next"], serde_json::Value::Null);
+    let (s, body) = send(http.delete(format!("{base}/v1/conversations/web")));
+    assert_eq!(
+        (s, &body["deleted"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
+    let (s, body) = send(http.get(format!("{base}/v1/conversations/web")));
+    assert_eq!(s, 404, "{body}");
+    let (s, body) = send(http.get(format!("{base}/v1/conversations/bad%20name")));
+    assert_eq!(s, 400, "{body}");
+    let (s, _) = rt.block_on(async {
+        let r = http
+            .get(format!("{base}/v1/conversations"))
+            .send()
+            .await
+            .expect("send");
+        (r.status().as_u16(), ())
+    });
+    assert_eq!(s, 401, "no bearer, no list");
+
+    // Deleting frees a place under the cap; --all takes the rest.
+    let o = memory(&dir, &["delete", "--conversation", "alpha"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("deleted 1 conversation"),
+        "{}",
+        stderr(&o)
+    );
+    let o = say("gamma", "Hi.");
+    assert!(o.status.success(), "room again: {}", stderr(&o));
+    let o = memory(&dir, &["delete", "--all"]);
+    assert!(
+        stderr(&o).contains("deleted 2 conversation"),
+        "{}",
+        stderr(&o)
+    );
+    let o = memory(&dir, &["list"]);
+    assert_eq!(zavod_tests::stdout(&o).trim(), "");
+    // What was deleted stays deleted across a restart.
+    drop(rt);
+    assert!(node.stop().success());
+    let node = NodeProc::start(&dir, &["--model", model.to_str().expect("utf8")]);
+    let o = zavod_tests::zavod()
+        .args(["memory", "list", "--peer", &node.addr, "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(zavod_tests::stdout(&o).trim(), "");
+}

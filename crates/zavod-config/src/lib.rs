@@ -276,6 +276,9 @@ pub struct MemorySection {
     pub max_history_turns: usize,
     /// Template tokens counted around each turn.
     pub per_turn_overhead_tokens: u32,
+    /// Conversations this node keeps for one credential holder; a request
+    /// that would start another is refused before any work is done.
+    pub max_conversations_per_holder: usize,
 }
 
 impl Default for MemorySection {
@@ -283,6 +286,7 @@ impl Default for MemorySection {
         MemorySection {
             max_history_turns: 64,
             per_turn_overhead_tokens: 8,
+            max_conversations_per_holder: 1_000,
         }
     }
 }
@@ -670,6 +674,14 @@ impl NodeConfig {
             self.tailscale.host_pattern.as_deref(),
         )
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.memory.max_conversations_per_holder == 0
+            || self.memory.max_conversations_per_holder > 1_000_000
+        {
+            return bad(format!(
+                "memory.max_conversations_per_holder must be 1 to 1000000, got {}",
+                self.memory.max_conversations_per_holder
+            ));
+        }
         if self.monitor.sample_interval_ms < 50 {
             return bad("monitor.sample_interval_ms must be at least 50".into());
         }

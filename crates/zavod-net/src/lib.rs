@@ -60,6 +60,8 @@ pub const STATUS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/status/1
 pub const RUN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/run/1");
 /// An entry asks the node it placed an embedding request on for vectors.
 pub const EMBED_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/embed/1");
+/// A credential holder lists, exports or deletes its own conversations.
+pub const MEMORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/memory/1");
 /// Node to node actor sessions (ractor_cluster), one per pair of nodes.
 pub const ACTORS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/actors/1");
 const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";

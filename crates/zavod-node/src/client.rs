@@ -10,6 +10,7 @@ use zavod_net::{FrameStream, NetConfig, NetError};
 use zavod_proto::chat::failover::{AnswerStream, OnFailure, ResumeRequest};
 use zavod_proto::chat::reader::{EntryReader, Read, ReadError};
 use zavod_proto::ids::ConversationId;
+use zavod_proto::wire::memory::{MemoryOp, MemoryReply, MemoryRequest};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
     ServerFrame, StatusReply, StatusRequest,
@@ -219,6 +220,31 @@ impl ChatClient {
 
     pub fn peer(&self) -> PeerId {
         self.peer
+    }
+
+    /// One operation on this client's own conversations at the node (the
+    /// memory protocol): list, export a page, delete.
+    pub async fn memory(&self, op: MemoryOp) -> Result<MemoryReply, ChatError> {
+        let t = Duration::from_secs(30);
+        let (mut w, mut r) = self
+            .net
+            .open(self.peer, zavod_net::MEMORY_PROTOCOL)
+            .await?
+            .split();
+        let request = MemoryRequest {
+            credential: self.identity.credential.clone(),
+            op,
+        };
+        w.send(&request, t).await?;
+        let reply = tokio::time::timeout(t, r.recv::<MemoryReply>())
+            .await
+            .map_err(|_| ChatError::Protocol("no answer to a memory request within 30 s".into()))??
+            .ok_or(ChatError::Truncated)?;
+        if let MemoryReply::Refused(e) = reply {
+            return Err(e.into());
+        }
+        reply.check().map_err(ChatError::Protocol)?;
+        Ok(reply)
     }
 
     /// The underlying network handle (tests use it to play other roles).

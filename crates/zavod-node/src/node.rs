@@ -307,7 +307,10 @@ impl Node {
             .map_err(NodeError::Tailscale)?;
         let memory_dir = identity.dir.join("memory");
         crate::datadir::create_private_dir(&memory_dir)?;
-        let store = Arc::new(SledStore::open(&memory_dir)?);
+        let store = Arc::new(SledStore::open(
+            &memory_dir,
+            config.memory.max_conversations_per_holder,
+        )?);
         let limits = config.limits.clone();
         // Each connection and stream costs descriptors; the usual soft
         // limit (1,024) is below what the connection limits allow.
@@ -443,6 +446,7 @@ impl Node {
             (zavod_net::JOIN_PROTOCOL, Kind::Join),
             (zavod_net::STATUS_PROTOCOL, Kind::Status),
             (zavod_net::EMBED_PROTOCOL, Kind::Embed),
+            (zavod_net::MEMORY_PROTOCOL, Kind::Memory),
         ] {
             let mut incoming = net.accept(protocol)?;
             let s = Arc::clone(&shared);

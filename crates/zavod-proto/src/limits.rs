@@ -127,3 +127,13 @@ pub const MAX_STREAM_INTERVAL_MS: u32 = 1_000;
 /// The most memory saved prompt states may take
 /// (`model.prompt_cache_ram_mib`), whatever the config says.
 pub const MAX_SAVED_STATE_BYTES: u64 = 64 << 30;
+
+/// Text in one page of a conversation's export (the memory protocol);
+/// a page holds at least one turn whatever its size.
+pub const MAX_EXPORT_PAGE_BYTES: usize = 256 * 1024;
+const _: () = assert!(2 * MAX_EXPORT_PAGE_BYTES + 64 * 1024 <= MAX_FRAME_BYTES);
+
+/// Conversation names in one reply of the memory protocol (names are at
+/// most 64 bytes).
+pub const MAX_LISTED_CONVERSATIONS: usize = 4_096;
+const _: () = assert!(MAX_LISTED_CONVERSATIONS * 80 + 1024 <= MAX_FRAME_BYTES);

@@ -9,7 +9,14 @@
 //! runs against both).
 //!
 //! Bounds: at most [`MAX_TURNS_PER_CONVERSATION`] turns are kept per
-//! conversation (oldest dropped first); reads return at most what is asked.
+//! conversation (oldest dropped first); an owner holds at most the store's
+//! conversation cap (a new one past it is refused, naming the cap); reads
+//! return at most what is asked, and an export page at most its bytes.
+//!
+//! Invariants: reading never creates storage (a conversation exists once
+//! a turn was appended to it); an index of each owner's conversations is
+//! kept beside the turns, so listing, counting and deleting one owner's
+//! conversations never scans another's.
 
 #![warn(unreachable_pub)]
 
@@ -24,6 +31,10 @@ use zavod_proto::ids::ConversationId;
 /// Turns kept per conversation; older ones are dropped.
 pub const MAX_TURNS_PER_CONVERSATION: usize = 2_000;
 
+/// Conversations one owner may hold unless the store is opened with
+/// another cap (`memory.max_conversations_per_holder`).
+pub const DEFAULT_MAX_CONVERSATIONS: usize = 1_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("memory database at {path}: {source}")]
@@ -36,6 +47,12 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("memory database is poisoned by an earlier panic")]
     Poisoned,
+    #[error(
+        "this credential's holder already keeps {held} conversations on this node, the most it \
+         keeps for one holder (memory.max_conversations_per_holder = {max}); delete one \
+         (zavod memory delete --conversation ID) or continue an existing one"
+    )]
+    TooManyConversations { held: usize, max: usize },
 }
 
 /// Whose conversation: the holder's key and the conversation's name.
@@ -49,6 +66,32 @@ impl ConvKey {
     fn tree_name(&self) -> String {
         format!("conv/{}/{}", self.owner.to_hex(), self.conversation)
     }
+
+    /// The key in the index of conversations: owner, then name, so one
+    /// owner's conversations are one prefix.
+    fn index_key(&self) -> Vec<u8> {
+        let mut k = self.owner.0.to_vec();
+        k.extend_from_slice(self.conversation.as_str().as_bytes());
+        k
+    }
+
+    /// The key a tree name stands for (`conv/OWNER_HEX/NAME`).
+    fn from_tree_name(name: &[u8]) -> Option<ConvKey> {
+        let rest = std::str::from_utf8(name).ok()?.strip_prefix("conv/")?;
+        let (owner, conversation) = rest.split_once('/')?;
+        Some(ConvKey {
+            owner: NodeId::from_hex(owner).ok()?,
+            conversation: ConversationId::parse(conversation).ok()?,
+        })
+    }
+}
+
+/// One page of an export: turns in order, and where the next page starts
+/// (`None`: that was the last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub turns: Vec<Turn>,
+    pub next: Option<u64>,
 }
 
 /// Conversation memory as the MemoryKeeper uses it.
@@ -63,8 +106,37 @@ pub trait ConversationStore: Send + Sync {
     fn is_empty(&self, key: &ConvKey) -> Result<bool, StoreError> {
         Ok(self.len(key)? == 0)
     }
-    /// Forgets a conversation.
-    fn clear(&self, key: &ConvKey) -> Result<(), StoreError>;
+    /// Whether the owner holds this conversation.
+    fn contains(&self, key: &ConvKey) -> Result<bool, StoreError>;
+    /// The owner's conversations, by name.
+    fn conversations(&self, owner: &NodeId) -> Result<Vec<ConversationId>, StoreError>;
+    /// Turns from the `from`-th kept one (0: the oldest kept), as many as
+    /// fit `max_bytes` of text (always at least one, so a page advances).
+    fn page(&self, key: &ConvKey, from: u64, max_bytes: usize) -> Result<Page, StoreError>;
+    /// Forgets a conversation; whether it was held.
+    fn clear(&self, key: &ConvKey) -> Result<bool, StoreError>;
+    /// Whether one more conversation would pass the owner's cap: the error
+    /// to give, before any work is done for a request that would create it.
+    fn check_room(&self, key: &ConvKey) -> Result<(), StoreError>;
+}
+
+/// Fills a page from turns in order, stopping before `max_bytes` of text.
+fn fill_page(turns: impl Iterator<Item = Turn>, from: u64, max_bytes: usize) -> Page {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut turns = turns.peekable();
+    while let Some(t) = turns.peek() {
+        if !out.is_empty() && bytes.saturating_add(t.text.len()) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(t.text.len());
+        if let Some(t) = turns.next() {
+            out.push(t);
+        }
+    }
+    let more = turns.peek().is_some();
+    let next = more.then(|| from.saturating_add(out.len() as u64));
+    Page { turns: out, next }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,6 +145,9 @@ struct StoredTurn(Turn);
 /// sled-backed memory.
 pub struct SledStore {
     db: sled::Db,
+    /// Owner ‖ conversation name → nothing: which conversations exist.
+    index: sled::Tree,
+    max_conversations: usize,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -82,7 +157,9 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database at `path`; each owner may hold at
+    /// most `max_conversations` conversations.
+    pub fn open(path: &Path, max_conversations: usize) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .open()
@@ -90,7 +167,37 @@ impl SledStore {
                 path: path.display().to_string(),
                 source,
             })?;
-        Ok(SledStore { db })
+        let index = db.open_tree("conversations")?;
+        let store = SledStore {
+            db,
+            index,
+            max_conversations,
+        };
+        store.index_older_conversations()?;
+        Ok(store)
+    }
+
+    /// A database written before the index existed has conversation trees
+    /// and no index: index them once.
+    fn index_older_conversations(&self) -> Result<(), StoreError> {
+        if !self.index.is_empty() {
+            return Ok(());
+        }
+        for name in self.db.tree_names() {
+            if let Some(key) = ConvKey::from_tree_name(&name) {
+                self.index.insert(key.index_key(), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The conversation's tree, if it exists (opening a tree creates it).
+    fn existing(&self, key: &ConvKey) -> Result<Option<sled::Tree>, StoreError> {
+        if self.index.contains_key(key.index_key())? {
+            Ok(Some(self.tree(key)?))
+        } else {
+            Ok(None)
+        }
     }
 
     fn tree(&self, key: &ConvKey) -> Result<sled::Tree, StoreError> {
@@ -117,6 +224,10 @@ fn decode_turn(key: &ConvKey, raw: &[u8]) -> Option<Turn> {
 
 impl ConversationStore for SledStore {
     fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+        if !self.index.contains_key(key.index_key())? {
+            self.check_room(key)?;
+            self.index.insert(key.index_key(), &[])?;
+        }
         let tree = self.tree(key)?;
         let (first, mut next) = span(&tree)?;
         let mut batch = sled::Batch::default();
@@ -139,7 +250,9 @@ impl ConversationStore for SledStore {
     }
 
     fn recent(&self, key: &ConvKey, max_turns: usize) -> Result<Vec<Turn>, StoreError> {
-        let tree = self.tree(key)?;
+        let Some(tree) = self.existing(key)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for item in tree.iter().rev().take(max_turns) {
             let (_, v) = item?;
@@ -152,12 +265,78 @@ impl ConversationStore for SledStore {
     }
 
     fn len(&self, key: &ConvKey) -> Result<usize, StoreError> {
-        let (first, next) = span(&self.tree(key)?)?;
+        let Some(tree) = self.existing(key)? else {
+            return Ok(0);
+        };
+        let (first, next) = span(&tree)?;
         Ok(usize::try_from(next - first).unwrap_or(usize::MAX))
     }
 
-    fn clear(&self, key: &ConvKey) -> Result<(), StoreError> {
+    fn contains(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        Ok(self.index.contains_key(key.index_key())?)
+    }
+
+    fn conversations(&self, owner: &NodeId) -> Result<Vec<ConversationId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.index.scan_prefix(owner.0) {
+            let (k, _) = item?;
+            let name = k
+                .get(owner.0.len()..)
+                .and_then(|b| std::str::from_utf8(b).ok());
+            if let Some(c) = name.and_then(|n| ConversationId::parse(n).ok()) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn page(&self, key: &ConvKey, from: u64, max_bytes: usize) -> Result<Page, StoreError> {
+        let Some(tree) = self.existing(key)? else {
+            return Ok(Page {
+                turns: Vec::new(),
+                next: None,
+            });
+        };
+        let (first, _) = span(&tree)?;
+        let start = first.saturating_add(from).to_be_bytes();
+        // Errors end the page early rather than silently: collect them.
+        let mut failed = None;
+        let turns = tree.range(start..).filter_map(|item| match item {
+            Ok((_, v)) => decode_turn(key, &v),
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        });
+        let page = fill_page(turns, from, max_bytes);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(page),
+        }
+    }
+
+    fn clear(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let held = self.index.remove(key.index_key())?.is_some();
         self.db.drop_tree(key.tree_name())?;
+        self.index.flush()?;
+        Ok(held)
+    }
+
+    fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
+        if self.index.contains_key(key.index_key())? {
+            return Ok(());
+        }
+        let held = self
+            .index
+            .scan_prefix(key.owner.0)
+            .take(self.max_conversations.saturating_add(1))
+            .count();
+        if held >= self.max_conversations {
+            return Err(StoreError::TooManyConversations {
+                held,
+                max: self.max_conversations,
+            });
+        }
         Ok(())
     }
 }
@@ -175,13 +354,39 @@ fn span(tree: &sled::Tree) -> Result<(u64, u64), StoreError> {
 }
 
 /// In-memory memory with the same behaviour as [`SledStore`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStore {
     convs: Mutex<BTreeMap<ConvKey, Vec<Turn>>>,
+    max_conversations: usize,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new(DEFAULT_MAX_CONVERSATIONS)
+    }
+}
+
+impl MemStore {
+    pub fn new(max_conversations: usize) -> Self {
+        MemStore {
+            convs: Mutex::new(BTreeMap::new()),
+            max_conversations,
+        }
+    }
+
+    fn held<'a>(
+        m: &'a BTreeMap<ConvKey, Vec<Turn>>,
+        owner: &'a NodeId,
+    ) -> impl Iterator<Item = &'a ConversationId> {
+        m.keys()
+            .filter(move |k| k.owner == *owner)
+            .map(|k| &k.conversation)
+    }
 }
 
 impl ConversationStore for MemStore {
     fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+        self.check_room(key)?;
         let mut m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
         let v = m.entry(key.clone()).or_default();
         v.extend_from_slice(turns);
@@ -202,9 +407,41 @@ impl ConversationStore for MemStore {
         Ok(m.get(key).map_or(0, Vec::len))
     }
 
-    fn clear(&self, key: &ConvKey) -> Result<(), StoreError> {
+    fn contains(&self, key: &ConvKey) -> Result<bool, StoreError> {
+        let m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(m.contains_key(key))
+    }
+
+    fn conversations(&self, owner: &NodeId) -> Result<Vec<ConversationId>, StoreError> {
+        let m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
+        // Keys are ordered by owner, then name: already by name.
+        Ok(Self::held(&m, owner).cloned().collect())
+    }
+
+    fn page(&self, key: &ConvKey, from: u64, max_bytes: usize) -> Result<Page, StoreError> {
+        let m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
+        let turns = m.get(key).map(Vec::as_slice).unwrap_or_default();
+        let skip = usize::try_from(from).unwrap_or(usize::MAX);
+        Ok(fill_page(turns.iter().skip(skip).cloned(), from, max_bytes))
+    }
+
+    fn clear(&self, key: &ConvKey) -> Result<bool, StoreError> {
         let mut m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
-        m.remove(key);
+        Ok(m.remove(key).is_some())
+    }
+
+    fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
+        let m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
+        if m.contains_key(key) {
+            return Ok(());
+        }
+        let held = Self::held(&m, &key.owner).count();
+        if held >= self.max_conversations {
+            return Err(StoreError::TooManyConversations {
+                held,
+                max: self.max_conversations,
+            });
+        }
         Ok(())
     }
 }
@@ -259,6 +496,97 @@ mod tests {
             vec![turn(MAX_TURNS_PER_CONVERSATION + 4)]
         );
         assert_eq!(s.recent(&a, usize::MAX).expect("read")[0], turn(5));
+        // Pages cover every kept turn once, in order, within their bytes.
+        let mut read = Vec::new();
+        let mut from = 0;
+        loop {
+            let p = s.page(&a, from, 100).expect("page");
+            assert!(!p.turns.is_empty());
+            let bytes: usize = p.turns.iter().map(|t| t.text.len()).sum();
+            assert!(bytes <= 100 || p.turns.len() == 1, "{bytes}");
+            read.extend(p.turns);
+            match p.next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        assert_eq!(read, s.recent(&a, usize::MAX).expect("read"));
+        assert!(s.page(&b, 0, 100).expect("page").turns.is_empty());
+    }
+
+    /// Listing, the cap and deletion, which both stores share.
+    fn owners_suite(s: &dyn ConversationStore) {
+        let owner = NodeId([7; 32]);
+        // Reading creates nothing.
+        assert_eq!(s.recent(&key(7, "ghost"), 10).expect("read"), vec![]);
+        assert_eq!(s.len(&key(7, "ghost")).expect("len"), 0);
+        assert!(!s.contains(&key(7, "ghost")).expect("contains"));
+        assert!(s.conversations(&owner).expect("list").is_empty());
+        s.append(&key(7, "b"), &[turn(0)]).expect("append");
+        s.append(&key(7, "a"), &[turn(0)]).expect("append");
+        s.append(&key(8, "other"), &[turn(0)]).expect("append");
+        let names: Vec<String> = s
+            .conversations(&owner)
+            .expect("list")
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        // The cap is 2 in these tests: a third conversation is refused,
+        // appending to a held one is not, and another owner is not held
+        // back.
+        let e = s
+            .append(&key(7, "c"), &[turn(0)])
+            .expect_err("past the cap");
+        assert!(
+            matches!(e, StoreError::TooManyConversations { held: 2, max: 2 }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("max_conversations_per_holder"),
+            "{e}"
+        );
+        assert!(s.check_room(&key(7, "c")).is_err());
+        s.check_room(&key(7, "a")).expect("a held one has room");
+        s.append(&key(7, "a"), &[turn(1)]).expect("held");
+        s.append(&key(8, "second"), &[turn(0)])
+            .expect("another owner");
+        assert!(!s.contains(&key(7, "c")).expect("contains"));
+        // Deleting frees a place.
+        assert!(s.clear(&key(7, "a")).expect("clear"));
+        assert!(!s.clear(&key(7, "a")).expect("again"));
+        assert!(s.recent(&key(7, "a"), 10).expect("read").is_empty());
+        s.append(&key(7, "c"), &[turn(0)]).expect("room again");
+    }
+
+    #[test]
+    fn mem_store_keeps_owners_apart_and_capped() {
+        owners_suite(&MemStore::new(2));
+    }
+
+    #[test]
+    fn sled_store_keeps_owners_apart_and_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        owners_suite(&SledStore::open(dir.path(), 2).expect("open"));
+    }
+
+    #[test]
+    fn a_database_from_before_the_index_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key(5, "old");
+        {
+            let db = sled::open(dir.path()).expect("open");
+            let tree = db.open_tree(k.tree_name()).expect("tree");
+            let bytes = zavod_proto::wire::encode_unversioned(&StoredTurn(turn(0)));
+            tree.insert(0u64.to_be_bytes(), bytes).expect("insert");
+            db.flush().expect("flush");
+        }
+        let s = SledStore::open(dir.path(), 10).expect("open");
+        assert_eq!(
+            s.conversations(&NodeId([5; 32])).expect("list"),
+            vec![k.conversation.clone()]
+        );
+        assert_eq!(s.recent(&k, 10).expect("read"), vec![turn(0)]);
     }
 
     #[test]
@@ -270,12 +598,12 @@ mod tests {
     fn sled_store_behaves_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let s = SledStore::open(dir.path()).expect("open");
+            let s = SledStore::open(dir.path(), DEFAULT_MAX_CONVERSATIONS).expect("open");
             suite(&s);
             s.append(&key(3, "kept"), &[turn(0), turn(1)])
                 .expect("append");
         }
-        let s = SledStore::open(dir.path()).expect("reopen");
+        let s = SledStore::open(dir.path(), DEFAULT_MAX_CONVERSATIONS).expect("reopen");
         assert_eq!(
             s.recent(&key(3, "kept"), 10).expect("read"),
             vec![turn(0), turn(1)]
@@ -285,7 +613,7 @@ mod tests {
     #[test]
     fn unreadable_records_are_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = SledStore::open(dir.path()).expect("open");
+        let s = SledStore::open(dir.path(), DEFAULT_MAX_CONVERSATIONS).expect("open");
         let k = key(4, "x");
         s.append(&k, &[turn(0)]).expect("append");
         s.tree(&k)
@@ -301,7 +629,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").expect("write");
-        let err = SledStore::open(&file.join("db")).expect_err("cannot open under a file");
+        let err = SledStore::open(&file.join("db"), 1).expect_err("cannot open under a file");
         assert!(err.to_string().contains("file"), "{err}");
     }
 }

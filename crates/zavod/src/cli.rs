@@ -41,6 +41,57 @@ pub enum Command {
     /// Inspect, list and quantize model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Your conversations on a node: list, export, delete.
+    #[command(subcommand)]
+    Memory(MemoryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemoryCommand {
+    /// List your conversations the node holds.
+    List {
+        #[command(flatten)]
+        at: MemoryAt,
+    },
+    /// Print one conversation as JSON lines, oldest turn first:
+    /// {"role": "user"|"assistant"|"system", "text": …, "tokens": …}.
+    Export {
+        #[arg(long, value_name = "ID")]
+        conversation: String,
+        #[command(flatten)]
+        at: MemoryAt,
+    },
+    /// Delete one conversation (--conversation ID) or every one of yours (--all).
+    Delete {
+        #[arg(
+            long,
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        conversation: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        at: MemoryAt,
+    },
+}
+
+/// The node to ask, and who asks.
+#[derive(Debug, Args)]
+pub struct MemoryAt {
+    /// The node: a multiaddr, with or without /p2p/PEER_ID, or host:port.
+    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
+    pub peer: Multiaddr,
+    /// Data directory holding this user's key and credential.
+    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Credential to present: a file, or the credential text itself [default: DIR/client.cred].
+    #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
+    pub credential: Option<String>,
+    /// The private mesh's pre-shared key, when the node uses one.
+    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 
 mod chat;
 mod cli;
+mod memory;
 mod mesh;
 mod model;
 mod node;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         cli::Command::Mesh(cmd) => mesh::run_mesh(cmd),
         cli::Command::Cap(cmd) => mesh::run_cap(cmd),
         cli::Command::Model(cmd) => model::run(cmd),
+        cli::Command::Memory(cmd) => memory::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,15 +1,22 @@
-//! MemoryKeeper: each conversation's turns in the store (sled), and prompt
-//! assembly: the newest turns that fit the context budget
-//! (zavod_proto::chat::prompt::assemble). Tokens are counted with this node's
+//! MemoryKeeper: each conversation's turns in the store (sled), prompt
+//! assembly (the newest turns that fit the context budget,
+//! zavod_proto::chat::prompt::assemble), and a holder's own operations on
+//! its conversations (list, export, delete: the memory protocol and
+//! `/v1/conversations`), done here so a deletion is ordered with writes.
+//! A request that would start a conversation past the holder's cap is
+//! refused at assembly, before it is placed or run. Tokens are counted with this node's
 //! model when it has one, else estimated on the safe side; the node that
 //! generates formats the turns with its model's chat template.
 
 use super::{NodeShared, error_frame};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
+use zavod_proto::NodeId;
 use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
+use zavod_proto::limits::{MAX_EXPORT_PAGE_BYTES, MAX_LISTED_CONVERSATIONS};
+use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
-use zavod_store::ConvKey;
+use zavod_store::{ConvKey, ConversationStore, StoreError};
 
 pub(crate) struct MemoryKeeper;
 
@@ -69,6 +76,12 @@ pub enum MemoryMsg {
         key: ConvKey,
         turns: Vec<Turn>,
         reply: Option<RpcReplyPort<Result<(), String>>>,
+    },
+    /// A holder's operation on its own conversations.
+    Own {
+        owner: NodeId,
+        op: MemoryOp,
+        reply: RpcReplyPort<MemoryReply>,
     },
 }
 
@@ -131,8 +144,85 @@ impl Actor for MemoryKeeper {
                     let _ = reply.send(r);
                 }
             }
+            MemoryMsg::Own { owner, op, reply } => {
+                let store = Arc::clone(&shared.store);
+                let r = tokio::task::spawn_blocking(move || own(store.as_ref(), owner, op))
+                    .await
+                    .unwrap_or_else(|e| {
+                        MemoryReply::Refused(error_frame(
+                            ErrorCode::Internal,
+                            format!("memory: the task failed: {e}"),
+                        ))
+                    });
+                let _ = reply.send(r);
+            }
         }
         Ok(())
+    }
+}
+
+/// One holder's operation on its own conversations.
+fn own(store: &dyn ConversationStore, owner: NodeId, op: MemoryOp) -> MemoryReply {
+    let failed = |e: StoreError| {
+        tracing::error!(error = %e, "memory operation failed");
+        MemoryReply::Refused(error_frame(ErrorCode::Internal, format!("memory: {e}")))
+    };
+    let key = |conversation| ConvKey {
+        owner,
+        conversation,
+    };
+    match op {
+        MemoryOp::List => match store.conversations(&owner) {
+            Ok(mut names) => {
+                let truncated = names.len() > MAX_LISTED_CONVERSATIONS;
+                names.truncate(MAX_LISTED_CONVERSATIONS);
+                MemoryReply::Conversations { names, truncated }
+            }
+            Err(e) => failed(e),
+        },
+        MemoryOp::Export { conversation, from } => {
+            let k = key(conversation);
+            match store
+                .contains(&k)
+                .and_then(|held| Ok((held, store.page(&k, from, MAX_EXPORT_PAGE_BYTES)?)))
+            {
+                Ok((held, page)) => MemoryReply::Turns {
+                    turns: page.turns,
+                    next: page.next,
+                    held,
+                },
+                Err(e) => failed(e),
+            }
+        }
+        MemoryOp::Delete { conversation } => match store.clear(&key(conversation)) {
+            Ok(held) => MemoryReply::Deleted {
+                conversations: u32::from(held),
+            },
+            Err(e) => failed(e),
+        },
+        MemoryOp::DeleteAll => {
+            let mut deleted = 0u32;
+            // Each round takes every one listed, so one round empties the
+            // list unless writes race it; a few more take those.
+            for _round in 0..4 {
+                let names = match store.conversations(&owner) {
+                    Ok(n) => n,
+                    Err(e) => return failed(e),
+                };
+                if names.is_empty() {
+                    break;
+                }
+                for c in names {
+                    match store.clear(&key(c)) {
+                        Ok(held) => deleted += u32::from(held),
+                        Err(e) => return failed(e),
+                    }
+                }
+            }
+            MemoryReply::Deleted {
+                conversations: deleted,
+            }
+        }
     }
 }
 
@@ -157,6 +247,12 @@ fn prepare(
     let exact = shared.model(model).is_some();
     let history = match key {
         Some(k) => {
+            shared.store.check_room(k).map_err(|e| match e {
+                StoreError::TooManyConversations { .. } => {
+                    error_frame(ErrorCode::Forbidden, e.to_string())
+                }
+                e => error_frame(ErrorCode::Internal, format!("memory: {e}")),
+            })?;
             let mut h: Vec<Turn> = supplied
                 .into_iter()
                 .filter(|(role, _)| *role == Role::System)

@@ -81,7 +81,7 @@ pub(super) async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; this node serves /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /metrics, /healthz and /readyz",
+        "no such endpoint; this node serves /v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings, /v1/conversations, /metrics, /healthz and /readyz",
     )
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP face of a node (axum): an OpenAI-compatible API
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/v1/embeddings`), Prometheus
+//! `/v1/embeddings`), the bearer's own conversations
+//! (`/v1/conversations`: list, export, delete), Prometheus
 //! metrics on `/metrics`, and `/healthz` and `/readyz`.
 //!
 //! Requests take the same path as chats over the mesh protocol, with this
@@ -44,6 +45,7 @@ use zavod_proto::wire::{
     Accepted, ChatRequest, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame, StopReason,
 };
 
+mod conversations;
 mod embeddings;
 mod errors;
 mod openai;
@@ -78,6 +80,14 @@ pub(crate) fn router(shared: Arc<NodeShared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route(
+            "/v1/conversations",
+            get(conversations::list).delete(conversations::delete_all),
+        )
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::export).delete(conversations::delete),
+        )
         // Runs before the handlers' extractors read any of the body.
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

@@ -11,6 +11,8 @@
 //!   report for the entry that issued the grant.
 //! - join: sign a membership for a node presenting this mesh's invite.
 //! - status: the mesh as this node sees it.
+//! - memory: a credential holder's own conversations, to list, export or
+//!   delete.
 //!
 //! Every wait has a deadline; a peer that sends junk, stalls or leaves
 //! only ever ends its own stream. A stream passes the admission steps of
@@ -34,6 +36,7 @@ pub(crate) mod chat_entry;
 pub(crate) mod embed;
 mod entry_client;
 mod join;
+pub(crate) mod memory;
 pub(crate) mod run_client;
 mod run_target;
 mod status;
@@ -52,6 +55,7 @@ pub(crate) enum Kind {
     Join,
     Status,
     Embed,
+    Memory,
 }
 
 /// How long a refusal may take to write: a stream that is turned away
@@ -67,6 +71,10 @@ async fn refuse(writer: &mut zavod_net::FrameWriter, kind: Kind, e: ErrorFrame) 
         Kind::Chat | Kind::Run => writer.send(&ServerFrame::Error(e), wt).await,
         Kind::Embed => {
             let reply = zavod_proto::wire::embed::EmbedReply::Refused(e);
+            writer.send(&reply, wt).await
+        }
+        Kind::Memory => {
+            let reply = zavod_proto::wire::memory::MemoryReply::Refused(e);
             writer.send(&reply, wt).await
         }
     };
@@ -146,6 +154,9 @@ pub(crate) async fn serve_stream(
             status::serve_status(&shared, remote, &mut writer, &mut reader, first).await
         }
         Kind::Embed => embed::serve_embed(&shared, remote, &mut writer, &mut reader, first).await,
+        Kind::Memory => {
+            memory::serve_memory(&shared, remote, &mut writer, &mut reader, first).await
+        }
     }
     // The work is done: a peer slow to take the close holds no permit.
     drop(permit);

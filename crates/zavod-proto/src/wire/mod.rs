@@ -10,6 +10,7 @@
 //! status protocols with their one codec; a fifth is tests.
 
 pub mod embed;
+pub mod memory;
 
 use crate::UnixMs;
 use crate::ids::{ConversationId, NodeId, RequestId};

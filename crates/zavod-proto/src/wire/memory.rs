@@ -1,0 +1,80 @@
+//! The memory protocol: a credential holder's own conversations on the
+//! node it asks: list them, export one page by page, delete one or all.
+//! The credential must name the key the stream is authenticated with, so
+//! one holder can never reach another's conversations.
+//!
+//! A page is bounded by [`MAX_EXPORT_PAGE_BYTES`] of text (one turn at
+//! least, so a page always advances), and a list by
+//! [`MAX_LISTED_CONVERSATIONS`], so every reply fits a frame.
+
+use crate::chat::prompt::Turn;
+use crate::ids::ConversationId;
+use crate::limits::{MAX_EXPORT_PAGE_BYTES, MAX_LISTED_CONVERSATIONS};
+use crate::trust::Credential;
+use crate::wire::ErrorFrame;
+use serde::{Deserialize, Serialize};
+
+/// First and only frame a client sends on a memory stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryRequest {
+    pub credential: Credential,
+    pub op: MemoryOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MemoryOp {
+    /// The holder's conversations on this node.
+    List,
+    /// Turns of one conversation from the `from`-th kept one (0: oldest).
+    Export {
+        conversation: ConversationId,
+        from: u64,
+    },
+    /// Forget one conversation.
+    Delete { conversation: ConversationId },
+    /// Forget every conversation of the holder.
+    DeleteAll,
+}
+
+/// The node's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MemoryReply {
+    /// Names, and whether there were more than a reply holds.
+    Conversations {
+        names: Vec<ConversationId>,
+        truncated: bool,
+    },
+    /// One page; `next` is where the following one starts (`None`: done).
+    /// `held` says whether the conversation exists at all.
+    Turns {
+        turns: Vec<Turn>,
+        next: Option<u64>,
+        held: bool,
+    },
+    /// How many conversations were forgotten.
+    Deleted {
+        conversations: u32,
+    },
+    Refused(ErrorFrame),
+}
+
+impl MemoryReply {
+    /// Checks a reply from a node against the protocol's bounds before a
+    /// client relies on it.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            MemoryReply::Conversations { names, .. } if names.len() > MAX_LISTED_CONVERSATIONS => {
+                Err(format!("a list of {} conversations", names.len()))
+            }
+            MemoryReply::Turns { turns, .. } => {
+                let bytes: usize = turns.iter().map(|t| t.text.len()).sum();
+                if turns.len() > 1 && bytes > MAX_EXPORT_PAGE_BYTES {
+                    Err(format!("a page of {bytes} bytes"))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
