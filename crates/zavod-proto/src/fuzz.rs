@@ -16,6 +16,7 @@ use crate::trust::{
     CapabilityToken, Credential, Grant, GrantCheck, JoinTicket, Keypair, OperatorProof, Receipt,
 };
 use crate::wire::embed::{EmbedReply, EmbedRequest, check_inputs, check_vectors};
+use crate::wire::memory::{MemoryReply, MemoryRequest};
 use crate::wire::{
     ClientFrame, JoinReply, JoinRequest, RunReport, RunRequest, ServerFrame, StatusReply,
     StatusRequest, decode, decode_unversioned,
@@ -75,6 +76,14 @@ pub fn wire_frames(data: &[u8]) {
     }
     if let Ok(EmbedReply::Vectors { vectors, .. }) = decode::<EmbedReply>(data) {
         let _ = check_vectors(&vectors, vectors.len());
+    }
+    if let Ok(r) = decode::<MemoryRequest>(data) {
+        let _ = r
+            .credential
+            .verify_holder(&trusted(), &r.credential.body.holder, u64::MAX);
+    }
+    if let Ok(r) = decode::<MemoryReply>(data) {
+        let _ = r.check();
     }
 }
 

@@ -6,13 +6,16 @@
 //! writes the valid seeds into the corpus folders (how they were made).
 
 use std::path::PathBuf;
+use zavod_proto::chat::prompt::{Role, Turn};
 use zavod_proto::fuzz::{TARGETS, authority_key};
+use zavod_proto::ids::ConversationId;
 use zavod_proto::mesh::capacity::{CapacityReport, ModelOffer, Resources, WorkerLoad};
 use zavod_proto::mesh::view::Announcement;
 use zavod_proto::trust::{
     Authority, CapabilityToken, CredentialBody, GrantBody, JoinTicketBody, Keypair, MembershipBody,
     ModelPattern, ReceiptBody, mint_grant, sign_receipt, sign_report,
 };
+use zavod_proto::wire::memory::{MemoryOp, MemoryReply, MemoryRequest};
 use zavod_proto::wire::{
     Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, ServerFrame,
     StopReason, encode, encode_unversioned,
@@ -144,6 +147,22 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                         show_prompt: false,
                     }))),
                     encode(&ClientFrame::Cancel),
+                    encode(&MemoryRequest {
+                        credential: credential.clone(),
+                        op: MemoryOp::Export {
+                            conversation: ConversationId::parse("c-1").expect("valid"),
+                            from: 3,
+                        },
+                    }),
+                    encode(&MemoryReply::Turns {
+                        turns: vec![Turn {
+                            role: Role::User,
+                            text: "hello".into(),
+                            tokens: 2,
+                        }],
+                        next: Some(4),
+                        held: true,
+                    }),
                     encode(&ClientFrame::Resume {
                         reason: "stalled".into(),
                         answer: "Hel".into(),
