@@ -421,3 +421,60 @@ fn a_holder_lists_exports_and_deletes_its_conversations_up_to_a_cap() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(zavod_tests::stdout(&o).trim(), "");
 }
+
+/// A turn `zavod chat` was told is recorded survives SIGKILL of the node
+/// that holds it (the write is answered only once a sync covers it): the
+/// restarted node exports it whole.
+#[test]
+fn an_answered_turn_survives_kill_9_of_its_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = model_path();
+    let model = model.to_str().expect("utf8");
+    let node = NodeProc::start(dir.path(), &["--model", model]);
+    for prompt in ["One.", "Two."] {
+        let o = chat(
+            dir.path(),
+            &node.addr,
+            &[
+                "--conversation",
+                "k9",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "6",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("warning:"), "{}", stderr(&o));
+    }
+    node.kill9();
+    let node = NodeProc::start(dir.path(), &["--model", model]);
+    let o = zavod_tests::zavod()
+        .args([
+            "memory",
+            "export",
+            "--conversation",
+            "k9",
+            "--peer",
+            &node.addr,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run zavod memory export");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let texts: Vec<String> = zavod_tests::stdout(&o)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            format!(
+                "{}:{}",
+                v["role"].as_str().unwrap_or("?"),
+                v["text"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    assert_eq!(texts.len(), 4, "{texts:?}");
+    assert_eq!(texts[0], "user:One.");
+    assert_eq!(texts[2], "user:Two.");
+}

@@ -76,6 +76,9 @@ pub(crate) async fn is_member(shared: &NodeShared, peer: &PeerId) -> bool {
 }
 
 /// Binds an HTTP listener, naming the address when it cannot.
+/// How long a stopping node waits for turns still being written.
+const WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, NodeError> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -311,6 +314,8 @@ impl Node {
             &memory_dir,
             config.memory.max_conversations_per_holder,
         )?);
+        let writer = zavod_store::GroupWriter::start(store.clone())
+            .map_err(|e| NodeError::Store(zavod_store::StoreError::Sync(e.to_string())))?;
         let limits = config.limits.clone();
         // Each connection and stream costs descriptors; the usual soft
         // limit (1,024) is below what the connection limits allow.
@@ -368,6 +373,7 @@ impl Node {
             directory: Directory::default(),
             models,
             store: store.clone(),
+            writer: writer.clone(),
             net: net.clone(),
             cluster: cluster.clone(),
             metrics: crate::metrics::Metrics::new(),
@@ -609,6 +615,14 @@ impl Node {
         }
         self.supervisor.stop_and_wait(None, None).await.ok();
         self.shared.cluster.stop();
+        // Turns still waiting for the writer are written before the stop.
+        let writer = self.shared.writer.clone();
+        let drained = tokio::task::spawn_blocking(move || writer.drain(WRITER_DRAIN))
+            .await
+            .unwrap_or(false);
+        if !drained {
+            tracing::warn!("the memory writer did not finish within {WRITER_DRAIN:?}");
+        }
         self.store.flush()?;
         Ok(())
     }

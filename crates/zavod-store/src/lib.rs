@@ -3,8 +3,10 @@
 //! A conversation belongs to the key that holds it (the client's public
 //! key) and a client-chosen [`ConversationId`]; one client can never read
 //! another's. [`SledStore`] keeps each conversation in its own sled tree, turns
-//! keyed by a big-endian sequence number so iteration is in order, and
-//! flushes after every append so an answered turn survives a crash.
+//! keyed by a big-endian sequence number so iteration is in order; an
+//! append is durable once the store syncs, and [`GroupWriter`] makes one
+//! sync serve every append waiting for it, so an answered turn survives a
+//! crash without each turn paying for its own fsync.
 //! [`MemStore`] is its in-memory twin with the same behaviour (one test suite
 //! runs against both).
 //!
@@ -19,6 +21,9 @@
 //! conversations never scans another's.
 
 #![warn(unreachable_pub)]
+
+mod group;
+pub use group::{Busy, GroupWriter};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -47,6 +52,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("memory database is poisoned by an earlier panic")]
     Poisoned,
+    #[error("memory database could not write to disk: {0}")]
+    Sync(String),
     #[error(
         "this credential's holder already keeps {held} conversations on this node, the most it \
          keeps for one holder (memory.max_conversations_per_holder = {max}); delete one \
@@ -97,7 +104,16 @@ pub struct Page {
 /// Conversation memory as the MemoryKeeper uses it.
 pub trait ConversationStore: Send + Sync {
     /// Appends turns at the end, durably.
-    fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError>;
+    fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+        self.append_deferred(key, turns)?;
+        self.sync()
+    }
+    /// Appends turns at the end, visible to reads at once and durable at
+    /// the next [`ConversationStore::sync`] ([`GroupWriter`] makes one
+    /// sync serve many appends).
+    fn append_deferred(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError>;
+    /// Makes every append so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
     /// The last `max_turns` turns, oldest first.
     fn recent(&self, key: &ConvKey, max_turns: usize) -> Result<Vec<Turn>, StoreError>;
     /// Number of turns stored (in a sled store, the span of their sequence
@@ -223,7 +239,12 @@ fn decode_turn(key: &ConvKey, raw: &[u8]) -> Option<Turn> {
 }
 
 impl ConversationStore for SledStore {
-    fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn append_deferred(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
         if !self.index.contains_key(key.index_key())? {
             self.check_room(key)?;
             self.index.insert(key.index_key(), &[])?;
@@ -245,7 +266,6 @@ impl ConversationStore for SledStore {
             tree.pop_min()?;
             first = span(&tree)?.0;
         }
-        tree.flush()?;
         Ok(())
     }
 
@@ -385,7 +405,11 @@ impl MemStore {
 }
 
 impl ConversationStore for MemStore {
-    fn append(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn append_deferred(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
         self.check_room(key)?;
         let mut m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
         let v = m.entry(key.clone()).or_default();

@@ -2,7 +2,11 @@
 //! assembly (the newest turns that fit the context budget,
 //! zavod_proto::chat::prompt::assemble), and a holder's own operations on
 //! its conversations (list, export, delete: the memory protocol and
-//! `/v1/conversations`), done here so a deletion is ordered with writes.
+//! `/v1/conversations`). Every write goes to the store's group-commit
+//! writer (`zavod_store::GroupWriter`) and is answered from there once a
+//! sync covers it, so this actor never waits on the disk: a slow fsync
+//! delays the writes waiting for it, not the next prompt. Deletions and
+//! exports run on that writer too, ordered with the writes.
 //! A request that would start a conversation past the holder's cap is
 //! refused at assembly, before it is placed or run. Tokens are counted with this node's
 //! model when it has one, else estimated on the safe side; the node that
@@ -127,34 +131,43 @@ impl Actor for MemoryKeeper {
                 ));
             }
             MemoryMsg::Record { key, turns, reply } => {
-                // Appending flushes to disk; off the runtime's threads, which
-                // may be a single one that also streams every answer's tokens.
-                // Awaiting it here keeps this actor's writes in order.
-                let store = Arc::clone(shared);
+                // The writer thread applies it, in order with every other
+                // write, and answers once a sync covers it; this actor goes
+                // on assembling prompts meanwhile.
                 let conversation = key.conversation.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    store.store.append(&key, &turns).map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
-                if let Err(e) = &r {
-                    tracing::error!(%conversation, error = %e, "could not record turns");
-                }
-                if let Some(reply) = reply {
-                    let _ = reply.send(r);
-                }
+                let done = move |r: Result<(), StoreError>| {
+                    let r = r.map_err(|e| e.to_string());
+                    if let Err(e) = &r {
+                        tracing::error!(%conversation, error = %e, "could not record turns");
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                };
+                // A full queue is reported through `done` as well.
+                let _ = shared.writer.append(key, turns, done);
             }
             MemoryMsg::Own { owner, op, reply } => {
-                let store = Arc::clone(&shared.store);
-                let r = tokio::task::spawn_blocking(move || own(store.as_ref(), owner, op))
-                    .await
-                    .unwrap_or_else(|e| {
-                        MemoryReply::Refused(error_frame(
-                            ErrorCode::Internal,
-                            format!("memory: the task failed: {e}"),
-                        ))
-                    });
-                let _ = reply.send(r);
+                let refused =
+                    |m: String| MemoryReply::Refused(error_frame(ErrorCode::NoCapacity, m));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match shared.writer.run(move |store| {
+                    let _ = tx.send(own(store, owner, op));
+                }) {
+                    Ok(()) => {
+                        // Answered off this actor, so a slow write does not
+                        // hold up prompt assembly.
+                        tokio::spawn(async move {
+                            let r = rx
+                                .await
+                                .unwrap_or_else(|_| refused("the memory writer stopped".into()));
+                            let _ = reply.send(r);
+                        });
+                    }
+                    Err(busy) => {
+                        let _ = reply.send(refused(busy.to_string()));
+                    }
+                }
             }
         }
         Ok(())

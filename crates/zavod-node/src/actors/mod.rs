@@ -64,6 +64,9 @@ pub struct NodeShared {
     /// names are unique (checked at start). Empty on an entry-only node.
     pub models: Vec<Arc<dyn ModelBackend>>,
     pub store: Arc<dyn ConversationStore>,
+    /// Every write to `store` goes through it (group commit), so a slow
+    /// fsync never holds up prompt assembly, which reads `store` directly.
+    pub writer: zavod_store::GroupWriter,
     pub net: zavod_net::Client,
     /// Actor sessions with other nodes.
     pub cluster: crate::cluster::Cluster,

@@ -1,0 +1,299 @@
+//! Group commit: one thread owns every write to the store. It takes the
+//! appends (and other writes) waiting for it, applies them in the order
+//! they came, then syncs once and tells each append's sender how it went.
+//! A slow fsync therefore delays only the writes waiting for it, never a
+//! read (prompt assembly reads the store directly, and sees an append as
+//! soon as it is applied), and a burst of answers costs one sync, not one
+//! each.
+//!
+//! Invariants: jobs run in submission order; an append is reported done
+//! only after a sync that followed it succeeded, and a failed sync is
+//! reported to every append it covered; the queue is bounded
+//! ([`QUEUE`]), and a full queue is an error to the sender, never a wait;
+//! the thread ends when the last handle is dropped.
+
+use crate::{ConvKey, ConversationStore, StoreError};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use zavod_proto::chat::prompt::Turn;
+
+/// Writes that may wait for the writer thread.
+pub(crate) const QUEUE: usize = 4_096;
+/// Writes applied before one sync, at most.
+const GROUP: usize = 256;
+
+type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Work = Box<dyn FnOnce(&dyn ConversationStore) + Send>;
+
+enum Job {
+    Append {
+        key: ConvKey,
+        turns: Vec<Turn>,
+        done: Done,
+    },
+    /// Any other work that must be ordered with the writes (a deletion).
+    Run(Work),
+}
+
+/// The handle to the writer thread; clones share it.
+#[derive(Clone)]
+pub struct GroupWriter {
+    tx: SyncSender<Job>,
+}
+
+impl std::fmt::Debug for GroupWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupWriter")
+    }
+}
+
+/// The writer's queue was full: the write was not taken.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the memory writer has {QUEUE} writes waiting (the disk is slower than the answers); \
+     this one was not taken"
+)]
+pub struct Busy;
+
+impl GroupWriter {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: Arc<dyn ConversationStore>) -> std::io::Result<GroupWriter> {
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("zavod-memory-writer".into())
+            .spawn(move || run(store.as_ref(), rx))?;
+        Ok(GroupWriter { tx })
+    }
+
+    /// Appends `turns`; `done` is called once they are durable, or with
+    /// the error that kept them from it (a full queue included: then it is
+    /// called before this returns [`Busy`]).
+    pub fn append(
+        &self,
+        key: ConvKey,
+        turns: Vec<Turn>,
+        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) -> Result<(), Busy> {
+        let job = Job::Append {
+            key,
+            turns,
+            done: Box::new(done),
+        };
+        match self.submit(job) {
+            Ok(()) => Ok(()),
+            Err(job) => {
+                if let Job::Append { done, .. } = job {
+                    done(Err(StoreError::Sync(Busy.to_string())));
+                }
+                Err(Busy)
+            }
+        }
+    }
+
+    /// Runs `work` on the writer thread, after every write submitted
+    /// before it.
+    pub fn run(
+        &self,
+        work: impl FnOnce(&dyn ConversationStore) + Send + 'static,
+    ) -> Result<(), Busy> {
+        self.submit(Job::Run(Box::new(work))).map_err(|_| Busy)
+    }
+
+    /// Waits until every write submitted so far has been applied and
+    /// synced (for a clean stop), at most `timeout`; whether it was.
+    pub fn drain(&self, timeout: std::time::Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let marker = self.run(move |store| {
+            let _ = tx.send(store.sync().is_ok());
+        });
+        marker.is_ok() && rx.recv_timeout(timeout).unwrap_or(false)
+    }
+
+    /// Queues `job`, or gives it back when the queue is full (a stopped
+    /// writer takes nothing either: its store is gone).
+    fn submit(&self, job: Job) -> Result<(), Job> {
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) => Err(j),
+        }
+    }
+}
+
+fn run(store: &dyn ConversationStore, rx: Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        // Applied in order; the appends that applied wait for the sync.
+        let mut waiting: Vec<Done> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Append { key, turns, done } => match store.append_deferred(&key, &turns) {
+                    Ok(()) => waiting.push(done),
+                    Err(e) => done(Err(e)),
+                },
+                Job::Run(work) => work(store),
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        match store.sync() {
+            Ok(()) => waiting.into_iter().for_each(|d| d(Ok(()))),
+            Err(e) => {
+                let m = e.to_string();
+                tracing::error!(error = %m, "the memory store could not sync");
+                for d in waiting {
+                    d(Err(StoreError::Sync(m.clone())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemStore, Page};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+    use zavod_proto::NodeId;
+    use zavod_proto::chat::prompt::Role;
+    use zavod_proto::ids::ConversationId;
+
+    /// A store whose syncs are slow (and can fail), counting them.
+    struct SlowDisk {
+        inner: MemStore,
+        syncs: AtomicUsize,
+        fail: AtomicBool,
+    }
+
+    impl ConversationStore for SlowDisk {
+        fn append_deferred(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
+            self.inner.append_deferred(key, turns)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            std::thread::sleep(Duration::from_millis(100));
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Sync("no space left on device".into()));
+            }
+            Ok(())
+        }
+        fn recent(&self, key: &ConvKey, n: usize) -> Result<Vec<Turn>, StoreError> {
+            self.inner.recent(key, n)
+        }
+        fn len(&self, key: &ConvKey) -> Result<usize, StoreError> {
+            self.inner.len(key)
+        }
+        fn contains(&self, key: &ConvKey) -> Result<bool, StoreError> {
+            self.inner.contains(key)
+        }
+        fn conversations(&self, owner: &NodeId) -> Result<Vec<ConversationId>, StoreError> {
+            self.inner.conversations(owner)
+        }
+        fn page(&self, key: &ConvKey, from: u64, max: usize) -> Result<Page, StoreError> {
+            self.inner.page(key, from, max)
+        }
+        fn clear(&self, key: &ConvKey) -> Result<bool, StoreError> {
+            self.inner.clear(key)
+        }
+        fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
+            self.inner.check_room(key)
+        }
+    }
+
+    fn key(c: &str) -> ConvKey {
+        ConvKey {
+            owner: NodeId([1; 32]),
+            conversation: ConversationId::parse(c).expect("valid"),
+        }
+    }
+
+    fn turn(i: u32) -> Turn {
+        Turn {
+            role: Role::User,
+            text: format!("turn {i}"),
+            tokens: i,
+        }
+    }
+
+    fn disk() -> Arc<SlowDisk> {
+        Arc::new(SlowDisk {
+            inner: MemStore::default(),
+            syncs: AtomicUsize::new(0),
+            fail: AtomicBool::new(false),
+        })
+    }
+
+    /// Twenty appends made while a sync is under way are made durable by
+    /// one or two more syncs, in order, and the store is readable
+    /// throughout (reads do not wait for the writer).
+    #[test]
+    fn appends_waiting_for_a_slow_sync_share_the_next_one() {
+        let store = disk();
+        let w = GroupWriter::start(store.clone()).expect("start");
+        let results = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..21 {
+            let r = Arc::clone(&results);
+            w.append(key("a"), vec![turn(i)], move |res| {
+                r.lock().expect("lock").push((i, res.is_ok()))
+            })
+            .expect("queued");
+            if i == 0 {
+                // Let the first sync start before the others arrive.
+                std::thread::sleep(Duration::from_millis(20));
+                let t = std::time::Instant::now();
+                let _ = store.recent(&key("a"), 10).expect("read");
+                assert!(t.elapsed() < Duration::from_millis(50), "a read waited");
+            }
+        }
+        let all = (0..21).map(|i| (i, true)).collect::<Vec<_>>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while results.lock().expect("lock").len() < 21 {
+            assert!(std::time::Instant::now() < deadline, "appends not done");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*results.lock().expect("lock"), all, "in order, all durable");
+        let syncs = store.syncs.load(Ordering::SeqCst);
+        assert!((2..=3).contains(&syncs), "{syncs} syncs for 21 appends");
+        let kept = store.recent(&key("a"), 100).expect("read");
+        assert_eq!(kept, (0..21).map(turn).collect::<Vec<_>>());
+    }
+
+    /// A failed sync is reported to every append it covered; work queued
+    /// after the writes runs after them.
+    #[test]
+    fn a_failed_sync_reaches_every_append_it_covered() {
+        let store = disk();
+        store.fail.store(true, Ordering::SeqCst);
+        let w = GroupWriter::start(store.clone()).expect("start");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            w.append(key("b"), vec![turn(i)], move |r| {
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            })
+            .expect("queued");
+        }
+        let (ltx, lrx) = std::sync::mpsc::channel();
+        w.run(move |s| {
+            let _ = ltx.send(s.len(&key("b")).expect("len"));
+        })
+        .expect("queued");
+        for _ in 0..3 {
+            let r = rx.recv_timeout(Duration::from_secs(5)).expect("reported");
+            let e = r.expect_err("the sync failed");
+            assert!(e.contains("no space left on device"), "{e}");
+        }
+        assert_eq!(lrx.recv_timeout(Duration::from_secs(5)).expect("ran"), 3);
+        assert!(!w.drain(Duration::from_secs(5)), "the disk still fails");
+        store.fail.store(false, Ordering::SeqCst);
+        assert!(w.drain(Duration::from_secs(5)));
+    }
+}
