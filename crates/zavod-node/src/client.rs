@@ -36,6 +36,42 @@ pub fn on_worker<T: Send + 'static>(
 /// otherwise hold the first token for the whole dial timeout.
 const REDIRECT_DIAL: Duration = Duration::from_secs(3);
 
+/// How long a status request may take to be sent and answered.
+const STATUS_WAIT: Duration = Duration::from_secs(10);
+
+/// One request on the status protocol to `peer` over `net`: the one
+/// client of that protocol for commands and clients (`None`: the node
+/// closed the stream without answering).
+async fn status_on(
+    net: &zavod_net::Client,
+    peer: PeerId,
+    request: &StatusRequest,
+) -> Result<Option<StatusReply>, ChatError> {
+    let (mut w, mut r) = net.open(peer, zavod_net::STATUS_PROTOCOL).await?.split();
+    w.send(request, STATUS_WAIT).await?;
+    tokio::time::timeout(STATUS_WAIT, r.recv::<StatusReply>())
+        .await
+        .map_err(|_| ChatError::Protocol(format!("no answer within {} s", STATUS_WAIT.as_secs())))?
+        .map_err(ChatError::from)
+}
+
+/// Dials the node at `addr` with `key` (and the mesh key, if any) and
+/// asks it one status request: `zavod status`, `zavod mesh revoke` and
+/// `zavod cap revoke`.
+pub async fn ask_status(
+    key: &zavod_proto::trust::Keypair,
+    addr: Multiaddr,
+    cfg: NetConfig,
+    request: &StatusRequest,
+) -> Result<Option<StatusReply>, ChatError> {
+    let (net, mut events, event_loop) =
+        zavod_net::new(zavod_net::identity_from_secret(key.secret_bytes())?, cfg)?;
+    tokio::spawn(event_loop.run());
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let peer = net.dial(addr).await?;
+    status_on(&net, peer, request).await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error("{0}")]
@@ -186,16 +222,7 @@ impl ChatClient {
             peer: self.peer,
             why,
         };
-        let t = Duration::from_secs(10);
-        let (mut w, mut r) = self
-            .net
-            .open(self.peer, zavod_net::STATUS_PROTOCOL)
-            .await?
-            .split();
-        w.send(&StatusRequest::Membership, t).await?;
-        let reply = tokio::time::timeout(t, r.recv::<StatusReply>())
-            .await
-            .map_err(|_| ChatError::Protocol("no membership certificate within 10 s".into()))??;
+        let reply = status_on(&self.net, self.peer, &StatusRequest::Membership).await?;
         let cert = match reply {
             Some(StatusReply::Membership(m)) => m,
             Some(StatusReply::Refused(e)) => return Err(not_in(e.message)),

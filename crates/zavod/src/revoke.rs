@@ -6,7 +6,6 @@
 
 use crate::cli::RevokeArgs;
 use anyhow::{Context, Result, bail};
-use std::time::Duration;
 use zavod_node::clock::now_ms;
 use zavod_node::config::default_data_dir;
 use zavod_node::datadir::{self, LISTEN_ADDRS, NodeIdentity};
@@ -125,22 +124,12 @@ fn deliver(peer: &libp2p::Multiaddr, to: &RevokeArgs, r: Revocation) -> Result<(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply = rt.block_on(async {
-        let (net, mut events, el) = zavod_net::new(
-            zavod_net::identity_from_secret(key.secret_bytes())?,
-            zavod_net::NetConfig::client(to.psk_file.as_deref())?,
-        )?;
-        tokio::spawn(el.run());
-        tokio::spawn(async move { while events.recv().await.is_some() {} });
-        let peer = net.dial(peer.clone()).await?;
-        let (mut w, mut r_) = net.open(peer, zavod_net::STATUS_PROTOCOL).await?.split();
-        let t = Duration::from_secs(10);
-        w.send(&StatusRequest::Revoke(Box::new(r)), t).await?;
-        let reply = tokio::time::timeout(t, r_.recv::<StatusReply>())
-            .await
-            .context("no answer within 10 s")??;
-        anyhow::Ok(reply)
-    })?;
+    let reply = rt.block_on(zavod_node::client::ask_status(
+        &key,
+        peer.clone(),
+        zavod_net::NetConfig::client(to.psk_file.as_deref())?,
+        &StatusRequest::Revoke(Box::new(r)),
+    ))?;
     match reply {
         Some(StatusReply::Revoked { new, held }) => Ok((new, held)),
         Some(StatusReply::Refused(e)) => bail!("the node refused it: {}", e.message),

@@ -2,7 +2,6 @@
 
 use crate::cli::StatusArgs;
 use anyhow::{Context, Result, bail};
-use std::time::Duration;
 use zavod_node::config::default_data_dir;
 use zavod_node::datadir::{self, ClientIdentity, DataDirError};
 use zavod_proto::trust::{Keypair, OperatorProof};
@@ -43,22 +42,12 @@ pub fn run(args: StatusArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let reply = rt
-        .block_on(async {
-            let (net, mut events, el) = zavod_net::new(
-                zavod_net::identity_from_secret(key.secret_bytes())?,
-                zavod_net::NetConfig::client(args.psk_file.as_deref())?,
-            )?;
-            tokio::spawn(el.run());
-            tokio::spawn(async move { while events.recv().await.is_some() {} });
-            let peer = net.dial(args.peer.clone()).await?;
-            let (mut w, mut r) = net.open(peer, zavod_net::STATUS_PROTOCOL).await?.split();
-            let t = Duration::from_secs(10);
-            w.send(&request, t).await?;
-            let reply = tokio::time::timeout(t, r.recv::<StatusReply>())
-                .await
-                .context("no status within 10 s")??;
-            anyhow::Ok(reply)
-        })
+        .block_on(zavod_node::client::ask_status(
+            &key,
+            args.peer.clone(),
+            zavod_net::NetConfig::client(args.psk_file.as_deref())?,
+            &request,
+        ))
         .with_context(|| format!("asking {} for status", args.peer))?;
     let (entry, mut rows, dropped) = match reply {
         Some(StatusReply::Mesh {
