@@ -1,7 +1,7 @@
 //! `zavod chat`: one answer with --prompt, or an interactive session with
 //! line editing and history, the conversation kept across turns.
 
-use crate::cli::ChatArgs;
+use crate::cli::{Attach, ChatArgs};
 use anyhow::{Context, Result, bail};
 use rustyline::error::ReadlineError;
 use std::io::Write;
@@ -45,26 +45,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
         eprintln!("error: {m}");
         std::process::exit(2);
     }
-    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let identity = ClientIdentity::load(&dir, args.credential.as_deref())?;
     let conversation = match &args.conversation {
         Some(c) => Some(ConversationId::parse(c).context("--conversation")?),
         None => None,
     };
-    // One thread is plenty for a client, and on a machine that also runs a
-    // node it takes the least from inference.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = rt
-        .block_on(ChatClient::connect(
-            identity,
-            args.peer.clone(),
-            zavod_net::NetConfig::client(args.psk_file.as_deref())?,
-        ))
-        .with_context(|| format!("connecting to {}", args.peer))?;
+    let (rt, client, dir) = connect(&args.at)?;
 
     if let Some(prompt) = &args.prompt {
         let ask = Ask {
@@ -85,6 +70,29 @@ pub fn run(args: ChatArgs) -> Result<()> {
         return Ok(());
     }
     interactive(&rt, &client, &args, params, conversation, &dir)
+}
+
+/// A client attached to `at`'s node, on a one-thread runtime (a client
+/// needs no more, and on a machine that also runs a node it takes the
+/// least from inference), and the data directory it speaks for.
+pub(crate) fn connect(
+    at: &Attach,
+) -> Result<(tokio::runtime::Runtime, ChatClient, std::path::PathBuf)> {
+    let dir = at.data_dir.clone().unwrap_or_else(default_data_dir);
+    let identity = ClientIdentity::load(&dir, at.credential.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = rt
+        .block_on(ChatClient::connect(
+            identity,
+            at.peer.clone(),
+            zavod_net::NetConfig::client(at.psk_file.as_deref())?,
+        ))
+        .with_context(|| format!("connecting to {}", at.peer))?;
+    Ok((rt, client, dir))
 }
 
 /// Streams one answer to stdout as it arrives.

@@ -51,7 +51,7 @@ pub enum MemoryCommand {
     /// List your conversations the node holds.
     List {
         #[command(flatten)]
-        at: MemoryAt,
+        at: Attach,
     },
     /// Print one conversation as JSON lines, oldest turn first:
     /// {"role": "user"|"assistant"|"system", "text": …, "tokens": …}.
@@ -59,7 +59,7 @@ pub enum MemoryCommand {
         #[arg(long, value_name = "ID")]
         conversation: String,
         #[command(flatten)]
-        at: MemoryAt,
+        at: Attach,
     },
     /// Delete one conversation (--conversation ID) or every one of yours (--all).
     Delete {
@@ -73,14 +73,14 @@ pub enum MemoryCommand {
         #[arg(long)]
         all: bool,
         #[command(flatten)]
-        at: MemoryAt,
+        at: Attach,
     },
 }
 
-/// The node to ask, and who asks.
+/// The node a client attaches to, and who the client is.
 #[derive(Debug, Args)]
-pub struct MemoryAt {
-    /// The node: a multiaddr, with or without /p2p/PEER_ID, or host:port.
+pub struct Attach {
+    /// The node to talk to: a multiaddr, with or without /p2p/PEER_ID, or host:port.
     #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
     pub peer: Multiaddr,
     /// Data directory holding this user's key and credential.
@@ -351,18 +351,8 @@ pub struct NodeArgs {
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
-    /// The node to talk to: a multiaddr, with or without /p2p/PEER_ID, or host:port.
-    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
-    pub peer: Multiaddr,
-    /// Data directory holding this user's key and credential.
-    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Credential to present: a file, or the credential text itself [default: DIR/client.cred].
-    #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
-    pub credential: Option<String>,
-    /// The private mesh's pre-shared key, when the node uses one.
-    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
-    pub psk_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub at: Attach,
     /// Ask once, print the answer on stdout and exit (for scripts).
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,

@@ -1,12 +1,10 @@
 //! `zavod memory`: a credential holder's own conversations on a node:
 //! list them, export one as JSON lines, delete one or all.
 
-use crate::cli::{MemoryAt, MemoryCommand};
+use crate::cli::{Attach, MemoryCommand};
 use anyhow::{Context, Result, bail};
 use std::io::Write;
-use zavod_node::client::{self, ChatClient};
-use zavod_node::config::default_data_dir;
-use zavod_node::datadir::ClientIdentity;
+use zavod_node::client;
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
 
@@ -52,8 +50,8 @@ pub fn run(cmd: MemoryCommand) -> Result<()> {
 }
 
 /// Prints every turn, page by page, as JSON lines.
-fn export(at: &MemoryAt, conversation: ConversationId) -> Result<()> {
-    let (rt, client) = connect(at)?;
+fn export(at: &Attach, conversation: ConversationId) -> Result<()> {
+    let (rt, client, _) = crate::chat::connect(at)?;
     let mut out = std::io::stdout().lock();
     let mut from = 0;
     loop {
@@ -87,26 +85,8 @@ fn export(at: &MemoryAt, conversation: ConversationId) -> Result<()> {
     }
 }
 
-fn connect(at: &MemoryAt) -> Result<(tokio::runtime::Runtime, ChatClient)> {
-    let dir = at.data_dir.clone().unwrap_or_else(default_data_dir);
-    let identity = ClientIdentity::load(&dir, at.credential.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = rt
-        .block_on(ChatClient::connect(
-            identity,
-            at.peer.clone(),
-            zavod_net::NetConfig::client(at.psk_file.as_deref())?,
-        ))
-        .with_context(|| format!("connecting to {}", at.peer))?;
-    Ok((rt, client))
-}
-
-fn ask(at: &MemoryAt, op: MemoryOp) -> Result<MemoryReply> {
-    let (rt, client) = connect(at)?;
+fn ask(at: &Attach, op: MemoryOp) -> Result<MemoryReply> {
+    let (rt, client, _) = crate::chat::connect(at)?;
     let reply = client::on_worker(&rt, async move { client.memory(op).await })
         .context("the memory task stopped abnormally")??;
     Ok(reply)
