@@ -236,17 +236,10 @@ pub struct RevokeArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The node to ask: a multiaddr, with or without /p2p/PEER_ID, or host:port.
-    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
-    pub peer: Multiaddr,
-    #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Credential to present: a file, or the credential text itself.
-    #[arg(long, env = "ZAVOD_CREDENTIAL", value_name = "FILE_OR_TEXT")]
-    pub credential: Option<String>,
-    /// The private mesh's pre-shared key, when the node uses one.
-    #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
-    pub psk_file: Option<PathBuf>,
+    // Without a credential, a node's own data directory reads that node's
+    // status as its operator.
+    #[command(flatten)]
+    pub at: Attach,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -20,8 +20,8 @@ fn gib(b: u64) -> String {
 /// data directory, a proof signed with the node's key, which that node
 /// accepts from its operator.
 fn authenticate(args: &StatusArgs) -> Result<(Keypair, StatusRequest)> {
-    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    match ClientIdentity::load(&dir, args.credential.as_deref()) {
+    let dir = args.at.data_dir.clone().unwrap_or_else(default_data_dir);
+    match ClientIdentity::load(&dir, args.at.credential.as_deref()) {
         Ok(id) => Ok((id.key, StatusRequest::Credential(id.credential))),
         Err(e @ DataDirError::NoCredential { .. }) => {
             let Some(node) = datadir::node_key(&dir)? else {
@@ -44,11 +44,11 @@ pub fn run(args: StatusArgs) -> Result<()> {
     let reply = rt
         .block_on(zavod_node::client::ask_status(
             &key,
-            args.peer.clone(),
-            zavod_net::NetConfig::client(args.psk_file.as_deref())?,
+            args.at.peer.clone(),
+            zavod_net::NetConfig::client(args.at.psk_file.as_deref())?,
             &request,
         ))
-        .with_context(|| format!("asking {} for status", args.peer))?;
+        .with_context(|| format!("asking {} for status", args.at.peer))?;
     let (entry, mut rows, dropped) = match reply {
         Some(StatusReply::Mesh {
             entry,
