@@ -17,6 +17,7 @@ pub mod chat;
 pub mod fuzz;
 pub mod ids;
 pub mod limits;
+pub mod memory;
 pub mod mesh;
 pub mod trust;
 pub mod wire;

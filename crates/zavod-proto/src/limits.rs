@@ -137,3 +137,12 @@ const _: () = assert!(2 * MAX_EXPORT_PAGE_BYTES + 64 * 1024 <= MAX_FRAME_BYTES);
 /// most 64 bytes).
 pub const MAX_LISTED_CONVERSATIONS: usize = 4_096;
 const _: () = assert!(MAX_LISTED_CONVERSATIONS * 80 + 1024 <= MAX_FRAME_BYTES);
+
+/// Text in one replica protocol frame: a read's reply (a conversation's
+/// newest entries) or a write's entries. An entry larger than this still
+/// goes, alone, so every conversation can be read and written.
+pub const MAX_REPLICA_FRAME_TEXT_BYTES: usize = 512 * 1024;
+const _: () = assert!(MAX_REPLICA_FRAME_TEXT_BYTES + 256 * 1024 <= MAX_FRAME_BYTES);
+
+/// Entries in one replica write (a repair or a sync page).
+pub const MAX_REPLICA_WRITE_ENTRIES: usize = 1_024;

@@ -11,6 +11,7 @@
 
 pub mod embed;
 pub mod memory;
+pub mod replica;
 
 use crate::UnixMs;
 use crate::ids::{ConversationId, NodeId, RequestId};
