@@ -21,7 +21,7 @@ cargo test --release --workspace --locked
 # gets 100 seeds: at about 7 s per seed per core on a 2-core machine, 200
 # of them (twice) took 23 of CI's 54 minutes.
 echo "test: simulations" >&2
-for s in steady partition-heal crash-storm slow-node stale-gossip-herd conversations adversarial; do
+for s in steady partition-heal crash-storm slow-node stale-gossip-herd conversations adversarial memory-steady memory-faults; do
   ./target/release/zavod-sim --scenario "simulations/$s.toml" --seeds 200
 done
 ./target/release/zavod-sim --scenario simulations/mesh-1000.toml --seeds 100

@@ -48,6 +48,7 @@
 //! crashes and the checks share the `Sim` state; requests live in
 //! [`requests`].
 
+pub mod memory;
 mod requests;
 
 use requests::{Adversary, SimAttempt};
@@ -257,8 +258,20 @@ impl Rng {
     }
 }
 
+/// Figures of a memory scenario ([`memory`]).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryFigures {
+    /// Deletions acknowledged.
+    pub deletes: u64,
+    /// Reads for turns, and those that missed an acknowledged entry.
+    pub reads: u64,
+    pub stale_reads: u64,
+    pub repairs: u64,
+    pub disks_lost: u64,
+}
+
 /// What one run produced.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Report {
     pub trace_hash: String,
     pub violations: Vec<String>,
@@ -281,6 +294,7 @@ pub struct Report {
     pub first_token_ms: Vec<u64>,
     /// Requests that ended with an error, by the error's message.
     pub errors: BTreeMap<String, u64>,
+    pub memory: Option<MemoryFigures>,
 }
 
 struct Node {
@@ -1109,6 +1123,7 @@ impl Sim {
             cache_hits: self.cache_hits,
             first_token_ms: self.first_token_ms,
             errors,
+            memory: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use clap::Parser;
 use rayon::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
+use zavod_sim::memory::{MemoryScenario, run_memory};
 use zavod_sim::{Report, Scenario, run};
 
 #[derive(Debug, Parser)]
@@ -41,23 +42,45 @@ struct Args {
     jobs: Option<usize>,
 }
 
-/// Runs `run` on every seed over `pool`; results in seed order.
-fn run_all(pool: &rayon::ThreadPool, sc: &Scenario, seeds: &[u64]) -> Vec<Report> {
-    pool.install(|| seeds.par_iter().map(|&seed| run(sc, seed)).collect())
+/// A mesh scenario, or a memory one (`kind = "memory"`).
+enum Any {
+    Mesh(Box<Scenario>),
+    Memory(MemoryScenario),
+}
+
+/// Runs every seed over `pool`; results in seed order.
+fn run_all(pool: &rayon::ThreadPool, sc: &Any, seeds: &[u64]) -> Vec<Report> {
+    pool.install(|| {
+        seeds
+            .par_iter()
+            .map(|&seed| match sc {
+                Any::Mesh(sc) => run(sc, seed),
+                Any::Memory(sc) => run_memory(sc, seed),
+            })
+            .collect()
+    })
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.scenario)
         .with_context(|| format!("reading {}", args.scenario.display()))?;
-    let mut sc = Scenario::from_toml(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.scenario.display()))?;
-    if args.argmax {
-        sc.pool = 1;
-    }
-    if args.no_affinity {
-        sc.affinity = false;
-    }
+    let bad = |e: String| anyhow::anyhow!("{}: {e}", args.scenario.display());
+    let memory = toml::from_str::<toml::Table>(&text)
+        .map_err(|e| bad(e.to_string()))?
+        .contains_key("kind");
+    let sc = if memory {
+        Any::Memory(MemoryScenario::from_toml(&text).map_err(bad)?)
+    } else {
+        let mut sc = Scenario::from_toml(&text).map_err(bad)?;
+        if args.argmax {
+            sc.pool = 1;
+        }
+        if args.no_affinity {
+            sc.affinity = false;
+        }
+        Any::Mesh(Box::new(sc))
+    };
     let name = args.scenario.display().to_string();
     let replay = |seed: u64| {
         format!(
@@ -87,6 +110,7 @@ fn main() -> Result<()> {
     let mut first_token_ms: Vec<u64> = Vec::new();
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
     let mut hashes = Vec::with_capacity(seeds.len());
+    let mut mem = zavod_sim::MemoryFigures::default();
     for (&seed, r) in seeds.iter().zip(run_all(&pool, &sc, &seeds)) {
         if args.seed.is_some() {
             println!(
@@ -125,6 +149,13 @@ fn main() -> Result<()> {
         for (m, n) in &r.errors {
             *errors.entry(m.clone()).or_default() += n;
         }
+        if let Some(m) = &r.memory {
+            mem.deletes += m.deletes;
+            mem.reads += m.reads;
+            mem.stale_reads += m.stale_reads;
+            mem.repairs += m.repairs;
+            mem.disks_lost += m.disks_lost;
+        }
         hashes.push(r.trace_hash);
     }
     let wall = started.elapsed();
@@ -157,6 +188,18 @@ fn main() -> Result<()> {
         totals.6 / n,
         if args.argmax { " [argmax]" } else { "" }
     );
+    if memory {
+        println!(
+            "  memory: {} turns and deletions kept, {} attempts failed and were retried; {} deletions; {} reads, {} of them missing an acknowledged entry; {} repairs; {} disks lost",
+            totals.1,
+            totals.2,
+            mem.deletes,
+            mem.reads,
+            mem.stale_reads,
+            mem.repairs,
+            mem.disks_lost
+        );
+    }
     first_token_ms.sort_unstable();
     let pct = |p: usize| {
         first_token_ms

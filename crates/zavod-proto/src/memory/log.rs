@@ -10,12 +10,16 @@
 //! request's entry is there once even when a retry placed it at another
 //! sequence: per request id the smallest stamp wins, everywhere.
 //!
-//! A deletion raises the conversation's generation. Entries live in one
-//! generation: a write of an older one is refused as stale (the
-//! conversation was deleted after its writer read it), and a replica that
-//! learns of a newer one drops what it held. A replica never forgets a
-//! generation, so a deletion wins over whatever a replica that was down
-//! still holds.
+//! A writer stamps a new entry one past the newest sequence it read, and
+//! no lower than its clock's milliseconds, so sequences follow time as
+//! well as what was read. A deletion raises the conversation's floor to
+//! past everything its deleter read and past its clock: entries below the
+//! floor are gone and stay gone (a write or a repair of one is dropped),
+//! while a turn written after the deletion lands above it even where its
+//! writer did not see the deletion. A replica never lowers its floor, so a
+//! deletion wins over whatever a replica that was down still holds. Floor
+//! and entries merge by maximum and union: replicas that saw the same
+//! writes, in any order, hold the same.
 //!
 //! [`ReplicaLog`] is these rules over memory; the store keeps the same
 //! rules on disk, and both are tested against the same cases.
@@ -56,11 +60,12 @@ impl Entry {
     }
 }
 
-/// What a replica holds of a conversation: its generation and its newest
+/// What a replica holds of a conversation: its floor and its newest
 /// entries, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
-    pub generation: u64,
+    /// Entries with a lower sequence were deleted.
+    pub floor: u64,
     pub entries: Vec<Entry>,
     /// Whether older entries were left out (a read's byte bound).
     pub truncated: bool,
@@ -69,9 +74,9 @@ pub struct Held {
 /// What a write did at a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    /// The replica's generation after it: above the write's, the write
-    /// was stale and nothing was applied.
-    pub generation: u64,
+    /// The replica's floor after it: above an entry's sequence, that
+    /// entry was deleted before it arrived.
+    pub floor: u64,
     /// Entries that were new.
     pub added: u32,
 }
@@ -131,9 +136,13 @@ impl EntrySet {
         }
     }
 
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.ids.clear();
+    /// Drops every entry with a sequence below `floor`.
+    pub fn drop_below(&mut self, floor: u64) {
+        let keep = self.entries.split_off(&Stamp { seq: floor, id: 0 });
+        for s in self.entries.keys() {
+            self.ids.remove(&s.id);
+        }
+        self.entries = keep;
     }
 
     pub fn len(&self) -> usize {
@@ -153,16 +162,28 @@ impl EntrySet {
     }
 }
 
+/// The sequence for a new entry: past the newest read and no lower than
+/// the writer's clock.
+pub fn next_seq(newest_read: Option<u64>, now_ms: u64) -> u64 {
+    newest_read.map_or(0, |s| s.saturating_add(1)).max(now_ms)
+}
+
+/// The floor a deletion sets: past everything read and past the
+/// deleter's clock.
+pub fn deletion_floor(newest_read: Option<u64>, floor_read: u64, now_ms: u64) -> u64 {
+    next_seq(newest_read, now_ms.saturating_add(1)).max(floor_read)
+}
+
 /// One replica's copy of one conversation, in memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaLog {
-    generation: u64,
+    floor: u64,
     entries: EntrySet,
 }
 
 impl ReplicaLog {
-    pub fn generation(&self) -> u64 {
-        self.generation
+    pub fn floor(&self) -> u64 {
+        self.floor
     }
 
     pub fn entries(&self) -> impl DoubleEndedIterator<Item = &Entry> {
@@ -177,41 +198,23 @@ impl ReplicaLog {
         self.entries.is_empty()
     }
 
-    /// Applies a write of `entries` made in `generation`, keeping at most
-    /// `max_entries`.
-    pub fn write(&mut self, generation: u64, entries: &[Entry], max_entries: usize) -> Applied {
-        if generation < self.generation {
-            return Applied {
-                generation: self.generation,
-                added: 0,
-            };
-        }
-        if generation > self.generation {
-            self.generation = generation;
-            self.entries.clear();
+    /// Raises the floor to `floor` (a deletion when it rises) and adds
+    /// the entries above it, keeping at most `max_entries`.
+    pub fn write(&mut self, floor: u64, entries: &[Entry], max_entries: usize) -> Applied {
+        if floor > self.floor {
+            self.floor = floor;
+            self.entries.drop_below(floor);
         }
         let mut added = 0u32;
-        for e in entries {
+        for e in entries.iter().filter(|e| e.stamp.seq >= self.floor) {
             if self.entries.merge(e) {
                 added += 1;
             }
         }
         self.entries.keep_newest(max_entries);
         Applied {
-            generation: self.generation,
+            floor: self.floor,
             added,
-        }
-    }
-
-    /// Applies a deletion: the conversation is empty from `generation` on.
-    pub fn delete(&mut self, generation: u64) -> Applied {
-        if generation > self.generation {
-            self.generation = generation;
-            self.entries.clear();
-        }
-        Applied {
-            generation: self.generation,
-            added: 0,
         }
     }
 
@@ -219,7 +222,7 @@ impl ReplicaLog {
     pub fn read(&self, max_bytes: usize) -> Held {
         let (entries, truncated) = newest_within(self.entries.values(), max_bytes);
         Held {
-            generation: self.generation,
+            floor: self.floor,
             entries,
             truncated,
         }
@@ -281,22 +284,29 @@ mod tests {
     #[test]
     fn a_deletion_wins_over_older_writes_and_survives_them() {
         let mut x = ReplicaLog::default();
-        x.write(0, &[entry(0, 1, "a")], 100);
-        assert_eq!(x.delete(1).generation, 1);
+        x.write(0, &[entry(10, 1, "a")], 100);
+        let floor = deletion_floor(Some(10), 0, 5);
+        assert_eq!(floor, 11);
+        assert_eq!(x.write(floor, &[], 100).floor, 11);
         assert!(x.is_empty());
-        // A writer that read before the deletion is refused.
-        let late = x.write(0, &[entry(1, 2, "b")], 100);
-        assert_eq!((late.generation, late.added), (1, 0));
-        assert!(x.is_empty());
-        // A replica that missed the deletion learns it from a newer write.
+        // A late write or repair of what was deleted is dropped.
+        let late = x.write(0, &[entry(10, 1, "a")], 100);
+        assert_eq!((late.floor, late.added), (11, 0));
+        // A turn after the deletion lands above it, even from a writer
+        // that did not see it (its clock is past the deletion's).
+        assert_eq!(
+            x.write(0, &[entry(next_seq(Some(10), 12), 2, "b")], 100)
+                .added,
+            1
+        );
+        // A replica that missed the deletion learns it, whatever order
+        // the writes come in.
         let mut down = ReplicaLog::default();
-        down.write(0, &[entry(0, 1, "a")], 100);
-        down.write(1, &[entry(0, 9, "new")], 100);
-        assert_eq!(down.len(), 1);
-        assert_eq!(down.entries().next().map(|e| e.stamp.id), Some(9));
-        // An older deletion changes nothing.
-        assert_eq!(down.delete(1).generation, 1);
-        assert_eq!(down.len(), 1);
+        down.write(0, &[entry(12, 2, "b")], 100);
+        down.write(0, &[entry(10, 1, "a")], 100);
+        down.write(11, &[], 100);
+        assert_eq!(down, x);
+        assert_eq!(down.write(3, &[], 100).floor, 11, "a floor never falls");
     }
 
     #[test]

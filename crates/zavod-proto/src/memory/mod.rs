@@ -9,10 +9,10 @@
 //! - [`log`]: what a replica holds of a conversation and the rules it
 //!   applies to a write or a deletion. A conversation is a set of entries
 //!   (a user turn and its answer) keyed by a [`log::Stamp`] (sequence,
-//!   request id), under a generation that a deletion raises. Writes are
-//!   unions, so a retried or duplicated write is applied once, replicas
-//!   that saw the same writes hold the same entries whatever the order,
-//!   and a deletion wins over every write of an older generation.
+//!   request id), above a floor that a deletion raises. Writes are unions
+//!   (one entry per request id), so a retried or duplicated write is
+//!   applied once, replicas that saw the same writes hold the same entries
+//!   whatever the order, and a deletion wins over everything below it.
 //! - [`write`]: one write to a replica set, acknowledged once a write
 //!   quorum has it durably.
 //! - [`read`]: one read from a replica set, answered once a read quorum
@@ -29,8 +29,8 @@ pub mod placement;
 pub mod read;
 pub mod write;
 
-pub use log::{ConvKey, Entry, EntrySet, Held, ReplicaLog, Stamp};
-pub use placement::{DEFAULT_REPLICAS, read_quorum, replicas, write_quorum};
+pub use log::{ConvKey, Entry, EntrySet, Held, ReplicaLog, Stamp, deletion_floor, next_seq};
+pub use placement::{DEFAULT_REPLICAS, planned, read_quorum, replicas, write_quorum};
 
 /// How a quorum operation waits and retries; every wait is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,6 +34,14 @@ pub fn replicas(key: &ConvKey, members: &[NodeId], r: usize) -> Vec<NodeId> {
     scored.into_iter().take(r).map(|(_, n)| n).collect()
 }
 
+/// Replicas a conversation should have: `r`, fewer in a mesh of fewer
+/// known members (alive or not). Quorums are counted against this, not
+/// against the replicas reachable now, so a node cut off from the others
+/// cannot acknowledge a write that only it holds.
+pub fn planned(r: usize, known_members: usize) -> usize {
+    r.min(known_members).max(1)
+}
+
 /// Replicas that must hold a write before it is acknowledged: a majority,
 /// so two writes' quorums always share a replica.
 pub fn write_quorum(replicas: usize) -> usize {
@@ -114,6 +122,9 @@ mod tests {
 
     #[test]
     fn small_meshes_take_what_there_is() {
+        assert_eq!(planned(3, 2), 2);
+        assert_eq!(planned(3, 10), 3);
+        assert_eq!(planned(3, 0), 1);
         assert_eq!(replicas(&key("a"), &nodes(2), 3).len(), 2);
         assert!(replicas(&key("a"), &[], 3).is_empty());
         for (n, w, r) in [(1, 1, 1), (2, 2, 1), (3, 2, 2), (4, 3, 2), (5, 3, 3)] {

@@ -29,7 +29,7 @@ pub enum ReadOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repair {
     pub to: NodeId,
-    pub generation: u64,
+    pub floor: u64,
     pub entries: Vec<Entry>,
 }
 
@@ -50,7 +50,7 @@ pub struct Read {
     max_bytes: usize,
     /// Each reply, kept to repair it against later ones.
     replies: BTreeMap<NodeId, Held>,
-    generation: u64,
+    floor: u64,
     merged: EntrySet,
     truncated: bool,
     outcome: Option<ReadOutcome>,
@@ -78,7 +78,7 @@ impl Read {
             config,
             max_bytes,
             replies: BTreeMap::new(),
-            generation: 0,
+            floor: 0,
             merged: EntrySet::default(),
             truncated: false,
             outcome: None,
@@ -117,17 +117,13 @@ impl Read {
             return;
         }
         *s = State::Replied;
-        let newer = held.generation > self.generation;
-        if newer || self.replies.is_empty() {
-            self.generation = held.generation;
-            self.merged.clear();
-            self.truncated = false;
+        if held.floor > self.floor {
+            self.floor = held.floor;
+            self.merged.drop_below(self.floor);
         }
-        if held.generation == self.generation {
-            self.truncated |= held.truncated;
-            for e in &held.entries {
-                self.merged.merge(e);
-            }
+        self.truncated |= held.truncated;
+        for e in held.entries.iter().filter(|e| e.stamp.seq >= self.floor) {
+            self.merged.merge(e);
         }
         self.replies.insert(from, held);
         if self.outcome.is_some() {
@@ -230,7 +226,7 @@ impl Read {
         if replied >= self.need {
             let (entries, cut) = newest_within(self.merged.values(), self.max_bytes);
             self.outcome = Some(ReadOutcome::Read(Held {
-                generation: self.generation,
+                floor: self.floor,
                 entries,
                 truncated: self.truncated || cut,
             }));
@@ -246,40 +242,32 @@ impl Read {
     /// Queues a repair for every reply that lacks part of the merged
     /// state, and records that it will have it.
     fn repair_all(&mut self) {
-        let (g, merged) = (self.generation, &self.merged);
+        let (g, merged) = (self.floor, &self.merged);
         for (node, held) in self.replies.iter_mut() {
-            let missing: Vec<Entry> = if held.generation < g {
-                merged.values().cloned().collect()
-            } else {
-                // Of a truncated reply, only what is newer than its oldest
-                // is known to be missing.
-                let floor = match (held.truncated, held.entries.first()) {
-                    (true, Some(first)) => Some(first.stamp),
-                    _ => None,
-                };
-                let have: BTreeSet<Stamp> = held.entries.iter().map(|e| e.stamp).collect();
-                merged
-                    .values()
-                    .filter(|e| floor.is_none_or(|f| e.stamp > f) && !have.contains(&e.stamp))
-                    .cloned()
-                    .collect()
+            // Of a truncated reply, only what is newer than its oldest is
+            // known to be missing.
+            let shown = match (held.truncated, held.entries.first()) {
+                (true, Some(first)) => Some(first.stamp),
+                _ => None,
             };
-            if held.generation < g || !missing.is_empty() {
+            let have: BTreeSet<Stamp> = held.entries.iter().map(|e| e.stamp).collect();
+            let missing: Vec<Entry> = merged
+                .values()
+                .filter(|e| shown.is_none_or(|f| e.stamp > f) && !have.contains(&e.stamp))
+                .cloned()
+                .collect();
+            if held.floor < g || !missing.is_empty() {
                 // What it will hold once repaired.
                 let mut after = EntrySet::default();
-                if held.generation == g {
-                    held.entries.iter().for_each(|e| {
-                        after.merge(e);
-                    });
-                }
-                missing.iter().for_each(|e| {
+                held.entries.iter().chain(&missing).for_each(|e| {
                     after.merge(e);
                 });
-                held.generation = g;
+                after.drop_below(g);
+                held.floor = g;
                 held.entries = after.values().cloned().collect();
                 self.repairs.push_back(Repair {
                     to: *node,
-                    generation: g,
+                    floor: g,
                     entries: missing,
                 });
             }
@@ -307,9 +295,9 @@ mod tests {
         }
     }
 
-    fn held(generation: u64, entries: Vec<Entry>) -> Held {
+    fn held(floor: u64, entries: Vec<Entry>) -> Held {
         Held {
-            generation,
+            floor,
             entries,
             truncated: false,
         }
@@ -336,7 +324,7 @@ mod tests {
             r.poll_repair(),
             Some(Repair {
                 to: n(3),
-                generation: 0,
+                floor: 0,
                 entries: vec![e(1, 2)]
             })
         );
@@ -348,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_generation_wins_and_a_replica_behind_it_learns_it() {
+    fn the_highest_floor_wins_and_a_replica_below_it_learns_it() {
         let mut r = Read::new(
             vec![n(1), n(2), n(3)],
             2,
@@ -357,19 +345,19 @@ mod tests {
             QuorumConfig::default(),
         );
         while r.poll_transmit(0).is_some() {}
-        // n1 was down when the conversation was deleted and rewritten.
+        // n1 was down when the conversation was deleted and written again.
         r.handle_held(n(1), held(0, vec![e(0, 1), e(1, 2)]), 1);
-        r.handle_held(n(2), held(3, vec![e(0, 7)]), 1);
+        r.handle_held(n(2), held(3, vec![e(4, 7)]), 1);
         let Some(ReadOutcome::Read(h)) = r.poll_outcome() else {
             panic!("read")
         };
-        assert_eq!((h.generation, h.entries), (3, vec![e(0, 7)]));
+        assert_eq!((h.floor, h.entries), (3, vec![e(4, 7)]));
         assert_eq!(
             r.poll_repair(),
             Some(Repair {
                 to: n(1),
-                generation: 3,
-                entries: vec![e(0, 7)]
+                floor: 3,
+                entries: vec![e(4, 7)]
             })
         );
     }

@@ -19,9 +19,9 @@ use crate::ids::NodeId;
 pub enum WriteOutcome {
     /// A write quorum has it on disk.
     Acked { replicas: usize },
-    /// The conversation was deleted after its writer read it (replicas are
-    /// at `generation`): nothing was kept.
-    Stale { generation: u64 },
+    /// The conversation was deleted, past this write's entries, after its
+    /// writer read it (replicas' floor is `floor`): nothing was kept.
+    Stale { floor: u64 },
     /// Too few replicas could be reached.
     Failed { acked: usize, needed: usize },
 }
@@ -38,14 +38,15 @@ enum State {
         at: UnixMs,
     },
     Acked,
-    /// At a newer generation: the write was refused.
+    /// Its floor is above the write's entries: they were dropped.
     Stale(u64),
     GaveUp,
 }
 
 #[derive(Debug)]
 pub struct Write {
-    generation: u64,
+    /// The lowest sequence written (`u64::MAX` for a deletion).
+    lowest: u64,
     replicas: Vec<(NodeId, State)>,
     need: usize,
     deadline: UnixMs,
@@ -55,11 +56,20 @@ pub struct Write {
 }
 
 impl Write {
-    /// A write made in `generation` to `replicas` (the placement's order).
-    pub fn new(replicas: Vec<NodeId>, generation: u64, now: UnixMs, config: QuorumConfig) -> Self {
-        let need = write_quorum(replicas.len());
+    /// A write to `replicas` (the placement's order, of a conversation
+    /// that should have `planned` replicas: [`super::planned`]) whose
+    /// lowest entry sequence is `lowest` (`u64::MAX` when it writes no
+    /// entry).
+    pub fn new(
+        replicas: Vec<NodeId>,
+        planned: usize,
+        lowest: u64,
+        now: UnixMs,
+        config: QuorumConfig,
+    ) -> Self {
+        let need = write_quorum(planned.max(replicas.len()));
         let mut w = Write {
-            generation,
+            lowest,
             replicas: replicas
                 .into_iter()
                 .map(|n| (n, State::Waiting { tries: 0, due: now }))
@@ -95,10 +105,10 @@ impl Write {
 
     /// A replica's answer to the write.
     pub fn handle_applied(&mut self, from: NodeId, applied: Applied, _now: UnixMs) {
-        let generation = self.generation;
+        let lowest = self.lowest;
         if let Some((_, s)) = self.replicas.iter_mut().find(|(n, _)| *n == from) {
-            *s = if applied.generation > generation {
-                State::Stale(applied.generation)
+            *s = if applied.floor > lowest && lowest != u64::MAX {
+                State::Stale(applied.floor)
             } else {
                 State::Acked
             };
@@ -216,8 +226,8 @@ impl Write {
             Some(WriteOutcome::Acked { replicas: acked })
         } else if acked + open >= self.need {
             None
-        } else if let Some(generation) = stale {
-            Some(WriteOutcome::Stale { generation })
+        } else if let Some(floor) = stale {
+            Some(WriteOutcome::Stale { floor })
         } else {
             Some(WriteOutcome::Failed {
                 acked,
@@ -235,11 +245,8 @@ mod tests {
         NodeId([i; 32])
     }
 
-    fn ok(generation: u64) -> Applied {
-        Applied {
-            generation,
-            added: 1,
-        }
+    fn ok(floor: u64) -> Applied {
+        Applied { floor, added: 1 }
     }
 
     fn drain(w: &mut Write, now: UnixMs) -> Vec<NodeId> {
@@ -248,7 +255,7 @@ mod tests {
 
     #[test]
     fn acked_at_a_majority_and_goes_on_to_the_rest() {
-        let mut w = Write::new(vec![n(1), n(2), n(3)], 0, 0, QuorumConfig::default());
+        let mut w = Write::new(vec![n(1), n(2), n(3)], 3, 0, 0, QuorumConfig::default());
         assert_eq!(drain(&mut w, 0), [n(1), n(2), n(3)]);
         w.handle_applied(n(2), ok(0), 5);
         assert_eq!(w.poll_outcome(), None);
@@ -270,7 +277,7 @@ mod tests {
     #[test]
     fn fails_when_a_majority_cannot_answer_and_never_waits_past_its_deadline() {
         let cfg = QuorumConfig::default();
-        let mut w = Write::new(vec![n(1), n(2), n(3)], 0, 0, cfg);
+        let mut w = Write::new(vec![n(1), n(2), n(3)], 3, 0, 0, cfg);
         drain(&mut w, 0);
         w.handle_applied(n(1), ok(0), 1);
         while w.poll_outcome().is_none() {
@@ -283,7 +290,7 @@ mod tests {
         }
         assert!(w.is_done());
         assert_eq!(w.acked(), 1);
-        let mut w = Write::new(vec![], 0, 0, cfg);
+        let mut w = Write::new(vec![], 1, 0, 0, cfg);
         assert_eq!(
             w.poll_outcome(),
             Some(WriteOutcome::Failed {
@@ -294,16 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn a_node_cut_off_with_a_replica_set_of_itself_cannot_acknowledge() {
+        let mut w = Write::new(vec![n(1)], 3, 0, 0, QuorumConfig::default());
+        // Known at once: one reachable replica can never make two.
+        assert_eq!(
+            w.poll_outcome(),
+            Some(WriteOutcome::Failed {
+                acked: 0,
+                needed: 2
+            })
+        );
+    }
+
+    #[test]
     fn a_deletion_seen_by_a_majority_makes_the_write_stale() {
-        let mut w = Write::new(vec![n(1), n(2), n(3)], 0, 0, QuorumConfig::default());
+        let mut w = Write::new(vec![n(1), n(2), n(3)], 3, 3, 0, QuorumConfig::default());
         drain(&mut w, 0);
         w.handle_applied(n(1), ok(0), 1);
         w.handle_applied(n(2), ok(4), 1);
         assert_eq!(w.poll_outcome(), None);
         w.handle_applied(n(3), ok(4), 1);
-        assert_eq!(
-            w.poll_outcome(),
-            Some(WriteOutcome::Stale { generation: 4 })
-        );
+        assert_eq!(w.poll_outcome(), Some(WriteOutcome::Stale { floor: 4 }));
+        // A deletion is never stale.
+        let mut d = Write::new(vec![n(1)], 1, u64::MAX, 0, QuorumConfig::default());
+        drain(&mut d, 0);
+        d.handle_applied(n(1), ok(9), 1);
+        assert_eq!(d.poll_outcome(), Some(WriteOutcome::Acked { replicas: 1 }));
     }
 }

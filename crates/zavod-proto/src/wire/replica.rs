@@ -18,13 +18,9 @@ pub struct ReplicaRequest {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ReplicaOp {
-    /// Union `entries` into the conversation at `generation` (a newer
-    /// generation than the replica's drops what it held first: that is a
-    /// deletion when `entries` is empty).
-    Write {
-        generation: u64,
-        entries: Vec<Entry>,
-    },
+    /// Raise the conversation's floor to `floor` (a deletion, where it
+    /// rises) and union `entries` above it.
+    Write { floor: u64, entries: Vec<Entry> },
     /// The replica's generation and newest entries within the frame's
     /// text bound.
     Read,
