@@ -478,3 +478,167 @@ fn an_answered_turn_survives_kill_9_of_its_node() {
     assert_eq!(texts[0], "user:One.");
     assert_eq!(texts[2], "user:Two.");
 }
+
+/// The user turns of conversation `name` as node `addr` exports them (with
+/// the credential in `dir`).
+fn exported_user_turns(
+    dir: &std::path::Path,
+    addr: &str,
+    name: &str,
+) -> Result<Vec<String>, String> {
+    let o = zavod_tests::zavod()
+        .args([
+            "memory",
+            "export",
+            "--conversation",
+            name,
+            "--peer",
+            addr,
+            "--data-dir",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run zavod memory export");
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    Ok(zavod_tests::stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["role"] == "user")
+        .map(|v| v["text"].as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
+/// A conversation lives on its replicas, not on the node a client
+/// reached: with three nodes (so three replicas), the entry that answered
+/// two turns is killed with SIGKILL right after the second answer, and
+/// another node exports both turns and answers a third with both in its
+/// prompt; a deletion through the third node reaches the replica that was
+/// down when it was made, once that one is back. The time from the kill
+/// to the next turn answered through another node is printed.
+#[test]
+fn a_conversation_outlives_its_entry_and_continues_through_another_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    let model = model_path().to_str().expect("utf8").to_string();
+    let a = NodeProc::start(&d("a"), &["--model", &model, "--threads", "1"]);
+    let token = invite(&d("a"));
+    let token2 = invite(&d("a"));
+    let b = NodeProc::start(
+        &d("b"),
+        &["--join", &token, "--model", &model, "--threads", "1"],
+    );
+    let c = NodeProc::start(
+        &d("c"),
+        &["--join", &token2, "--model", &model, "--threads", "1"],
+    );
+    let all_alive = |at: &NodeProc, peers: &[&str]| {
+        wait_until(Duration::from_secs(15), || {
+            let s = status_json(&d("a"), &at.addr);
+            peers
+                .iter()
+                .all(|p| member_state(&s, p).as_deref() == Some("alive"))
+        })
+        .is_some()
+    };
+    let ids = [a.peer_id.clone(), b.peer_id.clone(), c.peer_id.clone()];
+    let peers = [ids[0].as_str(), ids[1].as_str(), ids[2].as_str()];
+    for n in [&a, &b, &c] {
+        assert!(
+            all_alive(n, &peers),
+            "all three alive in {}'s view",
+            n.peer_id
+        );
+    }
+    let say = |addr: &str, prompt: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--conversation",
+            "trip",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        chat(&d("a"), addr, &args)
+    };
+    for prompt in ["My name is Zorblax.", "I keep bees."] {
+        let o = say(&a.addr, prompt, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("warning:"), "recorded: {}", stderr(&o));
+    }
+    // The entry dies right after the answer it was told is kept.
+    let killed = std::time::Instant::now();
+    let a_peer = a.peer_id.clone();
+    a.kill9();
+    let o = say(&b.addr, "What do I keep?", &["--show-prompt"]);
+    let continued = killed.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("My name is Zorblax.") && err.contains("I keep bees."),
+        "the third turn's prompt holds both earlier turns: {err}"
+    );
+    eprintln!(
+        "figure: a turn through another node answered {} ms after the entry was killed",
+        continued.as_millis()
+    );
+    let turns = exported_user_turns(&d("a"), &c.addr, "trip").expect("export through c");
+    assert_eq!(
+        turns,
+        ["My name is Zorblax.", "I keep bees.", "What do I keep?"],
+        "every turn once, in order"
+    );
+
+    // A deletion while a replica is down reaches it when it comes back.
+    let o = zavod_tests::zavod()
+        .args([
+            "memory",
+            "delete",
+            "--conversation",
+            "trip",
+            "--peer",
+            &c.addr,
+            "--data-dir",
+        ])
+        .arg(d("a"))
+        .output()
+        .expect("run zavod memory delete");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("deleted 1 conversation"),
+        "{}",
+        stderr(&o)
+    );
+    // A restarts with its copy of the two first turns on disk (and, on a
+    // new port, through B); a sync round brings it level with the
+    // deletion.
+    let a = NodeProc::start(
+        &d("a"),
+        &["--model", &model, "--threads", "1", "--bootstrap", &b.addr],
+    );
+    assert_eq!(a.peer_id, a_peer);
+    assert!(all_alive(&a, &peers), "B and C in A's view again");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            exported_user_turns(&d("a"), &a.addr, "trip")
+                .is_err_and(|e| e.contains("holds no conversation trip"))
+        })
+        .is_some(),
+        "the deleted conversation stays deleted on the replica that was down"
+    );
+    let o = zavod_tests::zavod()
+        .args(["memory", "list", "--peer", &b.addr, "--data-dir"])
+        .arg(d("a"))
+        .output()
+        .expect("run zavod memory list");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !zavod_tests::stdout(&o).contains("trip"),
+        "{}",
+        zavod_tests::stdout(&o)
+    );
+}

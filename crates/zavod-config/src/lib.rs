@@ -279,6 +279,16 @@ pub struct MemorySection {
     /// Conversations this node keeps for one credential holder; a request
     /// that would start another is refused before any work is done.
     pub max_conversations_per_holder: usize,
+    /// Nodes that keep each conversation (fewer in a smaller mesh); a turn
+    /// is acknowledged once a majority of them has it on disk.
+    pub replicas: usize,
+    /// How often a node checks that every conversation it keeps has its
+    /// replicas, repairing those that lack entries and handing over those
+    /// it no longer should keep.
+    pub sync_interval_ms: u64,
+    /// How long one try of a replica read or write may take before it is
+    /// tried again (the whole operation gives up after three tries).
+    pub replica_timeout_ms: u64,
 }
 
 impl Default for MemorySection {
@@ -287,6 +297,9 @@ impl Default for MemorySection {
             max_history_turns: 64,
             per_turn_overhead_tokens: 8,
             max_conversations_per_holder: 1_000,
+            replicas: zavod_proto::memory::DEFAULT_REPLICAS,
+            sync_interval_ms: 10_000,
+            replica_timeout_ms: 1_500,
         }
     }
 }
@@ -680,6 +693,24 @@ impl NodeConfig {
             return bad(format!(
                 "memory.max_conversations_per_holder must be 1 to 1000000, got {}",
                 self.memory.max_conversations_per_holder
+            ));
+        }
+        if !(1..=7).contains(&self.memory.replicas) {
+            return bad(format!(
+                "memory.replicas must be 1 to 7, got {}",
+                self.memory.replicas
+            ));
+        }
+        if !(500..=3_600_000).contains(&self.memory.sync_interval_ms) {
+            return bad(format!(
+                "memory.sync_interval_ms must be 500 to 3600000, got {}",
+                self.memory.sync_interval_ms
+            ));
+        }
+        if !(50..=60_000).contains(&self.memory.replica_timeout_ms) {
+            return bad(format!(
+                "memory.replica_timeout_ms must be 50 to 60000, got {}",
+                self.memory.replica_timeout_ms
             ));
         }
         if self.monitor.sample_interval_ms < 50 {

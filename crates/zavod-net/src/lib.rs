@@ -62,6 +62,8 @@ pub const RUN_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/run/1");
 pub const EMBED_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/embed/1");
 /// A credential holder lists, exports or deletes its own conversations.
 pub const MEMORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/memory/1");
+/// Members read and write the replicas of conversations they keep.
+pub const REPLICA_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/replica/1");
 /// Node to node actor sessions (ractor_cluster), one per pair of nodes.
 pub const ACTORS_PROTOCOL: StreamProtocol = StreamProtocol::new("/zavod/actors/1");
 const IDENTIFY_PROTOCOL: &str = "/zavod/id/1";

@@ -29,6 +29,7 @@ pub mod model_choice;
 pub mod node;
 pub(crate) mod protocol;
 pub(crate) mod renewal;
+pub(crate) mod replication;
 pub mod revocations;
 pub(crate) mod tailnet;
 pub mod tuning;

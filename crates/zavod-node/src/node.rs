@@ -441,6 +441,12 @@ impl Node {
             }
         }));
 
+        // Every conversation this node keeps gets its replicas back after
+        // members come and go.
+        tasks.push(tokio::spawn(crate::replication::sync_loop(Arc::clone(
+            &shared,
+        ))));
+
         // Accept before listening, so no early stream meets an unknown protocol.
         let pools = crate::admission::StreamPools::new(
             &shared.config.admission,
@@ -453,6 +459,7 @@ impl Node {
             (zavod_net::STATUS_PROTOCOL, Kind::Status),
             (zavod_net::EMBED_PROTOCOL, Kind::Embed),
             (zavod_net::MEMORY_PROTOCOL, Kind::Memory),
+            (zavod_net::REPLICA_PROTOCOL, Kind::Replica),
         ] {
             let mut incoming = net.accept(protocol)?;
             let s = Arc::clone(&shared);

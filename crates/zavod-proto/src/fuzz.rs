@@ -17,6 +17,7 @@ use crate::trust::{
 };
 use crate::wire::embed::{EmbedReply, EmbedRequest, check_inputs, check_vectors};
 use crate::wire::memory::{MemoryReply, MemoryRequest};
+use crate::wire::replica::{ReplicaReply, ReplicaRequest};
 use crate::wire::{
     ClientFrame, JoinReply, JoinRequest, RunReport, RunRequest, ServerFrame, StatusReply,
     StatusRequest, decode, decode_unversioned,
@@ -84,6 +85,30 @@ pub fn wire_frames(data: &[u8]) {
     }
     if let Ok(r) = decode::<MemoryReply>(data) {
         let _ = r.check();
+    }
+    // A member's replica request, as a replica applies it once checked.
+    if let Ok(r) = decode::<ReplicaRequest>(data)
+        && r.check().is_ok()
+        && let ReplicaRequest::Write { floor, entries, .. } = r
+    {
+        let mut log = crate::memory::ReplicaLog::default();
+        let _ = log.write(floor, &entries, 64);
+        let _ = log.read(1 << 16);
+    }
+    // A replica's reply, as a read merges it once checked.
+    if let Ok(r) = decode::<ReplicaReply>(data)
+        && r.check().is_ok()
+        && let ReplicaReply::Held(h) = r
+    {
+        let me = NodeId([1; 32]);
+        let cfg = crate::memory::QuorumConfig::default();
+        let mut read =
+            crate::memory::read::Read::new(vec![me, NodeId([2; 32])], 1, 1 << 16, 0, cfg);
+        while read.poll_transmit(0).is_some() {}
+        read.handle_held(me, h.clone(), 0);
+        read.handle_held(NodeId([2; 32]), h, 0);
+        while read.poll_repair().is_some() {}
+        let _ = read.poll_outcome();
     }
 }
 

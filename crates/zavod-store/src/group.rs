@@ -1,34 +1,36 @@
 //! Group commit: one thread owns every write to the store. It takes the
-//! appends (and other writes) waiting for it, applies them in the order
+//! replica writes (and other work) waiting for it, applies them in the order
 //! they came, then syncs once and tells each append's sender how it went.
 //! A slow fsync therefore delays only the writes waiting for it, never a
 //! read (prompt assembly reads the store directly, and sees an append as
 //! soon as it is applied), and a burst of answers costs one sync, not one
 //! each.
 //!
-//! Invariants: jobs run in submission order; an append is reported done
+//! Invariants: jobs run in submission order; a write is reported done
 //! only after a sync that followed it succeeded, and a failed sync is
-//! reported to every append it covered; the queue is bounded
+//! reported to every write it covered; the queue is bounded
 //! ([`QUEUE`]), and a full queue is an error to the sender, never a wait;
 //! the thread ends when the last handle is dropped.
 
 use crate::{ConvKey, ConversationStore, StoreError};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use zavod_proto::chat::prompt::Turn;
+use zavod_proto::memory::Entry;
+use zavod_proto::memory::log::Applied;
 
 /// Writes that may wait for the writer thread.
 pub(crate) const QUEUE: usize = 4_096;
 /// Writes applied before one sync, at most.
 const GROUP: usize = 256;
 
-type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Done = Box<dyn FnOnce(Result<Applied, StoreError>) + Send>;
 type Work = Box<dyn FnOnce(&dyn ConversationStore) + Send>;
 
 enum Job {
-    Append {
+    Write {
         key: ConvKey,
-        turns: Vec<Turn>,
+        floor: u64,
+        entries: Vec<Entry>,
         done: Done,
     },
     /// Any other work that must be ordered with the writes (a deletion).
@@ -65,24 +67,26 @@ impl GroupWriter {
         Ok(GroupWriter { tx })
     }
 
-    /// Appends `turns`; `done` is called once they are durable, or with
-    /// the error that kept them from it (a full queue included: then it is
-    /// called before this returns [`Busy`]).
-    pub fn append(
+    /// Applies a replica write; `done` is called once it is durable, or
+    /// with the error that kept it from that (a full queue included: then
+    /// it is called before this returns [`Busy`]).
+    pub fn write(
         &self,
         key: ConvKey,
-        turns: Vec<Turn>,
-        done: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+        floor: u64,
+        entries: Vec<Entry>,
+        done: impl FnOnce(Result<Applied, StoreError>) + Send + 'static,
     ) -> Result<(), Busy> {
-        let job = Job::Append {
+        let job = Job::Write {
             key,
-            turns,
+            floor,
+            entries,
             done: Box::new(done),
         };
         match self.submit(job) {
             Ok(()) => Ok(()),
             Err(job) => {
-                if let Job::Append { done, .. } = job {
+                if let Job::Write { done, .. } = job {
                     done(Err(StoreError::Sync(Busy.to_string())));
                 }
                 Err(Busy)
@@ -128,12 +132,17 @@ fn run(store: &dyn ConversationStore, rx: Receiver<Job>) {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        // Applied in order; the appends that applied wait for the sync.
-        let mut waiting: Vec<Done> = Vec::new();
+        // Applied in order; the writes that applied wait for the sync.
+        let mut waiting: Vec<(Done, Applied)> = Vec::new();
         for job in jobs {
             match job {
-                Job::Append { key, turns, done } => match store.append_deferred(&key, &turns) {
-                    Ok(()) => waiting.push(done),
+                Job::Write {
+                    key,
+                    floor,
+                    entries,
+                    done,
+                } => match store.write_deferred(&key, floor, &entries) {
+                    Ok(a) => waiting.push((done, a)),
                     Err(e) => done(Err(e)),
                 },
                 Job::Run(work) => work(store),
@@ -143,11 +152,11 @@ fn run(store: &dyn ConversationStore, rx: Receiver<Job>) {
             continue;
         }
         match store.sync() {
-            Ok(()) => waiting.into_iter().for_each(|d| d(Ok(()))),
+            Ok(()) => waiting.into_iter().for_each(|(d, a)| d(Ok(a))),
             Err(e) => {
                 let m = e.to_string();
                 tracing::error!(error = %m, "the memory store could not sync");
-                for d in waiting {
+                for (d, _) in waiting {
                     d(Err(StoreError::Sync(m.clone())));
                 }
             }
@@ -163,8 +172,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
     use zavod_proto::NodeId;
-    use zavod_proto::chat::prompt::Role;
+    use zavod_proto::chat::prompt::{Role, Turn};
     use zavod_proto::ids::ConversationId;
+    use zavod_proto::memory::{Held, Stamp};
 
     /// A store whose syncs are slow (and can fail), counting them.
     struct SlowDisk {
@@ -174,8 +184,13 @@ mod tests {
     }
 
     impl ConversationStore for SlowDisk {
-        fn append_deferred(&self, key: &ConvKey, turns: &[Turn]) -> Result<(), StoreError> {
-            self.inner.append_deferred(key, turns)
+        fn write_deferred(
+            &self,
+            key: &ConvKey,
+            floor: u64,
+            entries: &[Entry],
+        ) -> Result<Applied, StoreError> {
+            self.inner.write_deferred(key, floor, entries)
         }
         fn sync(&self) -> Result<(), StoreError> {
             std::thread::sleep(Duration::from_millis(100));
@@ -185,8 +200,15 @@ mod tests {
             }
             Ok(())
         }
-        fn recent(&self, key: &ConvKey, n: usize) -> Result<Vec<Turn>, StoreError> {
-            self.inner.recent(key, n)
+        fn read(&self, key: &ConvKey, max: usize) -> Result<Held, StoreError> {
+            self.inner.read(key, max)
+        }
+        fn held_after(
+            &self,
+            after: Option<&ConvKey>,
+            max: usize,
+        ) -> Result<Vec<ConvKey>, StoreError> {
+            self.inner.held_after(after, max)
         }
         fn len(&self, key: &ConvKey) -> Result<usize, StoreError> {
             self.inner.len(key)
@@ -200,8 +222,8 @@ mod tests {
         fn page(&self, key: &ConvKey, from: u64, max: usize) -> Result<Page, StoreError> {
             self.inner.page(key, from, max)
         }
-        fn clear(&self, key: &ConvKey) -> Result<bool, StoreError> {
-            self.inner.clear(key)
+        fn forget(&self, key: &ConvKey) -> Result<bool, StoreError> {
+            self.inner.forget(key)
         }
         fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
             self.inner.check_room(key)
@@ -215,11 +237,17 @@ mod tests {
         }
     }
 
-    fn turn(i: u32) -> Turn {
-        Turn {
-            role: Role::User,
-            text: format!("turn {i}"),
-            tokens: i,
+    fn entry(i: u32) -> Entry {
+        Entry {
+            stamp: Stamp {
+                seq: u64::from(i),
+                id: u64::from(i),
+            },
+            turns: vec![Turn {
+                role: Role::User,
+                text: format!("turn {i}"),
+                tokens: i,
+            }],
         }
     }
 
@@ -231,17 +259,17 @@ mod tests {
         })
     }
 
-    /// Twenty appends made while a sync is under way are made durable by
+    /// Twenty writes made while a sync is under way are made durable by
     /// one or two more syncs, in order, and the store is readable
     /// throughout (reads do not wait for the writer).
     #[test]
-    fn appends_waiting_for_a_slow_sync_share_the_next_one() {
+    fn writes_waiting_for_a_slow_sync_share_the_next_one() {
         let store = disk();
         let w = GroupWriter::start(store.clone()).expect("start");
         let results = Arc::new(Mutex::new(Vec::new()));
         for i in 0..21 {
             let r = Arc::clone(&results);
-            w.append(key("a"), vec![turn(i)], move |res| {
+            w.write(key("a"), 0, vec![entry(i)], move |res| {
                 r.lock().expect("lock").push((i, res.is_ok()))
             })
             .expect("queued");
@@ -249,34 +277,34 @@ mod tests {
                 // Let the first sync start before the others arrive.
                 std::thread::sleep(Duration::from_millis(20));
                 let t = std::time::Instant::now();
-                let _ = store.recent(&key("a"), 10).expect("read");
+                let _ = store.read(&key("a"), 1000).expect("read");
                 assert!(t.elapsed() < Duration::from_millis(50), "a read waited");
             }
         }
         let all = (0..21).map(|i| (i, true)).collect::<Vec<_>>();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while results.lock().expect("lock").len() < 21 {
-            assert!(std::time::Instant::now() < deadline, "appends not done");
+            assert!(std::time::Instant::now() < deadline, "writes not done");
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(*results.lock().expect("lock"), all, "in order, all durable");
         let syncs = store.syncs.load(Ordering::SeqCst);
-        assert!((2..=3).contains(&syncs), "{syncs} syncs for 21 appends");
-        let kept = store.recent(&key("a"), 100).expect("read");
-        assert_eq!(kept, (0..21).map(turn).collect::<Vec<_>>());
+        assert!((2..=3).contains(&syncs), "{syncs} syncs for 21 writes");
+        let kept = store.read(&key("a"), 1 << 20).expect("read");
+        assert_eq!(kept.entries, (0..21).map(entry).collect::<Vec<_>>());
     }
 
-    /// A failed sync is reported to every append it covered; work queued
+    /// A failed sync is reported to every write it covered; work queued
     /// after the writes runs after them.
     #[test]
-    fn a_failed_sync_reaches_every_append_it_covered() {
+    fn a_failed_sync_reaches_every_write_it_covered() {
         let store = disk();
         store.fail.store(true, Ordering::SeqCst);
         let w = GroupWriter::start(store.clone()).expect("start");
         let (tx, rx) = std::sync::mpsc::channel();
         for i in 0..3 {
             let tx = tx.clone();
-            w.append(key("b"), vec![turn(i)], move |r| {
+            w.write(key("b"), 0, vec![entry(i)], move |r| {
                 let _ = tx.send(r.map_err(|e| e.to_string()));
             })
             .expect("queued");

@@ -66,7 +66,7 @@ fn export(at: &Attach, conversation: ConversationId) -> Result<()> {
             bail!("the node answered an export with something else");
         };
         if !held {
-            bail!("this node holds no conversation {conversation} of yours");
+            bail!("the mesh holds no conversation {conversation} of yours");
         }
         for t in turns {
             let line = serde_json::json!({

@@ -1,26 +1,36 @@
-//! MemoryKeeper: each conversation's turns in the store (sled), prompt
-//! assembly (the newest turns that fit the context budget,
-//! zavod_proto::chat::prompt::assemble), and a holder's own operations on
-//! its conversations (list, export, delete: the memory protocol and
-//! `/v1/conversations`). Every write goes to the store's group-commit
-//! writer (`zavod_store::GroupWriter`) and is answered from there once a
-//! sync covers it, so this actor never waits on the disk: a slow fsync
-//! delays the writes waiting for it, not the next prompt. Deletions and
-//! exports run on that writer too, ordered with the writes.
-//! A request that would start a conversation past the holder's cap is
-//! refused at assembly, before it is placed or run. Tokens are counted with this node's
-//! model when it has one, else estimated on the safe side; the node that
-//! generates formats the turns with its model's chat template.
+//! MemoryKeeper: conversation memory for this node's requests and its
+//! holders. A conversation lives on its replicas (`crate::replication`:
+//! placement over the mesh, quorum reads and writes, repairs, sync), not
+//! on whichever node a client reached: prompt assembly reads it from a
+//! read quorum (the newest turns that fit the context budget,
+//! zavod_proto::chat::prompt::assemble), and an answered turn is written
+//! to a write quorum before the client is told it is kept. A holder's own
+//! operations (list, export, delete: the memory protocol and
+//! `/v1/conversations`) reach every replica: a list asks every member, a
+//! deletion is a replicated write that raises the conversation's floor.
+//! This actor only starts that work; each piece runs in its own task, so
+//! a slow replica delays its own request, never the next prompt.
+//! A request that would start a conversation past the holder's cap on
+//! this node is refused at assembly, before it is placed or run (each
+//! replica enforces its own cap on the write). Tokens are counted with
+//! this node's model when it has one, else estimated on the safe side;
+//! the node that generates formats the turns with its model's chat
+//! template.
 
 use super::{NodeShared, error_frame};
+use crate::replication::{self, Written};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 use zavod_proto::NodeId;
 use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
-use zavod_proto::limits::{MAX_EXPORT_PAGE_BYTES, MAX_LISTED_CONVERSATIONS};
+use zavod_proto::limits::MAX_LISTED_CONVERSATIONS;
+use zavod_proto::memory::{ConvKey, Entry, Held, deletion_floor};
 use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
+use zavod_proto::wire::replica::{ReplicaReply, ReplicaRequest};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
-use zavod_store::{ConvKey, ConversationStore, StoreError};
+use zavod_store::StoreError;
 
 pub(crate) struct MemoryKeeper;
 
@@ -32,6 +42,12 @@ pub struct PreparedPrompt {
     pub history_turns: u32,
     pub estimated_tokens: u32,
     pub user_turn: Turn,
+    /// What the conversation's read found, for stamping the turn when it
+    /// is recorded: the floor, and the newest entry's sequence.
+    pub floor: u64,
+    pub newest_seq: Option<u64>,
+    /// The id the turn's entry is kept under (one per request).
+    pub entry_id: u64,
 }
 
 impl PreparedPrompt {
@@ -75,10 +91,12 @@ pub enum MemoryMsg {
         context_tokens: u32,
         reply: RpcReplyPort<Result<PreparedPrompt, ErrorFrame>>,
     },
-    /// Appends turns; replies once they are durable.
+    /// Writes a turn's entry to the conversation's replicas; replies once
+    /// a write quorum has it on disk.
     Record {
         key: ConvKey,
-        turns: Vec<Turn>,
+        floor: u64,
+        entry: Entry,
         reply: Option<RpcReplyPort<Result<(), String>>>,
     },
     /// A holder's operation on its own conversations.
@@ -110,6 +128,7 @@ impl Actor for MemoryKeeper {
         msg: Self::Msg,
         shared: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let shared = Arc::clone(shared);
         match msg {
             MemoryMsg::Assemble {
                 model,
@@ -120,115 +139,214 @@ impl Actor for MemoryKeeper {
                 context_tokens,
                 reply,
             } => {
-                let _ = reply.send(prepare(
-                    shared,
-                    &model,
-                    key.as_ref(),
-                    supplied,
-                    message,
-                    answer_tokens,
-                    context_tokens,
-                ));
+                tokio::spawn(async move {
+                    let held = match &key {
+                        Some(k) => match check_room(&shared, k) {
+                            Ok(()) => replication::read(&shared, k, false).await.map(Some),
+                            Err(e) => Err(e),
+                        },
+                        None => Ok(None),
+                    };
+                    let prepared = held.and_then(|held| {
+                        prepare(
+                            &shared,
+                            &model,
+                            held,
+                            supplied,
+                            message,
+                            answer_tokens,
+                            context_tokens,
+                        )
+                    });
+                    let _ = reply.send(prepared);
+                });
             }
-            MemoryMsg::Record { key, turns, reply } => {
-                // The writer thread applies it, in order with every other
-                // write, and answers once a sync covers it; this actor goes
-                // on assembling prompts meanwhile.
-                let conversation = key.conversation.clone();
-                let done = move |r: Result<(), StoreError>| {
-                    let r = r.map_err(|e| e.to_string());
+            MemoryMsg::Record {
+                key,
+                floor,
+                entry,
+                reply,
+            } => {
+                tokio::spawn(async move {
+                    let conversation = key.conversation.clone();
+                    let r = match replication::write(&shared, &key, floor, vec![entry]).await {
+                        Ok(Written::Acked) => Ok(()),
+                        Ok(Written::Deleted) => {
+                            Err("the conversation was deleted while this turn was answered".into())
+                        }
+                        Err(e) => Err(e.message),
+                    };
                     if let Err(e) = &r {
-                        tracing::error!(%conversation, error = %e, "could not record turns");
+                        tracing::error!(%conversation, error = %e, "could not record a turn");
                     }
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
                     }
-                };
-                // A full queue is reported through `done` as well.
-                let _ = shared.writer.append(key, turns, done);
+                });
             }
             MemoryMsg::Own { owner, op, reply } => {
-                let refused =
-                    |m: String| MemoryReply::Refused(error_frame(ErrorCode::NoCapacity, m));
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                match shared.writer.run(move |store| {
-                    let _ = tx.send(own(store, owner, op));
-                }) {
-                    Ok(()) => {
-                        // Answered off this actor, so a slow write does not
-                        // hold up prompt assembly.
-                        tokio::spawn(async move {
-                            let r = rx
-                                .await
-                                .unwrap_or_else(|_| refused("the memory writer stopped".into()));
-                            let _ = reply.send(r);
-                        });
-                    }
-                    Err(busy) => {
-                        let _ = reply.send(refused(busy.to_string()));
-                    }
-                }
+                tokio::spawn(async move {
+                    let _ = reply.send(own(&shared, owner, op).await);
+                });
             }
         }
         Ok(())
     }
 }
 
-/// One holder's operation on its own conversations.
-fn own(store: &dyn ConversationStore, owner: NodeId, op: MemoryOp) -> MemoryReply {
-    let failed = |e: StoreError| {
-        tracing::error!(error = %e, "memory operation failed");
-        MemoryReply::Refused(error_frame(ErrorCode::Internal, format!("memory: {e}")))
-    };
+/// Whether this node has room for the conversation: a holder past its cap
+/// here is refused before any work (each replica checks its own cap again
+/// when the turn is written).
+fn check_room(shared: &NodeShared, key: &ConvKey) -> Result<(), ErrorFrame> {
+    shared.store.check_room(key).map_err(|e| match e {
+        StoreError::TooManyConversations { .. } => error_frame(ErrorCode::Forbidden, e.to_string()),
+        e => error_frame(ErrorCode::Internal, format!("memory: {e}")),
+    })
+}
+
+fn refused(e: ErrorFrame) -> MemoryReply {
+    MemoryReply::Refused(e)
+}
+
+/// Asks every member this node takes to be alive, at once; their answers
+/// in member order (a member that does not answer is left out).
+async fn ask_members(
+    shared: &Arc<NodeShared>,
+    req: ReplicaRequest,
+) -> Result<Vec<ReplicaReply>, ErrorFrame> {
+    let (alive, _) = replication::members(shared).await?;
+    let t = Duration::from_millis(shared.config.memory.replica_timeout_ms);
+    let mut tasks = tokio::task::JoinSet::new();
+    for m in alive {
+        let (s, req) = (Arc::clone(shared), req.clone());
+        tasks.spawn(async move { crate::protocol::replica::ask(&s, m, req, t).await });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Ok(reply)) = r {
+            out.push(reply);
+        }
+    }
+    Ok(out)
+}
+
+/// The holder's conversations anywhere in the mesh, by name.
+async fn list(
+    shared: &Arc<NodeShared>,
+    owner: NodeId,
+) -> Result<(Vec<zavod_proto::ConversationId>, bool), ErrorFrame> {
+    let mut names = BTreeSet::new();
+    let mut truncated = false;
+    for reply in ask_members(shared, ReplicaRequest::List { owner }).await? {
+        if let ReplicaReply::Names {
+            names: n,
+            truncated: t,
+        } = reply
+        {
+            truncated |= t;
+            names.extend(n);
+        }
+    }
+    let mut names: Vec<_> = names.into_iter().collect();
+    truncated |= names.len() > MAX_LISTED_CONVERSATIONS;
+    names.truncate(MAX_LISTED_CONVERSATIONS);
+    Ok((names, truncated))
+}
+
+/// Deletes one conversation on every replica: a replicated write that
+/// raises its floor past everything read and past now. Whether any of it
+/// was held.
+async fn delete(shared: &Arc<NodeShared>, key: &ConvKey) -> Result<bool, ErrorFrame> {
+    let held = replication::read(shared, key, false).await?;
+    let newest = held.entries.last().map(|e| e.stamp.seq);
+    let floor = deletion_floor(newest, held.floor, crate::clock::now_ms());
+    match replication::write(shared, key, floor, Vec::new()).await {
+        Ok(_) => Ok(!held.entries.is_empty()),
+        Err(e) => Err(error_frame(
+            e.code,
+            format!("the deletion did not reach enough replicas: {}", e.message),
+        )),
+    }
+}
+
+/// One holder's operation on its own conversations, over the mesh.
+async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryReply {
     let key = |conversation| ConvKey {
         owner,
         conversation,
     };
     match op {
-        MemoryOp::List => match store.conversations(&owner) {
-            Ok(mut names) => {
-                let truncated = names.len() > MAX_LISTED_CONVERSATIONS;
-                names.truncate(MAX_LISTED_CONVERSATIONS);
-                MemoryReply::Conversations { names, truncated }
-            }
-            Err(e) => failed(e),
+        MemoryOp::List => match list(shared, owner).await {
+            Ok((names, truncated)) => MemoryReply::Conversations { names, truncated },
+            Err(e) => refused(e),
         },
         MemoryOp::Export { conversation, from } => {
+            // From the replicas in placement order: the first that holds
+            // the conversation answers the page.
             let k = key(conversation);
-            match store
-                .contains(&k)
-                .and_then(|held| Ok((held, store.page(&k, from, MAX_EXPORT_PAGE_BYTES)?)))
-            {
-                Ok((held, page)) => MemoryReply::Turns {
-                    turns: page.turns,
-                    next: page.next,
-                    held,
+            let p = match replication::placement(shared, &k).await {
+                Ok(p) => p,
+                Err(e) => return refused(e),
+            };
+            let t = Duration::from_millis(shared.config.memory.replica_timeout_ms);
+            let mut last_err = None;
+            for r in p.replicas {
+                let req = ReplicaRequest::Page {
+                    key: k.clone(),
+                    from,
+                };
+                match crate::protocol::replica::ask(shared, r, req, t).await {
+                    Ok(ReplicaReply::Page {
+                        turns,
+                        next,
+                        held: true,
+                    }) => {
+                        return MemoryReply::Turns {
+                            turns,
+                            next,
+                            held: true,
+                        };
+                    }
+                    Ok(ReplicaReply::Page { .. }) => {}
+                    Ok(ReplicaReply::Refused(e)) => last_err = Some(e.message),
+                    Ok(_) => {}
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            match last_err {
+                Some(e) => refused(error_frame(
+                    ErrorCode::NoCapacity,
+                    format!("no replica of the conversation could be read: {e}"),
+                )),
+                None => MemoryReply::Turns {
+                    turns: Vec::new(),
+                    next: None,
+                    held: false,
                 },
-                Err(e) => failed(e),
             }
         }
-        MemoryOp::Delete { conversation } => match store.clear(&key(conversation)) {
+        MemoryOp::Delete { conversation } => match delete(shared, &key(conversation)).await {
             Ok(held) => MemoryReply::Deleted {
                 conversations: u32::from(held),
             },
-            Err(e) => failed(e),
+            Err(e) => refused(e),
         },
         MemoryOp::DeleteAll => {
             let mut deleted = 0u32;
             // Each round takes every one listed, so one round empties the
             // list unless writes race it; a few more take those.
             for _round in 0..4 {
-                let names = match store.conversations(&owner) {
-                    Ok(n) => n,
-                    Err(e) => return failed(e),
+                let names = match list(shared, owner).await {
+                    Ok((n, _)) => n,
+                    Err(e) => return refused(e),
                 };
                 if names.is_empty() {
                     break;
                 }
                 for c in names {
-                    match store.clear(&key(c)) {
+                    match delete(shared, &key(c)).await {
                         Ok(held) => deleted += u32::from(held),
-                        Err(e) => return failed(e),
+                        Err(e) => return refused(e),
                     }
                 }
             }
@@ -243,7 +361,7 @@ fn own(store: &dyn ConversationStore, owner: NodeId, op: MemoryOp) -> MemoryRepl
 fn prepare(
     shared: &NodeShared,
     model: &str,
-    key: Option<&ConvKey>,
+    held: Option<Held>,
     supplied: Vec<(Role, String)>,
     message: String,
     answer_tokens: u32,
@@ -258,25 +376,19 @@ fn prepare(
     // was known of how its texts tokenize: count again. (Answers' counts
     // are the tokens generated, exact.)
     let exact = shared.model(model).is_some();
-    let history = match key {
-        Some(k) => {
-            shared.store.check_room(k).map_err(|e| match e {
-                StoreError::TooManyConversations { .. } => {
-                    error_frame(ErrorCode::Forbidden, e.to_string())
-                }
-                e => error_frame(ErrorCode::Internal, format!("memory: {e}")),
-            })?;
+    let (floor, newest_seq) = held.as_ref().map_or((0, None), |h| {
+        (h.floor, h.entries.last().map(|e| e.stamp.seq))
+    });
+    let history = match held {
+        Some(held) => {
             let mut h: Vec<Turn> = supplied
                 .into_iter()
                 .filter(|(role, _)| *role == Role::System)
                 .map(|(role, text)| turn(role, text))
                 .collect();
-            h.extend(
-                shared
-                    .store
-                    .recent(k, shared.config.memory.max_history_turns)
-                    .map_err(|e| error_frame(ErrorCode::Internal, format!("memory: {e}")))?,
-            );
+            let stored: Vec<Turn> = held.entries.into_iter().flat_map(|e| e.turns).collect();
+            let max = shared.config.memory.max_history_turns;
+            h.extend(stored[stored.len().saturating_sub(max)..].iter().cloned());
             if !exact {
                 for t in h.iter_mut().filter(|t| t.role != Role::Assistant) {
                     t.tokens = shared.count_tokens(model, &t.text);
@@ -296,10 +408,20 @@ fn prepare(
     };
     let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| {
+        error_frame(
+            ErrorCode::Internal,
+            format!("no randomness for a turn id: {e}"),
+        )
+    })?;
     Ok(PreparedPrompt {
         turns: assembled.turns,
         history_turns: assembled.history_turns,
         estimated_tokens: assembled.tokens,
         user_turn,
+        floor,
+        newest_seq,
+        entry_id: u64::from_be_bytes(id),
     })
 }

@@ -167,6 +167,10 @@ pub enum RouterMsg {
     Models(RpcReplyPort<Vec<(ModelOffer, u32)>>),
     /// Members by liveness, for metrics.
     PeerCounts(RpcReplyPort<Vec<(&'static str, u32)>>),
+    /// Members this node takes to be alive (itself included) and how many
+    /// members it knows of, alive or not: what conversation replicas are
+    /// placed over.
+    Members(RpcReplyPort<(Vec<NodeId>, usize)>),
     /// Whether a node is a member this node's view has verified.
     IsMember {
         node: NodeId,
@@ -905,6 +909,23 @@ impl Actor for Router {
                 reply,
             } => {
                 let _ = reply.send(st.status(client, &request).await);
+            }
+            RouterMsg::Members(reply) => {
+                let now = now_ms();
+                let revoked = st.shared.revocations();
+                let mut known = 0usize;
+                let mut alive = Vec::new();
+                for (id, m) in st.view.members() {
+                    if revoked.node_revoked(id) {
+                        continue;
+                    }
+                    known += 1;
+                    if m.liveness(&st.view.config, now) == Liveness::Alive {
+                        alive.push(*id);
+                    }
+                }
+                drop(revoked);
+                let _ = reply.send((alive, known));
             }
             RouterMsg::IsMember { node, reply } => {
                 let member = st.view.is_member(&node, now_ms())

@@ -88,7 +88,7 @@ pub(super) async fn export(
         MemoryReply::Turns { held: false, .. } => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("this node holds no conversation {id} of yours"),
+            format!("the mesh holds no conversation {id} of yours"),
         )),
         MemoryReply::Turns { turns, next, .. } => Ok(Json(json!({
             "id": id,

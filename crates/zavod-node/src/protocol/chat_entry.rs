@@ -494,18 +494,26 @@ impl Pump {
         let Some(key) = self.admission.conversation.clone() else {
             return;
         };
-        let turns = vec![
-            self.prepared.user_turn.clone(),
-            Turn {
-                role: Role::Assistant,
-                text: answer,
-                tokens,
+        let entry = zavod_proto::memory::Entry {
+            stamp: zavod_proto::memory::Stamp {
+                seq: zavod_proto::memory::next_seq(self.prepared.newest_seq, now_ms()),
+                id: self.prepared.entry_id,
             },
-        ];
+            turns: vec![
+                self.prepared.user_turn.clone(),
+                Turn {
+                    role: Role::Assistant,
+                    text: answer,
+                    tokens,
+                },
+            ],
+        };
+        let floor = self.prepared.floor;
         let recorded = call(self.shared.directory.get().memory, "memory", |reply| {
             MemoryMsg::Record {
                 key,
-                turns,
+                floor,
+                entry,
                 reply: Some(reply),
             }
         })

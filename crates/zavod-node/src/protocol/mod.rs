@@ -13,6 +13,8 @@
 //! - status: the mesh as this node sees it.
 //! - memory: a credential holder's own conversations, to list, export or
 //!   delete.
+//! - replica: members' reads and writes of the conversation replicas this
+//!   node keeps.
 //!
 //! Every wait has a deadline; a peer that sends junk, stalls or leaves
 //! only ever ends its own stream. A stream passes the admission steps of
@@ -37,6 +39,7 @@ pub(crate) mod embed;
 mod entry_client;
 mod join;
 pub(crate) mod memory;
+pub(crate) mod replica;
 pub(crate) mod run_client;
 mod run_target;
 mod status;
@@ -56,6 +59,7 @@ pub(crate) enum Kind {
     Status,
     Embed,
     Memory,
+    Replica,
 }
 
 /// How long a refusal may take to write: a stream that is turned away
@@ -75,6 +79,10 @@ async fn refuse(writer: &mut zavod_net::FrameWriter, kind: Kind, e: ErrorFrame) 
         }
         Kind::Memory => {
             let reply = zavod_proto::wire::memory::MemoryReply::Refused(e);
+            writer.send(&reply, wt).await
+        }
+        Kind::Replica => {
+            let reply = zavod_proto::wire::replica::ReplicaReply::Refused(e);
             writer.send(&reply, wt).await
         }
     };
@@ -137,8 +145,16 @@ pub(crate) async fn serve_stream(
     drop(waiting);
     // Runs and embeddings carry an entry's grant: members' granted work
     // has a reserve that clients' chats cannot use up.
-    let reserved =
-        matches!(kind, Kind::Run | Kind::Embed) && crate::node::is_member(&shared, &peer).await;
+    let member = matches!(kind, Kind::Run | Kind::Embed | Kind::Replica)
+        && crate::node::is_member(&shared, &peer).await;
+    if matches!(kind, Kind::Replica) && !member {
+        let e = error_frame(
+            ErrorCode::Unauthorized,
+            "only members of this mesh read or write its conversation replicas",
+        );
+        return refuse(&mut writer, kind, e).await;
+    }
+    let reserved = member;
     let permit = match pools.serve(reserved) {
         Ok(p) => p,
         Err(r) => return refuse(&mut writer, kind, refusal_frame(r)).await,
@@ -157,6 +173,7 @@ pub(crate) async fn serve_stream(
         Kind::Memory => {
             memory::serve_memory(&shared, remote, &mut writer, &mut reader, first).await
         }
+        Kind::Replica => replica::serve_replica(&shared, &mut writer, &mut reader, first).await,
     }
     // The work is done: a peer slow to take the close holds no permit.
     drop(permit);
