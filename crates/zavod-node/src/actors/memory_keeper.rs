@@ -169,7 +169,14 @@ impl Actor for MemoryKeeper {
             } => {
                 tokio::spawn(async move {
                     let conversation = key.conversation.clone();
-                    let r = match replication::write(&shared, &key, floor, vec![entry]).await {
+                    let started = std::time::Instant::now();
+                    let written = replication::write(&shared, &key, floor, vec![entry]).await;
+                    tracing::debug!(
+                        %conversation,
+                        us = started.elapsed().as_micros() as u64,
+                        "turn written to a write quorum"
+                    );
+                    let r = match written {
                         Ok(Written::Acked) => Ok(()),
                         Ok(Written::Deleted) => {
                             Err("the conversation was deleted while this turn was answered".into())
