@@ -367,7 +367,9 @@ impl Node {
             }
         }
         let membership = identity.membership.clone();
+        let known_members = crate::replication::KnownMembers::load(&config.data_dir());
         let shared = Arc::new(NodeShared {
+            known_members,
             config,
             identity,
             directory: Directory::default(),

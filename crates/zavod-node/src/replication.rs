@@ -44,7 +44,66 @@ pub(crate) struct Placement {
     pub(crate) planned: usize,
 }
 
-/// Members this node takes to be alive, and how many it knows of.
+/// The file in the data directory that remembers how many members this
+/// node last knew of.
+const KNOWN_MEMBERS_FILE: &str = "known_members";
+
+/// For this long after a start, a node plans replicas for at least as many
+/// members as it knew before (its view is still filling from gossip);
+/// after it, for the members it knows now, so a mesh that shrank for good
+/// plans for its new size.
+const WARMUP: Duration = Duration::from_secs(30);
+
+/// How many members this node last knew of, kept across restarts. Without
+/// it a restarted node, knowing only itself until gossip arrives, would
+/// plan one replica and acknowledge a turn only it holds.
+#[derive(Debug)]
+pub(crate) struct KnownMembers {
+    path: std::path::PathBuf,
+    started: std::time::Instant,
+    remembered: usize,
+    written: std::sync::atomic::AtomicUsize,
+}
+
+impl KnownMembers {
+    /// Reads the count kept in `data_dir` (none, or an unreadable file,
+    /// counts as 1).
+    pub(crate) fn load(data_dir: &std::path::Path) -> KnownMembers {
+        let path = data_dir.join(KNOWN_MEMBERS_FILE);
+        let remembered = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, 1 << 20);
+        KnownMembers {
+            path,
+            started: std::time::Instant::now(),
+            remembered,
+            written: std::sync::atomic::AtomicUsize::new(remembered),
+        }
+    }
+
+    /// The member count to plan replicas for, given the `known` members
+    /// the view holds now; keeps the file up to date once warmed up.
+    fn plan_for(&self, known: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        if self.started.elapsed() < WARMUP {
+            return known.max(self.remembered);
+        }
+        if self.written.swap(known, Ordering::Relaxed) != known {
+            // Best effort: a count that could not be kept only matters at
+            // the next restart, and the view refills then.
+            let text = format!("{known}\n");
+            if let Err(e) = crate::datadir::write_file(&self.path, &text, false) {
+                tracing::warn!(error = %e, "could not keep the member count");
+            }
+        }
+        known
+    }
+}
+
+/// Members this node takes to be alive, and how many it plans replicas
+/// for (the members it knows, or after a restart the ones it knew).
 pub(crate) async fn members(shared: &NodeShared) -> Result<(Vec<NodeId>, usize), ErrorFrame> {
     let router = shared.directory.get().router;
     let (mut alive, known) =
@@ -54,7 +113,8 @@ pub(crate) async fn members(shared: &NodeShared) -> Result<(Vec<NodeId>, usize),
     if !alive.contains(&me) {
         alive.push(me);
     }
-    Ok((alive, known.max(1)))
+    let known = known.max(alive.len());
+    Ok((alive, shared.known_members.plan_for(known)))
 }
 
 pub(crate) async fn placement(shared: &NodeShared, key: &ConvKey) -> Result<Placement, ErrorFrame> {
@@ -474,6 +534,19 @@ mod tests {
                 tokens: 1,
             }],
         }
+    }
+
+    #[test]
+    fn a_restarted_node_plans_for_the_members_it_knew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = KnownMembers::load(dir.path());
+        assert_eq!(k.plan_for(1), 1, "nothing known before");
+        std::fs::write(dir.path().join(KNOWN_MEMBERS_FILE), "5\n").expect("write");
+        let k = KnownMembers::load(dir.path());
+        assert_eq!(k.plan_for(1), 5, "while the view fills");
+        assert_eq!(k.plan_for(7), 7);
+        std::fs::write(dir.path().join(KNOWN_MEMBERS_FILE), "junk").expect("write");
+        assert_eq!(KnownMembers::load(dir.path()).plan_for(2), 2);
     }
 
     #[test]

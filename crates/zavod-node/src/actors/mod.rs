@@ -83,6 +83,10 @@ pub struct NodeShared {
     /// Invites this node admitted a node with (where it holds the
     /// authority key, the only place memberships are signed).
     pub(crate) used_invites: std::sync::Mutex<crate::invites::UsedInvites>,
+    /// How many members this node last knew of (kept in the data
+    /// directory), so a restarted node does not plan conversations' replicas
+    /// for a mesh of one while its view fills.
+    pub(crate) known_members: crate::replication::KnownMembers,
     /// This node's membership certificate: the data directory's at start,
     /// replaced by each renewal (`crate::renewal`, the only writer).
     pub(crate) membership: std::sync::RwLock<Option<zavod_proto::trust::Membership>>,
