@@ -27,6 +27,7 @@
 pub mod log;
 pub mod placement;
 pub mod read;
+mod tries;
 pub mod write;
 
 pub use log::{ConvKey, Entry, EntrySet, Held, ReplicaLog, Stamp, deletion_floor, next_seq};

@@ -14,6 +14,7 @@
 
 use super::QuorumConfig;
 use super::log::{Entry, EntrySet, Held, Stamp, newest_within};
+use super::tries::Tries;
 use crate::UnixMs;
 use crate::ids::NodeId;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -33,20 +34,10 @@ pub struct Repair {
     pub entries: Vec<Entry>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Waiting { tries: u32, due: UnixMs },
-    Sent { tries: u32, at: UnixMs },
-    Replied,
-    GaveUp,
-}
-
 #[derive(Debug)]
 pub struct Read {
-    replicas: Vec<(NodeId, State)>,
+    tries: Tries,
     need: usize,
-    deadline: UnixMs,
-    config: QuorumConfig,
     max_bytes: usize,
     /// Each reply, kept to repair it against later ones.
     replies: BTreeMap<NodeId, Held>,
@@ -69,13 +60,8 @@ impl Read {
         config: QuorumConfig,
     ) -> Self {
         let mut r = Read {
-            replicas: replicas
-                .into_iter()
-                .map(|n| (n, State::Waiting { tries: 0, due: now }))
-                .collect(),
+            tries: Tries::new(replicas, now, config),
             need: need.max(1),
-            deadline: now.saturating_add(config.deadline_ms),
-            config,
             max_bytes,
             replies: BTreeMap::new(),
             floor: 0,
@@ -90,33 +76,15 @@ impl Read {
     }
 
     pub fn poll_transmit(&mut self, now: UnixMs) -> Option<NodeId> {
-        if now >= self.deadline {
-            return None;
-        }
-        for (node, s) in &mut self.replicas {
-            if let State::Waiting { tries, due } = *s
-                && due <= now
-            {
-                *s = State::Sent {
-                    tries: tries + 1,
-                    at: now,
-                };
-                return Some(*node);
-            }
-        }
-        None
+        self.tries.poll_transmit(now)
     }
 
     /// A replica's reply. Replies from outside the set, or a second one
     /// from the same replica, change nothing.
     pub fn handle_held(&mut self, from: NodeId, held: Held, _now: UnixMs) {
-        let Some((_, s)) = self.replicas.iter_mut().find(|(n, _)| *n == from) else {
-            return;
-        };
-        if *s == State::Replied {
+        if self.replies.contains_key(&from) || !self.tries.answered(from) {
             return;
         }
-        *s = State::Replied;
         if held.floor > self.floor {
             self.floor = held.floor;
             self.merged.drop_below(self.floor);
@@ -134,62 +102,17 @@ impl Read {
     }
 
     pub fn handle_failed(&mut self, from: NodeId, now: UnixMs) {
-        let backoff = self.config.try_timeout_ms / 4;
-        let max = self.config.max_tries;
-        if let Some((_, s)) = self.replicas.iter_mut().find(|(n, _)| *n == from)
-            && let State::Sent { tries, .. } = *s
-        {
-            *s = if tries < max {
-                State::Waiting {
-                    tries,
-                    due: now.saturating_add(backoff),
-                }
-            } else {
-                State::GaveUp
-            };
-        }
+        self.tries.failed(from, now);
         self.decide();
     }
 
     pub fn handle_timeout(&mut self, now: UnixMs) {
-        let expired: Vec<NodeId> = self
-            .replicas
-            .iter()
-            .filter_map(|(n, s)| match s {
-                State::Sent { at, .. } if at.saturating_add(self.config.try_timeout_ms) <= now => {
-                    Some(*n)
-                }
-                _ => None,
-            })
-            .collect();
-        for n in expired {
-            self.handle_failed(n, now);
-        }
-        if now >= self.deadline {
-            for (_, s) in &mut self.replicas {
-                if matches!(s, State::Waiting { .. } | State::Sent { .. }) {
-                    *s = State::GaveUp;
-                }
-            }
-        }
+        self.tries.timeout(now);
         self.decide();
     }
 
     pub fn poll_timeout(&self) -> Option<UnixMs> {
-        if self.is_done() {
-            return None;
-        }
-        let next = self
-            .replicas
-            .iter()
-            .filter_map(|(_, s)| match *s {
-                State::Waiting { due, .. } => Some(due),
-                State::Sent { at, .. } => Some(at.saturating_add(self.config.try_timeout_ms)),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(self.deadline);
-        Some(next.min(self.deadline))
+        self.tries.poll_timeout()
     }
 
     pub fn poll_outcome(&mut self) -> Option<ReadOutcome> {
@@ -208,9 +131,7 @@ impl Read {
     }
 
     pub fn is_done(&self) -> bool {
-        self.replicas
-            .iter()
-            .all(|(_, s)| matches!(s, State::Replied | State::GaveUp))
+        self.tries.is_done()
     }
 
     fn decide(&mut self) {
@@ -218,11 +139,7 @@ impl Read {
             return;
         }
         let replied = self.replies.len();
-        let open = self
-            .replicas
-            .iter()
-            .filter(|(_, s)| matches!(s, State::Waiting { .. } | State::Sent { .. }))
-            .count();
+        let open = self.tries.open();
         if replied >= self.need {
             let (entries, cut) = newest_within(self.merged.values(), self.max_bytes);
             self.outcome = Some(ReadOutcome::Read(Held {

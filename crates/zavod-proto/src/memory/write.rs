@@ -11,8 +11,10 @@
 use super::QuorumConfig;
 use super::log::Applied;
 use super::placement::write_quorum;
+use super::tries::Tries;
 use crate::UnixMs;
 use crate::ids::NodeId;
+use std::collections::BTreeSet;
 
 /// How a write ended for whoever waits on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,31 +28,16 @@ pub enum WriteOutcome {
     Failed { acked: usize, needed: usize },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// To send at `due`.
-    Waiting {
-        tries: u32,
-        due: UnixMs,
-    },
-    Sent {
-        tries: u32,
-        at: UnixMs,
-    },
-    Acked,
-    /// Its floor is above the write's entries: they were dropped.
-    Stale(u64),
-    GaveUp,
-}
-
 #[derive(Debug)]
 pub struct Write {
     /// The lowest sequence written (`u64::MAX` for a deletion).
     lowest: u64,
-    replicas: Vec<(NodeId, State)>,
+    tries: Tries,
+    /// Replicas that have it, and the highest floor of those that dropped
+    /// it.
+    acked: BTreeSet<NodeId>,
+    stale: Option<u64>,
     need: usize,
-    deadline: UnixMs,
-    config: QuorumConfig,
     outcome: Option<WriteOutcome>,
     told: bool,
 }
@@ -70,13 +57,10 @@ impl Write {
         let need = write_quorum(planned.max(replicas.len()));
         let mut w = Write {
             lowest,
-            replicas: replicas
-                .into_iter()
-                .map(|n| (n, State::Waiting { tries: 0, due: now }))
-                .collect(),
+            tries: Tries::new(replicas, now, config),
+            acked: BTreeSet::new(),
+            stale: None,
             need,
-            deadline: now.saturating_add(config.deadline_ms),
-            config,
             outcome: None,
             told: false,
         };
@@ -86,97 +70,39 @@ impl Write {
 
     /// The next replica to send the write to now, if any.
     pub fn poll_transmit(&mut self, now: UnixMs) -> Option<NodeId> {
-        if now >= self.deadline {
-            return None;
-        }
-        for (node, s) in &mut self.replicas {
-            if let State::Waiting { tries, due } = *s
-                && due <= now
-            {
-                *s = State::Sent {
-                    tries: tries + 1,
-                    at: now,
-                };
-                return Some(*node);
-            }
-        }
-        None
+        self.tries.poll_transmit(now)
     }
 
-    /// A replica's answer to the write.
+    /// A replica's answer to the write (a late one, after its tries were
+    /// given up, still counts: it has the write).
     pub fn handle_applied(&mut self, from: NodeId, applied: Applied, _now: UnixMs) {
-        let lowest = self.lowest;
-        if let Some((_, s)) = self.replicas.iter_mut().find(|(n, _)| *n == from) {
-            *s = if applied.floor > lowest && lowest != u64::MAX {
-                State::Stale(applied.floor)
+        if self.tries.answered(from) {
+            if applied.floor > self.lowest && self.lowest != u64::MAX {
+                self.acked.remove(&from);
+                self.stale = self.stale.max(Some(applied.floor));
             } else {
-                State::Acked
-            };
+                self.acked.insert(from);
+            }
         }
         self.decide();
     }
 
     /// A try that failed (no stream, an error frame, a broken reply).
     pub fn handle_failed(&mut self, from: NodeId, now: UnixMs) {
-        let backoff = self.config.try_timeout_ms / 4;
-        let max = self.config.max_tries;
-        if let Some((_, s)) = self.replicas.iter_mut().find(|(n, _)| *n == from)
-            && let State::Sent { tries, .. } = *s
-        {
-            *s = if tries < max {
-                State::Waiting {
-                    tries,
-                    due: now.saturating_add(backoff),
-                }
-            } else {
-                State::GaveUp
-            };
-        }
+        self.tries.failed(from, now);
         self.decide();
     }
 
     /// Time passed: unanswered tries fail, and past the deadline every
     /// replica not yet acknowledged is given up.
     pub fn handle_timeout(&mut self, now: UnixMs) {
-        let expired: Vec<NodeId> = self
-            .replicas
-            .iter()
-            .filter_map(|(n, s)| match s {
-                State::Sent { at, .. } if at.saturating_add(self.config.try_timeout_ms) <= now => {
-                    Some(*n)
-                }
-                _ => None,
-            })
-            .collect();
-        for n in expired {
-            self.handle_failed(n, now);
-        }
-        if now >= self.deadline {
-            for (_, s) in &mut self.replicas {
-                if matches!(s, State::Waiting { .. } | State::Sent { .. }) {
-                    *s = State::GaveUp;
-                }
-            }
-        }
+        self.tries.timeout(now);
         self.decide();
     }
 
     /// When [`Write::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<UnixMs> {
-        if self.is_done() {
-            return None;
-        }
-        let next = self
-            .replicas
-            .iter()
-            .filter_map(|(_, s)| match *s {
-                State::Waiting { due, .. } => Some(due),
-                State::Sent { at, .. } => Some(at.saturating_add(self.config.try_timeout_ms)),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(self.deadline);
-        Some(next.min(self.deadline))
+        self.tries.poll_timeout()
     }
 
     /// The outcome, once, as soon as it is known.
@@ -191,17 +117,12 @@ impl Write {
 
     /// Every replica answered or had its tries.
     pub fn is_done(&self) -> bool {
-        self.replicas
-            .iter()
-            .all(|(_, s)| matches!(s, State::Acked | State::Stale(_) | State::GaveUp))
+        self.tries.is_done()
     }
 
     /// Replicas that have the write.
     pub fn acked(&self) -> usize {
-        self.replicas
-            .iter()
-            .filter(|(_, s)| *s == State::Acked)
-            .count()
+        self.acked.len()
     }
 
     fn decide(&mut self) {
@@ -209,24 +130,11 @@ impl Write {
             return;
         }
         let acked = self.acked();
-        let open = self
-            .replicas
-            .iter()
-            .filter(|(_, s)| matches!(s, State::Waiting { .. } | State::Sent { .. }))
-            .count();
-        let stale = self
-            .replicas
-            .iter()
-            .filter_map(|(_, s)| match s {
-                State::Stale(g) => Some(*g),
-                _ => None,
-            })
-            .max();
         self.outcome = if acked >= self.need {
             Some(WriteOutcome::Acked { replicas: acked })
-        } else if acked + open >= self.need {
+        } else if acked + self.tries.open() >= self.need {
             None
-        } else if let Some(floor) = stale {
+        } else if let Some(floor) = self.stale {
             Some(WriteOutcome::Stale { floor })
         } else {
             Some(WriteOutcome::Failed {
