@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use zavod_proto::NodeId;
 use zavod_proto::limits::{MAX_REPLICA_FRAME_TEXT_BYTES, MAX_REPLICA_WRITE_ENTRIES};
-use zavod_proto::memory::read::{Read, ReadOutcome};
+use zavod_proto::memory::read::{Read, ReadOutcome, Repair};
 use zavod_proto::memory::write::{Write, WriteOutcome};
 use zavod_proto::memory::{ConvKey, Entry, Held, QuorumConfig, planned, read_quorum, replicas};
 use zavod_proto::wire::replica::{ReplicaReply, ReplicaRequest};
@@ -201,7 +201,8 @@ async fn read_from(
         quorum_config(shared),
     );
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(drive_read(Arc::clone(shared), key.clone(), machine, tx));
+    let req = ReplicaRequest::Read { key: key.clone() };
+    tokio::spawn(drive(Arc::clone(shared), key.clone(), req, machine, tx));
     match rx.await {
         Ok((ReadOutcome::Read(h), _)) => Ok(h),
         Ok((ReadOutcome::Failed { replied, needed }, why)) => Err(error_frame(
@@ -215,11 +216,112 @@ async fn read_from(
     }
 }
 
-async fn drive_read(
+/// What the pump needs of a quorum machine (the read and the write).
+trait Pumped: Send + 'static {
+    type Outcome: Send + 'static;
+    fn poll_transmit(&mut self, now: u64) -> Option<NodeId>;
+    fn poll_outcome(&mut self) -> Option<Self::Outcome>;
+    fn poll_timeout(&self) -> Option<u64>;
+    fn is_done(&self) -> bool;
+    fn handle_failed(&mut self, from: NodeId, now: u64);
+    fn handle_timeout(&mut self, now: u64);
+    /// Takes the reply the machine waits for; gives back any other.
+    fn handle_reply(
+        &mut self,
+        from: NodeId,
+        reply: ReplicaReply,
+        now: u64,
+    ) -> Result<(), ReplicaReply>;
+    /// Writes to send besides, once each (a read's repairs).
+    fn poll_repair(&mut self) -> Option<Repair> {
+        None
+    }
+}
+
+impl Pumped for Read {
+    type Outcome = ReadOutcome;
+    fn poll_transmit(&mut self, now: u64) -> Option<NodeId> {
+        Read::poll_transmit(self, now)
+    }
+    fn poll_outcome(&mut self) -> Option<ReadOutcome> {
+        Read::poll_outcome(self)
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        Read::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        Read::is_done(self)
+    }
+    fn handle_failed(&mut self, from: NodeId, now: u64) {
+        Read::handle_failed(self, from, now)
+    }
+    fn handle_timeout(&mut self, now: u64) {
+        Read::handle_timeout(self, now)
+    }
+    fn handle_reply(
+        &mut self,
+        from: NodeId,
+        reply: ReplicaReply,
+        now: u64,
+    ) -> Result<(), ReplicaReply> {
+        match reply {
+            ReplicaReply::Held(h) => {
+                self.handle_held(from, h, now);
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+    fn poll_repair(&mut self) -> Option<Repair> {
+        Read::poll_repair(self)
+    }
+}
+
+impl Pumped for Write {
+    type Outcome = WriteOutcome;
+    fn poll_transmit(&mut self, now: u64) -> Option<NodeId> {
+        Write::poll_transmit(self, now)
+    }
+    fn poll_outcome(&mut self) -> Option<WriteOutcome> {
+        Write::poll_outcome(self)
+    }
+    fn poll_timeout(&self) -> Option<u64> {
+        Write::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        Write::is_done(self)
+    }
+    fn handle_failed(&mut self, from: NodeId, now: u64) {
+        Write::handle_failed(self, from, now)
+    }
+    fn handle_timeout(&mut self, now: u64) {
+        Write::handle_timeout(self, now)
+    }
+    fn handle_reply(
+        &mut self,
+        from: NodeId,
+        reply: ReplicaReply,
+        now: u64,
+    ) -> Result<(), ReplicaReply> {
+        match reply {
+            ReplicaReply::Applied(a) => {
+                self.handle_applied(from, a, now);
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+}
+
+/// Pumps `m`, sending `req` to each replica it names, until every replica
+/// answered or had its tries; its outcome goes to `tx` as soon as it is
+/// known, with what went wrong at each replica that failed.
+async fn drive<M: Pumped>(
     shared: Arc<NodeShared>,
     key: ConvKey,
-    mut m: Read,
-    tx: oneshot::Sender<(ReadOutcome, String)>,
+    req: ReplicaRequest,
+    mut m: M,
+    tx: oneshot::Sender<(M::Outcome, String)>,
 ) {
     let mut tx = Some(tx);
     let mut tasks = JoinSet::new();
@@ -228,10 +330,7 @@ async fn drive_read(
     loop {
         let now = now_ms();
         while let Some(to) = m.poll_transmit(now) {
-            let (s, req) = (
-                Arc::clone(&shared),
-                ReplicaRequest::Read { key: key.clone() },
-            );
+            let (s, req) = (Arc::clone(&shared), req.clone());
             tasks.spawn(async move { (to, ask(&s, to, req, t).await) });
         }
         while let Some(repair) = m.poll_repair() {
@@ -258,16 +357,13 @@ async fn drive_read(
         tokio::select! {
             Some(done) = tasks.join_next() => {
                 if let Ok((from, reply)) = done {
-                    match reply {
-                        Ok(ReplicaReply::Held(h)) => m.handle_held(from, h, now_ms()),
-                        Ok(other) => {
-                            failures.note(from, refusal(other));
-                            m.handle_failed(from, now_ms());
-                        }
-                        Err(e) => {
-                            failures.note(from, e);
-                            m.handle_failed(from, now_ms());
-                        }
+                    let why = match reply {
+                        Ok(r) => m.handle_reply(from, r, now_ms()).err().map(refusal),
+                        Err(e) => Some(e),
+                    };
+                    if let Some(why) = why {
+                        failures.note(from, why);
+                        m.handle_failed(from, now_ms());
                     }
                 }
             }
@@ -342,7 +438,7 @@ async fn write_to(
         entries,
     };
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(drive_write(Arc::clone(shared), req, machine, tx));
+    tokio::spawn(drive(Arc::clone(shared), key.clone(), req, machine, tx));
     match rx.await {
         Ok((WriteOutcome::Acked { .. }, _)) => Ok(Written::Acked),
         Ok((WriteOutcome::Stale { .. }, _)) => Ok(Written::Deleted),
@@ -361,52 +457,6 @@ async fn write_to(
             ErrorCode::Internal,
             "memory: the write stopped",
         )),
-    }
-}
-
-async fn drive_write(
-    shared: Arc<NodeShared>,
-    req: ReplicaRequest,
-    mut m: Write,
-    tx: oneshot::Sender<(WriteOutcome, String)>,
-) {
-    let mut tx = Some(tx);
-    let mut tasks = JoinSet::new();
-    let mut failures = Failures::default();
-    let t = try_timeout(&shared);
-    loop {
-        let now = now_ms();
-        while let Some(to) = m.poll_transmit(now) {
-            let (s, req) = (Arc::clone(&shared), req.clone());
-            tasks.spawn(async move { (to, ask(&s, to, req, t).await) });
-        }
-        if let Some(o) = m.poll_outcome()
-            && let Some(tx) = tx.take()
-        {
-            let _ = tx.send((o, failures.describe()));
-        }
-        if m.is_done() {
-            return;
-        }
-        let at = m.poll_timeout();
-        tokio::select! {
-            Some(done) = tasks.join_next() => {
-                if let Ok((from, reply)) = done {
-                    match reply {
-                        Ok(ReplicaReply::Applied(a)) => m.handle_applied(from, a, now_ms()),
-                        Ok(other) => {
-                            failures.note(from, refusal(other));
-                            m.handle_failed(from, now_ms());
-                        }
-                        Err(e) => {
-                            failures.note(from, e);
-                            m.handle_failed(from, now_ms());
-                        }
-                    }
-                }
-            }
-            _ = sleep_until_ms(at) => m.handle_timeout(now_ms()),
-        }
     }
 }
 
