@@ -141,6 +141,7 @@ impl Sim {
             history_turns: 0,
             prompt_display: None,
             membership: Some(e.membership.clone()),
+            continued: None,
         };
         let machine = Entry::new(config, req, self.now);
         self.requests.push(Request {

@@ -422,6 +422,8 @@ fn a_cancelled_answer_is_not_kept_whichever_node_ran_it() {
                     ..Default::default()
                 },
                 show_prompt: false,
+                turn: None,
+                continued: None,
             },
         )))
         .await

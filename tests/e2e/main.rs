@@ -17,6 +17,7 @@ mod models;
 mod partition;
 mod placement;
 mod psk;
+mod reattach;
 mod relay;
 mod revocation;
 mod sessions;

@@ -479,34 +479,16 @@ fn an_answered_turn_survives_kill_9_of_its_node() {
     assert_eq!(texts[2], "user:Two.");
 }
 
-/// The user turns of conversation `name` as node `addr` exports them (with
-/// the credential in `dir`).
+/// The user turns of conversation `name` as node `addr` exports them.
 fn exported_user_turns(
     dir: &std::path::Path,
     addr: &str,
     name: &str,
 ) -> Result<Vec<String>, String> {
-    let o = zavod_tests::zavod()
-        .args([
-            "memory",
-            "export",
-            "--conversation",
-            name,
-            "--peer",
-            addr,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .output()
-        .expect("run zavod memory export");
-    if !o.status.success() {
-        return Err(stderr(&o));
-    }
-    Ok(zavod_tests::stdout(&o)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["role"] == "user")
-        .map(|v| v["text"].as_str().unwrap_or_default().to_string())
+    Ok(zavod_tests::exported_turns(dir, addr, name)?
+        .into_iter()
+        .filter(|(role, _)| role == "user")
+        .map(|(_, text)| text)
         .collect())
 }
 

@@ -322,6 +322,8 @@ pub async fn ask_for_redirect(
             ..Default::default()
         },
         show_prompt: false,
+        turn: None,
+        continued: None,
     };
     s.send(&ClientFrame::Chat(Box::new(req)))
         .await
@@ -501,4 +503,34 @@ impl Drop for Lan {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
+}
+
+/// The turns (role, text) of conversation `name` as node `addr` exports
+/// them with `zavod memory export` (the credential in `dir`); `Err` holds
+/// what the command printed when it failed.
+pub fn exported_turns(dir: &Path, addr: &str, name: &str) -> Result<Vec<(String, String)>, String> {
+    let o = zavod()
+        .args([
+            "memory",
+            "export",
+            "--conversation",
+            name,
+            "--peer",
+            addr,
+            "--data-dir",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run zavod memory export");
+    if !o.status.success() {
+        return Err(stderr(&o));
+    }
+    Ok(stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            (s("role"), s("text"))
+        })
+        .collect())
 }

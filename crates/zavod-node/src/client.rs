@@ -5,15 +5,17 @@
 use crate::datadir::ClientIdentity;
 use crate::protocol::run_client::{RunBreak, RunFrame, RunStream};
 use libp2p::{Multiaddr, PeerId};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use zavod_net::{FrameStream, NetConfig, NetError};
 use zavod_proto::chat::failover::{AnswerStream, OnFailure, ResumeRequest};
 use zavod_proto::chat::reader::{EntryReader, Read, ReadError};
 use zavod_proto::ids::ConversationId;
+use zavod_proto::limits::{MAX_CLIENT_ENTRIES_PER_TURN, MAX_CLIENT_KNOWN_PEERS};
 use zavod_proto::wire::memory::{MemoryOp, MemoryReply, MemoryRequest};
 use zavod_proto::wire::{
-    Accepted, ChatRequest, ClientFrame, DoneInfo, ErrorCode, ErrorFrame, GenParams, Redirect,
-    ServerFrame, StatusReply, StatusRequest,
+    Accepted, ChatRequest, ClientFrame, Continued, DoneInfo, ErrorCode, ErrorFrame, GenParams,
+    Redirect, ServerFrame, StatusReply, StatusRequest,
 };
 
 /// Runs `fut` as a task on the runtime's worker thread and waits for it.
@@ -131,6 +133,14 @@ pub enum ChatEvent<'a> {
         reason: &'a str,
         tokens: u32,
     },
+    /// The entry failed after `tokens` tokens of the answer; the turn goes
+    /// on through another node.
+    Reattached {
+        from: PeerId,
+        to: PeerId,
+        reason: &'a str,
+        tokens: u32,
+    },
     Token {
         index: u32,
         text: &'a str,
@@ -160,11 +170,13 @@ impl ChatOutcome {
     }
 }
 
-/// A connected client. Clones share one connection.
+/// A connected client. Clones share one connection, and the node they
+/// attach through: when it fails, a turn goes on through another node the
+/// client knows, and so do the turns after it.
 #[derive(Clone)]
 pub struct ChatClient {
     net: zavod_net::Client,
-    peer: PeerId,
+    attached: Arc<Mutex<Attached>>,
     identity: ClientIdentity,
     frame_timeout: Duration,
     /// Longest wait for the next token once an answer is streaming; a
@@ -172,9 +184,48 @@ pub struct ChatClient {
     stall_timeout: Duration,
 }
 
+/// The node a client attaches through, and the addresses of the nodes it
+/// may fall back on: those it was given, in order, then those it last
+/// learned from the mesh; at most [`MAX_CLIENT_KNOWN_PEERS`] in all.
+struct Attached {
+    peer: PeerId,
+    given: Vec<Multiaddr>,
+    learned: Vec<Multiaddr>,
+}
+
 impl std::fmt::Debug for ChatClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ChatClient(peer {})", self.peer)
+        write!(f, "ChatClient(peer {})", self.peer())
+    }
+}
+
+/// How one entry's part of a turn ended, when it did not end well.
+enum Broke {
+    /// The entry failed (its stream broke, ended or went silent): the
+    /// turn may go on through another node.
+    Entry(ChatError),
+    /// The entry failed after the whole answer streamed from its target,
+    /// before it said the turn was kept: `done` is the target's.
+    Whole {
+        error: ChatError,
+        done: Box<DoneInfo>,
+    },
+    /// The request failed for a reason another entry would not change.
+    Failed(ChatError),
+}
+
+impl From<ChatError> for Broke {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::Net(_) | ChatError::Truncated => Broke::Entry(e),
+            e => Broke::Failed(e),
+        }
+    }
+}
+
+impl From<NetError> for Broke {
+    fn from(e: NetError) -> Self {
+        Broke::Entry(e.into())
     }
 }
 
@@ -186,6 +237,9 @@ pub struct Ask {
     pub conversation: Option<ConversationId>,
     pub params: GenParams,
     pub show_prompt: bool,
+    /// The turn's id, kept by its conversation once however often it is
+    /// sent; `None`: a fresh one.
+    pub turn: Option<u64>,
 }
 
 impl ChatClient {
@@ -195,34 +249,150 @@ impl ChatClient {
         addr: Multiaddr,
         cfg: NetConfig,
     ) -> Result<Self, ChatError> {
+        Self::connect_any(identity, vec![addr], cfg).await
+    }
+
+    /// Starts a client swarm with the identity's key and connects to the
+    /// first of `addrs` that answers as a member of the credential's mesh;
+    /// the others are kept to fall back on. Errors with the first
+    /// address's failure when none does.
+    pub async fn connect_any(
+        identity: ClientIdentity,
+        mut addrs: Vec<Multiaddr>,
+        cfg: NetConfig,
+    ) -> Result<Self, ChatError> {
+        addrs.truncate(MAX_CLIENT_KNOWN_PEERS);
+        let Some(first) = addrs.first().cloned() else {
+            return Err(ChatError::Protocol("no node address to connect to".into()));
+        };
         let secret = identity.key.secret_bytes();
         let (net, mut events, event_loop) =
             zavod_net::new(zavod_net::identity_from_secret(secret)?, cfg)?;
         tokio::spawn(event_loop.run());
         // Drain network events; a client needs none of them.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
-        let peer = net.dial(addr).await?;
         let client = ChatClient {
             net,
-            peer,
+            attached: Arc::new(Mutex::new(Attached {
+                peer: PeerId::random(),
+                given: addrs.clone(),
+                learned: Vec::new(),
+            })),
             identity,
             frame_timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(10),
         };
-        client.check_membership().await?;
-        Ok(client)
+        let mut first_error = None;
+        for addr in addrs {
+            let single = addr == first;
+            match client.attach(addr, single).await {
+                Ok(peer) => {
+                    client.set_peer(peer);
+                    return Ok(client);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(ChatError::Truncated))
+    }
+
+    /// Dials `addr` and checks that it is a member of this client's mesh.
+    /// `patient`: wait as long as a dial takes (the address the person
+    /// named first), else [`REDIRECT_DIAL`].
+    async fn attach(&self, addr: Multiaddr, patient: bool) -> Result<PeerId, ChatError> {
+        let peer = if patient {
+            self.net.dial(addr).await?
+        } else {
+            tokio::time::timeout(REDIRECT_DIAL, self.net.dial(addr.clone()))
+                .await
+                .map_err(|_| NetError::Timeout {
+                    what: format!("dialling {addr}"),
+                    ms: REDIRECT_DIAL.as_millis() as u64,
+                })??
+        };
+        self.check_membership(peer).await?;
+        Ok(peer)
+    }
+
+    fn set_peer(&self, peer: PeerId) {
+        if let Ok(mut a) = self.attached.lock() {
+            a.peer = peer;
+        }
+    }
+
+    /// Asks the attached node for the other members' addresses, and keeps
+    /// them, in place of those learned before (after those given, up to
+    /// [`MAX_CLIENT_KNOWN_PEERS`]), to fall back on. Returns how many it
+    /// learned. A node that does not answer teaches nothing and leaves
+    /// what was learned before; that is not an error.
+    pub async fn learn_peers(&self) -> usize {
+        let request = StatusRequest::Credential(self.identity.credential.clone());
+        let rows = match status_on(&self.net, self.peer(), &request).await {
+            Ok(Some(StatusReply::Mesh { rows, .. })) => rows,
+            _ => return 0,
+        };
+        let Ok(mut a) = self.attached.lock() else {
+            return 0;
+        };
+        let a = &mut *a;
+        a.learned.clear();
+        let room = MAX_CLIENT_KNOWN_PEERS.saturating_sub(a.given.len());
+        for row in rows.iter().filter(|r| !r.is_self) {
+            let Some(peer) = zavod_net::peer_id_of(&row.node) else {
+                continue;
+            };
+            for text in &row.addrs {
+                let Ok(mut addr) = text.parse::<Multiaddr>() else {
+                    continue;
+                };
+                if !matches!(
+                    addr.iter().last(),
+                    Some(libp2p::multiaddr::Protocol::P2p(_))
+                ) {
+                    addr.push(libp2p::multiaddr::Protocol::P2p(peer));
+                }
+                if a.learned.len() < room && !a.given.contains(&addr) && !a.learned.contains(&addr)
+                {
+                    a.learned.push(addr);
+                }
+            }
+        }
+        a.learned.len()
+    }
+
+    /// The entry `failed` failed: attaches through the next node known,
+    /// after it in order (any address not of `failed`), and returns it.
+    async fn reattach(&self, failed: PeerId) -> Result<PeerId, ChatError> {
+        let known: Vec<Multiaddr> = match self.attached.lock() {
+            Ok(a) => a.given.iter().chain(&a.learned).cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        let of_failed = |addr: &Multiaddr| matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(p)) if p == failed);
+        let mut last = None;
+        for addr in known.into_iter().filter(|a| !of_failed(a)) {
+            match self.attach(addr, false).await {
+                Ok(peer) if peer != failed => {
+                    self.set_peer(peer);
+                    return Ok(peer);
+                }
+                Ok(_) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            ChatError::Protocol("no other node is known to go on through".into())
+        }))
     }
 
     /// Makes sure the node dialled is a member of the mesh whose authority
     /// signed this client's credential before the credential or any prompt
     /// goes to it: a node anyone can set up at an address the client was
     /// given would otherwise read every prompt.
-    async fn check_membership(&self) -> Result<(), ChatError> {
-        let not_in = |why: String| ChatError::NotInMesh {
-            peer: self.peer,
-            why,
-        };
-        let reply = status_on(&self.net, self.peer, &StatusRequest::Membership).await?;
+    async fn check_membership(&self, peer: PeerId) -> Result<(), ChatError> {
+        let not_in = |why: String| ChatError::NotInMesh { peer, why };
+        let reply = status_on(&self.net, peer, &StatusRequest::Membership).await?;
         let cert = match reply {
             Some(StatusReply::Membership(m)) => m,
             Some(StatusReply::Refused(e)) => return Err(not_in(e.message)),
@@ -237,7 +407,7 @@ impl ChatClient {
         let body = cert
             .verify(&[authority].into_iter().collect(), now)
             .map_err(|e| not_in(format!("its certificate: {e}")))?;
-        match zavod_net::node_id_of(&self.peer) {
+        match zavod_net::node_id_of(&peer) {
             Some(id) if id == body.member => Ok(()),
             _ => Err(not_in(
                 "it showed another node's membership certificate".into(),
@@ -245,8 +415,14 @@ impl ChatClient {
         }
     }
 
+    /// The node this client attaches through now.
     pub fn peer(&self) -> PeerId {
-        self.peer
+        match self.attached.lock() {
+            Ok(a) => a.peer,
+            // A poisoned lock only means a panic elsewhere mid-update of a
+            // PeerId, which is written whole.
+            Err(p) => p.into_inner().peer,
+        }
     }
 
     /// One operation on this client's own conversations at the node (the
@@ -255,7 +431,7 @@ impl ChatClient {
         let t = Duration::from_secs(30);
         let (mut w, mut r) = self
             .net
-            .open(self.peer, zavod_net::MEMORY_PROTOCOL)
+            .open(self.peer(), zavod_net::MEMORY_PROTOCOL)
             .await?
             .split();
         let request = MemoryRequest {
@@ -356,75 +532,230 @@ impl ChatClient {
 
     /// Sends one turn and streams the answer to `on_event`. `cancel`, when
     /// it resolves, asks the node to stop.
+    ///
+    /// When the entry fails (its stream breaks, ends early or goes silent)
+    /// the turn goes on through the next node this client knows, at most
+    /// [`MAX_CLIENT_ENTRIES_PER_TURN`] entries in all, under the same turn
+    /// id: sent again if nothing had streamed, continued after what had
+    /// (the new entry has the rest generated), or, when the whole answer
+    /// had streamed from its target, kept with its receipt. The text the
+    /// caller sees is the answer's, once.
     pub async fn chat(
         &self,
         ask: Ask,
         mut on_event: impl FnMut(ChatEvent<'_>),
         cancel: impl std::future::Future<Output = ()>,
     ) -> Result<ChatOutcome, ChatError> {
-        let stream = self.net.open_chat(self.peer).await?;
-        let request = ChatRequest {
+        let turn = match ask.turn {
+            Some(t) => t,
+            None => {
+                let mut id = [0u8; 8];
+                getrandom::fill(&mut id).map_err(|e| {
+                    ChatError::Protocol(format!("no randomness for a turn id: {e}"))
+                })?;
+                u64::from_be_bytes(id)
+            }
+        };
+        let mut request = ChatRequest {
             credential: self.identity.credential.clone(),
             model: ask.model,
             conversation: ask.conversation,
             message: ask.message,
             params: ask.params,
             show_prompt: ask.show_prompt,
+            turn: Some(turn),
+            continued: None,
         };
-        let (mut w, mut r) = stream_split(stream);
         let sent_at = Instant::now();
-        w.send(&ClientFrame::Chat(Box::new(request)), self.frame_timeout)
-            .await?;
-        let mut reader = EntryReader::new(true);
-        let mut accepted: Option<Accepted> = None;
-        let mut progress = Progress {
-            stream: AnswerStream::new(zavod_proto::limits::MAX_CLIENT_RESUMES),
-            first: None,
-            last: sent_at,
+        let mut turn_state = TurnState {
+            progress: Progress {
+                stream: AnswerStream::new(zavod_proto::limits::MAX_CLIENT_RESUMES),
+                first: None,
+                last: sent_at,
+            },
+            accepted: None,
+            cancelled: false,
         };
         tokio::pin!(cancel);
-        let mut cancelled = false;
+        let mut entries = 1;
+        loop {
+            let peer = self.peer();
+            let broke = match self
+                .chat_via(peer, &request, &mut turn_state, &mut on_event, &mut cancel)
+                .await
+            {
+                Ok(done) => {
+                    return turn_state
+                        .progress
+                        .outcome(turn_state.accepted, done, sent_at);
+                }
+                Err(b) => b,
+            };
+            let (error, whole) = match broke {
+                Broke::Failed(e) => return Err(e),
+                Broke::Entry(e) => (e, None),
+                Broke::Whole { error, done } => (error, Some(done)),
+            };
+            if turn_state.cancelled || entries >= MAX_CLIENT_ENTRIES_PER_TURN {
+                return Err(error);
+            }
+            entries += 1;
+            let next = match self.reattach(peer).await {
+                Ok(p) => p,
+                Err(why) => {
+                    return Err(ChatError::Protocol(format!(
+                        "{error}; and no other node took the turn over: {why}"
+                    )));
+                }
+            };
+            // The new entry's view of the mesh is the one to fall back on
+            // next.
+            self.learn_peers().await;
+            let reason = error.to_string();
+            on_event(ChatEvent::Reattached {
+                from: peer,
+                to: next,
+                reason: &reason,
+                tokens: turn_state.progress.stream.tokens(),
+            });
+            if let Some(mut done) = whole {
+                done.unrecorded = self.keep(&request, &turn_state, &done).await.err();
+                return turn_state
+                    .progress
+                    .outcome(turn_state.accepted, *done, sent_at);
+            }
+            let stream = &turn_state.progress.stream;
+            request.continued = (stream.tokens() > 0).then(|| Continued {
+                answer: stream.text().to_owned(),
+                tokens: stream.tokens(),
+                ids: stream.ids().to_vec(),
+            });
+        }
+    }
+
+    /// Keeps a turn whose whole answer streamed from its target but whose
+    /// entry failed before keeping it, through the node now attached.
+    /// `Err`: why it is not kept, for the person to be told.
+    async fn keep(
+        &self,
+        request: &ChatRequest,
+        state: &TurnState,
+        done: &DoneInfo,
+    ) -> Result<(), String> {
+        let (Some(conversation), Some(turn), Some(receipt)) = (
+            request.conversation.clone(),
+            request.turn,
+            done.receipt.clone(),
+        ) else {
+            // A one-off answer has no conversation to keep it in.
+            return Ok(());
+        };
+        let op = MemoryOp::Keep {
+            conversation,
+            turn,
+            message: request.message.clone(),
+            answer: state.progress.stream.text().to_owned(),
+            receipt: Box::new(receipt),
+        };
+        match self.memory(op).await {
+            Ok(MemoryReply::Kept { .. }) => Ok(()),
+            Ok(other) => Err(format!(
+                "the answer is whole, but its entry failed and the next node answered {other:?} \
+                 when asked to keep the turn"
+            )),
+            Err(e) => Err(format!(
+                "the answer is whole, but its entry failed before keeping the turn, and the next \
+                 node could not keep it ({e}); the next turn will not see it"
+            )),
+        }
+    }
+
+    /// One entry's part of a turn: send the request to `peer` and stream
+    /// what it (or a target it redirects to) answers, until `Done`.
+    async fn chat_via(
+        &self,
+        peer: PeerId,
+        request: &ChatRequest,
+        state: &mut TurnState,
+        on_event: &mut impl FnMut(ChatEvent<'_>),
+        cancel: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<DoneInfo, Broke> {
+        let stream = self.net.open_chat(peer).await?;
+        let (mut w, mut r) = stream_split(stream);
+        w.send(
+            &ClientFrame::Chat(Box::new(request.clone())),
+            self.frame_timeout,
+        )
+        .await?;
+        let mut reader = EntryReader::new(true);
+        let progress = &mut state.progress;
         loop {
             let frame = tokio::select! {
                 f = tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>()) => f
                     .map_err(|_| NetError::Timeout { what: "waiting for the answer".into(), ms: self.frame_timeout.as_millis() as u64 })??,
-                () = &mut cancel, if !cancelled => {
-                    cancelled = true;
+                () = cancel.as_mut(), if !state.cancelled => {
+                    state.cancelled = true;
                     w.send(&ClientFrame::Cancel, self.frame_timeout).await?;
                     continue;
                 }
             };
-            match reader.read(frame)? {
+            match reader.read(frame).map_err(ChatError::from)? {
                 Read::Accepted { accepted: a, .. } => {
                     on_event(ChatEvent::Accepted(&a));
-                    accepted = Some(*a);
+                    // The first entry's word stands for the turn.
+                    state.accepted.get_or_insert(*a);
                 }
                 Read::Redirect(redirect) => {
-                    match self
-                        .run_remote(&redirect, &mut on_event, &mut progress)
-                        .await
-                    {
+                    match self.run_remote(&redirect, on_event, progress).await {
                         Ok(mut done) => {
                             let receipt = done.receipt.clone().ok_or_else(|| {
-                                ChatError::Protocol("the target sent no receipt".into())
+                                Broke::Failed(ChatError::Protocol(
+                                    "the target sent no receipt".into(),
+                                ))
                             })?;
-                            w.send(
-                                &ClientFrame::Finished {
-                                    answer: progress.stream.text().to_owned(),
-                                    receipt: Box::new(receipt),
-                                },
-                                self.frame_timeout,
-                            )
-                            .await?;
-                            // The entry closes the stream once the turn is
-                            // recorded, or says first why it could not be.
-                            if let Ok(Ok(Some(ServerFrame::Error(e)))) =
-                                tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>())
-                                    .await
-                            {
-                                done.unrecorded = Some(e.message);
+                            let finished = ClientFrame::Finished {
+                                answer: progress.stream.text().to_owned(),
+                                receipt: Box::new(receipt),
+                            };
+                            if let Err(e) = w.send(&finished, self.frame_timeout).await {
+                                return Err(Broke::Whole {
+                                    error: e.into(),
+                                    done: Box::new(done),
+                                });
                             }
-                            return progress.outcome(accepted, done, sent_at);
+                            // The entry closes the stream once the turn is
+                            // recorded, or says first why it could not be;
+                            // a stream that breaks instead leaves it unknown.
+                            match tokio::time::timeout(self.frame_timeout, r.recv::<ServerFrame>())
+                                .await
+                            {
+                                Ok(Ok(None)) => {}
+                                Ok(Ok(Some(ServerFrame::Error(e)))) => {
+                                    done.unrecorded = Some(e.message)
+                                }
+                                Ok(Ok(Some(_))) => {
+                                    return Err(Broke::Failed(ChatError::Protocol(
+                                        "a frame after the answer was done".into(),
+                                    )));
+                                }
+                                Ok(Err(e)) => {
+                                    return Err(Broke::Whole {
+                                        error: e.into(),
+                                        done: Box::new(done),
+                                    });
+                                }
+                                Err(_) => {
+                                    let error = NetError::Timeout {
+                                        what: "waiting for the entry to keep the turn".into(),
+                                        ms: self.frame_timeout.as_millis() as u64,
+                                    };
+                                    return Err(Broke::Whole {
+                                        error: error.into(),
+                                        done: Box::new(done),
+                                    });
+                                }
+                            }
+                            return Ok(done);
                         }
                         Err(e) => {
                             let decision = match &e {
@@ -435,21 +766,18 @@ impl ChatClient {
                                 ChatError::Refused { .. } => progress.stream.on_failure(true),
                                 _ => progress.stream.on_failure(false),
                             };
-                            match decision {
+                            let reason = e.to_string();
+                            let frame = match decision {
                                 // All its slots were busy: the entry places
                                 // the answer elsewhere.
                                 OnFailure::Full => {
-                                    let reason = e.to_string();
                                     on_event(ChatEvent::Full { reason: &reason });
-                                    w.send(&ClientFrame::Full { reason }, self.frame_timeout)
-                                        .await?;
+                                    ClientFrame::Full { reason }
                                 }
                                 // Not reachable from here: ask the entry to relay.
                                 OnFailure::Relay => {
-                                    let reason = e.to_string();
                                     on_event(ChatEvent::Relayed { reason: &reason });
-                                    w.send(&ClientFrame::Relay { reason }, self.frame_timeout)
-                                        .await?;
+                                    ClientFrame::Relay { reason }
                                 }
                                 // A target that died or stalled is replaced.
                                 OnFailure::Resume(ResumeRequest {
@@ -457,34 +785,37 @@ impl ChatClient {
                                     tokens,
                                     ids,
                                 }) => {
-                                    let reason = e.to_string();
                                     on_event(ChatEvent::Resuming {
                                         reason: &reason,
                                         tokens,
                                     });
-                                    w.send(
-                                        &ClientFrame::Resume {
-                                            reason,
-                                            answer,
-                                            tokens,
-                                            ids,
-                                        },
-                                        self.frame_timeout,
-                                    )
-                                    .await?;
+                                    ClientFrame::Resume {
+                                        reason,
+                                        answer,
+                                        tokens,
+                                        ids,
+                                    }
                                 }
-                                OnFailure::GiveUp => return Err(e),
-                            }
+                                OnFailure::GiveUp => return Err(Broke::Failed(e)),
+                            };
+                            w.send(&frame, self.frame_timeout).await?;
                         }
                     }
                 }
                 Read::Token { index, text: t, id } => {
-                    progress.token(Source::Entry, index, &t, id, &mut on_event)?
+                    progress.token(Source::Entry, index, &t, id, on_event)?
                 }
-                Read::Done(done) => return progress.outcome(accepted, done, sent_at),
+                Read::Done(done) => return Ok(done),
             }
         }
     }
+}
+
+/// One turn's state across the entries it goes through.
+struct TurnState {
+    progress: Progress,
+    accepted: Option<Accepted>,
+    cancelled: bool,
 }
 
 /// Who a token came from: the entry counts in the whole answer, a target

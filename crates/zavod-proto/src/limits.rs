@@ -8,8 +8,24 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// The most bytes a chat message from a client may have.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
+/// The most entries one chat turn goes through: when its entry fails, a
+/// client sends the turn on through another node it knows, this many
+/// times in all.
+pub const MAX_CLIENT_ENTRIES_PER_TURN: u32 = 4;
+
+/// The most node addresses a client keeps to fall back on (those it was
+/// given, then those it learned from the mesh).
+pub const MAX_CLIENT_KNOWN_PEERS: usize = 32;
+
 /// The most tokens one request may ask to generate.
 pub const MAX_TOKENS_PER_REQUEST: u32 = 32_768;
+
+// A chat request carries a message, and, when its turn is continued after
+// its entry failed, an answer as long and one id per token, with room for
+// the credential and the receipt.
+const _: () = assert!(
+    2 * MAX_MESSAGE_BYTES + 4 * MAX_TOKENS_PER_REQUEST as usize + 64 * 1024 <= MAX_FRAME_BYTES
+);
 
 /// The most single-use grant ids a node remembers; older ones have expired
 /// long before this fills under any sane grant lifetime.

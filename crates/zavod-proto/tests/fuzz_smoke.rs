@@ -145,6 +145,8 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                         message: "hello".into(),
                         params: GenParams::default(),
                         show_prompt: false,
+                        turn: None,
+                        continued: None,
                     }))),
                     encode(&ClientFrame::Cancel),
                     encode(&MemoryRequest {

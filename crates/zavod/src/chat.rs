@@ -58,6 +58,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             conversation,
             params,
             show_prompt: args.show_prompt,
+            turn: None,
         };
         let outcome = on_worker(&rt, turn(client, ask, args.show_prompt, args.verbose))?;
         let mut out = std::io::stdout().lock();
@@ -86,12 +87,12 @@ pub(crate) fn connect(
         .build()
         .context("starting the async runtime")?;
     let client = rt
-        .block_on(ChatClient::connect(
+        .block_on(ChatClient::connect_any(
             identity,
             at.peer.clone(),
             zavod_net::NetConfig::client(at.psk_file.as_deref())?,
         ))
-        .with_context(|| format!("connecting to {}", at.peer))?;
+        .with_context(|| format!("connecting to {}", at.peers()))?;
     Ok((rt, client, dir))
 }
 
@@ -140,6 +141,16 @@ async fn turn(
                 ChatEvent::Resuming { reason, tokens } => {
                     eprintln!(
                         "[the serving node failed after {tokens} tokens ({reason}); resuming on another node]"
+                    );
+                }
+                ChatEvent::Reattached {
+                    from,
+                    to,
+                    reason,
+                    tokens,
+                } => {
+                    eprintln!(
+                        "[the node this chat went through, {from}, failed after {tokens} tokens ({reason}); going on through {to}]"
                     );
                 }
                 ChatEvent::Token { text, .. } => {
@@ -196,6 +207,14 @@ fn interactive(
         Some(c) => c,
         None => new_conversation()?,
     };
+    // Other members to fall back on if this node fails.
+    let learned = on_worker(rt, {
+        let client = client.clone();
+        async move { Ok(client.learn_peers().await) }
+    })?;
+    if args.verbose {
+        eprintln!("[{learned} more node addresses learned from the mesh]");
+    }
     eprintln!(
         "connected to {} — conversation {conversation}. /new starts over, /quit leaves; Ctrl-C stops an answer.",
         client.peer()
@@ -233,6 +252,7 @@ fn interactive(
             conversation: Some(conversation.clone()),
             params: params.clone(),
             show_prompt: args.show_prompt,
+            turn: None,
         };
         match on_worker(
             rt,

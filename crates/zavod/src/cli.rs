@@ -80,9 +80,12 @@ pub enum MemoryCommand {
 /// The node a client attaches to, and who the client is.
 #[derive(Debug, Args)]
 pub struct Attach {
-    /// The node to talk to: a multiaddr, with or without /p2p/PEER_ID, or host:port.
-    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, default_value = "127.0.0.1:7070")]
-    pub peer: Multiaddr,
+    /// The node to talk to: a multiaddr, with or without /p2p/PEER_ID, or
+    /// host:port. Repeat it (or separate addresses with commas) to name
+    /// nodes to fall back on, in order: the first that answers as a member
+    /// is used, and a chat goes on through the next when its node fails.
+    #[arg(long, env = "ZAVOD_PEER", value_name = "ADDR", value_parser = parse_peer, value_delimiter = ',', default_value = "127.0.0.1:7070")]
+    pub peer: Vec<Multiaddr>,
     /// Data directory holding this user's key and credential.
     #[arg(long, env = "ZAVOD_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -92,6 +95,14 @@ pub struct Attach {
     /// The private mesh's pre-shared key, when the node uses one.
     #[arg(long, env = "ZAVOD_PSK_FILE", value_name = "FILE")]
     pub psk_file: Option<PathBuf>,
+}
+
+impl Attach {
+    /// The addresses named, for messages.
+    pub fn peers(&self) -> String {
+        let all: Vec<String> = self.peer.iter().map(ToString::to_string).collect();
+        all.join(", ")
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -41,14 +41,27 @@ pub fn run(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply = rt
-        .block_on(zavod_node::client::ask_status(
-            &key,
-            args.at.peer.clone(),
-            zavod_net::NetConfig::client(args.at.psk_file.as_deref())?,
-            &request,
-        ))
-        .with_context(|| format!("asking {} for status", args.at.peer))?;
+    // The first node named that answers.
+    let mut reply = None;
+    for (i, peer) in args.at.peer.iter().enumerate() {
+        let asked = rt
+            .block_on(zavod_node::client::ask_status(
+                &key,
+                peer.clone(),
+                zavod_net::NetConfig::client(args.at.psk_file.as_deref())?,
+                &request,
+            ))
+            .with_context(|| format!("asking {peer} for status"));
+        match asked {
+            Ok(r) => {
+                reply = Some(r);
+                break;
+            }
+            Err(e) if i + 1 == args.at.peer.len() => return Err(e),
+            Err(e) => eprintln!("warning: {e:#}; asking the next node"),
+        }
+    }
+    let reply = reply.flatten();
     let (entry, mut rows, dropped) = match reply {
         Some(StatusReply::Mesh {
             entry,

@@ -86,6 +86,9 @@ pub enum MemoryMsg {
         /// one, only its system messages are kept, ahead of the stored turns.
         supplied: Vec<(Role, String)>,
         message: String,
+        /// The client's id for the turn, when it gave one: a turn sent
+        /// again is not its own history.
+        turn: Option<u64>,
         answer_tokens: u32,
         /// Context of the model that will answer.
         context_tokens: u32,
@@ -135,6 +138,7 @@ impl Actor for MemoryKeeper {
                 key,
                 supplied,
                 message,
+                turn,
                 answer_tokens,
                 context_tokens,
                 reply,
@@ -154,6 +158,7 @@ impl Actor for MemoryKeeper {
                             held,
                             supplied,
                             message,
+                            turn,
                             answer_tokens,
                             context_tokens,
                         )
@@ -276,6 +281,69 @@ async fn delete(shared: &Arc<NodeShared>, key: &ConvKey) -> Result<bool, ErrorFr
     }
 }
 
+/// Keeps a turn whose whole answer a target signed for but whose entry
+/// failed before keeping it: the receipt must be a member's, for this
+/// holder and this answer. Returns whether the turn was already kept.
+async fn keep(
+    shared: &Arc<NodeShared>,
+    key: &ConvKey,
+    turn: u64,
+    message: String,
+    answer: String,
+    receipt: &zavod_proto::trust::Receipt,
+) -> Result<bool, ErrorFrame> {
+    let bad = |m: String| error_frame(ErrorCode::BadRequest, m);
+    let body = receipt
+        .verify(&receipt.signer, receipt.body.request, &answer)
+        .map_err(|e| bad(format!("the answer's receipt does not hold: {e}")))?;
+    if body.client != key.owner {
+        return Err(bad("the answer's receipt is for another client".into()));
+    }
+    let (alive, _) = replication::members(shared).await?;
+    if !alive.contains(&receipt.signer) {
+        return Err(bad(format!(
+            "the answer's receipt is signed by {}, not a member this node knows alive",
+            receipt.signer.short()
+        )));
+    }
+    let tokens = body.generated_tokens;
+    check_room(shared, key)?;
+    let held = replication::read(shared, key, false).await?;
+    if held.entries.iter().any(|e| e.stamp.id == turn) {
+        return Ok(true);
+    }
+    let entry = Entry {
+        stamp: zavod_proto::memory::Stamp {
+            seq: zavod_proto::memory::next_seq(
+                held.entries.last().map(|e| e.stamp.seq),
+                crate::clock::now_ms(),
+            ),
+            id: turn,
+        },
+        turns: vec![
+            Turn {
+                role: Role::User,
+                // The receipt does not say the model: estimated on the
+                // safe side.
+                tokens: zavod_proto::chat::prompt::estimate_tokens(&message),
+                text: message,
+            },
+            Turn {
+                role: Role::Assistant,
+                tokens,
+                text: answer,
+            },
+        ],
+    };
+    match replication::write(shared, key, held.floor, vec![entry]).await? {
+        Written::Acked => Ok(false),
+        Written::Deleted => Err(error_frame(
+            ErrorCode::Forbidden,
+            "the conversation was deleted while this turn was answered",
+        )),
+    }
+}
+
 /// One holder's operation on its own conversations, over the mesh.
 async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryReply {
     let key = |conversation| ConvKey {
@@ -338,6 +406,16 @@ async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryRep
             },
             Err(e) => refused(e),
         },
+        MemoryOp::Keep {
+            conversation,
+            turn,
+            message,
+            answer,
+            receipt,
+        } => match keep(shared, &key(conversation), turn, message, answer, &receipt).await {
+            Ok(already) => MemoryReply::Kept { already },
+            Err(e) => refused(e),
+        },
         MemoryOp::DeleteAll => {
             let mut deleted = 0u32;
             // Each round takes every one listed, so one round empties the
@@ -371,6 +449,7 @@ fn prepare(
     held: Option<Held>,
     supplied: Vec<(Role, String)>,
     message: String,
+    turn_id: Option<u64>,
     answer_tokens: u32,
     context_tokens: u32,
 ) -> Result<PreparedPrompt, ErrorFrame> {
@@ -393,7 +472,14 @@ fn prepare(
                 .filter(|(role, _)| *role == Role::System)
                 .map(|(role, text)| turn(role, text))
                 .collect();
-            let stored: Vec<Turn> = held.entries.into_iter().flat_map(|e| e.turns).collect();
+            // A turn sent again after its entry failed may already be
+            // kept under its id: it is being answered, not history.
+            let stored: Vec<Turn> = held
+                .entries
+                .into_iter()
+                .filter(|e| Some(e.stamp.id) != turn_id)
+                .flat_map(|e| e.turns)
+                .collect();
             let max = shared.config.memory.max_history_turns;
             h.extend(stored[stored.len().saturating_sub(max)..].iter().cloned());
             if !exact {
@@ -415,13 +501,19 @@ fn prepare(
     };
     let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
-    let mut id = [0u8; 8];
-    getrandom::fill(&mut id).map_err(|e| {
-        error_frame(
-            ErrorCode::Internal,
-            format!("no randomness for a turn id: {e}"),
-        )
-    })?;
+    let entry_id = match turn_id {
+        Some(id) => id,
+        None => {
+            let mut id = [0u8; 8];
+            getrandom::fill(&mut id).map_err(|e| {
+                error_frame(
+                    ErrorCode::Internal,
+                    format!("no randomness for a turn id: {e}"),
+                )
+            })?;
+            u64::from_be_bytes(id)
+        }
+    };
     Ok(PreparedPrompt {
         turns: assembled.turns,
         history_turns: assembled.history_turns,
@@ -429,6 +521,6 @@ fn prepare(
         user_turn,
         floor,
         newest_seq,
-        entry_id: u64::from_be_bytes(id),
+        entry_id,
     })
 }

@@ -263,7 +263,32 @@ pub(super) fn chat_request(
         message,
         params,
         show_prompt: false,
+        turn: turn_of(headers)?,
+        continued: None,
     })
+}
+
+/// The turn id a client's `Idempotency-Key` header names: a request sent
+/// again with the same key (to this node or another, after a failure) is
+/// one turn of its conversation, kept once.
+fn turn_of(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::bad_field(
+                "Idempotency-Key",
+                "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    let h = zavod_proto::trust::prompt_hash(key);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&h[..8]);
+    Ok(Some(u64::from_be_bytes(id)))
 }
 
 // ---------- running a request ----------

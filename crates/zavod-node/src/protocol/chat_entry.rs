@@ -38,6 +38,7 @@ use zavod_proto::NodeId;
 use zavod_proto::chat::entry::{
     AttemptId, ClientInput, Entry, EntryConfig, EntryRequest, Output, Placed, RunToken,
 };
+use zavod_proto::chat::failover::ResumeRequest;
 use zavod_proto::chat::prompt::{Role, Turn, affinity_key, run_hash};
 use zavod_proto::limits::{MAX_FAILED_TARGETS, MAX_FULL_TARGETS, REPORT_GRACE_MS};
 use zavod_proto::wire::{
@@ -151,6 +152,11 @@ pub(crate) async fn serve_entry(
     client: &mut impl ClientSide,
 ) -> Result<(), ErrorFrame> {
     let show_prompt = request.show_prompt;
+    let continued = request.continued.clone().map(|c| ResumeRequest {
+        answer: c.answer,
+        tokens: c.tokens,
+        ids: c.ids,
+    });
     let (admission, params, prepared) =
         match admit_and_assemble(shared, client_id, request, supplied).await {
             Ok(p) => p,
@@ -178,6 +184,7 @@ pub(crate) async fn serve_entry(
         prompt_display: show_prompt
             .then(|| prepared.display(shared.model(&admission.model).map(|m| &**m))),
         membership: shared.membership(),
+        continued,
     };
     let mut pump = Pump {
         shared: Arc::clone(shared),
@@ -631,6 +638,7 @@ async fn admit_and_assemble(
     let dir = &shared.directory;
     let mut params = request.params.clone();
     let message = request.message.clone();
+    let turn = request.turn;
     let admission: Admission = call(dir.get().router, "the router", |reply| RouterMsg::Admit {
         client,
         request: Box::new(request),
@@ -643,6 +651,7 @@ async fn admit_and_assemble(
         key: admission.conversation.clone(),
         supplied,
         message,
+        turn,
         answer_tokens: admission.max_tokens,
         context_tokens: admission.context_tokens,
         reply,

@@ -72,6 +72,8 @@ pub(crate) async fn embed(
             ..GenParams::default()
         },
         show_prompt: false,
+        turn: None,
+        continued: None,
     };
     let admission: Admission = call(shared.directory.get().router, "the router", |reply| {
         RouterMsg::Admit {

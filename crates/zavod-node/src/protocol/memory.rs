@@ -1,5 +1,5 @@
 //! The memory protocol: a credential holder lists, exports or deletes its
-//! own conversations on this node. The credential must verify, be the
+//! own conversations on this node, or keeps a turn whose entry failed. The credential must verify, be the
 //! stream's own key's and not be revoked; the holder's key is then the
 //! only owner the request can reach. The work is done by the MemoryKeeper,
 //! so a deletion is ordered with the turns being recorded. The HTTP API's
@@ -27,7 +27,10 @@ pub(super) async fn serve_memory(
     let wt = Duration::from_millis(shared.config.limits.write_timeout_ms);
     let reply = match first_frame::<MemoryRequest>(reader, first).await {
         Ok(Some(req)) => match holder(shared, &req.credential, &client) {
-            Ok(owner) => own(shared, owner, req.op).await,
+            Ok(owner) => match req.op.check() {
+                Ok(()) => own(shared, owner, req.op).await,
+                Err(m) => MemoryReply::Refused(error_frame(ErrorCode::BadRequest, m)),
+            },
             Err(e) => MemoryReply::Refused(e),
         },
         Ok(None) => return,

@@ -28,7 +28,8 @@
 //!   no breaker; after `max_full_targets` turn-aways the next run may wait
 //!   in its target's queue, so an answer is turned away a bounded number
 //!   of times;
-//! - only the entry sets resume tokens (from what failed targets streamed);
+//! - only the entry sets resume tokens (from what failed targets streamed,
+//!   or what an entry that failed had streamed of the answer);
 //! - a finished answer is booked by one rule ([`Resumption::book`]), and
 //!   its turn is recorded before the client is told it is done;
 //! - every wait ends by the answer's deadline.
@@ -89,6 +90,9 @@ pub struct EntryRequest {
     pub prompt_display: Option<String>,
     /// This node's membership, vouching for its grants at targets.
     pub membership: Option<Membership>,
+    /// What an entry that failed had streamed of this answer (the
+    /// client's word, as with a resume): the rest is generated after it.
+    pub continued: Option<ResumeRequest>,
 }
 
 /// A target the placer chose, with the grant minted for it.
@@ -300,6 +304,12 @@ impl Entry {
             close_sent: false,
             out: VecDeque::new(),
         };
+        if let Some(r) = e.req.continued.take()
+            && let Err(err) = e.so_far.continue_from(r)
+        {
+            e.refuse(format!("cannot continue this answer: {err}"));
+            return e;
+        }
         e.place_next();
         e
     }

@@ -7,7 +7,7 @@
 //! checks every output; they share the mesh fixture above.
 
 use super::*;
-use crate::chat::failover::{AnswerStream, OnFailure};
+use crate::chat::failover::{AnswerStream, OnFailure, ResumeRequest};
 use crate::trust::{
     Authority, GrantBody, Keypair, MembershipBody, ReceiptBody, mint_grant, prompt_hash,
     sign_receipt,
@@ -72,6 +72,7 @@ impl Mesh {
             history_turns: 0,
             prompt_display: None,
             membership: Some(self.membership.clone()),
+            continued: None,
         };
         Entry::new(config, req, 0)
     }
@@ -571,6 +572,85 @@ fn a_local_run_after_a_resume_counts_on() {
         &outs[1],
         Output::Transmit(ServerFrame::Token { index: 4, .. })
     ));
+}
+
+/// A turn continued after its entry failed: the new entry places the rest
+/// after what had streamed (resume tokens, what is left of the budget,
+/// indices counting on) and keeps the whole answer; a continuation that
+/// leaves nothing to generate, or whose ids do not match, is refused.
+#[test]
+fn an_answer_continued_from_a_failed_entry_counts_on_and_is_kept_whole() {
+    let mut mesh = Mesh::new();
+    let continued = |n: u32| ResumeRequest {
+        answer: text(0, n),
+        tokens: n,
+        ids: (0..n as i32).collect(),
+    };
+    let mut e = {
+        let mut e = mesh.entry(true, 10);
+        drain(&mut e);
+        e.req.continued = Some(continued(4));
+        // Built again with the continuation, as the node builds it.
+        Entry::new(e.config.clone(), e.req.clone(), 0)
+    };
+    let (a0, holder, exclude, params) = place_of(&drain(&mut e)).expect("placed");
+    assert_eq!(holder, mesh.client);
+    assert!(exclude.is_empty(), "no target is known to have failed");
+    assert_eq!(params.resume_tokens, (0..4).collect::<Vec<i32>>());
+    assert_eq!(params.max_tokens, 6);
+    let me = mesh.me();
+    let p0 = mesh.placed(me, mesh.client);
+    e.handle_placed(a0, Ok(p0), 1);
+    drain(&mut e);
+    e.handle_started(a0, 2);
+    e.handle_tokens(a0, tokens(0, 2), 3);
+    let outs = drain(&mut e);
+    assert!(matches!(
+        &outs[1],
+        Output::Transmit(ServerFrame::Token { index: 4, .. })
+    ));
+    e.handle_done(
+        a0,
+        DoneInfo {
+            stop: StopReason::EndOfGeneration,
+            prompt_tokens: 3,
+            cached_tokens: 0,
+            generated_tokens: 2,
+            first_token_ms: 1.0,
+            decode_tokens_per_s: 1.0,
+            finished_at_ms: 4,
+            receipt: None,
+            unrecorded: None,
+        },
+        4,
+    );
+    let outs = drain(&mut e);
+    let kept = outs.iter().find_map(|o| match o {
+        Output::Record { answer, tokens } => Some((answer.clone(), *tokens)),
+        _ => None,
+    });
+    assert_eq!(kept, Some((text(0, 4) + &text(0, 2), 6)));
+
+    for bad in [
+        continued(10),
+        ResumeRequest {
+            ids: vec![1],
+            ..continued(3)
+        },
+    ] {
+        let mut e = mesh.entry(true, 10);
+        drain(&mut e);
+        e.req.continued = Some(bad);
+        let mut e = Entry::new(e.config.clone(), e.req.clone(), 0);
+        let outs = drain(&mut e);
+        assert!(place_of(&outs).is_none(), "nothing is placed: {outs:?}");
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::Transmit(ServerFrame::Error(f))
+                if f.code == ErrorCode::BadRequest && f.message.contains("cannot continue"))),
+            "{outs:?}"
+        );
+    }
 }
 
 /// Targets that say they are full (a relayed run, a redirected client, a

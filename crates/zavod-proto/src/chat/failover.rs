@@ -206,6 +206,20 @@ impl Resumption {
     /// [`Resumption::params`].
     pub fn on_resume(&mut self, target: NodeId, r: ResumeRequest) -> Result<(), ResumeError> {
         self.check_room()?;
+        self.take(r)?;
+        self.failed.push(target);
+        Ok(())
+    }
+
+    /// The answer was begun through an entry that failed, which streamed
+    /// `r` of it: this entry has the rest generated after it. No target
+    /// is known to have failed (the entry did).
+    pub fn continue_from(&mut self, r: ResumeRequest) -> Result<(), ResumeError> {
+        self.take(r)
+    }
+
+    /// Takes `r` as the answer so far, if it extends what was known.
+    fn take(&mut self, r: ResumeRequest) -> Result<(), ResumeError> {
         if r.tokens < self.tokens {
             return Err(ResumeError::Shrunk {
                 got: r.tokens,
@@ -222,7 +236,6 @@ impl Resumption {
             });
         }
         self.check_budget(r.tokens)?;
-        self.failed.push(target);
         self.answer = r.answer;
         self.tokens = r.tokens;
         self.ids = r.ids;

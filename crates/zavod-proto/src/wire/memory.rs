@@ -1,5 +1,7 @@
 //! The memory protocol: a credential holder's own conversations on the
-//! node it asks: list them, export one page by page, delete one or all.
+//! node it asks: list them, export one page by page, delete one or all,
+//! and keep a turn whose answer is whole but whose entry failed before
+//! keeping it.
 //! The credential must name the key the stream is authenticated with, so
 //! one holder can never reach another's conversations.
 //!
@@ -9,8 +11,8 @@
 
 use crate::chat::prompt::Turn;
 use crate::ids::ConversationId;
-use crate::limits::{MAX_EXPORT_PAGE_BYTES, MAX_LISTED_CONVERSATIONS};
-use crate::trust::Credential;
+use crate::limits::{MAX_EXPORT_PAGE_BYTES, MAX_LISTED_CONVERSATIONS, MAX_MESSAGE_BYTES};
+use crate::trust::{Credential, Receipt};
 use crate::wire::ErrorFrame;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +36,38 @@ pub enum MemoryOp {
     Delete { conversation: ConversationId },
     /// Forget every conversation of the holder.
     DeleteAll,
+    /// Keep the turn `turn` of a conversation: `message` and its whole
+    /// `answer`, which a target streamed and signed `receipt` for, but
+    /// whose entry failed before keeping it. Kept once: a turn already
+    /// held under that id stays as it is.
+    Keep {
+        conversation: ConversationId,
+        turn: u64,
+        message: String,
+        answer: String,
+        receipt: Box<Receipt>,
+    },
+}
+
+impl MemoryOp {
+    /// Checks a request's bounds before the node acts on it.
+    pub fn check(&self) -> Result<(), String> {
+        if let MemoryOp::Keep {
+            message, answer, ..
+        } = self
+            && (message.is_empty()
+                || message.len() > MAX_MESSAGE_BYTES
+                || answer.len() > MAX_MESSAGE_BYTES)
+        {
+            return Err(format!(
+                "a kept turn's message (1 to {MAX_MESSAGE_BYTES} bytes) and answer (at most \
+                 {MAX_MESSAGE_BYTES}) have {} and {} bytes",
+                message.len(),
+                answer.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The node's answer.
@@ -54,6 +88,10 @@ pub enum MemoryReply {
     /// How many conversations were forgotten.
     Deleted {
         conversations: u32,
+    },
+    /// The turn is kept (`already`: it was, under its id).
+    Kept {
+        already: bool,
     },
     Refused(ErrorFrame),
 }

@@ -248,6 +248,51 @@ pub struct ChatRequest {
     pub params: GenParams,
     /// Ask the node to send back the assembled prompt (for debugging).
     pub show_prompt: bool,
+    /// The client's id for this turn. A turn sent again (through this
+    /// node or another, after its entry failed) carries the same id, and
+    /// its conversation keeps it once; `None` lets the entry choose one.
+    pub turn: Option<u64>,
+    /// The answer was begun through an entry that failed: what had
+    /// streamed of it there.
+    pub continued: Option<Continued>,
+}
+
+/// What had streamed of a turn's answer when its entry failed, for the
+/// entry the turn is sent to next, which has the rest generated after it.
+/// (A whole answer whose entry failed before keeping it is kept with the
+/// memory protocol's `Keep`.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Continued {
+    pub answer: String,
+    pub tokens: u32,
+    /// One id per token.
+    pub ids: Vec<i32>,
+}
+
+impl Continued {
+    pub fn check(&self) -> Result<(), String> {
+        if self.ids.len() != self.tokens as usize {
+            return Err(format!(
+                "{} token ids for {} tokens",
+                self.ids.len(),
+                self.tokens
+            ));
+        }
+        if self.tokens == 0 || self.tokens >= MAX_TOKENS_PER_REQUEST {
+            return Err(format!(
+                "a continued answer has 1 to {} tokens, not {}",
+                MAX_TOKENS_PER_REQUEST - 1,
+                self.tokens
+            ));
+        }
+        if self.answer.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "a continued answer of {} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+                self.answer.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ChatRequest {
@@ -271,6 +316,9 @@ impl ChatRequest {
         // computed for free.
         if !self.params.resume_tokens.is_empty() {
             return Err("resume_tokens are set by the entry node, never by a client".into());
+        }
+        if let Some(c) = &self.continued {
+            c.check()?;
         }
         self.params.check()
     }
@@ -554,6 +602,8 @@ mod tests {
             message: "hi".into(),
             params: GenParams::default(),
             show_prompt: false,
+            turn: None,
+            continued: None,
         }
     }
 

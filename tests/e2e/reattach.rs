@@ -1,0 +1,521 @@
+//! A chat outlives the node it goes through: `zavod chat`, given several
+//! nodes and learning the rest from the mesh, goes on through another one
+//! when its entry is killed with SIGKILL before, during or after an
+//! answer, and the conversation has every turn once, its answers whole.
+//! Over HTTP, a turn sent again to another node with its `Idempotency-Key`
+//! is answered from the same history and kept once.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use zavod_tests::{
+    NodeProc, cap_issue, chat_model_path, exported_turns, invite_for, member_state, status_json,
+    wait_until, zavod,
+};
+
+/// The chat model: it counts when asked to, which the test model does not
+/// once a conversation has begun.
+fn model() -> String {
+    chat_model_path().to_str().expect("utf8").to_string()
+}
+
+/// Three nodes with the chat model (so every conversation has three
+/// replicas); A without it when `entry_only`.
+fn three_nodes(root: &Path, http: bool, entry_only: bool) -> Vec<NodeProc> {
+    let model = model();
+    let mut extra = vec!["--model", &model, "--threads", "1"];
+    if http {
+        extra.extend(["--http", "127.0.0.1:0"]);
+    }
+    let a = NodeProc::start(&root.join("a"), if entry_only { &[] } else { &extra });
+    let token = invite_for(&root.join("a"), 2);
+    let join = |name: &str| {
+        let mut args = vec!["--join", &token];
+        args.extend(&extra);
+        NodeProc::start(&root.join(name), &args)
+    };
+    let nodes = vec![a, join("b"), join("c")];
+    all_alive(root, &nodes);
+    nodes
+}
+
+/// Waits until every node sees every other alive.
+fn all_alive(root: &Path, nodes: &[NodeProc]) {
+    for n in nodes {
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let s = status_json(&root.join("a"), &n.addr);
+                nodes
+                    .iter()
+                    .all(|m| member_state(&s, &m.peer_id).as_deref() == Some("alive"))
+            })
+            .is_some(),
+            "all three alive in {}'s view",
+            n.peer_id
+        );
+    }
+}
+
+/// An interactive `zavod chat`, its input piped, its output read as it
+/// comes.
+struct Chat {
+    child: Child,
+    stdin: ChildStdin,
+    out: mpsc::Receiver<Vec<u8>>,
+    err: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+/// What one turn showed.
+struct Said {
+    /// The answer as printed.
+    text: String,
+    /// stderr lines from the turn's sending to its report.
+    lines: Vec<String>,
+}
+
+impl Said {
+    /// The node the chat said it went on through, if it did.
+    fn went_on_through(&self) -> Option<String> {
+        self.lines.iter().rev().find_map(|l| {
+            l.split("going on through ")
+                .nth(1)
+                .map(|r| r.trim_end_matches(']').to_string())
+        })
+    }
+
+    fn prompt(&self) -> String {
+        let all = self.lines.join("\n");
+        all.split("--- prompt ---")
+            .last()
+            .and_then(|p| p.split("--- end of prompt ---").next())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Chat {
+    fn start(dir: &Path, peers: &[&str], args: &[&str]) -> Chat {
+        let mut cmd = zavod();
+        cmd.arg("chat");
+        for p in peers {
+            cmd.args(["--peer", p]);
+        }
+        let mut child = cmd
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn zavod chat");
+        let (err_tx, err) = mpsc::channel();
+        let e = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(e).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let (out_tx, out) = mpsc::channel();
+        let mut o = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = o.read(&mut buf) {
+                if n == 0 || out_tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take().expect("stdin");
+        Chat {
+            child,
+            stdin,
+            out,
+            err,
+            log: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to the chat");
+        self.stdin.flush().expect("flush the chat's input");
+    }
+
+    /// The next stderr line, within `wait`.
+    fn next_line(&mut self, wait: Duration) -> String {
+        match self.err.recv_timeout(wait) {
+            Ok(l) => {
+                self.log.push(l.clone());
+                l
+            }
+            Err(_) => panic!(
+                "the chat said nothing more within {wait:?}:\n{}",
+                self.log.join("\n")
+            ),
+        }
+    }
+
+    /// Reads stdout until at least `bytes` more bytes came.
+    fn printed(&mut self, bytes: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < bytes {
+            got.extend(
+                self.out
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the chat printed too little"),
+            );
+        }
+        got
+    }
+
+    /// Waits for the end of the turn under way (its report), then returns
+    /// what it printed after `head` and what it said on stderr.
+    fn finish(&mut self, mut head: Vec<u8>) -> Said {
+        let mut lines = Vec::new();
+        loop {
+            let l = self.next_line(Duration::from_secs(120));
+            assert!(
+                !l.starts_with("error:"),
+                "the turn failed:\n{}",
+                self.log.join("\n")
+            );
+            let done = l.starts_with("[served by ") && l.contains("prompt tokens");
+            lines.push(l);
+            if done {
+                break;
+            }
+        }
+        // The answer's last bytes, and a warning, may trail its report by
+        // a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        head.extend(self.out.try_iter().flatten());
+        let trailing: Vec<String> = self.err.try_iter().collect();
+        self.log.extend(trailing.iter().cloned());
+        lines.extend(trailing);
+        let text = String::from_utf8(head).expect("utf8");
+        Said {
+            text: text.replace("you> ", "").trim().to_string(),
+            lines,
+        }
+    }
+
+    fn say(&mut self, line: &str) -> Said {
+        self.send(line);
+        self.finish(Vec::new())
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The integers in `text`, in order.
+fn numbers(text: &str) -> Vec<u32> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// Kills a node with SIGKILL, as a crash would (it is reaped when its
+/// `NodeProc` is dropped or replaced).
+fn sigkill(node: &NodeProc) {
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &node.pid().to_string()])
+        .status()
+        .expect("kill -KILL");
+    assert!(killed.success());
+}
+
+fn node_named(nodes: &[NodeProc], peer: &str) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.peer_id == peer)
+        .unwrap_or_else(|| panic!("{peer} is none of the three nodes"))
+}
+
+/// Restarts the node killed at `i` (same data directory, a new port,
+/// through `via`), and waits until all three see each other alive.
+fn restart(root: &Path, nodes: &mut [NodeProc], i: usize, name: &str, via: &str) {
+    let model = model();
+    nodes[i] = NodeProc::start(
+        &root.join(name),
+        &["--model", &model, "--threads", "1", "--bootstrap", via],
+    );
+    all_alive(root, nodes);
+}
+
+#[test]
+fn a_chat_goes_on_through_another_node_when_its_entry_dies_before_during_and_after_an_answer() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let mut nodes = three_nodes(root, false, false);
+    let names = ["a", "b", "c"];
+    let dir = root.join("a");
+    // A and B are given; C is learned from the mesh.
+    let mut chat = Chat::start(
+        &dir,
+        &[&nodes[0].addr, &nodes[1].addr],
+        &[
+            "--conversation",
+            "reattach",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "80",
+            "--show-prompt",
+            "--verbose",
+        ],
+    );
+    let learned = chat.next_line(Duration::from_secs(30));
+    assert!(
+        learned.contains("1 more node addresses learned"),
+        "{learned}"
+    );
+    let mut entry = 0;
+
+    // During an answer: the entry dies once part of it is printed.
+    chat.send("Continue this list: 1, 2, 3, 4, 5,");
+    let head = chat.printed(24);
+    let killed_at = Instant::now();
+    sigkill(&nodes[entry]);
+    let said = chat.finish(head);
+    let next = said
+        .went_on_through()
+        .expect("the chat noticed its entry died");
+    eprintln!(
+        "figure: the answer ended {} ms after its entry was killed mid-answer",
+        killed_at.elapsed().as_millis()
+    );
+    // The answer stops at its token budget, maybe inside a number.
+    let mut counted = numbers(&said.text);
+    let last = counted.pop().unwrap_or_default();
+    assert!(counted.len() >= 12, "a long enough count: {}", said.text);
+    let upto = counted.len() as u32 + 1;
+    assert!(
+        upto.to_string().starts_with(&last.to_string()),
+        "the count ends with {upto} or its start: {}",
+        said.text
+    );
+    assert_eq!(
+        counted,
+        (1..upto).collect::<Vec<_>>(),
+        "nothing lost or repeated in the answer: {}\n{}",
+        said.text,
+        said.lines.join("\n")
+    );
+    let counting = said.text.clone();
+    let killed = entry;
+    entry = node_named(&nodes, &next);
+    let via = nodes[entry].addr.clone();
+    restart(root, &mut nodes, killed, names[killed], &via);
+
+    // Before an answer: the entry is stopped, takes the turn and dies.
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &nodes[entry].pid().to_string()])
+        .status()
+        .expect("kill -STOP");
+    assert!(stop.success());
+    chat.send("My name is Zorblax.");
+    std::thread::sleep(Duration::from_millis(500));
+    sigkill(&nodes[entry]);
+    let said = chat.finish(Vec::new());
+    let next = said
+        .went_on_through()
+        .expect("went on through another node");
+    assert!(
+        said.lines
+            .iter()
+            .any(|l| l.contains("failed after 0 tokens")),
+        "{:?}",
+        said.lines
+    );
+    assert!(
+        said.prompt().contains("Continue this list"),
+        "{}",
+        said.prompt()
+    );
+    let killed = entry;
+    entry = node_named(&nodes, &next);
+    let via = nodes[entry].addr.clone();
+    restart(root, &mut nodes, killed, names[killed], &via);
+
+    // After an answer: the entry dies once the turn is kept.
+    let said = chat.say("I keep bees.");
+    if let Some(n) = said.went_on_through() {
+        entry = node_named(&nodes, &n);
+    }
+    sigkill(&nodes[entry]);
+    let said = chat.say("What is my name?");
+    assert!(said.went_on_through().is_some(), "{:?}", said.lines);
+    let prompt = said.prompt();
+    for earlier in [
+        "Continue this list: 1, 2, 3, 4, 5,",
+        "My name is Zorblax.",
+        "I keep bees.",
+    ] {
+        assert_eq!(
+            prompt.matches(earlier).count(),
+            1,
+            "{earlier:?} once in the last turn's prompt:\n{prompt}"
+        );
+    }
+    assert!(
+        prompt.contains(counting.trim()),
+        "the whole counted answer is history:\n{prompt}"
+    );
+
+    // The conversation, from a node that lived: every turn once, in
+    // order, the interrupted answer whole.
+    let alive = nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != entry)
+        .map(|(_, n)| n.addr.clone())
+        .expect("a live node");
+    let turns = exported_turns(&dir, &alive, "reattach").expect("export");
+    let users: Vec<&str> = turns
+        .iter()
+        .filter(|(r, _)| r == "user")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(
+        users,
+        [
+            "Continue this list: 1, 2, 3, 4, 5,",
+            "My name is Zorblax.",
+            "I keep bees.",
+            "What is my name?"
+        ]
+    );
+    let answer_to_count = &turns[1].1;
+    assert_eq!(answer_to_count.trim(), counting.trim());
+}
+
+/// An entry without the model redirects the client to a target, which
+/// streams the answer to it directly: the entry killed mid-answer leaves
+/// the stream whole, and the turn, which the entry could not keep, is kept
+/// through another node with the target's receipt.
+#[test]
+fn a_whole_answer_whose_entry_died_is_kept_through_another_node() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let nodes = three_nodes(root, false, true);
+    let dir = root.join("a");
+    let mut chat = Chat::start(
+        &dir,
+        &[&nodes[0].addr],
+        &[
+            "--conversation",
+            "direct",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "80",
+            "--verbose",
+        ],
+    );
+    chat.next_line(Duration::from_secs(30));
+    chat.send("Continue this list: 1, 2, 3, 4, 5,");
+    loop {
+        let l = chat.next_line(Duration::from_secs(30));
+        if l.starts_with("[streaming directly from") {
+            break;
+        }
+    }
+    let head = chat.printed(24);
+    sigkill(&nodes[0]);
+    let said = chat.finish(head);
+    assert!(
+        said.went_on_through().is_some(),
+        "the turn went on through another node to be kept: {:?}",
+        said.lines
+    );
+    assert!(
+        !said.lines.iter().any(|l| l.starts_with("warning:")),
+        "kept: {:?}",
+        said.lines
+    );
+    let turns = exported_turns(&dir, &nodes[1].addr, "direct").expect("export");
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    assert_eq!(turns[0].1, "Continue this list: 1, 2, 3, 4, 5,");
+    assert_eq!(turns[1].1.trim(), said.text, "the whole answer is kept");
+}
+
+#[test]
+fn an_http_turn_sent_again_to_another_node_with_its_idempotency_key_is_answered_from_the_same_history_and_kept_once()
+ {
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let nodes = three_nodes(root, true, false);
+    let token = cap_issue(
+        &root.join("a"),
+        &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],
+    );
+    let http = reqwest::Client::new();
+    let post = |node: &NodeProc, content: &str, key: &str| {
+        let base = node.http.clone().expect("serves HTTP");
+        let body = json!({
+            "model": "smollm2-135m-instruct-q4_1",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "conversation": "retried",
+        });
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send();
+        async move {
+            let r = r.await.expect("send");
+            let status = r.status().as_u16();
+            let text = r.text().await.expect("body");
+            assert_eq!(status, 200, "{text}");
+            let v: Value = serde_json::from_str(&text).expect("json");
+            v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens")
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let [a, b, c] = <[NodeProc; 3]>::try_from(nodes).ok().expect("three");
+    let first = rt.block_on(post(&a, "My name is Zorblax.", "turn-1"));
+    let second = rt.block_on(post(&a, "I keep bees.", "turn-2"));
+    assert!(second > first, "the first turn is in the second's prompt");
+    // The answer's entry dies; the client, not knowing whether its turn
+    // was kept, sends it again to another node.
+    a.kill9();
+    let again = rt.block_on(post(&b, "I keep bees.", "turn-2"));
+    assert_eq!(again, second, "the same history, without the turn itself");
+    let third = rt.block_on(post(&c, "What do I keep?", "turn-3"));
+    assert!(third > second);
+    let turns: Value = rt.block_on(async {
+        let base = c.http.clone().expect("serves HTTP");
+        let r = http
+            .get(format!("{base}/v1/conversations/retried"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("send");
+        serde_json::from_str(&r.text().await.expect("body")).expect("json")
+    });
+    let users: Vec<&str> = turns["turns"]
+        .as_array()
+        .expect("turns")
+        .iter()
+        .filter(|t| t["role"] == "user")
+        .filter_map(|t| t["text"].as_str())
+        .collect();
+    assert_eq!(
+        users,
+        ["My name is Zorblax.", "I keep bees.", "What do I keep?"],
+        "every turn once"
+    );
+    drop(b);
+}
