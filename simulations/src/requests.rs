@@ -140,6 +140,7 @@ impl Sim {
             turns: Vec::new(),
             history_turns: 0,
             prompt_display: None,
+            recalled: Vec::new(),
             membership: Some(e.membership.clone()),
             continued: None,
         };

@@ -18,6 +18,7 @@ mod partition;
 mod placement;
 mod psk;
 mod reattach;
+mod recall;
 mod relay;
 mod revocation;
 mod sessions;

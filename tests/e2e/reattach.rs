@@ -6,14 +6,11 @@
 //! is answered from the same history and kept once.
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use zavod_tests::{
-    NodeProc, cap_issue, chat_model_path, exported_turns, invite_for, member_state, status_json,
-    wait_until, zavod,
+    Chat, NodeProc, cap_issue, chat_model_path, exported_turns, invite_for, member_state,
+    status_json, wait_until,
 };
 
 /// The chat model: it counts when asked to, which the test model does not
@@ -56,163 +53,6 @@ fn all_alive(root: &Path, nodes: &[NodeProc]) {
             "all three alive in {}'s view",
             n.peer_id
         );
-    }
-}
-
-/// An interactive `zavod chat`, its input piped, its output read as it
-/// comes.
-struct Chat {
-    child: Child,
-    stdin: ChildStdin,
-    out: mpsc::Receiver<Vec<u8>>,
-    err: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-/// What one turn showed.
-struct Said {
-    /// The answer as printed.
-    text: String,
-    /// stderr lines from the turn's sending to its report.
-    lines: Vec<String>,
-}
-
-impl Said {
-    /// The node the chat said it went on through, if it did.
-    fn went_on_through(&self) -> Option<String> {
-        self.lines.iter().rev().find_map(|l| {
-            l.split("going on through ")
-                .nth(1)
-                .map(|r| r.trim_end_matches(']').to_string())
-        })
-    }
-
-    fn prompt(&self) -> String {
-        let all = self.lines.join("\n");
-        all.split("--- prompt ---")
-            .last()
-            .and_then(|p| p.split("--- end of prompt ---").next())
-            .unwrap_or_default()
-            .to_string()
-    }
-}
-
-impl Chat {
-    fn start(dir: &Path, peers: &[&str], args: &[&str]) -> Chat {
-        let mut cmd = zavod();
-        cmd.arg("chat");
-        for p in peers {
-            cmd.args(["--peer", p]);
-        }
-        let mut child = cmd
-            .arg("--data-dir")
-            .arg(dir)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn zavod chat");
-        let (err_tx, err) = mpsc::channel();
-        let e = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(e).lines().map_while(Result::ok) {
-                let _ = err_tx.send(line);
-            }
-        });
-        let (out_tx, out) = mpsc::channel();
-        let mut o = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = o.read(&mut buf) {
-                if n == 0 || out_tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take().expect("stdin");
-        Chat {
-            child,
-            stdin,
-            out,
-            err,
-            log: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to the chat");
-        self.stdin.flush().expect("flush the chat's input");
-    }
-
-    /// The next stderr line, within `wait`.
-    fn next_line(&mut self, wait: Duration) -> String {
-        match self.err.recv_timeout(wait) {
-            Ok(l) => {
-                self.log.push(l.clone());
-                l
-            }
-            Err(_) => panic!(
-                "the chat said nothing more within {wait:?}:\n{}",
-                self.log.join("\n")
-            ),
-        }
-    }
-
-    /// Reads stdout until at least `bytes` more bytes came.
-    fn printed(&mut self, bytes: usize) -> Vec<u8> {
-        let mut got = Vec::new();
-        while got.len() < bytes {
-            got.extend(
-                self.out
-                    .recv_timeout(Duration::from_secs(60))
-                    .expect("the chat printed too little"),
-            );
-        }
-        got
-    }
-
-    /// Waits for the end of the turn under way (its report), then returns
-    /// what it printed after `head` and what it said on stderr.
-    fn finish(&mut self, mut head: Vec<u8>) -> Said {
-        let mut lines = Vec::new();
-        loop {
-            let l = self.next_line(Duration::from_secs(120));
-            assert!(
-                !l.starts_with("error:"),
-                "the turn failed:\n{}",
-                self.log.join("\n")
-            );
-            let done = l.starts_with("[served by ") && l.contains("prompt tokens");
-            lines.push(l);
-            if done {
-                break;
-            }
-        }
-        // The answer's last bytes, and a warning, may trail its report by
-        // a moment.
-        std::thread::sleep(Duration::from_millis(200));
-        head.extend(self.out.try_iter().flatten());
-        let trailing: Vec<String> = self.err.try_iter().collect();
-        self.log.extend(trailing.iter().cloned());
-        lines.extend(trailing);
-        let text = String::from_utf8(head).expect("utf8");
-        Said {
-            text: text.replace("you> ", "").trim().to_string(),
-            lines,
-        }
-    }
-
-    fn say(&mut self, line: &str) -> Said {
-        self.send(line);
-        self.finish(Vec::new())
-    }
-}
-
-impl Drop for Chat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

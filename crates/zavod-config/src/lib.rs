@@ -289,6 +289,9 @@ pub struct MemorySection {
     /// How long one try of a replica read or write may take before it is
     /// tried again (the whole operation gives up after three tries).
     pub replica_timeout_ms: u64,
+    /// Most tokens of a prompt given to long-term memory: the facts a
+    /// user stated before that the recent turns no longer hold (0: none).
+    pub recall_tokens: u32,
 }
 
 impl Default for MemorySection {
@@ -300,6 +303,7 @@ impl Default for MemorySection {
             replicas: zavod_proto::memory::DEFAULT_REPLICAS,
             sync_interval_ms: 10_000,
             replica_timeout_ms: 1_500,
+            recall_tokens: 256,
         }
     }
 }
@@ -705,6 +709,12 @@ impl NodeConfig {
             return bad(format!(
                 "memory.sync_interval_ms must be 500 to 3600000, got {}",
                 self.memory.sync_interval_ms
+            ));
+        }
+        if self.memory.recall_tokens > 8_192 {
+            return bad(format!(
+                "memory.recall_tokens must be 0 to 8192, got {}",
+                self.memory.recall_tokens
             ));
         }
         if !(50..=60_000).contains(&self.memory.replica_timeout_ms) {

@@ -702,8 +702,18 @@ impl ChatClient {
             match reader.read(frame).map_err(ChatError::from)? {
                 Read::Accepted { accepted: a, .. } => {
                     on_event(ChatEvent::Accepted(&a));
-                    // The first entry's word stands for the turn.
-                    state.accepted.get_or_insert(*a);
+                    // The latest placement serves the answer; what the
+                    // prompt was and recalled comes with the first.
+                    let mut a = *a;
+                    if let Some(first) = state.accepted.take() {
+                        if a.prompt.is_none() {
+                            a.prompt = first.prompt;
+                        }
+                        if a.recalled.is_empty() {
+                            a.recalled = first.recalled;
+                        }
+                    }
+                    state.accepted = Some(a);
                 }
                 Read::Redirect(redirect) => {
                     match self.run_remote(&redirect, on_event, progress).await {

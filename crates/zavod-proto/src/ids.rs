@@ -81,7 +81,25 @@ impl ConversationId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Where the facts about a credential holder that hold across its
+    /// conversations are kept (long-term memory): a name no client may
+    /// chat in ([`ConversationId::is_reserved`]).
+    pub fn holder_facts() -> Self {
+        ConversationId(HOLDER_FACTS.to_owned())
+    }
+
+    /// Whether the name is the node's own (clients may export and delete
+    /// it, not chat in it).
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with(RESERVED_PREFIX)
+    }
 }
+
+/// Conversation names beginning so are the node's own.
+const RESERVED_PREFIX: &str = "_zavod";
+const HOLDER_FACTS: &str = "_zavod-facts";
+const _: () = assert!(HOLDER_FACTS.len() <= CONVERSATION_ID_MAX_BYTES);
 
 impl<'de> Deserialize<'de> for ConversationId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

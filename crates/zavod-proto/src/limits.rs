@@ -160,5 +160,16 @@ const _: () = assert!(MAX_LISTED_CONVERSATIONS * 80 + 1024 <= MAX_FRAME_BYTES);
 pub const MAX_REPLICA_FRAME_TEXT_BYTES: usize = 512 * 1024;
 const _: () = assert!(MAX_REPLICA_FRAME_TEXT_BYTES + 256 * 1024 <= MAX_FRAME_BYTES);
 
+/// Facts one user turn may yield (long-term memory).
+pub const MAX_FACTS_PER_TURN: usize = 8;
+
+/// The longest sentence taken as a fact.
+pub const MAX_FACT_BYTES: usize = 300;
+
+/// Facts of each kind (the holder's, the conversation's) weighed for one
+/// prompt: the newest.
+pub const MAX_RECALL_CANDIDATES: usize = 1_024;
+const _: () = assert!(MAX_FACTS_PER_TURN * MAX_FACT_BYTES <= MAX_MESSAGE_BYTES);
+
 /// Entries in one replica write (a repair or a sync page).
 pub const MAX_REPLICA_WRITE_ENTRIES: usize = 1_024;

@@ -111,6 +111,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 history_turns: 0,
                 grant: grant.clone(),
                 prompt: None,
+                recalled: Vec::new(),
             }))),
             encode(&ServerFrame::Token {
                 index: 0,

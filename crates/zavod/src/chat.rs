@@ -119,6 +119,12 @@ async fn turn(
                             a.model, a.history_turns
                         );
                     }
+                    if verbose && !a.recalled.is_empty() {
+                        eprintln!(
+                            "[{} facts from memory in the prompt; /memory shows them]",
+                            a.recalled.len()
+                        );
+                    }
                     if show_prompt && let Some(p) = &a.prompt {
                         eprintln!("--- prompt ---\n{p}\n--- end of prompt ---");
                     }
@@ -207,6 +213,8 @@ fn interactive(
         Some(c) => c,
         None => new_conversation()?,
     };
+    // What long-term memory put in the last turn's prompt.
+    let mut recalled: Vec<String> = Vec::new();
     // Other members to fall back on if this node fails.
     let learned = on_worker(rt, {
         let client = client.clone();
@@ -216,7 +224,7 @@ fn interactive(
         eprintln!("[{learned} more node addresses learned from the mesh]");
     }
     eprintln!(
-        "connected to {} — conversation {conversation}. /new starts over, /quit leaves; Ctrl-C stops an answer.",
+        "connected to {} — conversation {conversation}. /new starts over, /memory shows what was recalled, /quit leaves; Ctrl-C stops an answer.",
         client.peer()
     );
     loop {
@@ -240,8 +248,20 @@ fn interactive(
             }
             "/help" => {
                 eprintln!(
-                    "/new — start a new conversation; /quit — leave; anything else is sent to the model"
+                    "/new — start a new conversation; /memory — what the last prompt recalled from \
+                     long-term memory; /quit — leave; anything else is sent to the model"
                 );
+                continue;
+            }
+            "/memory" => {
+                if recalled.is_empty() {
+                    eprintln!("(the last prompt recalled nothing from long-term memory)");
+                } else {
+                    eprintln!("the last prompt recalled:");
+                    for f in &recalled {
+                        eprintln!("  - {f}");
+                    }
+                }
                 continue;
             }
             _ => {}
@@ -259,6 +279,7 @@ fn interactive(
             turn(client.clone(), ask, args.show_prompt, args.verbose),
         ) {
             Ok(outcome) => {
+                recalled = outcome.accepted.recalled.clone();
                 println!();
                 if args.verbose {
                     report(&outcome);

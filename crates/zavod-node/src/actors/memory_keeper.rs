@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use zavod_proto::NodeId;
 use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
+use zavod_proto::ids::ConversationId;
 use zavod_proto::limits::MAX_LISTED_CONVERSATIONS;
+use zavod_proto::memory::recall::{Recall, Scope, fact_turns, facts_in, recall, with_recall};
 use zavod_proto::memory::{ConvKey, Entry, Held, deletion_floor};
 use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
 use zavod_proto::wire::replica::{ReplicaReply, ReplicaRequest};
@@ -48,6 +50,8 @@ pub struct PreparedPrompt {
     pub newest_seq: Option<u64>,
     /// The id the turn's entry is kept under (one per request).
     pub entry_id: u64,
+    /// What long-term memory put ahead of the new message.
+    pub recalled: Recall,
 }
 
 impl PreparedPrompt {
@@ -59,16 +63,25 @@ impl PreparedPrompt {
     /// The prompt for people to read (`--show-prompt`): as the model will
     /// see it when this node has the model, otherwise the turns one per
     /// line. Rendered only on request, off the first-token path.
+    /// What long-term memory injected is marked `«memory» … «/memory»`
+    /// (for people only; the model sees it unmarked).
     pub fn display(&self, model: Option<&dyn crate::backend::ModelBackend>) -> String {
+        let mut turns = self.turns.clone();
+        if let (Some(text), Some(last)) = (&self.recalled.text, turns.last_mut()) {
+            last.text = with_recall(
+                &format!("«memory»\n{text}\n«/memory»"),
+                &self.user_turn.text,
+            );
+        }
         let plain = || {
-            self.turns
+            turns
                 .iter()
                 .map(|t| format!("{}: {}\n", t.role.as_str(), t.text))
                 .collect()
         };
         match model {
             Some(m) => m
-                .format_chat(&self.turns)
+                .format_chat(&turns)
                 .map(|p| p.joined())
                 .unwrap_or_else(|_| plain()),
             None => plain(),
@@ -95,11 +108,13 @@ pub enum MemoryMsg {
         reply: RpcReplyPort<Result<PreparedPrompt, ErrorFrame>>,
     },
     /// Writes a turn's entry to the conversation's replicas; replies once
-    /// a write quorum has it on disk.
+    /// a write quorum has it on disk. Then keeps `holder_facts` (facts the
+    /// turn stated about its holder in general) with the holder's facts.
     Record {
         key: ConvKey,
         floor: u64,
         entry: Entry,
+        holder_facts: Vec<Turn>,
         reply: Option<RpcReplyPort<Result<(), String>>>,
     },
     /// A holder's operation on its own conversations.
@@ -144,18 +159,25 @@ impl Actor for MemoryKeeper {
                 reply,
             } => {
                 tokio::spawn(async move {
-                    let held = match &key {
+                    let (held, holder_facts) = match &key {
                         Some(k) => match check_room(&shared, k) {
-                            Ok(()) => replication::read(&shared, k, false).await.map(Some),
-                            Err(e) => Err(e),
+                            Ok(()) => {
+                                let (held, facts) = tokio::join!(
+                                    replication::read(&shared, k, false),
+                                    read_holder_facts(&shared, k.owner)
+                                );
+                                (held.map(Some), facts)
+                            }
+                            Err(e) => (Err(e), Vec::new()),
                         },
-                        None => Ok(None),
+                        None => (Ok(None), Vec::new()),
                     };
                     let prepared = held.and_then(|held| {
                         prepare(
                             &shared,
                             &model,
                             held,
+                            holder_facts,
                             supplied,
                             message,
                             turn,
@@ -170,10 +192,12 @@ impl Actor for MemoryKeeper {
                 key,
                 floor,
                 entry,
+                holder_facts,
                 reply,
             } => {
                 tokio::spawn(async move {
                     let conversation = key.conversation.clone();
+                    let id = entry.stamp.id;
                     let started = std::time::Instant::now();
                     let written = replication::write(&shared, &key, floor, vec![entry]).await;
                     tracing::debug!(
@@ -191,8 +215,12 @@ impl Actor for MemoryKeeper {
                     if let Err(e) = &r {
                         tracing::error!(%conversation, error = %e, "could not record a turn");
                     }
+                    let kept = r.is_ok();
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
+                    }
+                    if kept && !holder_facts.is_empty() {
+                        keep_holder_facts(&shared, key.owner, id, holder_facts).await;
                     }
                 });
             }
@@ -312,31 +340,34 @@ async fn keep(
     if held.entries.iter().any(|e| e.stamp.id == turn) {
         return Ok(true);
     }
-    let entry = Entry {
-        stamp: zavod_proto::memory::Stamp {
-            seq: zavod_proto::memory::next_seq(
-                held.entries.last().map(|e| e.stamp.seq),
-                crate::clock::now_ms(),
-            ),
-            id: turn,
-        },
-        turns: vec![
-            Turn {
-                role: Role::User,
-                // The receipt does not say the model: estimated on the
-                // safe side.
-                tokens: zavod_proto::chat::prompt::estimate_tokens(&message),
-                text: message,
-            },
-            Turn {
-                role: Role::Assistant,
-                tokens,
-                text: answer,
-            },
-        ],
+    let stamp = zavod_proto::memory::Stamp {
+        seq: zavod_proto::memory::next_seq(
+            held.entries.last().map(|e| e.stamp.seq),
+            crate::clock::now_ms(),
+        ),
+        id: turn,
     };
+    // The receipt does not say the model: counts are estimated on the
+    // safe side.
+    let estimate = zavod_proto::chat::prompt::estimate_tokens;
+    let user = Turn {
+        role: Role::User,
+        tokens: estimate(&message),
+        text: message,
+    };
+    let answer = Turn {
+        role: Role::Assistant,
+        tokens,
+        text: answer,
+    };
+    let (entry, holder_facts) = turn_entry(stamp, user, answer, estimate);
     match replication::write(shared, key, held.floor, vec![entry]).await? {
-        Written::Acked => Ok(false),
+        Written::Acked => {
+            if !holder_facts.is_empty() {
+                keep_holder_facts(shared, key.owner, turn, holder_facts).await;
+            }
+            Ok(false)
+        }
         Written::Deleted => Err(error_frame(
             ErrorCode::Forbidden,
             "the conversation was deleted while this turn was answered",
@@ -442,11 +473,85 @@ async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryRep
     }
 }
 
+/// The facts kept about `owner` across its conversations, oldest first;
+/// none when long-term memory is off or they cannot be read now (a chat
+/// goes on without them, and the log says why).
+async fn read_holder_facts(shared: &Arc<NodeShared>, owner: NodeId) -> Vec<String> {
+    if shared.config.memory.recall_tokens == 0 {
+        return Vec::new();
+    }
+    match replication::read(shared, &holder_facts_key(owner), false).await {
+        Ok(held) => held
+            .entries
+            .into_iter()
+            .flat_map(|e| e.turns)
+            .filter(|t| t.role == Role::Fact)
+            .map(|t| t.text)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(message = %e.message, "the holder's facts could not be read; this prompt goes without them");
+            Vec::new()
+        }
+    }
+}
+
+/// The entry a turn is kept as: the user's turn, the answer and the facts
+/// the user's turn stated about this conversation; and the facts it stated
+/// about its holder in general, to be kept with the holder's.
+pub(crate) fn turn_entry(
+    stamp: zavod_proto::memory::Stamp,
+    user: Turn,
+    answer: Turn,
+    count: impl Fn(&str) -> u32,
+) -> (Entry, Vec<Turn>) {
+    let facts = facts_in(&user.text);
+    let mut turns = vec![user, answer];
+    turns.extend(fact_turns(&facts, Scope::Conversation, &count));
+    (
+        Entry { stamp, turns },
+        fact_turns(&facts, Scope::Holder, &count),
+    )
+}
+
+/// Keeps facts about `owner` that hold across its conversations, under the
+/// id of the turn that stated them (a turn kept twice keeps them once).
+/// Off the client's path: a failure is logged, and the facts still live
+/// with the turn's own conversation.
+async fn keep_holder_facts(shared: &Arc<NodeShared>, owner: NodeId, id: u64, facts: Vec<Turn>) {
+    let entry = Entry {
+        stamp: zavod_proto::memory::Stamp {
+            seq: zavod_proto::memory::next_seq(None, crate::clock::now_ms()),
+            id,
+        },
+        turns: facts,
+    };
+    let key = holder_facts_key(owner);
+    if let Err(e) = check_room(shared, &key) {
+        tracing::warn!(message = %e.message, "facts about a holder not kept");
+        return;
+    }
+    match replication::write(shared, &key, 0, vec![entry]).await {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(message = %e.message, "facts about a holder not kept"),
+    }
+}
+
+/// Where the facts about a holder that hold across its conversations are
+/// kept: a conversation of its own, replicated, listed, exported and
+/// deleted like any other.
+pub(crate) fn holder_facts_key(owner: NodeId) -> ConvKey {
+    ConvKey {
+        owner,
+        conversation: ConversationId::holder_facts(),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     shared: &NodeShared,
     model: &str,
     held: Option<Held>,
+    holder_facts: Vec<String>,
     supplied: Vec<(Role, String)>,
     message: String,
     turn_id: Option<u64>,
@@ -465,6 +570,7 @@ fn prepare(
     let (floor, newest_seq) = held.as_ref().map_or((0, None), |h| {
         (h.floor, h.entries.last().map(|e| e.stamp.seq))
     });
+    let mut conversation_facts = Vec::new();
     let history = match held {
         Some(held) => {
             let mut h: Vec<Turn> = supplied
@@ -474,12 +580,13 @@ fn prepare(
                 .collect();
             // A turn sent again after its entry failed may already be
             // kept under its id: it is being answered, not history.
-            let stored: Vec<Turn> = held
+            let (facts, stored): (Vec<Turn>, Vec<Turn>) = held
                 .entries
                 .into_iter()
                 .filter(|e| Some(e.stamp.id) != turn_id)
                 .flat_map(|e| e.turns)
-                .collect();
+                .partition(|t| t.role == Role::Fact);
+            conversation_facts = facts.into_iter().map(|t| t.text).collect();
             let max = shared.config.memory.max_history_turns;
             h.extend(stored[stored.len().saturating_sub(max)..].iter().cloned());
             if !exact {
@@ -495,12 +602,35 @@ fn prepare(
             .collect(),
     };
     let user_turn = turn(Role::User, message);
+    // Long-term memory has its share of the context set aside when there
+    // is anything to recall.
+    let recall_budget = if holder_facts.is_empty() && conversation_facts.is_empty() {
+        0
+    } else {
+        shared.config.memory.recall_tokens.min(context_tokens / 4)
+    };
     let budget = PromptBudget {
-        context_tokens,
+        context_tokens: context_tokens.saturating_sub(recall_budget),
         per_turn_overhead_tokens: shared.config.memory.per_turn_overhead_tokens,
     };
-    let assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
+    let mut assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    let recalled = {
+        let in_context: Vec<&str> = assembled.turns.iter().map(|t| t.text.as_str()).collect();
+        recall(
+            &holder_facts,
+            &conversation_facts,
+            &user_turn.text,
+            &in_context,
+            recall_budget,
+            |t| shared.count_tokens(model, t),
+        )
+    };
+    if let (Some(text), Some(last)) = (&recalled.text, assembled.turns.last_mut()) {
+        last.text = with_recall(text, &last.text);
+        last.tokens = last.tokens.saturating_add(recalled.tokens);
+        assembled.tokens = assembled.tokens.saturating_add(recalled.tokens);
+    }
     let entry_id = match turn_id {
         Some(id) => id,
         None => {
@@ -522,5 +652,6 @@ fn prepare(
         floor,
         newest_seq,
         entry_id,
+        recalled,
     })
 }

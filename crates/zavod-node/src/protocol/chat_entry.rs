@@ -22,7 +22,7 @@
 use super::entry_client::{ChannelClient, ClientSide, StreamClient};
 use super::run_client::{FetchEvent, fetch, reachable};
 use super::{Reservation, RunMetrics, call, first_frame, record_outcome};
-use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt};
+use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt, turn_entry};
 use crate::actors::model_worker::{JobStream, WorkerMsg};
 use crate::actors::router::{Admission, PlaceAsk, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame};
@@ -183,6 +183,7 @@ pub(crate) async fn serve_entry(
         history_turns: prepared.history_turns,
         prompt_display: show_prompt
             .then(|| prepared.display(shared.model(&admission.model).map(|m| &**m))),
+        recalled: prepared.recalled.injected.clone(),
         membership: shared.membership(),
         continued,
     };
@@ -501,26 +502,28 @@ impl Pump {
         let Some(key) = self.admission.conversation.clone() else {
             return;
         };
-        let entry = zavod_proto::memory::Entry {
-            stamp: zavod_proto::memory::Stamp {
-                seq: zavod_proto::memory::next_seq(self.prepared.newest_seq, now_ms()),
-                id: self.prepared.entry_id,
-            },
-            turns: vec![
-                self.prepared.user_turn.clone(),
-                Turn {
-                    role: Role::Assistant,
-                    text: answer,
-                    tokens,
-                },
-            ],
+        let stamp = zavod_proto::memory::Stamp {
+            seq: zavod_proto::memory::next_seq(self.prepared.newest_seq, now_ms()),
+            id: self.prepared.entry_id,
         };
+        let answer = Turn {
+            role: Role::Assistant,
+            text: answer,
+            tokens,
+        };
+        let model = self.admission.model.clone();
+        let shared = Arc::clone(&self.shared);
+        let (entry, holder_facts) =
+            turn_entry(stamp, self.prepared.user_turn.clone(), answer, |t| {
+                shared.count_tokens(&model, t)
+            });
         let floor = self.prepared.floor;
         let recorded = call(self.shared.directory.get().memory, "memory", |reply| {
             MemoryMsg::Record {
                 key,
                 floor,
                 entry,
+                holder_facts,
                 reply: Some(reply),
             }
         })

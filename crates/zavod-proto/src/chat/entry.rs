@@ -88,6 +88,8 @@ pub struct EntryRequest {
     pub history_turns: u32,
     /// The assembled prompt, when the client asked to see it.
     pub prompt_display: Option<String>,
+    /// What long-term memory put in the prompt (for the client to show).
+    pub recalled: Vec<String>,
     /// This node's membership, vouching for its grants at targets.
     pub membership: Option<Membership>,
     /// What an entry that failed had streamed of this answer (the
@@ -992,11 +994,11 @@ impl Entry {
     }
 
     fn accepted(&mut self, attempt: AttemptId) -> ServerFrame {
-        // Only the first says what the prompt was.
-        let prompt = if self.accepted_sent {
-            None
+        // Only the first says what the prompt was, and what it recalled.
+        let (prompt, recalled) = if self.accepted_sent {
+            (None, Vec::new())
         } else {
-            self.req.prompt_display.clone()
+            (self.req.prompt_display.clone(), self.req.recalled.clone())
         };
         self.accepted_sent = true;
         let a = &self.attempts[attempt];
@@ -1011,6 +1013,7 @@ impl Entry {
             history_turns: self.req.history_turns,
             grant,
             prompt,
+            recalled,
         }))
     }
 }

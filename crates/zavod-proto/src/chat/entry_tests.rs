@@ -71,6 +71,7 @@ impl Mesh {
             turns: Vec::new(),
             history_turns: 0,
             prompt_display: None,
+            recalled: Vec::new(),
             membership: Some(self.membership.clone()),
             continued: None,
         };

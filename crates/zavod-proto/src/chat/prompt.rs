@@ -11,6 +11,9 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// Something worth keeping that a user turn said, kept beside the
+    /// turn (`crate::memory::recall`); never a turn of a prompt itself.
+    Fact,
 }
 
 impl Role {
@@ -19,6 +22,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Fact => "fact",
         }
     }
 }

@@ -126,6 +126,7 @@ mod tests {
             history_turns: 0,
             grant,
             prompt: None,
+            recalled: Vec::new(),
         }))
     }
 

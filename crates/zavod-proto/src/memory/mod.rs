@@ -17,6 +17,9 @@
 //!   quorum has it durably.
 //! - [`read`]: one read from a replica set, answered once a read quorum
 //!   replied, with the repairs that bring stale replicas level.
+//! - [`recall`]: long-term memory in prompts: the facts a user turn states,
+//!   and which of those kept go into a prompt, by relevance, within a
+//!   token budget.
 //!
 //! Invariants (checked by unit tests here and by the simulator under
 //! crashes, loss and partitions): an acknowledged entry is never lost while
@@ -27,6 +30,7 @@
 pub mod log;
 pub mod placement;
 pub mod read;
+pub mod recall;
 mod tries;
 pub mod write;
 

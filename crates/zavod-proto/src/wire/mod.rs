@@ -320,6 +320,14 @@ impl ChatRequest {
         if let Some(c) = &self.continued {
             c.check()?;
         }
+        if let Some(c) = &self.conversation
+            && c.is_reserved()
+        {
+            return Err(format!(
+                "conversation {c} is the node's own (the facts it keeps about you); chat in \
+                 another"
+            ));
+        }
         self.params.check()
     }
 }
@@ -515,6 +523,9 @@ pub struct Accepted {
     pub grant: Grant,
     /// The assembled prompt, when the client asked for it.
     pub prompt: Option<String>,
+    /// What long-term memory put in the prompt: the facts the user stated
+    /// before that the recent turns no longer hold, one per line.
+    pub recalled: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
