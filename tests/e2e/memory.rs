@@ -296,7 +296,13 @@ fn a_holder_lists_exports_and_deletes_its_conversations_up_to_a_cap() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(turns.len(), 4, "two questions and two answers: {turns:?}");
+    assert_eq!(
+        turns.len(),
+        5,
+        "two questions, two answers and a fact: {turns:?}"
+    );
+    assert_eq!(turns[4]["role"], "fact");
+    assert_eq!(turns[4]["text"], "I like tea.");
     assert_eq!(turns[0]["role"], "user");
     assert_eq!(turns[0]["text"], "My name is Ada.");
     assert_eq!(turns[1]["role"], "assistant");

@@ -1,12 +1,17 @@
 //! Long-term memory: with a small context, a fact stated in a
 //! conversation's first turn is long out of the recent turns by its
 //! thirtieth, yet that turn's prompt recalls it (marked in `--show-prompt`,
-//! listed by `/memory`) and the chat model answers with it; a fact about
-//! the user holds in their next conversation too, and deleting everything
-//! removes it.
+//! listed by `/memory`) and the chat model answers with it; the turns that
+//! no longer fit are summarized by the model, the summary stands in for
+//! them in the prompt, and it is kept on the conversation's other replicas
+//! too; a fact about the user holds in their next conversation, and
+//! deleting everything removes it.
 
 use std::time::Duration;
-use zavod_tests::{Chat, NodeProc, chat_model_path, exported_turns};
+use zavod_tests::{
+    Chat, NodeProc, chat_model_path, exported_turns, invite_for, member_state, status_json,
+    wait_until,
+};
 
 #[test]
 fn a_fact_from_turn_one_is_recalled_at_turn_thirty_and_in_the_next_conversation() {
@@ -23,6 +28,23 @@ fn a_fact_from_turn_one_is_recalled_at_turn_thirty_and_in_the_next_conversation(
     let node = NodeProc::start(
         &dir,
         &["--model", &model, "--config", cfg.to_str().expect("utf8")],
+    );
+    // Two more members without the model: the conversation's other
+    // replicas.
+    let token = invite_for(&dir, 2);
+    let replicas: Vec<NodeProc> = ["r1", "r2"]
+        .iter()
+        .map(|n| NodeProc::start(&root.path().join(n), &["--join", &token]))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let s = status_json(&dir, &node.addr);
+            replicas
+                .iter()
+                .all(|r| member_state(&s, &r.peer_id).as_deref() == Some("alive"))
+        })
+        .is_some(),
+        "the replicas alive in the model node's view"
     );
     let mut chat = Chat::start(
         &dir,
@@ -65,6 +87,26 @@ fn a_fact_from_turn_one_is_recalled_at_turn_thirty_and_in_the_next_conversation(
         last.text.contains("Zorblax"),
         "the model answers with the recalled fact: {}",
         last.text
+    );
+    let summary = prompt
+        .split("«summary»")
+        .nth(1)
+        .and_then(|p| p.split("«/summary»").next())
+        .unwrap_or_else(|| panic!("no summary in the prompt at turn 30:\n{prompt}"));
+    assert!(
+        summary.contains("Summary of the conversation so far:"),
+        "{summary}"
+    );
+    // Kept on another replica too, where an export reads it.
+    let kept = exported_turns(&dir, &replicas[0].addr, "long").expect("export via a replica");
+    let summaries = kept.iter().filter(|(r, _)| r == "summary").count();
+    assert!(
+        summaries >= 1,
+        "summaries kept with the conversation: {kept:?}"
+    );
+    eprintln!(
+        "figure: {summaries} summaries written over 30 turns; the last prompt held {} turns",
+        prompt.matches("<|im_start|>").count()
     );
     chat.send("/memory");
     let shown = [

@@ -275,7 +275,7 @@ impl LoadedModel {
                 let mut shape = String::new();
                 for (i, t) in turns.iter().enumerate() {
                     let who = match t.role {
-                        Role::System | Role::Fact => "System",
+                        Role::System | Role::Fact | Role::Summary => "System",
                         Role::User => "User",
                         Role::Assistant => "Assistant",
                     };

@@ -31,6 +31,7 @@ pub(crate) mod protocol;
 pub(crate) mod renewal;
 pub(crate) mod replication;
 pub mod revocations;
+pub(crate) mod summaries;
 pub(crate) mod tailnet;
 pub mod tuning;
 pub(crate) mod usage;

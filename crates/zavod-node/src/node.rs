@@ -386,6 +386,7 @@ impl Node {
             used_invites: std::sync::Mutex::new(used_invites),
             revocations: std::sync::RwLock::new(revocations),
             membership: std::sync::RwLock::new(membership),
+            folding: Default::default(),
         });
         tasks.push(tokio::spawn(crate::renewal::renew_forever(shared.clone())));
 

@@ -171,5 +171,16 @@ pub const MAX_FACT_BYTES: usize = 300;
 pub const MAX_RECALL_CANDIDATES: usize = 1_024;
 const _: () = assert!(MAX_FACTS_PER_TURN * MAX_FACT_BYTES <= MAX_MESSAGE_BYTES);
 
+/// Text of the turns one summary request folds in (the rest waits for the
+/// next fold).
+pub const MAX_FOLD_BYTES: usize = 16 * 1024;
+const _: () = assert!(MAX_FOLD_BYTES <= MAX_MESSAGE_BYTES);
+
+/// Tokens a summary may have.
+pub const SUMMARY_MAX_TOKENS: u32 = 96;
+
+/// Summaries one node writes at once (one per conversation).
+pub const MAX_FOLDS_IN_FLIGHT: usize = 16;
+
 /// Entries in one replica write (a repair or a sync page).
 pub const MAX_REPLICA_WRITE_ENTRIES: usize = 1_024;

@@ -52,7 +52,8 @@ use zavod_proto::memory::{Entry, Held, ReplicaLog, Stamp};
 pub const MAX_ENTRIES_PER_CONVERSATION: usize = 1_000;
 
 /// Conversations one owner may hold unless the store is opened with
-/// another cap (`memory.max_conversations_per_holder`).
+/// another cap (`memory.max_conversations_per_holder`). The node's own
+/// conversation for a holder (its facts) is not counted.
 pub const DEFAULT_MAX_CONVERSATIONS: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -548,12 +549,19 @@ impl ConversationStore for SledStore {
     }
 
     fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
-        if self.index.contains_key(index_key(key))? {
+        if key.conversation.is_reserved() || self.index.contains_key(index_key(key))? {
             return Ok(());
         }
         let held = self
             .index
             .scan_prefix(key.owner.0)
+            .keys()
+            .filter(|k| {
+                k.as_ref()
+                    .ok()
+                    .and_then(|k| from_index_key(k))
+                    .is_none_or(|k| !k.conversation.is_reserved())
+            })
             .take(self.max_conversations.saturating_add(1))
             .count();
         if held >= self.max_conversations {
@@ -593,7 +601,9 @@ impl MemStore {
         owner: &'a NodeId,
     ) -> impl Iterator<Item = &'a ConvKey> {
         m.iter()
-            .filter(move |(k, l)| k.owner == *owner && !l.is_empty())
+            .filter(move |(k, l)| {
+                k.owner == *owner && !l.is_empty() && !k.conversation.is_reserved()
+            })
             .map(|(k, _)| k)
     }
 }
@@ -610,7 +620,7 @@ impl ConversationStore for MemStore {
         entries: &[Entry],
     ) -> Result<Applied, StoreError> {
         let mut m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
-        let held = m.get(key).is_some_and(|l| !l.is_empty());
+        let held = key.conversation.is_reserved() || m.get(key).is_some_and(|l| !l.is_empty());
         let above = m.get(key).map_or(0, ReplicaLog::floor).max(floor);
         if !held && entries.iter().any(|e| e.stamp.seq >= above) {
             let held = Self::held(&m, &key.owner).count();
@@ -684,7 +694,7 @@ impl ConversationStore for MemStore {
 
     fn check_room(&self, key: &ConvKey) -> Result<(), StoreError> {
         let m = self.convs.lock().map_err(|_| StoreError::Poisoned)?;
-        if m.get(key).is_some_and(|l| !l.is_empty()) {
+        if key.conversation.is_reserved() || m.get(key).is_some_and(|l| !l.is_empty()) {
             return Ok(());
         }
         let held = Self::held(&m, &key.owner).count();
@@ -858,6 +868,13 @@ mod tests {
             e.to_string().contains("max_conversations_per_holder"),
             "{e}"
         );
+        assert!(s.check_room(&key(7, "c")).is_err());
+        // The node's own conversation for a holder (its facts) is not
+        // counted: it has room at the cap, and leaves the cap as it was.
+        s.check_room(&key(7, "_zavod-facts"))
+            .expect("the facts have room");
+        s.write(&key(7, "_zavod-facts"), 0, &[entry(0, 1)])
+            .expect("the facts are kept at the cap");
         assert!(s.check_room(&key(7, "c")).is_err());
         // A deletion of one not held is no new conversation.
         s.write(&key(7, "c"), 9, &[]).expect("a floor only");

@@ -28,7 +28,11 @@ use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
 use zavod_proto::ids::ConversationId;
 use zavod_proto::limits::MAX_LISTED_CONVERSATIONS;
 use zavod_proto::memory::recall::{Recall, Scope, fact_turns, facts_in, recall, with_recall};
+use zavod_proto::memory::summary;
 use zavod_proto::memory::{ConvKey, Entry, Held, deletion_floor};
+
+/// How a prompt introduces the conversation's summary.
+const SUMMARY_HEADER: &str = "Summary of the conversation so far:";
 use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
 use zavod_proto::wire::replica::{ReplicaReply, ReplicaRequest};
 use zavod_proto::wire::{ErrorCode, ErrorFrame};
@@ -52,6 +56,22 @@ pub struct PreparedPrompt {
     pub entry_id: u64,
     /// What long-term memory put ahead of the new message.
     pub recalled: Recall,
+    /// The conversation's summary, as the prompt holds it.
+    pub summary: Option<String>,
+    /// Of the conversation's entries after its summary, how many there are
+    /// and how many the prompt holds (the rest are due to be summarized).
+    pub in_prompt_entries: usize,
+    pub uncovered_entries: usize,
+}
+
+impl PreparedPrompt {
+    /// Whether turns the prompt no longer holds are due to be summarized
+    /// once this turn is kept.
+    pub fn fold_due(&self) -> bool {
+        self.uncovered_entries
+            .saturating_sub(self.in_prompt_entries)
+            >= summary::MIN_FOLD_ENTRIES
+    }
 }
 
 impl PreparedPrompt {
@@ -67,6 +87,14 @@ impl PreparedPrompt {
     /// (for people only; the model sees it unmarked).
     pub fn display(&self, model: Option<&dyn crate::backend::ModelBackend>) -> String {
         let mut turns = self.turns.clone();
+        if let Some(summary) = &self.summary
+            && let Some(t) = turns.iter_mut().find(|t| t.text.contains(summary.as_str()))
+        {
+            t.text = t.text.replace(
+                summary.as_str(),
+                &format!("«summary»\n{summary}\n«/summary»"),
+            );
+        }
         if let (Some(text), Some(last)) = (&self.recalled.text, turns.last_mut()) {
             last.text = with_recall(
                 &format!("«memory»\n{text}\n«/memory»"),
@@ -115,6 +143,9 @@ pub enum MemoryMsg {
         floor: u64,
         entry: Entry,
         holder_facts: Vec<Turn>,
+        /// When the prompt no longer held some older turns: the model to
+        /// summarize them with, and how many entries the prompt held.
+        fold: Option<(String, usize)>,
         reply: Option<RpcReplyPort<Result<(), String>>>,
     },
     /// A holder's operation on its own conversations.
@@ -193,6 +224,7 @@ impl Actor for MemoryKeeper {
                 floor,
                 entry,
                 holder_facts,
+                fold,
                 reply,
             } => {
                 tokio::spawn(async move {
@@ -221,6 +253,9 @@ impl Actor for MemoryKeeper {
                     }
                     if kept && !holder_facts.is_empty() {
                         keep_holder_facts(&shared, key.owner, id, holder_facts).await;
+                    }
+                    if kept && let Some((model, in_prompt)) = fold {
+                        crate::summaries::fold(Arc::clone(&shared), key, model, in_prompt).await;
                     }
                 });
             }
@@ -383,7 +418,12 @@ async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryRep
     };
     match op {
         MemoryOp::List => match list(shared, owner).await {
-            Ok((names, truncated)) => MemoryReply::Conversations { names, truncated },
+            // The node's own (the holder's facts) is exported and deleted
+            // by name, and with --all, but not listed among the chats.
+            Ok((mut names, truncated)) => {
+                names.retain(|n| !n.is_reserved());
+                MemoryReply::Conversations { names, truncated }
+            }
             Err(e) => refused(e),
         },
         MemoryOp::Export { conversation, from } => {
@@ -571,6 +611,8 @@ fn prepare(
         (h.floor, h.entries.last().map(|e| e.stamp.seq))
     });
     let mut conversation_facts = Vec::new();
+    let mut summary_text: Option<String> = None;
+    let mut uncovered_entries = 0;
     let history = match held {
         Some(held) => {
             let mut h: Vec<Turn> = supplied
@@ -580,13 +622,30 @@ fn prepare(
                 .collect();
             // A turn sent again after its entry failed may already be
             // kept under its id: it is being answered, not history.
-            let (facts, stored): (Vec<Turn>, Vec<Turn>) = held
+            let entries: Vec<Entry> = held
                 .entries
                 .into_iter()
                 .filter(|e| Some(e.stamp.id) != turn_id)
-                .flat_map(|e| e.turns)
-                .partition(|t| t.role == Role::Fact);
-            conversation_facts = facts.into_iter().map(|t| t.text).collect();
+                .collect();
+            // Facts stay recallable after their turns are summarized.
+            conversation_facts = entries
+                .iter()
+                .flat_map(|e| &e.turns)
+                .filter(|t| t.role == Role::Fact)
+                .map(|t| t.text.clone())
+                .collect();
+            // The newest summary stands in for the turns it covers.
+            let (summary, after) = summary::split(&entries);
+            summary_text = summary
+                .and_then(summary::text_of)
+                .map(|t| format!("{SUMMARY_HEADER} {t}"));
+            uncovered_entries = after.len();
+            let stored: Vec<Turn> = after
+                .iter()
+                .flat_map(|e| &e.turns)
+                .filter(|t| t.role != Role::Fact)
+                .cloned()
+                .collect();
             let max = shared.config.memory.max_history_turns;
             h.extend(stored[stored.len().saturating_sub(max)..].iter().cloned());
             if !exact {
@@ -609,12 +668,38 @@ fn prepare(
     } else {
         shared.config.memory.recall_tokens.min(context_tokens / 4)
     };
+    let overhead = shared.config.memory.per_turn_overhead_tokens;
+    // The summary is always in the prompt: its room is set aside too.
+    let summary_turn = summary_text.as_ref().map(|t| turn(Role::System, t.clone()));
+    let summary_cost = summary_turn
+        .as_ref()
+        .map_or(0, |t| t.tokens.saturating_add(overhead));
     let budget = PromptBudget {
-        context_tokens: context_tokens.saturating_sub(recall_budget),
-        per_turn_overhead_tokens: shared.config.memory.per_turn_overhead_tokens,
+        context_tokens: context_tokens
+            .saturating_sub(recall_budget)
+            .saturating_sub(summary_cost),
+        per_turn_overhead_tokens: overhead,
     };
     let mut assembled = assemble(&history, user_turn.clone(), answer_tokens, &budget)
         .map_err(|e| error_frame(ErrorCode::BadRequest, e.to_string()))?;
+    // Each kept entry has one user turn: those in the prompt, before the
+    // new message, are the entries it holds.
+    let in_prompt_entries = assembled.turns[..assembled.turns.len().saturating_sub(1)]
+        .iter()
+        .filter(|t| t.role == Role::User)
+        .count();
+    if let Some(st) = summary_turn {
+        assembled.tokens = assembled.tokens.saturating_add(summary_cost);
+        let several = assembled.turns.len() > 1;
+        match assembled.turns.first_mut() {
+            // One system turn at the head: every chat template takes that.
+            Some(first) if first.role == Role::System && several => {
+                first.text = format!("{}\n\n{}", first.text, st.text);
+                first.tokens = first.tokens.saturating_add(st.tokens);
+            }
+            _ => assembled.turns.insert(0, st),
+        }
+    }
     let recalled = {
         let in_context: Vec<&str> = assembled.turns.iter().map(|t| t.text.as_str()).collect();
         recall(
@@ -653,5 +738,8 @@ fn prepare(
         newest_seq,
         entry_id,
         recalled,
+        summary: summary_text,
+        in_prompt_entries,
+        uncovered_entries,
     })
 }

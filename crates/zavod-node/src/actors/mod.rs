@@ -92,6 +92,8 @@ pub struct NodeShared {
     pub(crate) membership: std::sync::RwLock<Option<zavod_proto::trust::Membership>>,
     /// Revocations this node holds; the Router is the only writer.
     pub(crate) revocations: std::sync::RwLock<crate::revocations::RevocationStore>,
+    /// Conversations whose summaries this node is writing.
+    pub(crate) folding: crate::summaries::Folding,
 }
 
 /// Models whose tokenization a node keeps estimates for, at most.

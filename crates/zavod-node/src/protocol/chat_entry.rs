@@ -518,12 +518,17 @@ impl Pump {
                 shared.count_tokens(&model, t)
             });
         let floor = self.prepared.floor;
+        let fold = self
+            .prepared
+            .fold_due()
+            .then_some((model, self.prepared.in_prompt_entries));
         let recorded = call(self.shared.directory.get().memory, "memory", |reply| {
             MemoryMsg::Record {
                 key,
                 floor,
                 entry,
                 holder_facts,
+                fold,
                 reply: Some(reply),
             }
         })

@@ -14,6 +14,9 @@ pub enum Role {
     /// Something worth keeping that a user turn said, kept beside the
     /// turn (`crate::memory::recall`); never a turn of a prompt itself.
     Fact,
+    /// A running summary of the turns before it
+    /// (`crate::memory::summary`); a prompt holds it as a system turn.
+    Summary,
 }
 
 impl Role {
@@ -23,6 +26,7 @@ impl Role {
             Role::User => "user",
             Role::Assistant => "assistant",
             Role::Fact => "fact",
+            Role::Summary => "summary",
         }
     }
 }

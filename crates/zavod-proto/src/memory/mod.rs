@@ -20,6 +20,8 @@
 //! - [`recall`]: long-term memory in prompts: the facts a user turn states,
 //!   and which of those kept go into a prompt, by relevance, within a
 //!   token budget.
+//! - [`summary`]: running summaries: which turns a prompt no longer holds
+//!   are folded into the conversation's summary, and where it is kept.
 //!
 //! Invariants (checked by unit tests here and by the simulator under
 //! crashes, loss and partitions): an acknowledged entry is never lost while
@@ -31,6 +33,7 @@ pub mod log;
 pub mod placement;
 pub mod read;
 pub mod recall;
+pub mod summary;
 mod tries;
 pub mod write;
 
