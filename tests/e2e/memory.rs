@@ -67,7 +67,8 @@ fn conversation_memory_survives_a_node_restart() {
     assert!(prompt.contains("What is my name?"), "{prompt}");
     assert!(e.contains("2 earlier turns in context"), "{e}");
 
-    // Another conversation does not see it.
+    // Another conversation does not see its turns; only the fact about
+    // the user in general is recalled there (long-term memory).
     let c = chat(
         dir.path(),
         &node.addr,
@@ -79,10 +80,25 @@ fn conversation_memory_survives_a_node_restart() {
             "--max-tokens",
             "4",
             "--show-prompt",
+            "--verbose",
         ],
     );
     assert!(c.status.success());
-    assert!(!stderr(&c).contains("Zorblax"));
+    let e = stderr(&c);
+    assert!(e.contains("0 earlier turns in context"), "{e}");
+    let outside_memory: String = e
+        .split("«memory»")
+        .enumerate()
+        .map(|(i, part)| {
+            if i == 0 {
+                part
+            } else {
+                part.split("«/memory»").nth(1).unwrap_or("")
+            }
+        })
+        .collect();
+    assert!(!outside_memory.contains("Zorblax"), "{e}");
+    assert!(e.contains(&format!("- {first_turn}")), "recalled: {e}");
 }
 
 /// Writes zeros to `path` until the disk under it is full.
@@ -375,7 +391,9 @@ fn a_holder_lists_exports_and_deletes_its_conversations_up_to_a_cap() {
     let (s, body) = send(http.get(format!("{base}/v1/conversations/web")));
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["turns"][0]["text"], "Remember 42.");
-    assert_eq!(body["turns"].as_array().map(Vec::len), Some(2), "{body}");
+    // The question, its answer, and the fact it states.
+    assert_eq!(body["turns"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(body["turns"][2]["role"], "fact", "{body}");
     assert_eq!(body["next"], serde_json::Value::Null);
     let (s, body) = send(http.delete(format!("{base}/v1/conversations/web")));
     assert_eq!(

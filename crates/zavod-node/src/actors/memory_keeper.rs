@@ -190,6 +190,7 @@ impl Actor for MemoryKeeper {
                 reply,
             } => {
                 tokio::spawn(async move {
+                    let started = std::time::Instant::now();
                     let (held, holder_facts) = match &key {
                         Some(k) => match check_room(&shared, k) {
                             Ok(()) => {
@@ -203,6 +204,7 @@ impl Actor for MemoryKeeper {
                         },
                         None => (Ok(None), Vec::new()),
                     };
+                    let read_us = started.elapsed().as_micros() as u64;
                     let prepared = held.and_then(|held| {
                         prepare(
                             &shared,
@@ -216,6 +218,15 @@ impl Actor for MemoryKeeper {
                             context_tokens,
                         )
                     });
+                    if let Ok(p) = &prepared {
+                        tracing::debug!(
+                            read_us,
+                            total_us = started.elapsed().as_micros() as u64,
+                            recalled = p.recalled.injected.len(),
+                            summary = p.summary.is_some(),
+                            "prompt assembled"
+                        );
+                    }
                     let _ = reply.send(prepared);
                 });
             }
@@ -500,8 +511,11 @@ async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryRep
                     break;
                 }
                 for c in names {
+                    // The holder's facts go too, but are no conversation
+                    // of theirs to count.
+                    let counted = !c.is_reserved();
                     match delete(shared, &key(c)).await {
-                        Ok(held) => deleted += u32::from(held),
+                        Ok(held) => deleted += u32::from(held && counted),
                         Err(e) => return refused(e),
                     }
                 }
