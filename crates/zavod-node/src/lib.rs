@@ -22,6 +22,7 @@ pub mod client;
 pub mod clock;
 pub(crate) mod cluster;
 pub mod datadir;
+pub(crate) mod holders;
 pub(crate) mod http;
 pub(crate) mod invites;
 pub(crate) mod metrics;

@@ -4,12 +4,15 @@
 //! on whichever node a client reached: prompt assembly reads it from a
 //! read quorum (the newest turns that fit the context budget,
 //! zavod_proto::chat::prompt::assemble), and an answered turn is written
-//! to a write quorum before the client is told it is kept. A holder's own
-//! operations (list, export, delete: the memory protocol and
-//! `/v1/conversations`) reach every replica: a list asks every member, a
-//! deletion is a replicated write that raises the conversation's floor.
-//! This actor only starts that work; each piece runs in its own task, so
-//! a slow replica delays its own request, never the next prompt.
+//! to a write quorum before the client is told it is kept. Long-term
+//! memory joins the prompt here: the conversation's summary heads it in
+//! place of the turns it covers (`zavod_proto::memory::summary`, written
+//! by `crate::summaries` once a kept turn leaves older ones out), and the
+//! facts recalled for the new message go ahead of it
+//! (`zavod_proto::memory::recall`). A holder's own operations (the memory
+//! protocol and `/v1/conversations`) are `crate::holders`'. This actor
+//! only starts that work; each piece runs in its own task, so a slow
+//! replica delays its own request, never the next prompt.
 //! A request that would start a conversation past the holder's cap on
 //! this node is refused at assembly, before it is placed or run (each
 //! replica enforces its own cap on the write). Tokens are counted with
@@ -20,23 +23,18 @@
 use super::{NodeShared, error_frame};
 use crate::replication::{self, Written};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 use zavod_proto::NodeId;
 use zavod_proto::chat::prompt::{PromptBudget, Role, Turn, assemble};
-use zavod_proto::ids::ConversationId;
-use zavod_proto::limits::MAX_LISTED_CONVERSATIONS;
-use zavod_proto::memory::recall::{Recall, Scope, fact_turns, facts_in, recall, with_recall};
+use zavod_proto::memory::recall::{Recall, recall, with_recall};
 use zavod_proto::memory::summary;
-use zavod_proto::memory::{ConvKey, Entry, Held, deletion_floor};
+use zavod_proto::memory::{ConvKey, Entry, Held};
+use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
+use zavod_proto::wire::{ErrorCode, ErrorFrame};
+use zavod_store::StoreError;
 
 /// How a prompt introduces the conversation's summary.
 const SUMMARY_HEADER: &str = "Summary of the conversation so far:";
-use zavod_proto::wire::memory::{MemoryOp, MemoryReply};
-use zavod_proto::wire::replica::{ReplicaReply, ReplicaRequest};
-use zavod_proto::wire::{ErrorCode, ErrorFrame};
-use zavod_store::StoreError;
 
 pub(crate) struct MemoryKeeper;
 
@@ -196,7 +194,7 @@ impl Actor for MemoryKeeper {
                             Ok(()) => {
                                 let (held, facts) = tokio::join!(
                                     replication::read(&shared, k, false),
-                                    read_holder_facts(&shared, k.owner)
+                                    crate::holders::read_holder_facts(&shared, k.owner)
                                 );
                                 (held.map(Some), facts)
                             }
@@ -263,7 +261,8 @@ impl Actor for MemoryKeeper {
                         let _ = reply.send(r);
                     }
                     if kept && !holder_facts.is_empty() {
-                        keep_holder_facts(&shared, key.owner, id, holder_facts).await;
+                        crate::holders::keep_holder_facts(&shared, key.owner, id, holder_facts)
+                            .await;
                     }
                     if kept && let Some((model, in_prompt)) = fold {
                         crate::summaries::fold(Arc::clone(&shared), key, model, in_prompt).await;
@@ -272,7 +271,7 @@ impl Actor for MemoryKeeper {
             }
             MemoryMsg::Own { owner, op, reply } => {
                 tokio::spawn(async move {
-                    let _ = reply.send(own(&shared, owner, op).await);
+                    let _ = reply.send(crate::holders::own(&shared, owner, op).await);
                 });
             }
         }
@@ -283,321 +282,11 @@ impl Actor for MemoryKeeper {
 /// Whether this node has room for the conversation: a holder past its cap
 /// here is refused before any work (each replica checks its own cap again
 /// when the turn is written).
-fn check_room(shared: &NodeShared, key: &ConvKey) -> Result<(), ErrorFrame> {
+pub(crate) fn check_room(shared: &NodeShared, key: &ConvKey) -> Result<(), ErrorFrame> {
     shared.store.check_room(key).map_err(|e| match e {
         StoreError::TooManyConversations { .. } => error_frame(ErrorCode::Forbidden, e.to_string()),
         e => error_frame(ErrorCode::Internal, format!("memory: {e}")),
     })
-}
-
-fn refused(e: ErrorFrame) -> MemoryReply {
-    MemoryReply::Refused(e)
-}
-
-/// Asks every member this node takes to be alive, at once; their answers
-/// in member order (a member that does not answer is left out).
-async fn ask_members(
-    shared: &Arc<NodeShared>,
-    req: ReplicaRequest,
-) -> Result<Vec<ReplicaReply>, ErrorFrame> {
-    let (alive, _) = replication::members(shared).await?;
-    let t = Duration::from_millis(shared.config.memory.replica_timeout_ms);
-    let mut tasks = tokio::task::JoinSet::new();
-    for m in alive {
-        let (s, req) = (Arc::clone(shared), req.clone());
-        tasks.spawn(async move { crate::protocol::replica::ask(&s, m, req, t).await });
-    }
-    let mut out = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(Ok(reply)) = r {
-            out.push(reply);
-        }
-    }
-    Ok(out)
-}
-
-/// The holder's conversations anywhere in the mesh, by name.
-async fn list(
-    shared: &Arc<NodeShared>,
-    owner: NodeId,
-) -> Result<(Vec<zavod_proto::ConversationId>, bool), ErrorFrame> {
-    let mut names = BTreeSet::new();
-    let mut truncated = false;
-    for reply in ask_members(shared, ReplicaRequest::List { owner }).await? {
-        if let ReplicaReply::Names {
-            names: n,
-            truncated: t,
-        } = reply
-        {
-            truncated |= t;
-            names.extend(n);
-        }
-    }
-    let mut names: Vec<_> = names.into_iter().collect();
-    truncated |= names.len() > MAX_LISTED_CONVERSATIONS;
-    names.truncate(MAX_LISTED_CONVERSATIONS);
-    Ok((names, truncated))
-}
-
-/// Deletes one conversation on every replica: a replicated write that
-/// raises its floor past everything read and past now. Whether any of it
-/// was held.
-async fn delete(shared: &Arc<NodeShared>, key: &ConvKey) -> Result<bool, ErrorFrame> {
-    let held = replication::read(shared, key, false).await?;
-    let newest = held.entries.last().map(|e| e.stamp.seq);
-    let floor = deletion_floor(newest, held.floor, crate::clock::now_ms());
-    match replication::write(shared, key, floor, Vec::new()).await {
-        Ok(_) => Ok(!held.entries.is_empty()),
-        Err(e) => Err(error_frame(
-            e.code,
-            format!("the deletion did not reach enough replicas: {}", e.message),
-        )),
-    }
-}
-
-/// Keeps a turn whose whole answer a target signed for but whose entry
-/// failed before keeping it: the receipt must be a member's, for this
-/// holder and this answer. Returns whether the turn was already kept.
-async fn keep(
-    shared: &Arc<NodeShared>,
-    key: &ConvKey,
-    turn: u64,
-    message: String,
-    answer: String,
-    receipt: &zavod_proto::trust::Receipt,
-) -> Result<bool, ErrorFrame> {
-    let bad = |m: String| error_frame(ErrorCode::BadRequest, m);
-    let body = receipt
-        .verify(&receipt.signer, receipt.body.request, &answer)
-        .map_err(|e| bad(format!("the answer's receipt does not hold: {e}")))?;
-    if body.client != key.owner {
-        return Err(bad("the answer's receipt is for another client".into()));
-    }
-    let (alive, _) = replication::members(shared).await?;
-    if !alive.contains(&receipt.signer) {
-        return Err(bad(format!(
-            "the answer's receipt is signed by {}, not a member this node knows alive",
-            receipt.signer.short()
-        )));
-    }
-    let tokens = body.generated_tokens;
-    check_room(shared, key)?;
-    let held = replication::read(shared, key, false).await?;
-    if held.entries.iter().any(|e| e.stamp.id == turn) {
-        return Ok(true);
-    }
-    let stamp = zavod_proto::memory::Stamp {
-        seq: zavod_proto::memory::next_seq(
-            held.entries.last().map(|e| e.stamp.seq),
-            crate::clock::now_ms(),
-        ),
-        id: turn,
-    };
-    // The receipt does not say the model: counts are estimated on the
-    // safe side.
-    let estimate = zavod_proto::chat::prompt::estimate_tokens;
-    let user = Turn {
-        role: Role::User,
-        tokens: estimate(&message),
-        text: message,
-    };
-    let answer = Turn {
-        role: Role::Assistant,
-        tokens,
-        text: answer,
-    };
-    let (entry, holder_facts) = turn_entry(stamp, user, answer, estimate);
-    match replication::write(shared, key, held.floor, vec![entry]).await? {
-        Written::Acked => {
-            if !holder_facts.is_empty() {
-                keep_holder_facts(shared, key.owner, turn, holder_facts).await;
-            }
-            Ok(false)
-        }
-        Written::Deleted => Err(error_frame(
-            ErrorCode::Forbidden,
-            "the conversation was deleted while this turn was answered",
-        )),
-    }
-}
-
-/// One holder's operation on its own conversations, over the mesh.
-async fn own(shared: &Arc<NodeShared>, owner: NodeId, op: MemoryOp) -> MemoryReply {
-    let key = |conversation| ConvKey {
-        owner,
-        conversation,
-    };
-    match op {
-        MemoryOp::List => match list(shared, owner).await {
-            // The node's own (the holder's facts) is exported and deleted
-            // by name, and with --all, but not listed among the chats.
-            Ok((mut names, truncated)) => {
-                names.retain(|n| !n.is_reserved());
-                MemoryReply::Conversations { names, truncated }
-            }
-            Err(e) => refused(e),
-        },
-        MemoryOp::Export { conversation, from } => {
-            // From the replicas in placement order: the first that holds
-            // the conversation answers the page.
-            let k = key(conversation);
-            let p = match replication::placement(shared, &k).await {
-                Ok(p) => p,
-                Err(e) => return refused(e),
-            };
-            let t = Duration::from_millis(shared.config.memory.replica_timeout_ms);
-            let mut last_err = None;
-            for r in p.replicas {
-                let req = ReplicaRequest::Page {
-                    key: k.clone(),
-                    from,
-                };
-                match crate::protocol::replica::ask(shared, r, req, t).await {
-                    Ok(ReplicaReply::Page {
-                        turns,
-                        next,
-                        held: true,
-                    }) => {
-                        return MemoryReply::Turns {
-                            turns,
-                            next,
-                            held: true,
-                        };
-                    }
-                    Ok(ReplicaReply::Page { .. }) => {}
-                    Ok(ReplicaReply::Refused(e)) => last_err = Some(e.message),
-                    Ok(_) => {}
-                    Err(e) => last_err = Some(e),
-                }
-            }
-            match last_err {
-                Some(e) => refused(error_frame(
-                    ErrorCode::NoCapacity,
-                    format!("no replica of the conversation could be read: {e}"),
-                )),
-                None => MemoryReply::Turns {
-                    turns: Vec::new(),
-                    next: None,
-                    held: false,
-                },
-            }
-        }
-        MemoryOp::Delete { conversation } => match delete(shared, &key(conversation)).await {
-            Ok(held) => MemoryReply::Deleted {
-                conversations: u32::from(held),
-            },
-            Err(e) => refused(e),
-        },
-        MemoryOp::Keep {
-            conversation,
-            turn,
-            message,
-            answer,
-            receipt,
-        } => match keep(shared, &key(conversation), turn, message, answer, &receipt).await {
-            Ok(already) => MemoryReply::Kept { already },
-            Err(e) => refused(e),
-        },
-        MemoryOp::DeleteAll => {
-            let mut deleted = 0u32;
-            // Each round takes every one listed, so one round empties the
-            // list unless writes race it; a few more take those.
-            for _round in 0..4 {
-                let names = match list(shared, owner).await {
-                    Ok((n, _)) => n,
-                    Err(e) => return refused(e),
-                };
-                if names.is_empty() {
-                    break;
-                }
-                for c in names {
-                    // The holder's facts go too, but are no conversation
-                    // of theirs to count.
-                    let counted = !c.is_reserved();
-                    match delete(shared, &key(c)).await {
-                        Ok(held) => deleted += u32::from(held && counted),
-                        Err(e) => return refused(e),
-                    }
-                }
-            }
-            MemoryReply::Deleted {
-                conversations: deleted,
-            }
-        }
-    }
-}
-
-/// The facts kept about `owner` across its conversations, oldest first;
-/// none when long-term memory is off or they cannot be read now (a chat
-/// goes on without them, and the log says why).
-async fn read_holder_facts(shared: &Arc<NodeShared>, owner: NodeId) -> Vec<String> {
-    if shared.config.memory.recall_tokens == 0 {
-        return Vec::new();
-    }
-    match replication::read(shared, &holder_facts_key(owner), false).await {
-        Ok(held) => held
-            .entries
-            .into_iter()
-            .flat_map(|e| e.turns)
-            .filter(|t| t.role == Role::Fact)
-            .map(|t| t.text)
-            .collect(),
-        Err(e) => {
-            tracing::warn!(message = %e.message, "the holder's facts could not be read; this prompt goes without them");
-            Vec::new()
-        }
-    }
-}
-
-/// The entry a turn is kept as: the user's turn, the answer and the facts
-/// the user's turn stated about this conversation; and the facts it stated
-/// about its holder in general, to be kept with the holder's.
-pub(crate) fn turn_entry(
-    stamp: zavod_proto::memory::Stamp,
-    user: Turn,
-    answer: Turn,
-    count: impl Fn(&str) -> u32,
-) -> (Entry, Vec<Turn>) {
-    let facts = facts_in(&user.text);
-    let mut turns = vec![user, answer];
-    turns.extend(fact_turns(&facts, Scope::Conversation, &count));
-    (
-        Entry { stamp, turns },
-        fact_turns(&facts, Scope::Holder, &count),
-    )
-}
-
-/// Keeps facts about `owner` that hold across its conversations, under the
-/// id of the turn that stated them (a turn kept twice keeps them once).
-/// Off the client's path: a failure is logged, and the facts still live
-/// with the turn's own conversation.
-async fn keep_holder_facts(shared: &Arc<NodeShared>, owner: NodeId, id: u64, facts: Vec<Turn>) {
-    let entry = Entry {
-        stamp: zavod_proto::memory::Stamp {
-            seq: zavod_proto::memory::next_seq(None, crate::clock::now_ms()),
-            id,
-        },
-        turns: facts,
-    };
-    let key = holder_facts_key(owner);
-    if let Err(e) = check_room(shared, &key) {
-        tracing::warn!(message = %e.message, "facts about a holder not kept");
-        return;
-    }
-    match replication::write(shared, &key, 0, vec![entry]).await {
-        Ok(_) => {}
-        Err(e) => tracing::warn!(message = %e.message, "facts about a holder not kept"),
-    }
-}
-
-/// Where the facts about a holder that hold across its conversations are
-/// kept: a conversation of its own, replicated, listed, exported and
-/// deleted like any other.
-pub(crate) fn holder_facts_key(owner: NodeId) -> ConvKey {
-    ConvKey {
-        owner,
-        conversation: ConversationId::holder_facts(),
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

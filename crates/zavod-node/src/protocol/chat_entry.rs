@@ -22,11 +22,12 @@
 use super::entry_client::{ChannelClient, ClientSide, StreamClient};
 use super::run_client::{FetchEvent, fetch, reachable};
 use super::{Reservation, RunMetrics, call, first_frame, record_outcome};
-use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt, turn_entry};
+use crate::actors::memory_keeper::{MemoryMsg, PreparedPrompt};
 use crate::actors::model_worker::{JobStream, WorkerMsg};
 use crate::actors::router::{Admission, PlaceAsk, Placement, RouterMsg};
 use crate::actors::{NodeShared, error_frame};
 use crate::clock::now_ms;
+use crate::holders::turn_entry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
