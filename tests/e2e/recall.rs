@@ -131,25 +131,35 @@ fn a_fact_from_turn_one_is_recalled_at_turn_thirty_and_in_the_next_conversation(
     );
     drop(chat);
 
-    // Kept where the holder can see and remove it.
+    // Kept where the holder can see it, with the conversation that said
+    // it; deleting that conversation deletes the fact, and every summary
+    // and turn of it.
     let facts = exported_turns(&dir, &node.addr, "_zavod-facts").expect("export the facts");
     assert_eq!(
         facts,
-        [("fact".to_string(), "My name is Zorblax.".to_string())]
+        [
+            ("system".to_string(), "from conversation long".to_string()),
+            ("fact".to_string(), "My name is Zorblax.".to_string())
+        ]
     );
-    let o = zavod_tests::zavod()
-        .args([
-            "memory",
-            "delete",
-            "--all",
-            "--peer",
-            &node.addr,
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .output()
-        .expect("zavod memory delete --all");
-    assert!(o.status.success(), "{}", zavod_tests::stderr(&o));
+    let memory = |args: &[&str]| {
+        let o = zavod_tests::zavod()
+            .arg("memory")
+            .args(args)
+            .args(["--peer", &node.addr, "--data-dir"])
+            .arg(&dir)
+            .output()
+            .expect("zavod memory");
+        assert!(o.status.success(), "{}", zavod_tests::stderr(&o));
+    };
+    memory(&["delete", "--conversation", "long"]);
+    for at in [&node.addr, &replicas[1].addr] {
+        let e = exported_turns(&dir, at, "long").expect_err("deleted");
+        assert!(e.contains("holds no conversation long"), "{e}");
+        let e = exported_turns(&dir, at, "_zavod-facts").expect_err("no facts left");
+        assert!(e.contains("holds no conversation _zavod-facts"), "{e}");
+    }
+    memory(&["delete", "--all"]);
     let mut chat = Chat::start(
         &dir,
         &[&node.addr],

@@ -78,13 +78,17 @@ async fn delete(shared: &Arc<NodeShared>, key: &ConvKey) -> Result<bool, ErrorFr
     let held = replication::read(shared, key, false).await?;
     let newest = held.entries.last().map(|e| e.stamp.seq);
     let floor = deletion_floor(newest, held.floor, crate::clock::now_ms());
-    match replication::write(shared, key, floor, Vec::new()).await {
-        Ok(_) => Ok(!held.entries.is_empty()),
-        Err(e) => Err(error_frame(
+    if let Err(e) = replication::write(shared, key, floor, Vec::new()).await {
+        return Err(error_frame(
             e.code,
             format!("the deletion did not reach enough replicas: {}", e.message),
-        )),
+        ));
     }
+    // The facts about the holder that it stated go with it.
+    if !key.conversation.is_reserved() {
+        forget_facts_from(shared, key).await?;
+    }
+    Ok(!held.entries.is_empty())
 }
 
 /// Keeps a turn whose whole answer a target signed for but whose entry
@@ -142,7 +146,7 @@ async fn keep(
     match replication::write(shared, key, held.floor, vec![entry]).await? {
         Written::Acked => {
             if !holder_facts.is_empty() {
-                keep_holder_facts(shared, key.owner, turn, holder_facts).await;
+                keep_holder_facts(shared, key, turn, holder_facts).await;
             }
             Ok(false)
         }
@@ -305,17 +309,25 @@ pub(crate) fn turn_entry(
 /// with the turn's own conversation.
 pub(crate) async fn keep_holder_facts(
     shared: &Arc<NodeShared>,
-    owner: NodeId,
+    key: &ConvKey,
     id: u64,
     facts: Vec<Turn>,
 ) {
+    // Which conversation stated them, so that deleting it deletes them.
+    let mut turns = vec![Turn {
+        role: Role::System,
+        tokens: 0,
+        text: format!("{FROM}{}", key.conversation),
+    }];
+    turns.extend(facts);
     let entry = Entry {
         stamp: zavod_proto::memory::Stamp {
             seq: zavod_proto::memory::next_seq(None, crate::clock::now_ms()),
             id,
         },
-        turns: facts,
+        turns,
     };
+    let owner = key.owner;
     let key = holder_facts_key(owner);
     if let Err(e) = check_room(shared, &key) {
         tracing::warn!(message = %e.message, "facts about a holder not kept");
@@ -325,6 +337,51 @@ pub(crate) async fn keep_holder_facts(
         Ok(_) => {}
         Err(e) => tracing::warn!(message = %e.message, "facts about a holder not kept"),
     }
+}
+
+/// How a holder's fact entry names the conversation that stated it.
+const FROM: &str = "from conversation ";
+
+/// Deletes the facts about `key`'s holder that `key`'s conversation
+/// stated: the facts' floor is raised past them all and the others are
+/// written again above it, in one replicated write.
+async fn forget_facts_from(shared: &Arc<NodeShared>, key: &ConvKey) -> Result<(), ErrorFrame> {
+    let facts = holder_facts_key(key.owner);
+    let held = replication::read(shared, &facts, false).await?;
+    let source = format!("{FROM}{}", key.conversation);
+    let from = |e: &Entry| {
+        e.turns
+            .first()
+            .is_some_and(|t| t.role == Role::System && t.text == source)
+    };
+    if !held.entries.iter().any(from) {
+        return Ok(());
+    }
+    if held.truncated {
+        return Err(error_frame(
+            ErrorCode::Internal,
+            format!(
+                "the conversation is deleted, but the facts kept about you are too many to sift \
+                 here; delete them all with: zavod memory delete --conversation {}",
+                facts.conversation
+            ),
+        ));
+    }
+    let newest = held.entries.last().map(|e| e.stamp.seq);
+    let floor = deletion_floor(newest, held.floor, crate::clock::now_ms());
+    let kept: Vec<Entry> = held
+        .entries
+        .into_iter()
+        .filter(|e| !from(e))
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.stamp.seq = floor.saturating_add(1 + i as u64);
+            e
+        })
+        .collect();
+    replication::write(shared, &facts, floor, kept)
+        .await
+        .map(|_| ())
 }
 
 /// Where the facts about a holder that hold across its conversations are

@@ -261,8 +261,7 @@ impl Actor for MemoryKeeper {
                         let _ = reply.send(r);
                     }
                     if kept && !holder_facts.is_empty() {
-                        crate::holders::keep_holder_facts(&shared, key.owner, id, holder_facts)
-                            .await;
+                        crate::holders::keep_holder_facts(&shared, &key, id, holder_facts).await;
                     }
                     if kept && let Some((model, in_prompt)) = fold {
                         crate::summaries::fold(Arc::clone(&shared), key, model, in_prompt).await;
