@@ -146,6 +146,22 @@ fn tokens(from: u32, to: u32) -> Vec<RunToken> {
         .collect()
 }
 
+/// A run's end as a target reports it: `generated` tokens, signed by
+/// `receipt` when it has one.
+fn done_info(stop: StopReason, generated: u32, receipt: Option<Receipt>) -> DoneInfo {
+    DoneInfo {
+        stop,
+        prompt_tokens: 3,
+        cached_tokens: 0,
+        generated_tokens: generated,
+        first_token_ms: 1.0,
+        decode_tokens_per_s: 1.0,
+        finished_at_ms: 5,
+        receipt,
+        unrecorded: None,
+    }
+}
+
 fn place_of(outs: &[Output]) -> Option<(AttemptId, NodeId, Vec<NodeId>, GenParams)> {
     outs.iter().find_map(|o| match o {
         Output::Place {
@@ -381,17 +397,11 @@ fn a_relay_while_streaming_leaves_the_first_run_charged_from_its_report() {
     assert!(outs.iter().any(|o| matches!(o, Output::Fetch { .. })));
     all.extend(outs);
     e.handle_tokens(a1, tokens(0, 4), 4);
-    let done = DoneInfo {
-        stop: StopReason::EndOfGeneration,
-        prompt_tokens: 3,
-        cached_tokens: 0,
-        generated_tokens: 4,
-        first_token_ms: 1.0,
-        decode_tokens_per_s: 1.0,
-        finished_at_ms: 5,
-        receipt: Some(mesh.receipt(1, r1, &text(0, 4), 4)),
-        unrecorded: None,
-    };
+    let done = done_info(
+        StopReason::EndOfGeneration,
+        4,
+        Some(mesh.receipt(1, r1, &text(0, 4), 4)),
+    );
     e.handle_done(a1, done, 5);
     let outs = drain(&mut e);
     let sent: Vec<u32> = outs
@@ -477,17 +487,11 @@ fn a_relay_sorts_refusals_from_faults_and_continues_the_count() {
         })
         .collect();
     assert_eq!(indices, vec![3, 4], "the count goes on");
-    let done = DoneInfo {
-        stop: StopReason::EndOfGeneration,
-        prompt_tokens: 3,
-        cached_tokens: 0,
-        generated_tokens: 2,
-        first_token_ms: 1.0,
-        decode_tokens_per_s: 1.0,
-        finished_at_ms: 5,
-        receipt: Some(mesh.receipt(1, r1, &text(0, 2), 2)),
-        unrecorded: None,
-    };
+    let done = done_info(
+        StopReason::EndOfGeneration,
+        2,
+        Some(mesh.receipt(1, r1, &text(0, 2), 2)),
+    );
     e.handle_done(a1, done, 6);
     let outs = drain(&mut e);
     assert!(outs.iter().any(|o| matches!(o, Output::Settle { used: 5 })));
@@ -521,17 +525,11 @@ fn silence_is_charged_in_full_and_a_cancel_is_not_kept() {
     e.handle_client(ClientInput::Gone, 3);
     let outs = drain(&mut e);
     assert!(outs.iter().any(|o| matches!(o, Output::Cancel { .. })));
-    let done = DoneInfo {
-        stop: StopReason::Cancelled,
-        prompt_tokens: 3,
-        cached_tokens: 0,
-        generated_tokens: 3,
-        first_token_ms: 1.0,
-        decode_tokens_per_s: 1.0,
-        finished_at_ms: 5,
-        receipt: Some(mesh.receipt(0, r0, &text(0, 3), 3)),
-        unrecorded: None,
-    };
+    let done = done_info(
+        StopReason::Cancelled,
+        3,
+        Some(mesh.receipt(0, r0, &text(0, 3), 3)),
+    );
     e.handle_tokens(a0, tokens(2, 3), 4);
     e.handle_done(a0, done, 5);
     let outs = drain(&mut e);
@@ -610,21 +608,7 @@ fn an_answer_continued_from_a_failed_entry_counts_on_and_is_kept_whole() {
         &outs[1],
         Output::Transmit(ServerFrame::Token { index: 4, .. })
     ));
-    e.handle_done(
-        a0,
-        DoneInfo {
-            stop: StopReason::EndOfGeneration,
-            prompt_tokens: 3,
-            cached_tokens: 0,
-            generated_tokens: 2,
-            first_token_ms: 1.0,
-            decode_tokens_per_s: 1.0,
-            finished_at_ms: 4,
-            receipt: None,
-            unrecorded: None,
-        },
-        4,
-    );
+    e.handle_done(a0, done_info(StopReason::EndOfGeneration, 2, None), 4);
     let outs = drain(&mut e);
     let kept = outs.iter().find_map(|o| match o {
         Output::Record { answer, tokens } => Some((answer.clone(), *tokens)),
