@@ -9,8 +9,7 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use zavod_tests::{
-    Chat, NodeProc, cap_issue, chat_model_path, exported_turns, invite_for, member_state,
-    status_json, wait_until,
+    Chat, NodeProc, all_alive, cap_issue, chat_model_path, exported_turns, invite_for,
 };
 
 /// The chat model: it counts when asked to, which the test model does not
@@ -35,25 +34,8 @@ fn three_nodes(root: &Path, http: bool, entry_only: bool) -> Vec<NodeProc> {
         NodeProc::start(&root.join(name), &args)
     };
     let nodes = vec![a, join("b"), join("c")];
-    all_alive(root, &nodes);
+    all_alive(&root.join("a"), &nodes.iter().collect::<Vec<_>>());
     nodes
-}
-
-/// Waits until every node sees every other alive.
-fn all_alive(root: &Path, nodes: &[NodeProc]) {
-    for n in nodes {
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                let s = status_json(&root.join("a"), &n.addr);
-                nodes
-                    .iter()
-                    .all(|m| member_state(&s, &m.peer_id).as_deref() == Some("alive"))
-            })
-            .is_some(),
-            "all three alive in {}'s view",
-            n.peer_id
-        );
-    }
 }
 
 /// The integers in `text`, in order.
@@ -88,7 +70,7 @@ fn restart(root: &Path, nodes: &mut [NodeProc], i: usize, name: &str, via: &str)
         &root.join(name),
         &["--model", &model, "--threads", "1", "--bootstrap", via],
     );
-    all_alive(root, nodes);
+    all_alive(&root.join("a"), &nodes.iter().collect::<Vec<_>>());
 }
 
 #[test]

@@ -253,6 +253,27 @@ pub fn member_state(status: &serde_json::Value, peer_id: &str) -> Option<String>
         .and_then(|m| m["state"].as_str().map(String::from))
 }
 
+/// Waits until every one of `nodes` sees every one of them alive, asking
+/// with the credential in `dir`. A node that sees the others may not yet
+/// be seen by them, and a replica refuses reads from a node it does not
+/// know as a member, so a test waits on every view, not one.
+pub fn all_alive(dir: &Path, nodes: &[&NodeProc]) {
+    for n in nodes {
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let s = status_json(dir, &n.addr);
+                nodes
+                    .iter()
+                    .all(|m| member_state(&s, &m.peer_id).as_deref() == Some("alive"))
+            })
+            .is_some(),
+            "all {} alive in {}'s view",
+            nodes.len(),
+            n.peer_id
+        );
+    }
+}
+
 /// Polls `f` every 100 ms until it holds or `timeout` passes; returns how
 /// long it took.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
