@@ -130,7 +130,9 @@ fn quorum_config(shared: &NodeShared) -> QuorumConfig {
     let t = shared.config.memory.replica_timeout_ms;
     QuorumConfig {
         try_timeout_ms: t,
-        max_tries: 3,
+        // Refused tries wait t/4, t/2, then t before the last: 1.75 t in
+        // all, inside the deadline.
+        max_tries: 4,
         deadline_ms: 3 * t,
     }
 }

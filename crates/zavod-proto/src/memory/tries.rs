@@ -1,8 +1,14 @@
 //! The tries of one quorum operation, replica by replica: the part the
 //! read and the write share. Each replica is sent to at once, tried again
-//! after a failure (a quarter of the try timeout later) or an unanswered
-//! try, up to `max_tries`, and given up at the operation's deadline; an
-//! answer closes it. What an answer means is the operation's own.
+//! after a failure or an unanswered try, up to `max_tries`, and given up at
+//! the operation's deadline; an answer closes it. What an answer means is
+//! the operation's own.
+//!
+//! The wait before a try again starts at a quarter of the try timeout and
+//! doubles with each try: a refusal comes back fast, and the commonest one
+//! (a member that has just joined and does not know this node yet) lasts
+//! until the next announcement reaches it, a second or two, so evenly
+//! spaced tries would all land inside it.
 
 use super::QuorumConfig;
 use crate::UnixMs;
@@ -75,11 +81,13 @@ impl Tries {
 
     /// A try that failed: tried again later, or given up after its last.
     pub(crate) fn failed(&mut self, from: NodeId, now: UnixMs) {
-        let backoff = self.config.try_timeout_ms / 4;
+        let first = self.config.try_timeout_ms / 4;
         let max = self.config.max_tries;
         if let Some((_, t)) = self.replicas.iter_mut().find(|(n, _)| *n == from)
             && let Try::Sent { tries, .. } = *t
         {
+            // `tries` counts this one, so it is at least 1.
+            let backoff = first.saturating_mul(1 << tries.saturating_sub(1).min(16));
             *t = if tries < max {
                 Try::Waiting {
                     tries,
@@ -142,5 +150,56 @@ impl Tries {
 
     pub(crate) fn is_done(&self) -> bool {
         self.open() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(b: u8) -> NodeId {
+        NodeId([b; 32])
+    }
+
+    #[test]
+    fn a_refusing_replica_is_tried_again_later_each_time_until_its_last_try() {
+        let config = QuorumConfig {
+            try_timeout_ms: 1_000,
+            max_tries: 4,
+            deadline_ms: 10_000,
+        };
+        let mut t = Tries::new(vec![node(1)], 0, config);
+        let mut sent_at = Vec::new();
+        let mut now = 0;
+        while !t.is_done() && now <= 10_000 {
+            if t.poll_transmit(now).is_some() {
+                sent_at.push(now);
+                // Refused at once.
+                t.failed(node(1), now);
+            }
+            now += 1;
+        }
+        assert_eq!(sent_at, vec![0, 250, 750, 1_750]);
+        assert!(t.is_done(), "given up after its fourth try");
+    }
+
+    #[test]
+    fn every_try_stops_at_the_deadline() {
+        let config = QuorumConfig {
+            try_timeout_ms: 1_000,
+            max_tries: 10,
+            deadline_ms: 1_500,
+        };
+        let mut t = Tries::new(vec![node(1)], 0, config);
+        let mut tries = 0;
+        for now in 0..=3_000 {
+            if t.poll_transmit(now).is_some() {
+                tries += 1;
+                t.failed(node(1), now);
+            }
+            t.timeout(now);
+        }
+        assert_eq!(tries, 3, "at 0, 250 and 750; the next would be at 1,750");
+        assert!(t.is_done());
     }
 }
