@@ -52,6 +52,16 @@ pub enum MemoryOp {
 impl MemoryOp {
     /// Checks a request's bounds before the node acts on it.
     pub fn check(&self) -> Result<(), String> {
+        // A kept turn is a chat turn: the node's own conversations take
+        // none, as a chat in them is refused.
+        if let MemoryOp::Keep { conversation, .. } = self
+            && conversation.is_reserved()
+        {
+            return Err(format!(
+                "conversation {conversation} is the node's own (the facts it keeps about you); \
+                 no turn is kept in it"
+            ));
+        }
         if let MemoryOp::Keep {
             message, answer, ..
         } = self
@@ -114,5 +124,44 @@ impl MemoryReply {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{NodeId, RequestId};
+    use crate::trust::{Keypair, ReceiptBody, sign_receipt};
+
+    fn keep(conversation: &str, message: &str) -> MemoryOp {
+        let receipt = sign_receipt(
+            &Keypair::from_secret([7; 32]),
+            ReceiptBody {
+                request: RequestId(1),
+                client: NodeId([1; 32]),
+                generated_tokens: 1,
+                answer_hash: [0; 32],
+            },
+        );
+        MemoryOp::Keep {
+            conversation: ConversationId::parse(conversation).expect("a valid name"),
+            turn: 1,
+            message: message.into(),
+            answer: "ok".into(),
+            receipt: Box::new(receipt),
+        }
+    }
+
+    #[test]
+    fn a_turn_is_kept_in_a_chat_of_the_holder_and_never_in_the_nodes_own_conversations() {
+        assert_eq!(keep("trip", "hello").check(), Ok(()));
+        let facts = keep(ConversationId::holder_facts().as_str(), "hello").check();
+        assert!(
+            facts.as_ref().is_err_and(|e| e.contains("the node's own")),
+            "{facts:?}"
+        );
+        assert!(keep("trip", "").check().is_err(), "an empty message");
+        let long = "x".repeat(MAX_MESSAGE_BYTES + 1);
+        assert!(keep("trip", &long).check().is_err(), "a message too long");
     }
 }
