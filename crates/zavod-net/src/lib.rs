@@ -89,8 +89,12 @@ pub enum NetError {
     Dial { addr: String, reason: String },
     #[error("timed out after {ms} ms while {what}")]
     Timeout { what: String, ms: u64 },
-    #[error("cannot open a chat stream to {peer}: {reason}")]
-    OpenStream { peer: String, reason: String },
+    #[error("cannot open a {protocol} stream to {peer}: {reason}")]
+    OpenStream {
+        protocol: String,
+        peer: String,
+        reason: String,
+    },
     #[error("malformed address {input:?}: {reason}")]
     BadAddress { input: String, reason: String },
     #[error("the network event loop has stopped")]
@@ -101,6 +105,25 @@ pub enum NetError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Wire(#[from] zavod_proto::wire::WireError),
+}
+
+/// Why a stream did not open, in words: libp2p says "oneshot canceled"
+/// when the connection closed while the stream was being opened.
+fn open_failure(e: &libp2p_stream::OpenStreamError) -> String {
+    match e {
+        libp2p_stream::OpenStreamError::UnsupportedProtocol(p) => {
+            format!("it does not serve {p} (another zavod version, or not a zavod node)")
+        }
+        libp2p_stream::OpenStreamError::Io(io)
+            if io.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            "the connection to it closed before the stream opened (the node stopped, \
+             restarted or went away)"
+                .into()
+        }
+        libp2p_stream::OpenStreamError::Io(io) => error_chain(io),
+        other => error_chain(other),
+    }
 }
 
 /// An error and its sources in one line: libp2p's transport errors often
@@ -692,8 +715,9 @@ impl Client {
             ms,
         })?
         .map_err(|e| NetError::OpenStream {
+            protocol: protocol.to_string(),
             peer: peer.to_string(),
-            reason: e.to_string(),
+            reason: open_failure(&e),
         })?;
         Ok(stream)
     }
@@ -1106,6 +1130,19 @@ impl EventLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_that_did_not_open_says_why_in_words() {
+        let closed = libp2p_stream::OpenStreamError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "oneshot canceled",
+        ));
+        let why = open_failure(&closed);
+        assert!(why.contains("closed before the stream opened"), "{why}");
+        assert!(!why.contains("oneshot"), "{why}");
+        let other = libp2p_stream::OpenStreamError::UnsupportedProtocol(CHAT_PROTOCOL);
+        assert!(open_failure(&other).contains("does not serve /zavod/chat/1"));
+    }
 
     #[test]
     fn node_ids_and_peer_ids_map_both_ways() {
