@@ -568,13 +568,17 @@ impl Client {
         timeout_ms: u64,
     ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(NetError::Stopped),
+        // One bound for both waits: a busy event loop's full command queue
+        // holds the sender as long as a slow reply would.
+        let asked = async {
+            self.commands
+                .send(make(tx))
+                .await
+                .map_err(|_| NetError::Stopped)?;
+            rx.await.map_err(|_| NetError::Stopped)
+        };
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), asked).await {
+            Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 what: what.into(),
                 ms: timeout_ms,
