@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 use zavod_tests::{
-    NodeProc, chat, invite_for, member_state, model_path, served_by, status_json, stderr,
-    wait_until,
+    NodeProc, all_alive, chat, invite_for, member_state, model_path, served_by, status_json,
+    stderr, wait_until,
 };
 
 fn model_arg() -> String {
@@ -336,4 +336,48 @@ fn the_table_status_and_admin_commands_work() {
         .expect("run");
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("--join"), "{}", stderr(&bad));
+}
+
+#[test]
+fn restarted_nodes_find_the_mesh_again_through_members_they_knew() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let d = |n: &str| root.path().join(n);
+    // A founds the mesh and signs B's and C's memberships.
+    let a = NodeProc::start(&d("a"), &[]);
+    let token = invite_for(&d("a"), 2);
+    let b = NodeProc::start(&d("b"), &["--join", &token]);
+    let c = NodeProc::start(&d("c"), &["--join", &token]);
+    all_alive(&d("a"), &[&a, &b, &c]);
+    let (a_peer, b_peer, c_peer) = (a.peer_id.clone(), b.peer_id.clone(), c.peer_id.clone());
+    // Each remembers where the others listen.
+    let knows = |dir: &str, peers: &[&str]| {
+        std::fs::read_to_string(d(dir).join("peers"))
+            .is_ok_and(|t| peers.iter().all(|p| t.contains(&format!("/p2p/{p}"))))
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || knows("a", &[&b_peer, &c_peer])
+            && knows("b", &[&a_peer, &c_peer]))
+        .is_some(),
+        "A and B wrote down where the others are"
+    );
+
+    // A, the authority and B's signer, and B crash. B comes back on a new
+    // port with no address given: its signer is gone, but C is up.
+    a.kill9();
+    b.kill9();
+    let b = NodeProc::start(&d("b"), &[]);
+    assert_eq!(b.peer_id, b_peer);
+    all_alive(&d("a"), &[&b, &c]);
+    // So does the authority, through B or C; the file is only a hint, and
+    // lines that are not addresses of members cost nothing.
+    let peers = d("a").join("peers");
+    let kept = std::fs::read_to_string(&peers).expect("A's peers");
+    std::fs::write(
+        &peers,
+        format!("not an address\n/ip4/127.0.0.1/tcp/1\n{kept}"),
+    )
+    .expect("write");
+    let a = NodeProc::start(&d("a"), &[]);
+    assert_eq!(a.peer_id, a_peer);
+    all_alive(&d("a"), &[&a, &b, &c]);
 }

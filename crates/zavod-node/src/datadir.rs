@@ -8,6 +8,8 @@
 //! - `client.key`, `client.cred`  the local user's key and capability credential
 //! - `invites.used`     invites this node admitted a node with, until they
 //!   expire (where it holds the authority key)
+//! - `peers`            where the other members listened, to find the mesh
+//!   again after a restart (`rejoin.rs`)
 //! - `memory/`          the conversation database
 //!
 //! The first start with an empty directory creates a local authority, signs

@@ -29,6 +29,7 @@ pub(crate) mod metrics;
 pub mod model_choice;
 pub mod node;
 pub(crate) mod protocol;
+pub(crate) mod rejoin;
 pub(crate) mod renewal;
 pub(crate) mod replication;
 pub mod revocations;

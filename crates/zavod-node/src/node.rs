@@ -273,20 +273,27 @@ impl Node {
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
-        let mut bootstrap: Vec<Multiaddr> = config
+        let bootstrap: Vec<Multiaddr> = config
             .node
             .bootstrap
             .iter()
             .map(parse)
             .collect::<Result<_, _>>()?;
         // A member restarted without an address to start from finds the
-        // mesh again through the node that signed its membership.
+        // mesh again through the node that signed its membership, or any
+        // member it knew.
+        let mut rejoin_through: Vec<Multiaddr> = Vec::new();
         if bootstrap.is_empty() {
-            bootstrap = identity
+            rejoin_through = identity
                 .signer_addrs()
                 .iter()
                 .filter_map(|a| a.parse().ok())
                 .collect();
+            for a in crate::rejoin::remembered(&identity.dir) {
+                if !rejoin_through.contains(&a) {
+                    rejoin_through.push(a);
+                }
+            }
         }
         let psk = config.mesh_key()?;
         // libp2p's private networks cover TCP only: with a key, no QUIC.
@@ -542,6 +549,11 @@ impl Node {
             let net = net.clone();
             tasks.push(tokio::spawn(dial_until_connected(net, addr)));
         }
+        tasks.push(tokio::spawn(crate::rejoin::rejoin(
+            Arc::clone(&shared),
+            rejoin_through,
+        )));
+        tasks.push(tokio::spawn(crate::rejoin::remember(Arc::clone(&shared))));
         if let Some(t) = tailnet {
             tasks.push(tokio::spawn(zavod_net::tailscale::discover(
                 net.clone(),

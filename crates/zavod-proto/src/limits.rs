@@ -17,6 +17,10 @@ pub const MAX_CLIENT_ENTRIES_PER_TURN: u32 = 4;
 /// given, then those it learned from the mesh).
 pub const MAX_CLIENT_KNOWN_PEERS: usize = 32;
 
+/// The most members whose addresses a node remembers across restarts, to
+/// find the mesh again through.
+pub const MAX_REMEMBERED_PEERS: usize = 16;
+
 /// The most tokens one request may ask to generate.
 pub const MAX_TOKENS_PER_REQUEST: u32 = 32_768;
 

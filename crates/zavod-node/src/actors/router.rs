@@ -171,6 +171,9 @@ pub enum RouterMsg {
     /// members it knows of, alive or not: what conversation replicas are
     /// placed over.
     Members(RpcReplyPort<(Vec<NodeId>, usize)>),
+    /// Members alive other than this node, not revoked, with the addresses
+    /// they announce (for remembering where the mesh is).
+    MemberAddrs(RpcReplyPort<Vec<(NodeId, Vec<String>)>>),
     /// Whether a node is a member this node's view has verified.
     IsMember {
         node: NodeId,
@@ -926,6 +929,23 @@ impl Actor for Router {
                 }
                 drop(revoked);
                 let _ = reply.send((alive, known));
+            }
+            RouterMsg::MemberAddrs(reply) => {
+                let now = now_ms();
+                let me = st.me();
+                let revoked = st.shared.revocations();
+                let alive: Vec<(NodeId, Vec<String>)> = st
+                    .view
+                    .members()
+                    .filter(|(id, m)| {
+                        **id != me
+                            && !revoked.node_revoked(id)
+                            && m.liveness(&st.view.config, now) == Liveness::Alive
+                    })
+                    .map(|(id, m)| (*id, m.addrs.to_vec()))
+                    .collect();
+                drop(revoked);
+                let _ = reply.send(alive);
             }
             RouterMsg::IsMember { node, reply } => {
                 let member = st.view.is_member(&node, now_ms())
