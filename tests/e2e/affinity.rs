@@ -2,10 +2,7 @@
 //! a conversation to the node holding its prompt cache, which prefills
 //! only the new turn.
 
-use std::time::Duration;
-use zavod_tests::{
-    NodeProc, chat, invite_for, member_state, model_path, status_json, stderr, wait_until,
-};
+use zavod_tests::{NodeProc, all_alive, chat, invite_for, model_path, stderr};
 
 /// (served by, prompt tokens, of them from cache) from a `--verbose` chat.
 fn served(o: &std::process::Output) -> (String, u32, u32) {
@@ -45,16 +42,8 @@ fn each_turn_of_a_conversation_goes_back_to_the_node_holding_its_cache() {
     ];
     let b = NodeProc::start(&d("b"), &flags);
     let c = NodeProc::start(&d("c"), &flags);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let s = status_json(&d("a"), &a.addr);
-            [&b, &c]
-                .iter()
-                .all(|n| member_state(&s, &n.peer_id).as_deref() == Some("alive"))
-        })
-        .is_some(),
-        "B and C did not both become alive at A"
-    );
+    // Every view: a replica refuses a node it does not know yet.
+    all_alive(&d("a"), &[&a, &b, &c]);
     let long = "The old harbour town had a market by the river, walls of grey stone, \
         a bell tower and a school; traders came in winter with salt, wool and cloth. ";
     for conv in ["left", "right"] {

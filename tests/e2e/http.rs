@@ -15,7 +15,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use zavod_tests::{NodeProc, cap_issue, invite, member_state, model_path, status_json, wait_until};
+use zavod_tests::{
+    NodeProc, all_alive, cap_issue, invite, member_state, model_path, status_json, wait_until,
+};
 
 const MODEL: &str = "gemma-3-270m-q4_k_m";
 
@@ -140,13 +142,9 @@ fn the_openai_api_answers_through_the_mesh_streaming_and_not() {
             "127.0.0.1:0",
         ],
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            member_state(&status_json(&d("a"), &a.addr), &c.peer_id).as_deref() == Some("alive")
-        })
-        .is_some(),
-        "C never alive in A's view"
-    );
+    // Both views: C, a replica of A's conversations, refuses A until it
+    // knows A.
+    all_alive(&d("a"), &[&a, &c]);
     let token = cap_issue(
         &d("a"),
         &["--models", "*", "--max-tokens", "100000", "--ttl", "1h"],

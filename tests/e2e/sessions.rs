@@ -6,8 +6,7 @@ use std::time::Duration;
 use zavod_proto::ids::ConversationId;
 use zavod_proto::wire::ServerFrame;
 use zavod_tests::{
-    NodeProc, ask_for_redirect, chat, chat_client, invite_for, member_state, model_path,
-    status_json, stderr, wait_until,
+    NodeProc, all_alive, ask_for_redirect, chat, chat_client, invite_for, model_path, stderr,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -20,13 +19,9 @@ fn the_entry_keeps_a_turn_the_client_never_reported() {
     let a = NodeProc::start(&d("a"), &[]);
     let token = invite_for(&d("a"), 8);
     let c = NodeProc::start(&d("c"), &["--join", &token, "--model", &model]);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            member_state(&status_json(&d("a"), &a.addr), &c.peer_id).as_deref() == Some("alive")
-        })
-        .is_some(),
-        "C never alive in A's view"
-    );
+    // Both views: C, a replica of A's conversations, refuses A until it
+    // knows A.
+    all_alive(&d("a"), &[&a, &c]);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let answer = rt.block_on(async {
