@@ -1,4 +1,5 @@
-//! Finding the mesh again after a restart, with no address given.
+//! Finding the mesh at start-up: dialling the bootstrap addresses given,
+//! or, with none given, finding it again after a restart.
 //!
 //! A member remembers where the other members listen (`peers` in the data
 //! directory: one multiaddr with its `/p2p/` peer id a line, the members
@@ -35,7 +36,7 @@ const REMEMBER_EVERY: Duration = Duration::from_secs(5);
 const MAX_ROUND_WAIT: Duration = Duration::from_secs(30);
 
 /// The addresses remembered in `data_dir` (none when there is no file).
-pub(crate) fn remembered(data_dir: &Path) -> Vec<Multiaddr> {
+fn remembered(data_dir: &Path) -> Vec<Multiaddr> {
     std::fs::read_to_string(data_dir.join(PEERS_FILE))
         .map(|t| parse(&t))
         .unwrap_or_default()
@@ -147,6 +148,47 @@ pub(crate) async fn remember(shared: Arc<NodeShared>) {
             }
         }
     }
+}
+
+/// Dials a bootstrap address until it answers, backing off to 30 s.
+pub(crate) async fn dial_until_connected(net: zavod_net::Client, addr: Multiaddr) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match net.dial(addr.clone()).await {
+            Ok(peer) => {
+                tracing::info!(%peer, %addr, "connected to bootstrap node");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, retry_ms = wait.as_millis() as u64, "bootstrap node unreachable");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_ROUND_WAIT);
+            }
+        }
+    }
+}
+
+/// Where a node started with `bootstrap` (its configured addresses) looks
+/// for the mesh when it has none: the node that signed its membership,
+/// then the members it remembers.
+pub(crate) fn rejoin_through(
+    identity: &crate::datadir::NodeIdentity,
+    bootstrap: &[Multiaddr],
+) -> Vec<Multiaddr> {
+    if !bootstrap.is_empty() {
+        return Vec::new();
+    }
+    let mut through: Vec<Multiaddr> = identity
+        .signer_addrs()
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    for a in remembered(&identity.dir) {
+        if !through.contains(&a) {
+            through.push(a);
+        }
+    }
+    through
 }
 
 /// Dials `addrs` in rounds, all of a round at once, until one answers or
