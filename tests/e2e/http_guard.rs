@@ -1,5 +1,6 @@
 //! The HTTP listener against clients that misbehave: a declared body over
 //! the limit and a missing bearer are refused before the body is read, a
+//! body that stops halfway is answered 408 once its time is up, a
 //! request head that does not arrive in time closes its connection,
 //! connections beyond the cap are closed on arrival, and `/metrics` can
 //! live on a listener of its own.
@@ -8,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use zavod_harness::free_port;
-use zavod_tests::NodeProc;
+use zavod_tests::{NodeProc, cap_issue};
 
 /// Writes `head` and returns what the server answered and how long it took
 /// (empty when it closed without a word).
@@ -44,7 +45,7 @@ fn the_http_listener_refuses_early_times_out_and_caps_connections() {
     std::fs::write(
         &cfg,
         format!(
-            "[http]\nmax_body_bytes = 4096\nheader_read_timeout_ms = 3000\nmax_connections = 4\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"
+            "[http]\nmax_body_bytes = 4096\nheader_read_timeout_ms = 3000\nbody_read_timeout_ms = 2000\nmax_connections = 4\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"
         ),
     )
     .expect("config");
@@ -74,6 +75,23 @@ fn the_http_listener_refuses_early_times_out_and_caps_connections() {
     );
     assert!(r.starts_with("HTTP/1.1 401"), "{r}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // A body that stops halfway: 408 once the body's time is up.
+    let token = cap_issue(
+        &root.path().join("n"),
+        &["--models", "*", "--max-tokens", "1000", "--ttl", "1h"],
+    );
+    let (r, took) = exchange(
+        &addr,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "answered after {took:?}"
+    );
 
     // Half a request head: the connection is closed after the timeout.
     let (r, took) = exchange(&addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n");

@@ -130,6 +130,19 @@ pub(super) fn bearer(headers: &HeaderMap) -> Result<Bearer, ApiError> {
 
 // ---------- request bodies ----------
 
+/// Whether the body failed because `http.body_read_timeout_ms` passed:
+/// the timeout layer's error is somewhere in the rejection's sources.
+fn timed_out(r: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(e) = source {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
@@ -140,9 +153,7 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
                 "too_large",
                 "the request body is larger than this node accepts (http.max_body_bytes)",
             )
-        } else if r.body_text().to_ascii_lowercase().contains("timed out")
-            || r.body_text().to_ascii_lowercase().contains("timeout")
-        {
+        } else if timed_out(&r) {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
