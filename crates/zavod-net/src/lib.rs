@@ -794,6 +794,21 @@ const HANDSHAKE_WARN_EVERY: Duration = Duration::from_secs(10);
 /// the mark of two nodes that do not share a mesh key.
 fn failed_in_handshake(reason: &str) -> bool {
     let r = reason.to_ascii_lowercase();
+    // libp2p words every failed dial "failed to negotiate transport
+    // protocol(s)", a refused or unroutable one too: those never reached a
+    // handshake, and a key is not why.
+    if [
+        "connection refused",
+        "no route to host",
+        "network is unreachable",
+        "host is unreachable",
+        "cannot assign requested address",
+    ]
+    .iter()
+    .any(|w| r.contains(w))
+    {
+        return false;
+    }
     [
         "handshake",
         "negotiat",
@@ -1134,6 +1149,17 @@ impl EventLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_dial_is_not_blamed_on_a_mesh_key() {
+        let refused = "Failed to negotiate transport protocol(s): [(/ip4/127.0.0.1/tcp/1: : \
+                       Multiple dial errors occurred:\n - Connection refused (os error 111))]";
+        assert!(!failed_in_handshake(refused));
+        let key = "Failed to negotiate transport protocol(s): [(/ip4/127.0.0.1/tcp/1: : \
+                   Multistream select failed: Protocol negotiation failed.)]";
+        assert!(failed_in_handshake(key));
+        assert!(failed_in_handshake("Noise handshake failed: decrypt error"));
+    }
 
     #[test]
     fn a_stream_that_did_not_open_says_why_in_words() {
