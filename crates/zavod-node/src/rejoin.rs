@@ -6,13 +6,14 @@
 //! alive now first, then those remembered before, at most
 //! [`MAX_REMEMBERED_PEERS`] members). A node started without a bootstrap
 //! address dials those, and the node that signed its membership, in
-//! rounds, until one answers or another member reaches it first; gossip
-//! brings the rest. So a mesh survives the restart of any node, its
+//! rounds, until its view holds another member alive (one it dialled
+//! announced itself, or one reached it first); gossip brings the rest. So a mesh survives the restart of any node, its
 //! authority's included, on a new port or not, while one member it knew is
 //! still up.
 //!
 //! The file is a hint, never trusted: an address that does not answer, or
-//! answers as a node that is not a member, costs a dial and nothing else.
+//! answers as a node that is not a member, costs a dial a round and
+//! nothing else.
 
 use crate::actors::NodeShared;
 use crate::actors::router::RouterMsg;
@@ -191,8 +192,10 @@ pub(crate) fn rejoin_through(
     through
 }
 
-/// Dials `addrs` in rounds, all of a round at once, until one answers or
-/// this node already knows another member alive (it was reached first).
+/// Dials `addrs` in rounds, all of a round at once, until this node knows
+/// another member alive: through one that answered (its announcements
+/// follow), or one that reached it first. An address that answers is not
+/// enough by itself, as what listens there now may not be a member.
 pub(crate) async fn rejoin(shared: Arc<NodeShared>, addrs: Vec<Multiaddr>) {
     if addrs.is_empty() {
         return;
@@ -201,7 +204,7 @@ pub(crate) async fn rejoin(shared: Arc<NodeShared>, addrs: Vec<Multiaddr>) {
     let mut round = 0u32;
     loop {
         if reached(&shared).await {
-            tracing::info!("found the mesh again");
+            tracing::info!("found the mesh again through the members this node knew");
             return;
         }
         let dials = addrs.iter().map(|a| {
@@ -210,18 +213,19 @@ pub(crate) async fn rejoin(shared: Arc<NodeShared>, addrs: Vec<Multiaddr>) {
             async move { (net.dial(a.clone()).await, a) }
         });
         let mut last = String::new();
+        let mut answered = false;
         for (r, addr) in futures::future::join_all(dials).await {
             match r {
                 Ok(peer) => {
-                    tracing::info!(%peer, %addr, "found the mesh again through a member this node knew");
-                    return;
+                    tracing::debug!(%peer, %addr, "a node this one knew answered");
+                    answered = true;
                 }
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
         // Said at the first round and then now and then: a node whose
         // members are all gone would otherwise fill its log.
-        if round.is_multiple_of(10) {
+        if !answered && round.is_multiple_of(10) {
             tracing::warn!(
                 addrs = addrs.len(),
                 retry_ms = wait.as_millis() as u64,
