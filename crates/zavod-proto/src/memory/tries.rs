@@ -161,45 +161,37 @@ mod tests {
         NodeId([b; 32])
     }
 
-    #[test]
-    fn a_refusing_replica_is_tried_again_later_each_time_until_its_last_try() {
+    /// When one replica that refuses every try at once is sent to, over
+    /// the first 10 s, under `max_tries` and `deadline_ms` (try timeout 1 s).
+    fn refused_tries(max_tries: u32, deadline_ms: u64) -> (Vec<UnixMs>, Tries) {
         let config = QuorumConfig {
             try_timeout_ms: 1_000,
-            max_tries: 4,
-            deadline_ms: 10_000,
+            max_tries,
+            deadline_ms,
         };
         let mut t = Tries::new(vec![node(1)], 0, config);
         let mut sent_at = Vec::new();
-        let mut now = 0;
-        while !t.is_done() && now <= 10_000 {
+        for now in 0..=10_000 {
             if t.poll_transmit(now).is_some() {
                 sent_at.push(now);
-                // Refused at once.
                 t.failed(node(1), now);
             }
-            now += 1;
+            t.timeout(now);
         }
+        (sent_at, t)
+    }
+
+    #[test]
+    fn a_refusing_replica_is_tried_again_later_each_time_until_its_last_try() {
+        let (sent_at, t) = refused_tries(4, 10_000);
         assert_eq!(sent_at, vec![0, 250, 750, 1_750]);
         assert!(t.is_done(), "given up after its fourth try");
     }
 
     #[test]
     fn every_try_stops_at_the_deadline() {
-        let config = QuorumConfig {
-            try_timeout_ms: 1_000,
-            max_tries: 10,
-            deadline_ms: 1_500,
-        };
-        let mut t = Tries::new(vec![node(1)], 0, config);
-        let mut tries = 0;
-        for now in 0..=3_000 {
-            if t.poll_transmit(now).is_some() {
-                tries += 1;
-                t.failed(node(1), now);
-            }
-            t.timeout(now);
-        }
-        assert_eq!(tries, 3, "at 0, 250 and 750; the next would be at 1,750");
+        let (sent_at, t) = refused_tries(10, 1_500);
+        assert_eq!(sent_at, vec![0, 250, 750], "the next would be at 1,750");
         assert!(t.is_done());
     }
 }
